@@ -1,0 +1,114 @@
+"""The `colearn` command: a Hydra main for experiments, plus subcommands for finished runs.
+
+    colearn [hydra overrides]        run an experiment (e.g. colearn experiment=independent seed=1)
+    colearn --cfg job                print the composed config; colearn --help for Hydra's help
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import sys
+from pathlib import Path
+from typing import Callable
+
+CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+
+
+def to_config(dcfg) -> "Config":  # noqa: F821 - imported lazily so `colearn --help` stays fast
+    """Returns the typed Config from Hydra's composed DictConfig (runs each section's checks)."""
+    from omegaconf import OmegaConf
+
+    from colearn.config import Config
+
+    cfg = OmegaConf.to_object(dcfg)
+    assert isinstance(cfg, Config)
+    return cfg
+
+
+def validate(cfg) -> None:
+    """Raises ColearnError for any input the run would otherwise trip over later: env ids, model dir."""
+    from colearn.models import load_pretrained
+    from colearn.rollout import acting_mode
+
+    for spec in cfg.env.suite:
+        acting_mode(spec, cfg.rollout.mode)
+    if cfg.model.source != "tiny":
+        load_pretrained(cfg.model.source, cfg.model.dtype)
+
+
+def run_experiment(dcfg) -> None:
+    """Runs one experiment in Hydra's run directory and prints the summary table."""
+    from hydra.core.hydra_config import HydraConfig
+
+    from colearn import loop
+    from colearn.summary import summary_table
+
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    with user_errors(run_dir):
+        cfg = to_config(dcfg)
+        validate(cfg)
+        state = loop.run(cfg, run_dir)
+    print(summary_table(state.last_scores))
+    print(f"run directory: {run_dir}")
+
+
+class user_errors:
+    """Turns a ColearnError into one line on stderr and exit code 2; a run dir the run never got to
+    write into (only Hydra's own files) is removed, so nothing half-written stays behind."""
+
+    def __init__(self, run_dir: Path | None = None) -> None:
+        self.run_dir = run_dir
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind, error, tb) -> bool:
+        from colearn.errors import ColearnError
+        from envs.errors import EnvConfigError
+
+        if error is None or not isinstance(error, (ColearnError, EnvConfigError)):
+            return False
+        print(f"colearn: error: {error}", file=sys.stderr)
+        if self.run_dir is not None and self.run_dir.is_dir():
+            ours = [p for p in self.run_dir.iterdir() if p.name != ".hydra" and not p.name.endswith(".log")]
+            if not ours:
+                shutil.rmtree(self.run_dir, ignore_errors=True)
+        sys.exit(2)
+
+
+def quiet_libraries() -> None:
+    """Silences the progress bars datasets and transformers draw for every shard and checkpoint write."""
+    import datasets
+    import transformers
+
+    datasets.disable_progress_bars()
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+
+
+def hydra_entry() -> None:
+    import hydra
+
+    from colearn.config import register_configs
+
+    register_configs()
+    hydra.main(version_base=None, config_path=CONF_DIR, config_name="config")(run_experiment)()
+
+
+SUBCOMMANDS: dict[str, Callable[[list[str]], None]] = {}
+
+
+def main() -> None:
+    """Entry point of the `colearn` console script."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    quiet_libraries()
+    if len(sys.argv) > 1 and sys.argv[1] in SUBCOMMANDS:
+        SUBCOMMANDS[sys.argv[1]](sys.argv[2:])
+        return
+    hydra_entry()
+
+
+if __name__ == "__main__":
+    main()

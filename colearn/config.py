@@ -1,0 +1,192 @@
+"""The config schema: dataclasses registered in Hydra's ConfigStore; values live in conf/ YAML.
+
+Every field is documented once, here, where it is declared.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+
+from colearn.errors import ColearnError
+
+
+@dataclass
+class ModelConfig:
+    source: str = "tiny"  # "tiny": build a small Llama from the fields below; else a local Hugging Face model dir
+    hidden_size: int = 64  # tiny model only
+    intermediate_size: int = 128  # tiny model only
+    num_layers: int = 2  # tiny model only
+    num_heads: int = 4  # tiny model only
+    max_positions: int = 512  # tiny model only: longest prompt + action in tokens
+    prompt_template: str = "{obs}\nAction:"  # how an observation becomes a prompt
+    action_prefix: str = " "  # put between the prompt and the action text
+    lora_rank: int = 0  # 0 trains full weights; >0 wraps the model in a LoRA adapter of this rank (peft)
+    lora_alpha: float = 16.0  # LoRA scaling numerator (scaling = alpha / rank)
+    lora_targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])  # module names
+    dtype: str = "float32"  # torch dtype of the weights: float32, bfloat16, float16
+
+    def __post_init__(self) -> None:
+        if self.lora_rank < 0:
+            raise ColearnError(f"model.lora_rank={self.lora_rank} must be >= 0 (0 disables LoRA)")
+        if self.dtype not in ("float32", "bfloat16", "float16"):
+            raise ColearnError(f"model.dtype={self.dtype!r} is unknown; choose float32, bfloat16 or float16")
+
+
+@dataclass
+class EnvSpec:
+    id: str = "colearn/FrozenLake-v0"  # a registered gymnasium id (see envs.ENV_IDS)
+    name: str = ""  # short label used in metrics and tables; defaults to the id without namespace
+    kwargs: dict[str, Any] = field(default_factory=dict)  # passed to gymnasium.make
+
+    def __post_init__(self) -> None:
+        if not self.name:
+            self.name = self.id.split("/")[-1].removesuffix("-v0")
+
+
+@dataclass
+class PartnerSpec:
+    name: str = "A"  # partner label in metrics, checkpoints and the experience store
+    envs: list[str] = field(default_factory=list)  # env names (EnvSpec.name) this partner acts in
+
+
+@dataclass
+class EnvConfig:
+    suite: list[EnvSpec] = field(default_factory=lambda: [EnvSpec()])  # every env of the experiment; all are evaluated
+    partners: list[PartnerSpec] = field(default_factory=lambda: [PartnerSpec("A", ["FrozenLake"])])  # who acts where
+
+    def __post_init__(self) -> None:
+        names = [e.name for e in self.suite]
+        if len(set(names)) != len(names):
+            raise ColearnError(f"env.suite has duplicate names {names}; give each env a distinct name")
+        for p in self.partners:
+            for n in p.envs:
+                if n not in names:
+                    raise ColearnError(f"env.partners[{p.name}].envs names {n!r}, which is not in env.suite {names}")
+            if not p.envs:
+                raise ColearnError(f"env.partners[{p.name}].envs is empty; list the env names it acts in")
+        if len({p.name for p in self.partners}) != len(self.partners):
+            raise ColearnError("env.partners have duplicate names; give each partner a distinct name")
+
+
+@dataclass
+class RolloutConfig:
+    episodes: int = 64  # episodes each partner plays per env per round
+    group_size: int = 8  # episodes sharing one reset seed (a group for group-relative advantages)
+    num_envs: int = 32  # parallel sub-environments of the vector env (one batched forward pass per step)
+    mode: str = "auto"  # constrained | generate | auto (constrained where the env has action names)
+    temperature: float = 1.0  # sampling temperature of the behaviour policy
+    max_new_tokens: int = 8  # generate mode: longest action
+    gamma: float = 1.0  # discount of the return_to_go stored in each step record
+    vectorization: str = "sync"  # sync | async (gymnasium vector env)
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("auto", "constrained", "generate"):
+            raise ColearnError(f"rollout.mode={self.mode!r} is unknown; choose auto, constrained or generate")
+        if self.episodes < 1 or self.group_size < 1 or self.num_envs < 1:
+            raise ColearnError("rollout.episodes, rollout.group_size and rollout.num_envs must be >= 1")
+        if self.episodes % self.group_size:
+            raise ColearnError(
+                f"rollout.episodes={self.episodes} is not a multiple of rollout.group_size={self.group_size}"
+            )
+        if not self.temperature > 0:
+            raise ColearnError(f"rollout.temperature={self.temperature} must be > 0")
+        if self.vectorization not in ("sync", "async"):
+            raise ColearnError(f"rollout.vectorization={self.vectorization!r} is unknown; choose sync or async")
+
+
+@dataclass
+class LearnConfig:
+    lr: float = 3e-3  # AdamW learning rate
+    weight_decay: float = 0.0  # AdamW weight decay
+    batch_size: int = 256  # step records per gradient step
+    epochs: int = 1  # passes over a round's data
+    max_grad_norm: float = 1.0  # gradient clipping
+    rl_coef: float = 1.0  # weight of the policy-gradient loss on own steps (0 disables RL)
+    peer_rl_coef: float = 1.0  # weight of the importance-weighted policy-gradient loss on the partner's steps
+    peer_ratio_cap: float = 1.0  # truncation of the importance ratio pi_self / pi_partner on partner steps (SEAC)
+    clip_eps: float = 0.2  # PPO clip of the ratio against the behaviour log-probability
+    entropy_coef: float = 0.01  # entropy bonus
+    advantage: str = "episode"  # episode (group-normalized episode return) | return_to_go (per step, group baseline)
+    distill_coef: float = 1.0  # weight of distillation (SFT on selected successes); 0 disables it
+    distill_from: str = "peer"  # peer | self | both: whose successes to imitate
+    distill_select: str = "success"  # success (episodes that reached the goal) | top (top fraction by return)
+    distill_top_fraction: float = 0.25  # with distill_select=top
+    mutual_kl_coef: float = 0.0  # KL(peer || self) on the peer's states (deep mutual learning); 0 disables
+    collapse_entropy: float = 0.05  # warn when mean policy entropy falls below this (nats)
+
+    def __post_init__(self) -> None:
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ColearnError(f"learn.lr={self.lr} must be a positive finite number (try 1e-3)")
+        if self.batch_size < 1 or self.epochs < 0:
+            raise ColearnError(f"learn.batch_size={self.batch_size} must be >= 1 and learn.epochs >= 0")
+        if self.advantage not in ("episode", "return_to_go"):
+            raise ColearnError(f"learn.advantage={self.advantage!r} is unknown; choose episode or return_to_go")
+        if self.distill_from not in ("peer", "self", "both"):
+            raise ColearnError(f"learn.distill_from={self.distill_from!r} is unknown; choose peer, self or both")
+        if self.distill_select not in ("success", "top"):
+            raise ColearnError(f"learn.distill_select={self.distill_select!r} is unknown; choose success or top")
+        if not 0 < self.distill_top_fraction <= 1:
+            raise ColearnError(f"learn.distill_top_fraction={self.distill_top_fraction} must be in (0, 1]")
+        if self.max_grad_norm <= 0 or self.clip_eps <= 0 or self.peer_ratio_cap <= 0:
+            raise ColearnError("learn.max_grad_norm, learn.clip_eps and learn.peer_ratio_cap must be > 0")
+
+
+@dataclass
+class MergeConfig:
+    method: str = "linear"  # one of colearn.merge.METHODS, "none" (keep the best partner), or "evolve" (CMA-ES)
+    weights: list[float] = field(default_factory=list)  # per partner; empty means equal weights
+    density: float = 1.0  # fraction of each task vector kept (TIES/DARE/DELLA/breadcrumbs/magnitude_prune)
+    to_ancestor: float = 0.0  # 0 keeps the merge, 1 returns the ancestor (WARP's interpolation toward init)
+    params: dict[str, Any] = field(default_factory=dict)  # extra method parameters (e.g. gamma, epsilon)
+    groups: dict[str, Any] = field(default_factory=dict)  # per layer group overrides, e.g. {"block*.mlp": {density: 0.5}}
+    seed: int = 0  # seed of random operators (DARE, DELLA)
+
+    def __post_init__(self) -> None:
+        if not 0 < self.density <= 1:
+            raise ColearnError(f"merge.density={self.density} must be in (0, 1]")
+        if not 0 <= self.to_ancestor <= 1:
+            raise ColearnError(f"merge.to_ancestor={self.to_ancestor} must be in [0, 1]")
+
+
+@dataclass
+class LoopConfig:
+    generations: int = 2  # generations (each ends in a merge)
+    rounds: int = 3  # rounds per generation (each: act, learn, evaluate)
+    exchange: bool = True  # partners see each other's experience (off: independent partners)
+
+
+@dataclass
+class EvalConfig:
+    episodes: int = 32  # evaluation episodes per env and policy
+    greedy: bool = True  # evaluate the greedy (argmax) policy
+    sampled: bool = False  # also evaluate the sampled policy (at rollout.temperature)
+    seed: int = 10_000  # evaluation seeds start here (disjoint from training seeds)
+
+
+@dataclass
+class Config:
+    seed: int = 0  # master seed: model init, sampling, env resets
+    device: str = "cpu"  # cpu | cuda | cuda:N | mps | auto (cuda when available)
+    run_id: str = ""  # label of the run in step records; defaults to the run directory name
+    model: ModelConfig = field(default_factory=ModelConfig)
+    env: EnvConfig = field(default_factory=EnvConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    learn: LearnConfig = field(default_factory=LearnConfig)
+    merge: MergeConfig = field(default_factory=MergeConfig)
+    loop: LoopConfig = field(default_factory=LoopConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    progress: bool = True  # show a progress bar
+
+
+def register_configs() -> None:
+    """Registers the schema so Hydra type-checks conf/ YAML against it."""
+    cs = ConfigStore.instance()
+    cs.store(name="schema", node=Config)
+    cs.store(group="model", name="schema_model", node=ModelConfig)
+    cs.store(group="env", name="schema_env", node=EnvConfig)
+    cs.store(group="learn", name="schema_learn", node=LearnConfig)
+    cs.store(group="merge", name="schema_merge", node=MergeConfig)

@@ -1,0 +1,234 @@
+"""Learning by experience: distillation of selected successes plus RL on own and the partner's steps.
+
+One gradient step mixes three kinds of rows:
+- own: clipped policy gradient against the stored behaviour log-probability (PPO/GRPO style),
+- peer: the partner's steps, weighted by the truncated ratio pi_self / pi_partner (SEAC, Christianos et al. 2020),
+- distill: negative log-likelihood of the action tokens of selected successful steps (rejection-sampling
+  fine-tuning / STaR), optionally with a KL toward the partner's action distribution (deep mutual learning).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+from collections import defaultdict
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from colearn.config import LearnConfig
+from colearn.partner import Partner
+from colearn.policy import continuation_stats, entropy_of, last_logits
+
+log = logging.getLogger(__name__)
+
+
+def group_advantages(returns: torch.Tensor, groups: list[Any], eps: float = 1e-6) -> torch.Tensor:
+    """Returns (return - group mean) / (group std + eps) per entry, 0 for groups without variance, (n,)."""
+    out = torch.zeros_like(returns)
+    members: dict[Any, list[int]] = defaultdict(list)
+    for i, g in enumerate(groups):
+        members[g].append(i)
+    for idx in members.values():
+        r = returns[idx]
+        if len(idx) > 1 and r.std() > eps:
+            out[idx] = (r - r.mean()) / (r.std() + eps)
+    return out
+
+
+def step_advantages(rows: list[dict[str, Any]], mode: str) -> list[float]:
+    """Returns one advantage per step record; episodes with the same env and reset seed form a group.
+
+    mode="episode": every step gets its episode's group-normalized return (GRPO).
+    mode="return_to_go": each step's return-to-go minus the group's mean episode return, over the group's std.
+    """
+    firsts = [r for r in rows if r["step"] == 0]
+    keys = [(r["partner"], r["env"], r["generation"], r["round"], r["seed"]) for r in firsts]
+    start_returns = torch.tensor([r["return_to_go"] for r in firsts], dtype=torch.float64)
+    normalized = group_advantages(start_returns, keys)
+    stats: dict[Any, tuple[float, float]] = {}
+    for k in set(keys):
+        members = start_returns[[i for i, kk in enumerate(keys) if kk == k]]
+        stats[k] = (float(members.mean()), float(members.std()) if len(members) > 1 else 0.0)
+    by_episode = {r["episode_id"]: (float(a), k) for r, a, k in zip(firsts, normalized, keys)}
+    out = []
+    for r in rows:
+        adv, key = by_episode[r["episode_id"]]
+        if mode == "episode":
+            out.append(adv)
+        else:
+            mean, std = stats[key]
+            out.append((r["return_to_go"] - mean) / (std + 1e-6) if std > 1e-6 else 0.0)
+    return out
+
+
+def clipped_pg_loss(logp: torch.Tensor, behaviour: torch.Tensor, adv: torch.Tensor, clip_eps: float) -> torch.Tensor:
+    """Returns the PPO clipped surrogate loss per row, (n,)."""
+    ratio = torch.exp(logp - behaviour)
+    return -torch.min(ratio * adv, ratio.clamp(1 - clip_eps, 1 + clip_eps) * adv)
+
+
+def peer_pg_loss(logp: torch.Tensor, peer_behaviour: torch.Tensor, adv: torch.Tensor, cap: float) -> torch.Tensor:
+    """Returns the shared-experience policy-gradient loss per row, (n,): the partner's step weighted by
+    min(pi_self / pi_partner, cap), the weight held constant (SEAC)."""
+    weight = torch.exp(logp.detach() - peer_behaviour).clamp(max=cap)
+    return -weight * adv * logp
+
+
+def select_for_distillation(rows: list[dict[str, Any]], how: str, top_fraction: float) -> list[dict[str, Any]]:
+    """Returns the steps worth imitating: of successful episodes, or of the top fraction by episode return."""
+    if how == "success":
+        return [r for r in rows if r["success"] and not r["invalid"]]
+    returns = sorted({(r["episode_id"], r["episode_return"]) for r in rows}, key=lambda x: -x[1])
+    keep = {e for e, _ in returns[: max(1, math.ceil(len(returns) * top_fraction))]}
+    return [r for r in rows if r["episode_id"] in keep and not r["invalid"]]
+
+
+def row_logprobs(partner: Partner, rows: list[dict[str, Any]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns (policy log-prob, policy entropy, token log-likelihood) of each row's action, each (n,).
+
+    The policy of a constrained row is the distribution over its legal actions; of a generated row,
+    the model's distribution over token sequences."""
+    n = len(rows)
+    device = partner.device
+    policy_lp, entropy, token_lp = (torch.zeros(n, device=device) for _ in range(3))
+    by_legal: dict[tuple[str, ...], list[int]] = defaultdict(list)
+    for i, r in enumerate(rows):
+        by_legal[tuple(r["legal_actions"])].append(i)
+    pad = partner.tokenizer.pad_token_id
+    for legal, idx in by_legal.items():
+        prompts = [list(rows[i]["prompt_ids"]) for i in idx]
+        conts = [list(rows[i]["action_ids"]) for i in idx]
+        index = torch.tensor(idx, device=device)
+        action_ids = partner.action_ids(list(legal)) if legal else []
+        if legal and all(len(a) == 1 for a in action_ids):
+            lp_full, lp_legal = _single_token_logprobs(partner, prompts, action_ids, pad)
+            chosen = torch.tensor([list(legal).index(rows[i]["action"]) for i in idx], device=device)
+            policy_lp = policy_lp.index_put((index,), lp_legal.gather(1, chosen[:, None]).squeeze(1))
+            entropy = entropy.index_put((index,), entropy_of(lp_legal))
+            tokens = torch.tensor([c[0] for c in conts], device=device)
+            token_lp = token_lp.index_put((index,), lp_full.gather(1, tokens[:, None]).squeeze(1))
+        else:
+            lp, ent = continuation_stats(partner.model, prompts, conts, pad)
+            policy_lp = policy_lp.index_put((index,), lp)
+            entropy = entropy.index_put((index,), ent)
+            token_lp = token_lp.index_put((index,), lp)
+    return policy_lp, entropy, token_lp
+
+
+def _single_token_logprobs(partner: Partner, prompts, action_ids, pad) -> tuple[torch.Tensor, torch.Tensor]:
+    # one forward pass serves both the full-vocabulary SFT term and the policy over legal actions
+    logits = last_logits(partner.model, prompts, pad)  # (batch, vocab)
+    legal_index = torch.tensor([a[0] for a in action_ids], device=logits.device)
+    return F.log_softmax(logits, -1), F.log_softmax(logits[:, legal_index], -1)
+
+
+def optimizer_for(partner: Partner, cfg: LearnConfig) -> torch.optim.Optimizer:
+    """Returns the partner's AdamW optimizer, creating it on first use (its state persists across rounds)."""
+    if partner.optimizer is None:
+        params = [p for p in partner.model.parameters() if p.requires_grad]
+        partner.optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return partner.optimizer
+
+
+def learn(
+    partner: Partner,
+    own: list[dict[str, Any]],
+    peer: list[dict[str, Any]],
+    distill: list[dict[str, Any]],
+    cfg: LearnConfig,
+    seed: int,
+    teacher: Partner | None = None,
+) -> dict[str, float]:
+    """Updates the partner in place on its own steps (RL), the partner's steps (importance-weighted RL)
+    and the distillation set (SFT on action tokens); returns the round's training statistics."""
+    own_adv = step_advantages(own, cfg.advantage) if own else []
+    peer_adv = step_advantages(peer, cfg.advantage) if peer else []
+    items = [("own", r, a) for r, a in zip(own, own_adv) if cfg.rl_coef and a != 0.0]
+    items += [("peer", r, a) for r, a in zip(peer, peer_adv) if cfg.peer_rl_coef and a != 0.0]
+    items += [("distill", r, 0.0) for r in distill] if cfg.distill_coef else []
+    stats = {"loss/rl": 0.0, "loss/peer_rl": 0.0, "loss/distill": 0.0, "loss/kl": 0.0, "entropy": 0.0,
+             "learn/updates": 0, "learn/skipped_nonfinite": 0, "learn/rows": len(items),
+             "learn/distill_rows": len(distill), "learn/reward_std": _reward_std(own)}
+    if not items:
+        return stats
+    optimizer = optimizer_for(partner, cfg)
+    partner.model.train()
+    order = random.Random(seed)
+    for _ in range(cfg.epochs):
+        order.shuffle(items)
+        for start in range(0, len(items), cfg.batch_size):
+            batch = items[start : start + cfg.batch_size]
+            loss, parts = batch_loss(partner, batch, cfg, teacher)
+            if not torch.isfinite(loss):
+                stats["learn/skipped_nonfinite"] += 1
+                log.warning("partner %s: non-finite loss %s, update skipped", partner.name, float(loss))
+                optimizer.zero_grad(set_to_none=True)
+                continue
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(optimizer.param_groups[0]["params"], cfg.max_grad_norm)
+            optimizer.step()
+            stats["learn/updates"] += 1
+            for k, v in parts.items():
+                stats[k] += v
+    partner.model.eval()
+    for k in ("loss/rl", "loss/peer_rl", "loss/distill", "loss/kl", "entropy"):
+        stats[k] /= max(stats["learn/updates"], 1)
+    return stats
+
+
+def batch_loss(
+    partner: Partner, batch: list[tuple[str, dict[str, Any], float]], cfg: LearnConfig, teacher: Partner | None
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Returns the mixed loss of one minibatch and its parts (as floats)."""
+    rows = [r for _, r, _ in batch]
+    kinds = [k for k, _, _ in batch]
+    device = partner.device
+    policy_lp, entropy, token_lp = row_logprobs(partner, rows)
+    adv = torch.tensor([a for _, _, a in batch], device=device, dtype=torch.float32)
+    behaviour = torch.tensor([r["logprob"] for r in rows], device=device, dtype=torch.float32)
+    mask = {k: torch.tensor([x == k for x in kinds], device=device) for k in ("own", "peer", "distill")}
+    n = len(batch)
+    rl = (clipped_pg_loss(policy_lp, behaviour, adv, cfg.clip_eps) * mask["own"]).sum() / n
+    peer_rl = (peer_pg_loss(policy_lp, behaviour, adv, cfg.peer_ratio_cap) * mask["peer"]).sum() / n
+    distill = -(token_lp * mask["distill"]).sum() / n
+    acting = mask["own"] | mask["peer"]
+    ent = (entropy * acting).sum() / acting.sum().clamp(min=1)
+    kl = mutual_kl(partner, teacher, [r for r, m in zip(rows, mask["distill"].tolist()) if m]) / n
+    loss = cfg.rl_coef * rl + cfg.peer_rl_coef * peer_rl + cfg.distill_coef * distill - cfg.entropy_coef * ent
+    loss = loss + cfg.mutual_kl_coef * kl
+    parts = {k: v.item() for k, v in
+             {"loss/rl": rl, "loss/peer_rl": peer_rl, "loss/distill": distill, "loss/kl": kl, "entropy": ent}.items()}
+    return loss, parts
+
+
+def mutual_kl(partner: Partner, teacher: Partner | None, rows: list[dict[str, Any]]) -> torch.Tensor:
+    """Returns the summed KL(teacher || partner) over the legal actions of constrained rows (0 without a teacher)."""
+    rows = [r for r in rows if r["legal_actions"]]
+    if teacher is None or not rows:
+        return torch.zeros((), device=partner.device)
+    total = torch.zeros((), device=partner.device)
+    by_legal: dict[tuple[str, ...], list[dict[str, Any]]] = defaultdict(list)
+    for r in rows:
+        by_legal[tuple(r["legal_actions"])].append(r)
+    from colearn.policy import legal_action_logprobs
+
+    for legal, group in by_legal.items():
+        prompts = [list(r["prompt_ids"]) for r in group]
+        mine = legal_action_logprobs(partner.model, prompts, partner.action_ids(list(legal)),
+                                     partner.tokenizer.pad_token_id)
+        with torch.no_grad():
+            theirs = legal_action_logprobs(teacher.model, prompts, teacher.action_ids(list(legal)),
+                                           teacher.tokenizer.pad_token_id)
+        total = total + (theirs.exp() * (theirs - mine)).sum()
+    return total
+
+
+def _reward_std(rows: list[dict[str, Any]]) -> float:
+    returns = [r["episode_return"] for r in rows if r["step"] == 0]
+    if len(returns) < 2:
+        return 0.0
+    return float(torch.tensor(returns).std())

@@ -1,0 +1,61 @@
+"""Metrics: one JSON object per event in metrics.jsonl, the same scalars in TensorBoard."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+
+class Logger:
+    """Appends events to `run_dir/metrics.jsonl` (flushed and fsynced per event) and `run_dir/tb/`."""
+
+    def __init__(self, run_dir: str | Path, tensorboard: bool = True) -> None:
+        self.run_dir = Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.path = self.run_dir / "metrics.jsonl"
+        self._file = open(self.path, "a", encoding="utf-8")
+        self._tb = None
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb = SummaryWriter(str(self.run_dir / "tb"))
+
+    def write(self, event: str, step: int, **fields: Any) -> dict[str, Any]:
+        """Writes one event; numeric fields (namespaced like `return/A/FrozenLake`) also go to TensorBoard."""
+        record = {"event": event, "step": step, "time": round(time.time(), 3), **fields}
+        self._file.write(json.dumps(record, default=_jsonable) + "\n")
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        if self._tb is not None:
+            for key, value in fields.items():
+                if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+                    self._tb.add_scalar(key, value, step)
+        return record
+
+    def close(self) -> None:
+        self._file.close()
+        if self._tb is not None:
+            self._tb.close()
+
+
+def _jsonable(value: Any) -> Any:
+    if hasattr(value, "item"):
+        return value.item()
+    if hasattr(value, "as_dict"):
+        return value.as_dict()
+    return str(value)
+
+
+def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
+    """Returns the events of a run's metrics.jsonl (a torn last line from a crash is skipped)."""
+    events = []
+    for line in Path(run_dir, "metrics.jsonl").read_text(encoding="utf-8").splitlines():
+        try:
+            events.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return events

@@ -1,0 +1,269 @@
+"""The generation loop: the one place that knows the order of phases.
+
+    ancestor -> partners act in their envs -> experience store
+    each round, each partner: distill(partner's successes) + RL(own steps + partner's steps)
+    after R rounds: merge(partners | ancestor) -> offspring -> evaluated -> next ancestor
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from colearn.config import Config, EnvSpec
+from colearn.evaluate import EnvScore, evaluate, headline
+from colearn.experience import ExperienceStore
+from colearn.learn import learn, select_for_distillation
+from colearn.logger import Logger
+from colearn.models import build_ancestor, resolve_device
+from colearn.offspring import merged_weights, offspring_from
+from colearn.partner import Partner
+from colearn.rollout import EpisodeMeta, collect, env_info, group_seeds
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LoopState:
+    """Everything the loop needs to continue: checkpoint this and the run can resume exactly."""
+
+    generation: int
+    round: int
+    ancestor: Partner
+    partners: list[Partner]
+    env_steps: int = 0
+    lineage: list[dict[str, Any]] = field(default_factory=list)
+    last_scores: dict[str, list[EnvScore]] = field(default_factory=dict)
+
+
+@dataclass
+class Context:
+    """What stays fixed during a run."""
+
+    cfg: Config
+    run_dir: Path
+    store: ExperienceStore
+    log: Logger
+    suite: dict[str, EnvSpec]
+
+
+def seed_for(cfg: Config, *path: int) -> int:
+    """Returns a seed derived from the master seed and a position in the loop (so resumes replay it)."""
+    return int(np.random.SeedSequence([cfg.seed, *path]).generate_state(1)[0])
+
+
+def env_corpus(suite: list[EnvSpec], episodes: int = 4) -> tuple[list[str], list[str]]:
+    """Returns (observation texts, action names) seen in a few random episodes of each env: the
+    text a tokenizer is built from."""
+    import gymnasium as gym
+
+    texts, names = [], []
+    for spec in suite:
+        action_names = env_info(spec)["action_names"] or []
+        names += action_names
+        env = gym.make(spec.id, **spec.kwargs)
+        for s in range(episodes):
+            obs, _ = env.reset(seed=s)
+            texts.append(obs)
+            for _ in range(20):
+                act = action_names[env.np_random.integers(len(action_names))] if action_names else "0"
+                obs, _, term, trunc, _ = env.step(act)
+                texts.append(obs)
+                if term or trunc:
+                    break
+        env.close()
+    return texts, names
+
+
+def initial_state(cfg: Config) -> LoopState:
+    """Returns generation 0: one ancestor built from config, copied into every partner."""
+    texts, names = env_corpus(cfg.env.suite)
+    model, tokenizer = build_ancestor(cfg.model, texts, names, seed=cfg.seed)
+    model = model.to(resolve_device(cfg.device))
+    model.eval()
+    ancestor = Partner("ancestor", model, tokenizer, cfg.model)
+    partners = [ancestor.clone(p.name, p.envs) for p in cfg.env.partners]
+    return LoopState(generation=0, round=0, ancestor=ancestor, partners=partners)
+
+
+def run(cfg: Config, run_dir: Path, state: LoopState | None = None) -> LoopState:
+    """Runs the experiment to its last generation; returns the final state."""
+    ctx = Context(cfg, run_dir, ExperienceStore(run_dir / "experience"), Logger(run_dir),
+                  {e.name: e for e in cfg.env.suite})
+    state = state or initial_state(cfg)
+    total = cfg.loop.generations * cfg.loop.rounds
+    with tqdm(total=total, initial=state.generation * cfg.loop.rounds + state.round, disable=not cfg.progress,
+              desc="colearn", unit="round") as bar:
+        while state.generation < cfg.loop.generations:
+            run_generation(state, ctx, bar)
+    ctx.log.close()
+    return state
+
+
+def run_generation(state: LoopState, ctx: Context, bar: tqdm) -> None:
+    """Plays, learns and evaluates R rounds, then breeds the offspring that seeds the next generation."""
+    cfg = ctx.cfg
+    while state.round < cfg.loop.rounds:
+        for i, partner in enumerate(state.partners):
+            ctx.store.append(play(partner, i, state, ctx))
+        teachers = snapshot_teachers(state.partners, cfg)
+        for i, partner in enumerate(state.partners):
+            others = [p for p in state.partners if p is not partner] if cfg.loop.exchange else []
+            train(partner, i, others, teachers.get(partner.name), state, ctx)
+        for partner in state.partners:
+            state.last_scores[partner.name] = assess(partner, partner.name, state, ctx)
+        state.round += 1
+        bar.update(1)
+        bar.set_postfix({p.name: f"{headline(state.last_scores[p.name]):.2f}" for p in state.partners})
+    child, recipe = breed(state, ctx)
+    child_scores = assess(child, "offspring", state, ctx)
+    state.last_scores["offspring"] = child_scores
+    record_lineage(state, ctx, recipe, child_scores)
+    save_generation(state, child, ctx)
+    next_generation(state, child, recipe)
+
+
+def play(partner: Partner, index: int, state: LoopState, ctx: Context) -> list[dict[str, Any]]:
+    """Returns the step records of the partner's episodes this round in each of its envs."""
+    cfg = ctx.cfg
+    rows = []
+    for j, name in enumerate(partner.envs):
+        path = (state.generation, state.round, index, j)
+        seeds = group_seeds(np.random.default_rng(seed_for(cfg, 1, *path)), cfg.rollout.episodes,
+                            cfg.rollout.group_size)
+        generator = torch.Generator().manual_seed(seed_for(cfg, 2, *path))
+        meta = EpisodeMeta(cfg.run_id or ctx.run_dir.name, state.generation, state.round, partner.name)
+        rows += collect(partner, ctx.suite[name], seeds, cfg.rollout, generator, meta)
+    state.env_steps += len(rows)
+    return rows
+
+
+def snapshot_teachers(partners: list[Partner], cfg: Config) -> dict[str, Partner]:
+    """Returns, for mutual learning, a frozen copy of each partner's peer from before this round's updates."""
+    if not cfg.learn.mutual_kl_coef or len(partners) < 2 or not cfg.loop.exchange:
+        return {}
+    return {
+        p.name: Partner(q.name, copy.deepcopy(q.model), q.tokenizer, q.cfg)
+        for p, q in zip(partners, partners[1:] + partners[:1])
+    }
+
+
+def train(
+    partner: Partner, index: int, others: list[Partner], teacher: Partner | None, state: LoopState, ctx: Context
+) -> dict[str, float]:
+    """One learning phase of one partner on this round's experience, logged."""
+    cfg = ctx.cfg
+    here = {"generation": state.generation, "round": state.round}
+    own = ctx.store.select(partner=partner.name, **here)
+    peer = [r for o in others for r in ctx.store.select(partner=o.name, **here)]
+    sources = {"peer": peer, "self": own, "both": own + peer}[cfg.learn.distill_from]
+    distill = select_for_distillation(sources, cfg.learn.distill_select, cfg.learn.distill_top_fraction)
+    if cfg.learn.distill_coef and not distill:
+        ctx.log.write("distill_skipped", state.env_steps, partner=partner.name, **here,
+                      reason=f"no {cfg.learn.distill_select} episodes from {cfg.learn.distill_from} this round")
+    stats = learn(partner, own, peer, distill, cfg.learn, seed_for(cfg, 3, state.generation, state.round, index),
+                  teacher)
+    from_peer = sum(1 for r in distill if r["partner"] != partner.name)
+    stats["distill/from_peer_share"] = from_peer / len(distill) if distill else 0.0
+    ctx.log.write("learn", state.env_steps, partner=partner.name, **here,
+                  **{f"{k}/{partner.name}": v for k, v in stats.items()})
+    warn_on_collapse(partner, stats, cfg, ctx, state)
+    return stats
+
+
+def warn_on_collapse(partner: Partner, stats: dict[str, float], cfg: Config, ctx: Context, state: LoopState) -> None:
+    """Logs a warning when the partner's rewards stopped varying or its policy stopped exploring."""
+    problems = []
+    if stats["learn/reward_std"] == 0.0:
+        problems.append("reward variance is 0 (every episode scored the same: no group-relative signal)")
+    if stats["learn/updates"] and stats["entropy"] < cfg.learn.collapse_entropy:
+        problems.append(f"policy entropy {stats['entropy']:.3f} < learn.collapse_entropy")
+    for p in problems:
+        log.warning("partner %s gen %d round %d: %s", partner.name, state.generation, state.round, p)
+        ctx.log.write("warning", state.env_steps, partner=partner.name, generation=state.generation,
+                      round=state.round, message=p)
+
+
+def assess(partner: Partner, label: str, state: LoopState, ctx: Context) -> list[EnvScore]:
+    """Evaluates a policy on every env of the experiment and logs each score against the ceiling."""
+    scores = evaluate(partner, list(ctx.suite.values()), ctx.cfg.eval, ctx.cfg.rollout)
+    for s in scores:
+        ctx.log.write(
+            "eval", state.env_steps, generation=state.generation, round=state.round, partner=label, env=s.env,
+            policy=s.policy, own_env=s.env in partner.envs, mean_return=s.mean_return, success=s.success,
+            optimal=s.optimal, normalized=s.normalized,
+            **{f"return/{s.policy}/{label}/{s.env}": s.mean_return, f"normalized/{s.policy}/{label}/{s.env}":
+               s.normalized},
+        )
+    return scores
+
+
+def breed(state: LoopState, ctx: Context) -> tuple[Partner, dict[str, Any]]:
+    """Returns the generation's offspring and the recipe that made it."""
+    m = ctx.cfg.merge
+    if len(state.partners) == 1 or m.method == "none":
+        best = max(state.partners, key=lambda p: headline(state.last_scores[p.name]))
+        return best.clone("offspring"), {"method": "copy_best", "source": best.name}
+    weights = merged_weights(state.ancestor, state.partners, m)
+    recipe = {"method": m.method, "weights": list(m.weights) or "equal", "density": m.density,
+              "to_ancestor": m.to_ancestor, "params": dict(m.params), "groups": dict(m.groups)}
+    return offspring_from(state.ancestor, weights), recipe
+
+
+def record_lineage(state: LoopState, ctx: Context, recipe: dict[str, Any], child: list[EnvScore]) -> None:
+    """Appends the offspring's node to lineage.json (written aside, then renamed) and logs the merge gain."""
+    g = state.generation
+    parent_scores = {p.name: {s.env: s.normalized for s in state.last_scores[p.name] if s.policy == _main(child)}
+                     for p in state.partners}
+    child_scores = {s.env: s.normalized for s in child if s.policy == _main(child)}
+    gain = {env: v - max(ps[env] for ps in parent_scores.values()) for env, v in child_scores.items()}
+    node = {"id": f"gen{g}/offspring", "generation": g, "parents": [f"gen{g}/{p.name}" for p in state.partners],
+            "ancestor": f"gen{g}/ancestor", "recipe": recipe, "scores": child_scores,
+            "parent_scores": parent_scores, "merge_gain": gain, "env_steps": state.env_steps}
+    state.lineage.append(node)
+    write_json_atomic(ctx.run_dir / "lineage.json", state.lineage)
+    ctx.log.write("merge", state.env_steps, generation=g, method=recipe["method"],
+                  **{f"merge/gain/{env}": v for env, v in gain.items()},
+                  **{"merge/gain": sum(gain.values()) / max(len(gain), 1)})
+
+
+def _main(scores: list[EnvScore]) -> str:
+    return "greedy" if any(s.policy == "greedy" for s in scores) else "sampled"
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Writes JSON so that a crash leaves either the old file or the new one, never a torn one."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=str), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def save_generation(state: LoopState, child: Partner, ctx: Context) -> None:
+    """Writes checkpoints/gen_NNNN/{partners, ancestor, offspring} as Hugging Face directories, atomically."""
+    final = ctx.run_dir / "checkpoints" / f"gen_{state.generation:04d}"
+    tmp = final.with_name(final.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    for p in [*state.partners, state.ancestor, child]:
+        p.save(tmp / p.name)
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+
+
+def next_generation(state: LoopState, child: Partner, recipe: dict[str, Any]) -> None:
+    """Makes the offspring the new ancestor and copies it into every partner (unless merging is off:
+    then partners go on as they are)."""
+    if recipe["method"] != "copy_best" or len(state.partners) == 1:
+        state.partners = [child.clone(p.name, p.envs) for p in state.partners]
+    state.ancestor = child.clone("ancestor")
+    state.generation += 1
+    state.round = 0

@@ -1,0 +1,133 @@
+"""A Partner: a named causal LM with its tokenizer and optimizer, acting on batches of observations."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from colearn.config import ModelConfig
+from colearn.errors import ColearnError
+from colearn.policy import continuation_stats, legal_action_logprobs
+
+
+@dataclass
+class Actions:
+    texts: list[str]  # the action as the env receives it
+    token_ids: list[list[int]]  # the action's tokens as the model produced them
+    logprobs: list[float]  # behaviour log-probability of each action (nats)
+
+
+@dataclass
+class Partner:
+    name: str
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    cfg: ModelConfig
+    envs: list[str] = field(default_factory=list)  # env names this partner acts in
+    optimizer: torch.optim.Optimizer | None = None
+    _prompt_cache: dict[str, list[int]] = field(default_factory=dict, repr=False)
+    _action_cache: dict[str, list[int]] = field(default_factory=dict, repr=False)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def prompt_ids(self, observations: list[str]) -> list[list[int]]:
+        """Returns the token ids of each observation's prompt (cached: envs repeat observations)."""
+        missing = [o for o in dict.fromkeys(observations) if o not in self._prompt_cache]
+        if missing:
+            texts = [self.cfg.prompt_template.format(obs=o) for o in missing]
+            for o, ids in zip(missing, self.tokenizer(texts, add_special_tokens=True)["input_ids"]):
+                self._prompt_cache[o] = ids
+        return [self._prompt_cache[o] for o in observations]
+
+    def action_ids(self, names: list[str]) -> list[list[int]]:
+        """Returns the token ids of each action text as a continuation of a prompt."""
+        for n in names:
+            if n not in self._action_cache:
+                ids = self.tokenizer(self.cfg.action_prefix + n, add_special_tokens=False)["input_ids"]
+                self._action_cache[n] = ids
+        return [self._action_cache[n] for n in names]
+
+    @torch.no_grad()
+    def act(
+        self,
+        observations: list[str],
+        legal: list[str] | None,
+        greedy: bool,
+        generator: torch.Generator,
+        temperature: float = 1.0,
+        max_new_tokens: int = 8,
+    ) -> Actions:
+        """Returns one action per observation: sampled from (or the argmax of) the distribution over
+        the legal actions when `legal` is given (constrained mode), else freely generated text."""
+        prompts = self.prompt_ids(observations)
+        if legal:
+            return self._act_constrained(prompts, legal, greedy, generator, temperature)
+        return self._act_generate(prompts, greedy, generator, temperature, max_new_tokens)
+
+    def _act_constrained(self, prompts, legal, greedy, generator, temperature) -> Actions:
+        action_ids = self.action_ids(legal)
+        logps = legal_action_logprobs(self.model, prompts, action_ids, self.tokenizer.pad_token_id, temperature)
+        if greedy:
+            choice = logps.argmax(-1)
+        else:
+            choice = torch.multinomial(logps.exp().cpu(), 1, generator=generator).squeeze(1).to(logps.device)
+        chosen = logps.gather(1, choice[:, None]).squeeze(1).tolist()
+        picks = choice.tolist()
+        return Actions([legal[i] for i in picks], [action_ids[i] for i in picks], chosen)
+
+    def _act_generate(self, prompts, greedy, generator, temperature, max_new_tokens) -> Actions:
+        tok = self.tokenizer
+        flipped = [p[::-1] for p in prompts]
+        longest = max(len(p) for p in prompts)
+        ids = torch.tensor([[tok.pad_token_id] * (longest - len(p)) + p for p in prompts], device=self.device)
+        mask = (torch.arange(longest)[None, :] >= torch.tensor([longest - len(f) for f in flipped])[:, None]).long()
+        seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator))
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            out = self.model.generate(
+                input_ids=ids, attention_mask=mask.to(self.device), max_new_tokens=max_new_tokens,
+                do_sample=not greedy, temperature=temperature if not greedy else None, top_k=None, top_p=None,
+                pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+            )
+        conts = [self._until_eos(row) for row in out[:, longest:].tolist()]
+        logps, _ = continuation_stats(self.model, prompts, conts, tok.pad_token_id, temperature)
+        texts = [tok.decode(c, skip_special_tokens=True).strip().split("\n")[0] for c in conts]
+        return Actions(texts, conts, logps.tolist())
+
+    def _until_eos(self, row: list[int]) -> list[int]:
+        eos = self.tokenizer.eos_token_id
+        return row[: row.index(eos) + 1] if eos in row else [t for t in row if t != self.tokenizer.pad_token_id]
+
+    def clone(self, name: str, envs: list[str] | None = None) -> Partner:
+        """Returns a copy with its own weights and no optimizer state."""
+        return Partner(name, copy.deepcopy(self.model), self.tokenizer, self.cfg, list(envs or self.envs))
+
+    def save(self, path: str | Path) -> None:
+        """Writes weights, tokenizer and optimizer state into `path` (a Hugging Face model directory)."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        self.model.save_pretrained(path)
+        self.tokenizer.save_pretrained(path)
+        if self.optimizer is not None:
+            torch.save(self.optimizer.state_dict(), path / "optimizer.pt")
+
+    @classmethod
+    def load(cls, path: str | Path, name: str, cfg: ModelConfig, device: torch.device | str = "cpu") -> Partner:
+        """Returns the partner saved at `path` (weights and tokenizer; optimizer state stays on disk)."""
+        path = Path(path)
+        if not (path / "config.json").exists() and not (path / "adapter_config.json").exists():
+            raise ColearnError(f"checkpoint {str(path)!r} has no config.json; is it a colearn/HF model directory?")
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        if (path / "adapter_config.json").exists():
+            from peft import AutoPeftModelForCausalLM
+
+            model = AutoPeftModelForCausalLM.from_pretrained(path, is_trainable=True)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, cfg.dtype))
+        return cls(name, model.to(device), tokenizer, cfg)

@@ -1,0 +1,77 @@
+"""The policy a causal LM defines over actions: log-probabilities and entropies of actions given prompts.
+
+Acting and learning both go through these functions, so a behaviour log-probability stored at
+rollout time is the same number the learner recomputes for unchanged weights.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from trl.trainer.utils import entropy_from_logits, selective_log_softmax
+
+
+def right_padded(seqs: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns (ids, attention_mask), both (batch, longest), padded on the right so positions stay 0.."""
+    longest = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), longest), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), longest), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
+        mask[i, : len(s)] = 1
+    return ids.to(device), mask.to(device)
+
+
+def last_logits(model: torch.nn.Module, prompts: list[list[int]], pad_id: int) -> torch.Tensor:
+    """Returns the next-token logits after each prompt, (batch, vocab), in float32."""
+    device = next(model.parameters()).device
+    flipped, mask = right_padded([p[::-1] for p in prompts], pad_id, device)
+    ids, mask = flipped.flip(1), mask.flip(1)  # left-padded, so every prompt ends at the last column
+    positions = (mask.cumsum(1) - 1).clamp(min=0)  # pads take no position: same numbers as unpadded
+    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=1)
+    return out.logits[:, -1].float()
+
+
+def continuation_stats(
+    model: torch.nn.Module, prompts: list[list[int]], conts: list[list[int]], pad_id: int, temperature: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns (log-prob, mean token entropy), each (batch,), of each continuation given its prompt."""
+    device = next(model.parameters()).device
+    ids, mask = right_padded([p + c for p, c in zip(prompts, conts)], pad_id, device)
+    logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float() / temperature  # (batch, len-1, vocab)
+    targets = ids[:, 1:]
+    cont_mask = torch.zeros_like(targets, dtype=torch.bool)
+    for i, (p, c) in enumerate(zip(prompts, conts)):
+        cont_mask[i, len(p) - 1 : len(p) - 1 + len(c)] = True  # position t predicts token t+1
+    token_logps = selective_log_softmax(logits, targets) * cont_mask  # (batch, len-1)
+    token_ent = entropy_from_logits(logits) * cont_mask
+    n = cont_mask.sum(1).clamp(min=1)
+    return token_logps.sum(1), token_ent.sum(1) / n
+
+
+def legal_action_logprobs(
+    model: torch.nn.Module,
+    prompts: list[list[int]],
+    action_ids: list[list[int]],
+    pad_id: int,
+    temperature: float = 1.0,
+) -> torch.Tensor:
+    """Returns log pi(a | prompt) renormalized over the K legal actions, (batch, K).
+
+    Single-token actions (colearn's own tokenizers) need one forward pass; multi-token actions
+    (any other tokenizer) are scored as batch*K continuations.
+    """
+    if all(len(a) == 1 for a in action_ids):
+        logits = last_logits(model, prompts, pad_id) / temperature  # (batch, vocab)
+        index = torch.tensor([a[0] for a in action_ids], device=logits.device)
+        return F.log_softmax(logits[:, index], dim=-1)
+    k = len(action_ids)
+    rep_prompts = [p for p in prompts for _ in range(k)]
+    rep_conts = [a for _ in prompts for a in action_ids]
+    seq_logps, _ = continuation_stats(model, rep_prompts, rep_conts, pad_id, temperature)
+    return F.log_softmax(seq_logps.view(len(prompts), k), dim=-1)
+
+
+def entropy_of(logps: torch.Tensor) -> torch.Tensor:
+    """Returns the entropy (nats) of each row of a log-probability matrix, (batch,)."""
+    return -(logps.exp() * logps).sum(-1)

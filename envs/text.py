@@ -1,0 +1,209 @@
+"""``TextEnv``: a wrapper that gives a discrete gymnasium env text observations and actions."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from typing import Any, Literal, SupportsFloat
+
+import gymnasium as gym
+import numpy as np
+from gymnasium import spaces
+
+from envs.errors import EnvConfigError
+from envs.planning import optimal_return as plan_optimal_return
+from envs.render import TEXT_CHARSET, Renderer, renderer_for
+
+OBS_MAX_LENGTH = 4096
+ACTION_MAX_LENGTH = 64
+
+
+class TextEnv(gym.Wrapper):
+    """Text observations (rendered state) and text actions (one of ``action_names``).
+
+    An action that does not parse never steps the inner env and never raises:
+    the observation repeats, the reward is ``invalid_penalty`` and
+    ``info["invalid_action"]`` is True. Apply the time limit *outside* this
+    wrapper so invalid actions still count toward truncation.
+    """
+
+    def __init__(
+        self,
+        env: gym.Env,
+        action_names: Sequence[str],
+        invalid_penalty: float = -1.0,
+        renderer: Renderer | None = None,
+        success_reward: float | None = None,
+        *,
+        horizon: int | None = None,
+    ) -> None:
+        """Wrap ``env``; ``horizon`` is the outer time limit, used by ``optimal_return``."""
+        super().__init__(env)
+        self._env_name = env.spec.id if env.spec is not None else type(env.unwrapped).__name__
+        self._check_spaces(env)
+        self.action_names: list[str] = _checked_names(
+            action_names, env.action_space.n, self._env_name
+        )
+        self._lookup = {name.lower(): i for i, name in enumerate(self.action_names)}
+        self.invalid_penalty = float(invalid_penalty)
+        self.success_reward = success_reward
+        self.renderer: Renderer = renderer if renderer is not None else renderer_for(env)
+        self.horizon = horizon
+        self.observation_space = spaces.Text(max_length=OBS_MAX_LENGTH, charset=TEXT_CHARSET)
+        self.action_space = spaces.Text(
+            max_length=ACTION_MAX_LENGTH, min_length=0, charset=TEXT_CHARSET
+        )
+        self._last_obs: Any = None
+        self._last_text: str | None = None
+        self._optimal_cache: dict[int | None, float | None] = {}
+
+    def _check_spaces(self, env: gym.Env) -> None:
+        """Raise EnvConfigError unless actions are Discrete and obs (Tuple-of-)Discrete."""
+        if not isinstance(env.action_space, spaces.Discrete):
+            raise EnvConfigError(
+                f"{self._env_name} has action space {env.action_space}; TextEnv needs a "
+                "Discrete action space, pick an env with discrete actions"
+            )
+        obs_space = env.observation_space
+        tuple_of_discrete = isinstance(obs_space, spaces.Tuple) and all(
+            isinstance(sub, spaces.Discrete) for sub in obs_space.spaces
+        )
+        if not (isinstance(obs_space, spaces.Discrete) or tuple_of_discrete):
+            raise EnvConfigError(
+                f"{self._env_name} has observation space {obs_space}; TextEnv needs a "
+                "Discrete or Tuple-of-Discrete observation space"
+            )
+
+    def parse_action(self, action: str | int | np.integer) -> int | None:
+        """Return the action index (0-based, as in ``action_names``) or None if it does not parse.
+
+        Ints must be in range. Strings are stripped and lowercased, then matched
+        exactly against a name, else by their first whitespace-separated word.
+        """
+        if isinstance(action, int | np.integer) and not isinstance(action, bool):
+            index = int(action)
+            return index if 0 <= index < len(self.action_names) else None
+        if not isinstance(action, str):
+            return None
+        text = action.strip().lower()
+        if text in self._lookup:
+            return self._lookup[text]
+        words = text.split()
+        return self._lookup.get(words[0]) if words else None
+
+    def render_text(self, obs: Any) -> str:
+        """Return the text rendering of a raw inner observation."""
+        return self.renderer(self.env, obs)
+
+    def reset(
+        self, *, seed: int | None = None, options: dict[str, Any] | None = None
+    ) -> tuple[str, dict[str, Any]]:
+        """Reset the inner env; returns ``(text_obs, info)``."""
+        obs, info = self.env.reset(seed=seed, options=options)
+        self._remember(obs)
+        return self._last_text, {**info, "invalid_action": False, "success": False}
+
+    def step(
+        self, action: str | int | np.integer
+    ) -> tuple[str, float, bool, bool, dict[str, Any]]:
+        """Step with a text (or index) action.
+
+        Returns ``(text_obs, reward, terminated, truncated, info)``.
+
+        ``info["success"]`` is True only on a terminating step that reached the goal.
+        """
+        index = self.parse_action(action)
+        if index is None:
+            # The inner env is untouched so the agent sees the same state again.
+            return self._last_text, self.invalid_penalty, False, False, {
+                "invalid_action": True,
+                "success": False,
+            }
+        inner_action = int(self.env.action_space.start) + index
+        obs, reward, terminated, truncated, info = self.env.step(inner_action)
+        self._remember(obs)
+        success = self._is_success(reward, terminated)
+        info = {**info, "invalid_action": False, "success": success}
+        return self._last_text, float(reward), bool(terminated), bool(truncated), info
+
+    def _remember(self, obs: Any) -> None:
+        """Store the raw and rendered observation so invalid actions can repeat it."""
+        self._last_obs = obs
+        self._last_text = self.render_text(obs)
+
+    def _is_success(self, reward: SupportsFloat, terminated: bool) -> bool:
+        """Return True if this terminating step reached the goal."""
+        if not terminated:
+            return False
+        if self.success_reward is not None:
+            return float(reward) >= self.success_reward
+        return float(reward) > 0
+
+    def optimal_return(
+        self, horizon: int | None | Literal["registered"] = "registered"
+    ) -> float | None:
+        """Return the expected optimal return of the inner env, or None without a ``P`` table.
+
+        ``horizon="registered"`` uses ``self.horizon`` (the registered time
+        limit); pass an int for another time limit or None for no limit. The
+        start states come from ``initial_state_distrib`` when the env has one,
+        otherwise from the state after the latest reset (a copy of the env is
+        reset if this one never was). Cached per horizon.
+        """
+        if horizon == "registered":
+            horizon = self.horizon
+        if horizon not in self._optimal_cache:
+            self._optimal_cache[horizon] = self._plan(horizon)
+        return self._optimal_cache[horizon]
+
+    def _plan(self, horizon: int | None) -> float | None:
+        """Return the planned optimal return for ``horizon`` or None if not plannable."""
+        unwrapped = self.env.unwrapped
+        table = getattr(unwrapped, "P", None)
+        if table is None or not isinstance(self.env.observation_space, spaces.Discrete):
+            return None
+        n_states = len(table)
+        initial = self._initial_distribution(n_states)
+        return plan_optimal_return(
+            table, n_states, int(self.env.action_space.n), initial, horizon
+        )
+
+    def _initial_distribution(self, n_states: int) -> np.ndarray:
+        """Return the start-state distribution as a length-``n_states`` array."""
+        distribution = getattr(self.env.unwrapped, "initial_state_distrib", None)
+        if distribution is not None:
+            return np.asarray(distribution, dtype=np.float64)
+        start = self._last_obs
+        if start is None:
+            start, _ = copy.deepcopy(self.env.unwrapped).reset()
+        one_hot = np.zeros(n_states)
+        one_hot[int(start)] = 1.0
+        return one_hot
+
+
+def _checked_names(names: Sequence[str], n_actions: int, env_name: str) -> list[str]:
+    """Return ``names`` as a list; raise EnvConfigError if they can't name ``n_actions`` actions."""
+    if isinstance(names, str) or not isinstance(names, Sequence):
+        raise EnvConfigError(
+            f"env.action_names must be a list of {n_actions} strings for {env_name}, "
+            f"got {names!r}"
+        )
+    names = list(names)
+    if len(names) != n_actions:
+        raise EnvConfigError(
+            f"env.action_names has {len(names)} names but {env_name} has {n_actions} actions; "
+            f"give exactly {n_actions} names (action i is names[i])"
+        )
+    for name in names:
+        if not isinstance(name, str) or not name or any(ch.isspace() for ch in name):
+            raise EnvConfigError(
+                f"env.action_names entry {name!r} is invalid; each name must be a "
+                "non-empty string without whitespace"
+            )
+    lowered = [name.lower() for name in names]
+    if len(set(lowered)) != len(lowered):
+        raise EnvConfigError(
+            f"env.action_names {names} has duplicates (case-insensitive); give each action "
+            "a unique name"
+        )
+    return names
