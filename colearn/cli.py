@@ -97,7 +97,22 @@ def hydra_entry() -> None:
     hydra.main(version_base=None, config_path=CONF_DIR, config_name="config")(run_experiment)()
 
 
-SUBCOMMANDS: dict[str, Callable[[list[str]], None]] = {}
+# subcommand -> "module:function" taking the remaining argv; imported only when used
+SUBCOMMANDS: dict[str, str] = {
+    "merge": "colearn.merge_cli:main",
+    "report": "colearn.report:main",
+    "compare": "colearn.report:compare_main",
+    "resume": "colearn.resume:main",
+    "export": "colearn.export:main",
+}
+
+
+def subcommand(name: str) -> Callable[[list[str]], None]:
+    """Returns the function implementing `colearn <name>`."""
+    import importlib
+
+    module, function = SUBCOMMANDS[name].split(":")
+    return getattr(importlib.import_module(module), function)
 
 
 def main() -> None:
@@ -105,7 +120,8 @@ def main() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     quiet_libraries()
     if len(sys.argv) > 1 and sys.argv[1] in SUBCOMMANDS:
-        SUBCOMMANDS[sys.argv[1]](sys.argv[2:])
+        with user_errors():
+            subcommand(sys.argv[1])(sys.argv[2:])
         return
     hydra_entry()
 

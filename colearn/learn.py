@@ -39,29 +39,31 @@ def group_advantages(returns: torch.Tensor, groups: list[Any], eps: float = 1e-6
 
 
 def step_advantages(rows: list[dict[str, Any]], mode: str) -> list[float]:
-    """Returns one advantage per step record; episodes with the same env and reset seed form a group.
+    """Returns one advantage per step record.
 
-    mode="episode": every step gets its episode's group-normalized return (GRPO).
-    mode="return_to_go": each step's return-to-go minus the group's mean episode return, over the group's std.
+    mode="episode": every step gets its episode's discounted return normalized within its group
+    (episodes with the same partner, env, round and reset seed: GRPO).
+    mode="return_to_go": each step's discounted return-to-go minus the mean return-to-go of the steps
+    taken from the same observation (a Monte-Carlo state-value baseline), over the batch's std. This
+    credits each action, so a wasted step on a successful path is not reinforced.
     """
-    firsts = [r for r in rows if r["step"] == 0]
-    keys = [(r["partner"], r["env"], r["generation"], r["round"], r["seed"]) for r in firsts]
-    start_returns = torch.tensor([r["return_to_go"] for r in firsts], dtype=torch.float64)
-    normalized = group_advantages(start_returns, keys)
-    stats: dict[Any, tuple[float, float]] = {}
-    for k in set(keys):
-        members = start_returns[[i for i, kk in enumerate(keys) if kk == k]]
-        stats[k] = (float(members.mean()), float(members.std()) if len(members) > 1 else 0.0)
-    by_episode = {r["episode_id"]: (float(a), k) for r, a, k in zip(firsts, normalized, keys)}
-    out = []
-    for r in rows:
-        adv, key = by_episode[r["episode_id"]]
-        if mode == "episode":
-            out.append(adv)
-        else:
-            mean, std = stats[key]
-            out.append((r["return_to_go"] - mean) / (std + 1e-6) if std > 1e-6 else 0.0)
-    return out
+    if mode == "episode":
+        firsts = [r for r in rows if r["step"] == 0]
+        keys = [(r["partner"], r["env"], r["generation"], r["round"], r["seed"]) for r in firsts]
+        start_returns = torch.tensor([r["return_to_go"] for r in firsts], dtype=torch.float64)
+        by_episode = dict(zip((r["episode_id"] for r in firsts), group_advantages(start_returns, keys).tolist()))
+        return [by_episode[r["episode_id"]] for r in rows]
+    returns = torch.tensor([r["return_to_go"] for r in rows], dtype=torch.float64)
+    states = [(r["env"], r["observation"]) for r in rows]
+    baseline = torch.zeros_like(returns)
+    members: dict[Any, list[int]] = defaultdict(list)
+    for i, s in enumerate(states):
+        members[s].append(i)
+    for idx in members.values():
+        baseline[idx] = returns[idx].mean()
+    adv = returns - baseline
+    std = adv.std() if len(adv) > 1 else torch.tensor(0.0)
+    return (adv / std).tolist() if std > 1e-8 else [0.0] * len(rows)
 
 
 def clipped_pg_loss(logp: torch.Tensor, behaviour: torch.Tensor, adv: torch.Tensor, clip_eps: float) -> torch.Tensor:

@@ -26,7 +26,7 @@ from colearn.experience import ExperienceStore
 from colearn.learn import learn, select_for_distillation
 from colearn.logger import Logger
 from colearn.models import build_ancestor, resolve_device
-from colearn.offspring import merged_weights, offspring_from
+from colearn.offspring import make_offspring
 from colearn.partner import Partner
 from colearn.rollout import EpisodeMeta, collect, env_info, group_seeds
 
@@ -210,14 +210,8 @@ def assess(partner: Partner, label: str, state: LoopState, ctx: Context) -> list
 
 def breed(state: LoopState, ctx: Context) -> tuple[Partner, dict[str, Any]]:
     """Returns the generation's offspring and the recipe that made it."""
-    m = ctx.cfg.merge
-    if len(state.partners) == 1 or m.method == "none":
-        best = max(state.partners, key=lambda p: headline(state.last_scores[p.name]))
-        return best.clone("offspring"), {"method": "copy_best", "source": best.name}
-    weights = merged_weights(state.ancestor, state.partners, m)
-    recipe = {"method": m.method, "weights": list(m.weights) or "equal", "density": m.density,
-              "to_ancestor": m.to_ancestor, "params": dict(m.params), "groups": dict(m.groups)}
-    return offspring_from(state.ancestor, weights), recipe
+    scores = {p.name: headline(state.last_scores[p.name]) for p in state.partners}
+    return make_offspring(state.ancestor, state.partners, scores, ctx.cfg.merge)
 
 
 def record_lineage(state: LoopState, ctx: Context, recipe: dict[str, Any], child: list[EnvScore]) -> None:

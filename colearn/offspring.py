@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from typing import Any
 
 import torch
 
@@ -54,3 +55,17 @@ def offspring_from(ancestor: Partner, weights: dict[str, torch.Tensor], name: st
     else:
         model.load_state_dict(weights)
     return child
+
+
+def make_offspring(
+    ancestor: Partner, partners: list[Partner], scores: dict[str, float], cfg: MergeConfig
+) -> tuple[Partner, dict[str, Any]]:
+    """Returns the offspring of a generation and the recipe that made it: the merge of the partners, or a
+    copy of the best-scoring partner when merging is off (method "none") or there is only one partner."""
+    if len(partners) == 1 or cfg.method == "none":
+        best = max(partners, key=lambda p: scores[p.name])
+        return best.clone("offspring"), {"method": "copy_best", "source": best.name}
+    weights = merged_weights(ancestor, partners, cfg)
+    recipe = {"method": cfg.method, "weights": list(cfg.weights) or "default", "density": cfg.density,
+              "to_ancestor": cfg.to_ancestor, "params": dict(cfg.params), "groups": dict(cfg.groups)}
+    return offspring_from(ancestor, weights), recipe
