@@ -45,13 +45,14 @@ def run_experiment(dcfg) -> None:
     from colearn import loop
     from colearn.summary import summary_table
 
+    from colearn.resume import report_end
+
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     with user_errors(run_dir):
         cfg = to_config(dcfg)
         validate(cfg)
         state = loop.run(cfg, run_dir)
-    print(summary_table(state.last_scores))
-    print(f"run directory: {run_dir}")
+    report_end(state, run_dir, summary_table)
 
 
 class user_errors:

@@ -143,13 +143,32 @@ class MergeConfig:
     to_ancestor: float = 0.0  # 0 keeps the merge, 1 returns the ancestor (WARP's interpolation toward init)
     params: dict[str, Any] = field(default_factory=dict)  # extra method parameters (e.g. gamma, epsilon)
     groups: dict[str, Any] = field(default_factory=dict)  # per layer group overrides, e.g. {"block*.mlp": {density: 0.5}}
-    seed: int = 0  # seed of random operators (DARE, DELLA)
+    seed: int = 0  # seed of random operators (DARE, DELLA) and of the CMA-ES search
+    base_method: str = "ties"  # method=evolve: the operator whose per-group weights (and density) CMA-ES searches
+    search_budget: int = 24  # method=evolve: candidate offspring scored on the search episodes, uniform recipe included
+    search_sigma: float = 0.5  # method=evolve: CMA-ES initial step size, in logit units of the squashed parameters
+    search_max_weight: float = 1.5  # method=evolve: searched weights lie in [0, this]; densities in [0.05, 1]
+    compat_metric: str = "cka"  # cka | cosine: the compatibility measure compared to compat_threshold
+    compat_threshold: float = 0.0  # below it the partners are not averaged but fall back; 0 never falls back
+    fallback: str = "best"  # best | mixture: offspring when incompatible or gated out (mixture also maps env -> partner)
+    gate: bool = True  # promote the offspring only if its validation score >= best parent's - gate_tolerance
+    gate_tolerance: float = 0.05  # mean normalized return the offspring may lose against the best parent
 
     def __post_init__(self) -> None:
         if not 0 < self.density <= 1:
             raise ColearnError(f"merge.density={self.density} must be in (0, 1]")
         if not 0 <= self.to_ancestor <= 1:
             raise ColearnError(f"merge.to_ancestor={self.to_ancestor} must be in [0, 1]")
+        if self.base_method in ("evolve", "none"):
+            raise ColearnError(f"merge.base_method={self.base_method!r} must be a merge operator such as ties or linear")
+        if self.search_budget < 1 or not self.search_sigma > 0 or not self.search_max_weight > 0:
+            raise ColearnError("merge.search_budget must be >= 1, merge.search_sigma and merge.search_max_weight > 0")
+        if self.compat_metric not in ("cka", "cosine"):
+            raise ColearnError(f"merge.compat_metric={self.compat_metric!r} is unknown; choose cka or cosine")
+        if self.fallback not in ("best", "mixture"):
+            raise ColearnError(f"merge.fallback={self.fallback!r} is unknown; choose best or mixture")
+        if not self.gate_tolerance >= 0:
+            raise ColearnError(f"merge.gate_tolerance={self.gate_tolerance} must be >= 0")
 
 
 @dataclass

@@ -13,21 +13,24 @@ from typing import Any
 class Logger:
     """Appends events to `run_dir/metrics.jsonl` (flushed and fsynced per event) and `run_dir/tb/`."""
 
-    def __init__(self, run_dir: str | Path, tensorboard: bool = True) -> None:
+    def __init__(self, run_dir: str | Path, tensorboard: bool = True, purge_step: int | None = None) -> None:
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.path = self.run_dir / "metrics.jsonl"
+        self.lines = len(self.path.read_text(encoding="utf-8").splitlines()) if self.path.exists() else 0
         self._file = open(self.path, "a", encoding="utf-8")
         self._tb = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._tb = SummaryWriter(str(self.run_dir / "tb"))
+            # on resume, TensorBoard drops its events past the checkpoint instead of doubling them
+            self._tb = SummaryWriter(str(self.run_dir / "tb"), purge_step=purge_step or None)
 
     def write(self, event: str, step: int, **fields: Any) -> dict[str, Any]:
         """Writes one event; numeric fields (namespaced like `return/A/FrozenLake`) also go to TensorBoard."""
         record = {"event": event, "step": step, "time": round(time.time(), 3), **fields}
         self._file.write(json.dumps(record, default=_jsonable) + "\n")
+        self.lines += 1
         self._file.flush()
         os.fsync(self._file.fileno())
         if self._tb is not None:
@@ -59,3 +62,14 @@ def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
         except json.JSONDecodeError:
             continue
     return events
+
+
+def truncate_metrics(run_dir: str | Path, lines: int) -> None:
+    """Cuts metrics.jsonl back to its first `lines` events (those a checkpoint had seen), atomically."""
+    path = Path(run_dir, "metrics.jsonl")
+    if not path.exists():
+        return
+    kept = path.read_text(encoding="utf-8").splitlines(keepends=True)[:lines]
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(kept), encoding="utf-8")
+    os.replace(tmp, path)

@@ -12,6 +12,8 @@ import json
 import logging
 import os
 import shutil
+import signal
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,11 +22,12 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from colearn.checkpoint import latest_intact, load_checkpoint, save_checkpoint
 from colearn.config import Config, EnvSpec
 from colearn.evaluate import EnvScore, evaluate, headline
 from colearn.experience import ExperienceStore
 from colearn.learn import learn, select_for_distillation
-from colearn.logger import Logger
+from colearn.logger import Logger, truncate_metrics
 from colearn.models import build_ancestor, resolve_device
 from colearn.offspring import make_offspring
 from colearn.partner import Partner
@@ -44,6 +47,7 @@ class LoopState:
     env_steps: int = 0
     lineage: list[dict[str, Any]] = field(default_factory=list)
     last_scores: dict[str, list[EnvScore]] = field(default_factory=dict)
+    stopped_by: str | None = None  # the signal that stopped the run early, if any
 
 
 @dataclass
@@ -55,6 +59,32 @@ class Context:
     store: ExperienceStore
     log: Logger
     suite: dict[str, EnvSpec]
+    stop: StopOnSignal | None = None
+
+
+class StopOnSignal:
+    """Within its block, SIGINT and SIGTERM ask the loop to stop at the next round boundary (after its
+    checkpoint) instead of killing it mid-write; a second signal stops at once."""
+
+    def __init__(self) -> None:
+        self.requested: str | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> StopOnSignal:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = signal.Signals(signum).name
+        log.warning("%s received: stopping after the current round's checkpoint", self.requested)
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
 
 
 def seed_for(cfg: Config, *path: int) -> int:
@@ -97,17 +127,42 @@ def initial_state(cfg: Config) -> LoopState:
 
 
 def run(cfg: Config, run_dir: Path, state: LoopState | None = None) -> LoopState:
-    """Runs the experiment to its last generation; returns the final state."""
-    ctx = Context(cfg, run_dir, ExperienceStore(run_dir / "experience"), Logger(run_dir),
+    """Runs the experiment to its last generation (or until SIGINT/SIGTERM, after a checkpoint);
+    returns the final state. Without `state`, continues from the newest intact checkpoint if any."""
+    state = state or resume_state(cfg, run_dir) or initial_state(cfg)
+    ctx = Context(cfg, run_dir, ExperienceStore(run_dir / "experience"), Logger(run_dir, purge_step=state.env_steps),
                   {e.name: e for e in cfg.env.suite})
-    state = state or initial_state(cfg)
     total = cfg.loop.generations * cfg.loop.rounds
-    with tqdm(total=total, initial=state.generation * cfg.loop.rounds + state.round, disable=not cfg.progress,
-              desc="colearn", unit="round") as bar:
-        while state.generation < cfg.loop.generations:
+    with StopOnSignal() as stop, tqdm(total=total, initial=state.generation * cfg.loop.rounds + state.round,
+                                      disable=not cfg.progress, desc="colearn", unit="round") as bar:
+        ctx.stop = stop
+        while state.generation < cfg.loop.generations and not stop.requested:
             run_generation(state, ctx, bar)
+    state.stopped_by = stop.requested
     ctx.log.close()
     return state
+
+
+def resume_state(cfg: Config, run_dir: Path) -> LoopState | None:
+    """Returns the state of the newest intact checkpoint in the run dir, with the experience store and
+    metrics.jsonl cut back to what that checkpoint had seen (so resumed rounds are neither lost nor doubled)."""
+    root = run_dir / "checkpoints"
+    path = latest_intact(root) if root.is_dir() else None
+    if path is None:  # killed before its first checkpoint: start over, dropping what the attempt wrote
+        ExperienceStore(run_dir / "experience").truncate(0)
+        truncate_metrics(run_dir, 0)
+        return None
+    meta, partners, ancestor = load_checkpoint(path, cfg)
+    ExperienceStore(run_dir / "experience").truncate(meta["experience_shards"])
+    truncate_metrics(run_dir, meta["metrics_lines"])
+    return LoopState(meta["generation"], meta["round"], ancestor, partners, meta["env_steps"], meta["lineage"],
+                     meta["last_scores"])
+
+
+def checkpoint(state: LoopState, ctx: Context) -> None:
+    """Writes a round-boundary checkpoint: the loop can resume exactly from here."""
+    save_checkpoint(ctx.run_dir / "checkpoints", state,
+                    {"experience_shards": len(ctx.store.shards), "metrics_lines": ctx.log.lines})
 
 
 def run_generation(state: LoopState, ctx: Context, bar: tqdm) -> None:
@@ -123,14 +178,18 @@ def run_generation(state: LoopState, ctx: Context, bar: tqdm) -> None:
         for partner in state.partners:
             state.last_scores[partner.name] = assess(partner, partner.name, state, ctx)
         state.round += 1
+        checkpoint(state, ctx)
         bar.update(1)
         bar.set_postfix({p.name: f"{headline(state.last_scores[p.name]):.2f}" for p in state.partners})
+        if ctx.stop.requested:
+            return
     child, recipe = breed(state, ctx)
     child_scores = assess(child, "offspring", state, ctx)
     state.last_scores["offspring"] = child_scores
     record_lineage(state, ctx, recipe, child_scores)
     save_generation(state, child, ctx)
     next_generation(state, child, recipe)
+    checkpoint(state, ctx)
 
 
 def play(partner: Partner, index: int, state: LoopState, ctx: Context) -> list[dict[str, Any]]:

@@ -1,71 +1,320 @@
-"""The offspring of a generation: the partners merged in weight space relative to their ancestor."""
+"""The offspring of a generation: the partners merged in weight space relative to their ancestor.
+
+Before merging, the pair's compatibility is measured (task-vector cosine, sign conflicts, CKA
+of their representations); partners that drifted apart (Pari et al., "Collective Model
+Intelligence Requires Compatible Specialization") are not averaged but fall back to the best
+partner or a mixture.  After merging, a gate promotes the offspring only if it is about as
+good as its best parent on validation episodes.  Every decision and its numbers go into the
+returned recipe, which the loop writes to lineage.json and metrics.jsonl.
+"""
 
 from __future__ import annotations
 
 import copy
+import itertools
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
 
+from colearn.compat import linear_cka, sign_conflict_rate, task_vector, task_vector_cosine
 from colearn.config import MergeConfig
 from colearn.errors import ColearnError
 from colearn.partner import Partner
 
+Scorer = Callable[[Partner], float]  # policy -> mean normalized return on fixed validation episodes
+
+
+# --------------------------------------------------------------------------- weights
+
 
 def dense_state(partner: Partner) -> dict[str, torch.Tensor]:
-    """Returns the partner's full weights; a LoRA partner's adapter is folded in (B·A·scaling), so merges
-    combine true weight changes rather than A and B factors separately."""
+    """Returns the partner's full weights, each tied tensor once (under its first name); a LoRA partner's
+    adapter is folded in (B·A·scaling), so merges combine true weight changes rather than A and B factors."""
     model = partner.model
     if hasattr(model, "peft_config"):
-        folded = copy.deepcopy(model).merge_and_unload()
-        return {k: v.detach() for k, v in folded.state_dict().items()}
-    return {k: v.detach() for k, v in model.state_dict().items()}
+        model = copy.deepcopy(model).merge_and_unload()
+    return untied({k: v.detach() for k, v in model.state_dict().items()})
 
 
-def merged_weights(ancestor: Partner, partners: list[Partner], cfg: MergeConfig) -> dict[str, torch.Tensor]:
+def untied(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Returns the state dict without the names that alias an earlier tensor (tied embeddings).
+
+    A tied lm_head would otherwise be merged twice, once in the `embed` and once in the `head`
+    layer group, and whichever load_state_dict copies last would silently win.
+    """
+    seen: set[tuple[int, int, tuple[int, ...]]] = set()
+    kept = {}
+    for key, tensor in state.items():
+        identity = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
+        if identity not in seen:
+            seen.add(identity)
+            kept[key] = tensor
+    return kept
+
+
+def load_weights(model: torch.nn.Module, weights: Mapping[str, torch.Tensor]) -> None:
+    """Copies `weights` into the model; only names tied to a loaded tensor may be absent."""
+    result = model.load_state_dict(weights, strict=False)
+    if result.unexpected_keys or set(result.missing_keys) - _tied_names(model):
+        raise ValueError(f"weights do not fit the model: missing {result.missing_keys}, "
+                         f"unexpected {result.unexpected_keys}")
+
+
+def _tied_names(model: torch.nn.Module) -> set[str]:
+    state = model.state_dict()
+    return set(state) - set(untied(state))
+
+
+def merged_weights(ancestor: Partner, partners: Sequence[Partner], cfg: MergeConfig) -> dict[str, torch.Tensor]:
     """Returns the merged dense weights of the partners relative to the ancestor (method from merge.METHODS)."""
-    from colearn.merge import MergeError, default_weights, merge_state_dicts
+    from colearn.merge import MergeError, merge_state_dicts
 
-    weights = list(cfg.weights) or default_weights(cfg.method, len(partners))
-    if len(weights) != len(partners):
-        raise ColearnError(f"merge.weights has {len(weights)} entries for {len(partners)} partners; give one each")
     try:
         return merge_state_dicts(
-            dense_state(ancestor), [dense_state(p) for p in partners], method=cfg.method, weights=weights,
-            density=cfg.density, to_ancestor=cfg.to_ancestor, seed=cfg.seed, params=dict(cfg.params),
-            groups=dict(cfg.groups) or None,
+            dense_state(ancestor), [dense_state(p) for p in partners], method=cfg.method,
+            weights=_weights(cfg, len(partners)), density=cfg.density, to_ancestor=cfg.to_ancestor, seed=cfg.seed,
+            params=dict(cfg.params), groups=dict(cfg.groups) or None,
         )
     except MergeError as e:
         raise ColearnError(str(e)) from e
 
 
-def offspring_from(ancestor: Partner, weights: dict[str, torch.Tensor], name: str = "offspring") -> Partner:
+def _weights(cfg: MergeConfig, n_partners: int) -> list[float]:
+    from colearn.merge import default_weights
+
+    weights = list(cfg.weights) or default_weights(cfg.method, n_partners)
+    if len(weights) != n_partners:
+        raise ColearnError(f"merge.weights has {len(weights)} entries for {n_partners} partners; give one each")
+    return weights
+
+
+def offspring_from(ancestor: Partner, weights: Mapping[str, torch.Tensor], name: str = "offspring") -> Partner:
     """Returns a new partner with the ancestor's architecture (and adapter layout) holding `weights`.
 
     For LoRA ancestors the merged change is folded into the base and a fresh adapter is put on top,
     so the next generation again trains adapters."""
     child = ancestor.clone(name)
-    model = child.model
-    if hasattr(model, "peft_config"):
-        base = copy.deepcopy(model).merge_and_unload()
-        base.load_state_dict(weights)
+    if hasattr(child.model, "peft_config"):
         from colearn.models import with_lora
 
+        base = copy.deepcopy(child.model).merge_and_unload()
+        load_weights(base, weights)
         child.model = with_lora(base, ancestor.cfg)
     else:
-        model.load_state_dict(weights)
+        load_weights(child.model, weights)
     return child
 
 
-def make_offspring(
-    ancestor: Partner, partners: list[Partner], scores: dict[str, float], cfg: MergeConfig
+def _dense_candidate(ancestor: Partner) -> Partner:
+    """Returns one reusable plain (adapter-free) model to load search candidates into, without a disk trip."""
+    model = ancestor.model
+    model = copy.deepcopy(model).merge_and_unload() if hasattr(model, "peft_config") else copy.deepcopy(model)
+    return Partner("candidate", model.eval(), ancestor.tokenizer, ancestor.cfg)
+
+
+# --------------------------------------------------------------------------- compatibility
+
+
+@torch.no_grad()
+def probe_states(partner: Partner, probe: Sequence[str]) -> torch.Tensor:
+    """Returns the last layer's hidden state at each probe prompt's last token, (n, hidden), float32.
+
+    The last token is where the policy reads off its action; prompts are right-padded, so with
+    causal attention the padding never reaches a real token.
+    """
+    prompts = partner.prompt_ids(list(probe))
+    longest = max(len(p) for p in prompts)
+    pad = partner.tokenizer.pad_token_id or 0
+    ids = torch.tensor([p + [pad] * (longest - len(p)) for p in prompts], device=partner.device)  # (n, T)
+    mask = torch.tensor([[1] * len(p) + [0] * (longest - len(p)) for p in prompts], device=partner.device)  # (n, T)
+    was_training = partner.model.training
+    partner.model.eval()
+    hidden = partner.model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states[-1]  # (n,T,d)
+    partner.model.train(was_training)
+    last = torch.tensor([len(p) - 1 for p in prompts], device=hidden.device)  # (n,)
+    return hidden[torch.arange(len(prompts), device=hidden.device), last].float()  # (n, d)
+
+
+def compatibility(ancestor: Partner, partners: Sequence[Partner], probe: Sequence[str] | None) -> dict[str, Any]:
+    """Returns {cosine, sign_conflict, cka, pair} of the least compatible pair of partners.
+
+    cosine and sign_conflict compare task vectors (partner - ancestor; Yadav et al. 2023 for
+    sign conflicts), cka the partners' last hidden states on the probe prompts (linear CKA,
+    Kornblith et al. 2019; None without a probe of >= 2 prompts).  With more than two
+    partners every value is the worst over pairs (lowest cosine and CKA, highest conflict rate).
+    """
+    base = dense_state(ancestor)
+    vectors = {p.name: task_vector(dense_state(p), base) for p in partners}
+    states = {p.name: probe_states(p, probe) for p in partners} if probe and len(probe) >= 2 else None
+    worst: dict[str, Any] = {"cosine": None, "sign_conflict": None, "cka": None, "pair": None}
+    for a, b in itertools.combinations([p.name for p in partners], 2):
+        cosine = task_vector_cosine(vectors[a], vectors[b])
+        conflict = sign_conflict_rate(vectors[a], vectors[b])
+        cka = linear_cka(states[a], states[b]) if states else None
+        if worst["cosine"] is None or cosine < worst["cosine"]:
+            worst["cosine"], worst["pair"] = cosine, [a, b]
+        worst["sign_conflict"] = max(conflict, worst["sign_conflict"] or 0.0)
+        if cka is not None:
+            worst["cka"] = cka if worst["cka"] is None else min(cka, worst["cka"])
+    return worst
+
+
+def incompatibility(compat: Mapping[str, Any], cfg: MergeConfig) -> str | None:
+    """Returns why the partners should not be averaged (merge.compat_metric under merge.compat_threshold), or None."""
+    value = compat[cfg.compat_metric]
+    if cfg.compat_threshold <= 0:
+        return None
+    if value is None:
+        raise ColearnError(
+            f"merge.compat_threshold={cfg.compat_threshold} with merge.compat_metric=cka needs probe observations; "
+            "pass a probe set or use merge.compat_metric=cosine"
+        )
+    if value < cfg.compat_threshold:
+        return f"{cfg.compat_metric} {value:.4f} < merge.compat_threshold {cfg.compat_threshold}"
+    return None
+
+
+# --------------------------------------------------------------------------- search
+
+
+def evolved_weights(
+    ancestor: Partner, partners: Sequence[Partner], cfg: MergeConfig, search_fn: Scorer | None,
+    evaluate_fn: Scorer | None,
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Returns the weights of the recipe CMA-ES found (merge.method=evolve) and that recipe with its search record.
+
+    Candidates are scored by `search_fn`; the winner and the uniform start are re-scored on
+    `evaluate_fn`'s held-out episodes, which is the number to trust.
+    """
+    from colearn.evolve import merged_state, search, start_recipe
+    from colearn.merge import MergeError
+
+    if search_fn is None:
+        raise ColearnError("merge.method=evolve needs a search_fn that scores candidate offspring on search episodes")
+    base, states = dense_state(ancestor), [dense_state(p) for p in partners]
+    candidate = _dense_candidate(ancestor)
+
+    def fitness(state: dict[str, torch.Tensor]) -> float:
+        load_weights(candidate.model, state)
+        return search_fn(candidate)
+
+    try:
+        result = search(base, states, fitness, cfg)
+    except MergeError as e:
+        raise ColearnError(str(e)) from e
+    record: dict[str, Any] = {"budget": cfg.search_budget, "fitness": result.fitness,
+                              "uniform_fitness": result.uniform_fitness, "curve": result.curve}
+    if evaluate_fn is not None:
+        uniform = merged_state(base, states, start_recipe(cfg, len(partners)), cfg.seed)
+        record["heldout_uniform"] = fitness_on(candidate, uniform, evaluate_fn)
+    weights = merged_state(base, states, result.recipe, cfg.seed)
+    if evaluate_fn is not None:
+        record["heldout"] = fitness_on(candidate, weights, evaluate_fn)
+    recipe = {"method": "evolve", "base_method": result.recipe["method"],
+              **{k: v for k, v in result.recipe.items() if k != "method"}, "search": record}
+    return weights, recipe
+
+
+def fitness_on(candidate: Partner, weights: Mapping[str, torch.Tensor], scorer: Scorer) -> float:
+    """Returns the scorer's value of the candidate model holding `weights`."""
+    load_weights(candidate.model, weights)
+    return float(scorer(candidate))
+
+
+# --------------------------------------------------------------------------- gate and fallback
+
+
+def gate_record(offspring_score: float, parent_scores: Mapping[str, float], cfg: MergeConfig) -> dict[str, Any]:
+    """Returns the promotion decision: passed when offspring >= best parent - merge.gate_tolerance."""
+    best_parent = max(parent_scores.values())
+    passed = offspring_score >= best_parent - cfg.gate_tolerance
+    return {"offspring": offspring_score, "best_parent": best_parent, "parents": dict(parent_scores),
+            "tolerance": cfg.gate_tolerance, "passed": passed, "fallback": None if passed else cfg.fallback}
+
+
+def mixture_map(partners: Sequence[Partner], env_scores: Mapping[str, Mapping[str, float]] | None) -> dict[str, str]:
+    """Returns {env: name of the partner best on it}: from per-env scores when given, else each partner's own envs.
+
+    This is the routing a mixture offspring would use; one set of weights cannot hold it, so
+    for now the mixture fallback is the best partner's weights plus this map.
+    """
+    if not env_scores:
+        return {env: p.name for p in partners for env in p.envs}
+    envs = dict.fromkeys(env for p in partners for env in env_scores.get(p.name, {}))
+    return {env: max((p for p in partners if env in env_scores.get(p.name, {})),
+                     key=lambda p: env_scores[p.name][env]).name for env in envs}
+
+
+def fallback(
+    partners: Sequence[Partner], parent_scores: Mapping[str, float], cfg: MergeConfig, reason: str,
+    env_scores: Mapping[str, Mapping[str, float]] | None, record: dict[str, Any],
 ) -> tuple[Partner, dict[str, Any]]:
-    """Returns the offspring of a generation and the recipe that made it: the merge of the partners, or a
-    copy of the best-scoring partner when merging is off (method "none") or there is only one partner."""
+    """Returns a copy of the best partner and the recipe saying why (merge.fallback=best), plus the env ->
+    partner routing for merge.fallback=mixture.  method is copy_best, so the loop lets the partners go on."""
+    best = max(partners, key=lambda p: parent_scores[p.name])
+    recipe = {"method": "copy_best", "source": best.name, "outcome": "fallback", "fallback": cfg.fallback,
+              "reason": reason, **record}
+    if cfg.fallback == "mixture":
+        recipe["mixture"] = mixture_map(partners, env_scores)
+    return best.clone("offspring"), recipe
+
+
+def make_offspring(
+    ancestor: Partner,
+    partners: list[Partner],
+    scores: dict[str, float],
+    cfg: MergeConfig,
+    *,
+    evaluate_fn: Scorer | None = None,
+    search_fn: Scorer | None = None,
+    probe: Sequence[str] | None = None,
+    env_scores: Mapping[str, Mapping[str, float]] | None = None,
+) -> tuple[Partner, dict[str, Any]]:
+    """Returns the offspring of a generation and the recipe that made it.
+
+    A copy of the best-scoring partner when merging is off (method "none") or there is one
+    partner.  Otherwise: compatibility is measured (`compatibility`, on the `probe` prompts)
+    and, under merge.compat_threshold, the configured fallback is returned; else the partners
+    are merged (method=evolve: CMA-ES over merge.base_method's recipe, scored by `search_fn`)
+    and, with merge.gate, the offspring must score within merge.gate_tolerance of the best
+    parent under `evaluate_fn` (held-out validation episodes; parents are re-scored on the same
+    episodes) or the fallback is returned.  `scores` (the loop's last evaluation) picks the best
+    partner when `evaluate_fn` is absent; `env_scores` ({partner: {env: score}}) the mixture map.
+    """
     if len(partners) == 1 or cfg.method == "none":
         best = max(partners, key=lambda p: scores[p.name])
-        return best.clone("offspring"), {"method": "copy_best", "source": best.name}
-    weights = merged_weights(ancestor, partners, cfg)
-    recipe = {"method": cfg.method, "weights": list(cfg.weights) or "default", "density": cfg.density,
-              "to_ancestor": cfg.to_ancestor, "params": dict(cfg.params), "groups": dict(cfg.groups)}
-    return offspring_from(ancestor, weights), recipe
+        return best.clone("offspring"), {"method": "copy_best", "source": best.name, "outcome": "copy"}
+    gated = cfg.gate and evaluate_fn is not None
+    parent_scores = {p.name: float(evaluate_fn(p)) for p in partners} if gated else dict(scores)
+    compat = {**compatibility(ancestor, partners, probe), "metric": cfg.compat_metric,
+              "threshold": cfg.compat_threshold}
+    reason = incompatibility(compat, cfg)
+    compat["compatible"] = reason is None
+    if reason is not None:
+        return fallback(partners, parent_scores, cfg, reason, env_scores,
+                        {"compat": compat, "gate": {"skipped": "partners incompatible"}})
+    if cfg.method == "evolve":
+        weights, recipe = evolved_weights(ancestor, partners, cfg, search_fn, evaluate_fn)
+    else:
+        weights = merged_weights(ancestor, partners, cfg)
+        recipe = {"method": cfg.method, "weights": _weights(cfg, len(partners)), "density": cfg.density,
+                  "to_ancestor": cfg.to_ancestor, "params": dict(cfg.params), "groups": dict(cfg.groups)}
+    child = offspring_from(ancestor, weights)
+    recipe["compat"] = compat
+    if not gated:
+        recipe["gate"] = {"skipped": "merge.gate is off" if not cfg.gate else "no evaluate_fn was given"}
+        return child, {**recipe, "outcome": "merged"}
+    offspring_score = recipe.get("search", {}).get("heldout")
+    gate = gate_record(offspring_score if offspring_score is not None else float(evaluate_fn(child)),
+                       parent_scores, cfg)
+    if not gate["passed"]:
+        reason = (f"offspring {gate['offspring']:.4f} < best parent {gate['best_parent']:.4f} "
+                  f"- merge.gate_tolerance {cfg.gate_tolerance}")
+        return fallback(partners, parent_scores, cfg, reason, env_scores,
+                        {"compat": compat, "gate": gate, "attempted": _without(recipe, "compat")})
+    return child, {**recipe, "gate": gate, "outcome": "merged"}
+
+
+def _without(recipe: Mapping[str, Any], *keys: str) -> dict[str, Any]:
+    return {k: v for k, v in recipe.items() if k not in keys}

@@ -114,6 +114,8 @@ class Partner:
         path.mkdir(parents=True, exist_ok=True)
         self.model.save_pretrained(path)
         self.tokenizer.save_pretrained(path)
+        if hasattr(self.model, "peft_config"):  # a LoRA partner: its frozen base goes alongside the adapter
+            copy.deepcopy(self.model).unload().save_pretrained(path / "base")
         if self.optimizer is not None:
             torch.save(self.optimizer.state_dict(), path / "optimizer.pt")
 
@@ -125,9 +127,10 @@ class Partner:
             raise ColearnError(f"checkpoint {str(path)!r} has no config.json; is it a colearn/HF model directory?")
         tokenizer = AutoTokenizer.from_pretrained(path)
         if (path / "adapter_config.json").exists():
-            from peft import AutoPeftModelForCausalLM
+            from peft import PeftModel
 
-            model = AutoPeftModelForCausalLM.from_pretrained(path, is_trainable=True)
+            base = AutoModelForCausalLM.from_pretrained(path / "base", dtype=getattr(torch, cfg.dtype))
+            model = PeftModel.from_pretrained(base, path, is_trainable=True)
         else:
             model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, cfg.dtype))
         return cls(name, model.to(device), tokenizer, cfg)

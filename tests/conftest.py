@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no network here: fail at once instead of retrying the Hub
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -79,3 +80,86 @@ def partner(ancestor, model_cfg):
 
     model, tokenizer = ancestor
     return Partner("A", model, tokenizer, model_cfg, envs=["FrozenLake", "Addition"])
+
+
+# --- the `colearn` command (tests/test_cli.py) ---------------------------------------------------
+# Each command spends most of its time importing torch/transformers/datasets. They are started as soon
+# as collection shows test_cli.py will run, so they overlap with the in-process tests (which use one
+# thread), and collected by the `cli_runs` fixture.
+
+CLI_TINY = [
+    "loop.generations=1", "loop.rounds=1", "rollout.episodes=8", "rollout.group_size=4", "rollout.num_envs=8",
+    "eval.episodes=2", "model.hidden_size=32", "model.intermediate_size=64", "model.num_layers=1",
+    "model.num_heads=2", "progress=false",
+]
+
+# name -> (overrides, what the one error line must name)
+CLI_BAD = {
+    "unknown_env": (["env=lake", "env.suite=[{id: colearn/Nope-v0, name: Lake}]"], "colearn/Nope-v0"),
+    "missing_model_dir": (["model.source=/nonexistent"], "model.source"),
+    "negative_lr": (["learn.lr=-1"], "learn.lr"),
+    "bogus_mode": (["rollout.mode=bogus"], "rollout.mode"),
+}
+
+_cli_jobs: dict = {}
+
+
+def colearn_command() -> list[str]:
+    """The installed console script, or `python -m colearn.cli` when it is not on this venv's bin."""
+    import sys
+    from pathlib import Path
+
+    script = Path(sys.executable).with_name("colearn")
+    return [str(script)] if script.exists() else [sys.executable, "-m", "colearn.cli"]
+
+
+def _start_cli_jobs() -> None:
+    import subprocess
+    import tempfile
+    from pathlib import Path
+
+    root = Path(tempfile.mkdtemp(prefix="colearn-cli-test-"))
+    env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
+    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1")
+    jobs = {
+        "run": [f"hydra.run.dir={root / 'run'}", *CLI_TINY],
+        "cfg_job": ["--cfg", "job", f"hydra.run.dir={root / 'cfg_job'}"],
+        "help": ["--help"],
+        "rounds_abc": [f"hydra.run.dir={root / 'rounds_abc'}", *CLI_TINY, "loop.rounds=abc"],
+        **{name: [f"hydra.run.dir={root / name}", *CLI_TINY, *args] for name, (args, _) in CLI_BAD.items()},
+    }
+    _cli_jobs["root"] = root
+    _cli_jobs["procs"] = {
+        name: subprocess.Popen(colearn_command() + args, cwd=root, env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+        for name, args in jobs.items()
+    }
+
+
+def pytest_collection_finish(session) -> None:
+    if any(item.nodeid.startswith("tests/test_cli.py") or item.path.name == "test_cli.py" for item in session.items):
+        _start_cli_jobs()
+
+
+def pytest_sessionfinish(session, exitstatus) -> None:
+    import shutil
+
+    for proc in _cli_jobs.get("procs", {}).values():
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    if "root" in _cli_jobs:
+        shutil.rmtree(_cli_jobs["root"], ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def cli_runs() -> dict:
+    """{name: (returncode, stdout, stderr, run dir)} of every command of test_cli.py, once all have ended."""
+    if "procs" not in _cli_jobs:
+        _start_cli_jobs()
+    root = _cli_jobs["root"]
+    results = {}
+    for name, proc in _cli_jobs["procs"].items():
+        out, err = proc.communicate(timeout=900)
+        results[name] = (proc.returncode, out, err, root / name)
+    return results

@@ -1,0 +1,344 @@
+"""`colearn merge`: merge saved checkpoints with a recipe, or search the recipe with CMA-ES first.
+
+    colearn merge --base ANCESTOR --recipe recipe.yaml --out OUT A B [C ...]
+    colearn merge --base ANCESTOR --recipe recipe.yaml --out OUT --search --env colearn/FrozenLake-v0 A B
+
+Checkpoints are Hugging Face directories with safetensors weights (one file, or shards listed
+in model.safetensors.index.json, sharded alike).  Tensors stream through
+`colearn.merge.merge_safetensors_files` one shard at a time; config, generation config and
+tokenizer files are copied from the base, so OUT loads with `from_pretrained`.  The recipe
+YAML holds MergeConfig fields (method, weights, density, to_ancestor, params, groups, seed, ...)
+and optionally `base`, the ancestor directory.  OUT/merge_recipe.yaml records what was done.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import fnmatch
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from colearn.config import MergeConfig
+from colearn.errors import ColearnError
+
+INDEX = "model.safetensors.index.json"
+SINGLE = "model.safetensors"
+# Files of a checkpoint that are weights or training state, not copied from the base.
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf")
+_SKIPPED = {"pytorch_model.bin.index.json", "merge_recipe.yaml"}
+SEARCH_SEED, HELDOUT_SEED = 20_000, 30_000  # episode seeds: search and held-out, disjoint from eval.seed=10000
+
+
+@dataclass
+class Checkpoint:
+    path: Path
+    files: dict[str, list[str]]  # safetensors file name -> the tensor names it holds
+    shapes: dict[str, tuple[int, ...]]  # tensor name -> shape, read from the headers
+    model_type: str | None  # config.json's model_type
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="colearn merge", description=__doc__.split("\n\n")[0])
+    p.add_argument("partners", nargs="+", metavar="CHECKPOINT", help="partner checkpoint directories (>= 2)")
+    p.add_argument("--base", help="the common ancestor's directory (default: the recipe's `base`)")
+    p.add_argument("--recipe", required=True, help="recipe YAML: MergeConfig fields and optionally base")
+    p.add_argument("--out", required=True, help="output directory (must not exist or be empty)")
+    p.add_argument("--search", action="store_true", help="search per-layer-group weights/densities with CMA-ES")
+    p.add_argument("--env", action="append", default=[], metavar="ID", help="with --search: env id to score on")
+    p.add_argument("--budget", type=int, help="with --search: candidate evaluations (default: search_budget)")
+    p.add_argument("--episodes", type=int, default=16, help="with --search: episodes per env per evaluation")
+    return p
+
+
+def main(argv: list[str]) -> None:
+    """Runs `colearn merge`; user mistakes raise ColearnError (printed by the CLI as one line)."""
+    args = parser().parse_args(argv)
+    cfg, recipe_base = load_recipe(Path(args.recipe))
+    base_dir = args.base or recipe_base
+    if base_dir is None:
+        raise ColearnError("no ancestor given: pass --base DIR or put `base: DIR` in the recipe")
+    if len(args.partners) < 2:
+        raise ColearnError(f"colearn merge needs at least 2 partner checkpoints, got {len(args.partners)}")
+    out = Path(args.out)
+    check_output(out)
+    base = read_checkpoint(Path(base_dir), "--base")
+    partners = [read_checkpoint(Path(p), "partner") for p in args.partners]
+    check_architectures(base, partners)
+    check_tokenizers(base, partners)
+    started = time.perf_counter()
+    search_record = None
+    if args.search:
+        cfg, search_record = searched_config(base, partners, cfg, args)
+        write_recipe(out.with_name(out.name + ".recipe.yaml"), cfg, base, search_record)
+    elif cfg.method == "evolve":
+        raise ColearnError("recipe method 'evolve' searches a recipe: add --search and --env ids to score it")
+    write_merge(base, partners, out, cfg, search_record)
+    print(f"wrote {out} ({cfg.method}, {len(base.shapes)} tensors, {time.perf_counter() - started:.1f}s)")
+
+
+# --------------------------------------------------------------------------- inputs
+
+
+def load_recipe(path: Path) -> tuple[MergeConfig, str | None]:
+    """Returns the recipe's MergeConfig and its `base` (None when absent); unknown keys are errors."""
+    import yaml
+
+    if not path.is_file():
+        raise ColearnError(f"--recipe {str(path)!r} is not a file")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        raise ColearnError(f"--recipe {str(path)!r} is not valid YAML: {' '.join(str(e).split())}") from e
+    if not isinstance(data, dict):
+        raise ColearnError(f"--recipe {str(path)!r} must be a mapping of MergeConfig fields")
+    known = [f.name for f in dataclasses.fields(MergeConfig)]
+    for key in data:
+        if key not in known and key != "base":
+            raise ColearnError(f"recipe key {key!r} is unknown; use base or one of {known}")
+    base = data.pop("base", None)
+    try:
+        cfg = MergeConfig(**data)
+    except TypeError as e:
+        raise ColearnError(f"recipe {str(path)!r} has a value of the wrong type: {e}") from e
+    check_method(cfg)
+    return cfg, None if base is None else str(base)
+
+
+def check_method(cfg: MergeConfig) -> None:
+    """Raises ColearnError when the recipe's method (or evolve's base_method) is not a merge operator."""
+    from colearn.merge import METHODS
+
+    field, name = ("base_method", cfg.base_method) if cfg.method == "evolve" else ("method", cfg.method)
+    if name not in METHODS:
+        known = sorted(METHODS) + (["evolve"] if field == "method" else [])
+        raise ColearnError(f"recipe {field}={name!r} is unknown; choose one of {known}")
+
+
+def check_output(out: Path) -> None:
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ColearnError(f"--out {str(out)!r} already exists and is not an empty directory; choose a new one")
+
+
+def read_checkpoint(path: Path, role: str) -> Checkpoint:
+    """Returns the layout of a safetensors checkpoint directory, read from headers and the shard index."""
+    from safetensors import safe_open
+
+    if not path.is_dir():
+        raise ColearnError(f"{role} checkpoint {str(path)!r} is not a directory")
+    if not (path / "config.json").is_file():
+        hint = ("it is a LoRA adapter; fold it into its base first (merge_and_unload + save_pretrained)"
+                if (path / "adapter_config.json").is_file() else "is it a Hugging Face model directory?")
+        raise ColearnError(f"{role} checkpoint {str(path)!r} has no config.json: {hint}")
+    if (path / INDEX).is_file():
+        weight_map = json.loads((path / INDEX).read_text(encoding="utf-8"))["weight_map"]
+        files: dict[str, list[str]] = {}
+        for key, file in weight_map.items():
+            files.setdefault(file, []).append(key)
+    elif (path / SINGLE).is_file():
+        files = {SINGLE: []}
+    else:
+        raise ColearnError(f"{role} checkpoint {str(path)!r} has no {SINGLE} or {INDEX}; re-save it with "
+                           "save_pretrained(dir, safe_serialization=True)")
+    shapes = {}
+    for file in files:
+        with safe_open(os.fspath(path / file), framework="pt") as handle:
+            files[file] = list(handle.keys())
+            shapes.update({key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()})
+    model_type = json.loads((path / "config.json").read_text(encoding="utf-8")).get("model_type")
+    return Checkpoint(path, files, shapes, model_type)
+
+
+def first_mismatch(base: Checkpoint, other: Checkpoint) -> str | None:
+    """Returns how the first tensor (in sorted name order) that differs between the two differs, or None."""
+    for key in sorted(set(base.shapes) | set(other.shapes)):
+        if key not in other.shapes:
+            return f"tensor {key!r} is missing (the base has it)"
+        if key not in base.shapes:
+            return f"tensor {key!r} is extra (the base lacks it)"
+        if base.shapes[key] != other.shapes[key]:
+            return f"tensor {key!r} has shape {other.shapes[key]} but {base.shapes[key]} in the base"
+    return None
+
+
+def check_architectures(base: Checkpoint, partners: list[Checkpoint]) -> None:
+    """Raises ColearnError naming the first tensor in which a partner's architecture or sharding differs."""
+    for partner in partners:
+        where = f"checkpoint {str(partner.path)!r}"
+        mismatch = first_mismatch(base, partner)
+        if mismatch or partner.model_type != base.model_type:
+            types = f"model_type {partner.model_type!r} vs {base.model_type!r}"
+            raise ColearnError(f"{where} has another architecture than the base ({types}): "
+                               f"{mismatch or 'same tensors'}; merge checkpoints of one architecture")
+        if partner.files != base.files:
+            raise ColearnError(f"{where} is sharded differently from the base {str(base.path)!r}; re-save all "
+                               "checkpoints with the same save_pretrained(max_shard_size=...)")
+
+
+def check_tokenizers(base: Checkpoint, partners: list[Checkpoint]) -> None:
+    """Raises ColearnError naming the first token id whose token differs between a partner's vocab and the base's.
+
+    Checkpoints without tokenizer files are not compared (the output gets the base's tokenizer).
+    """
+    vocab = _vocab(base.path)
+    for partner in partners:
+        other = _vocab(partner.path)
+        if vocab is None or other is None:
+            continue
+        for token_id in range(max(len(vocab), len(other))):
+            mine, theirs = vocab.get(token_id), other.get(token_id)
+            if mine != theirs:
+                raise ColearnError(
+                    f"checkpoint {str(partner.path)!r} has another tokenizer than the base: token id {token_id} is "
+                    f"{theirs!r} there but {mine!r} in the base; merge checkpoints that share one vocabulary"
+                )
+
+
+def _vocab(path: Path) -> dict[int, str] | None:
+    """Returns {token id: token} of the directory's tokenizer, or None when it has no tokenizer files."""
+    if not any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+        return None
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError, TypeError) as e:
+        raise ColearnError(f"checkpoint {str(path)!r} has tokenizer files that do not load: {e}".splitlines()[0])
+    return {token_id: token for token, token_id in tokenizer.get_vocab().items()}
+
+
+# --------------------------------------------------------------------------- output
+
+
+def write_merge(base: Checkpoint, partners: list[Checkpoint], out: Path, cfg: MergeConfig,
+                search_record: dict[str, Any] | None = None) -> None:
+    """Writes the merged checkpoint to `out` (via a sibling temp dir, renamed when complete)."""
+    from colearn.merge import check_groups_match, check_recipe, default_weights, group_names, merge_safetensors_files
+
+    weights = list(cfg.weights) or default_weights(cfg.method, len(partners))
+    groups = dict(cfg.groups) or None
+    check_recipe(cfg.method, len(partners), weights, cfg.density, cfg.to_ancestor, cfg.params, groups)
+    check_groups_match(groups, base.shapes)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        copy_side_files(base.path, tmp)
+        for file, keys in base.files.items():
+            names = group_names(keys)
+            # Patterns that match no group of this shard would fail merge_safetensors_files' typo check.
+            here = {p: v for p, v in (groups or {}).items() if any(fnmatch.fnmatchcase(n, p) for n in names)}
+            merge_safetensors_files(base.path / file, [p.path / file for p in partners], tmp / file, cfg.method,
+                                    weights, cfg.density, cfg.to_ancestor, cfg.seed, cfg.params, here or None)
+        write_recipe(tmp / "merge_recipe.yaml", dataclasses.replace(cfg, weights=weights), base, search_record,
+                     partners)
+        if out.exists():
+            out.rmdir()  # empty, as check_output made sure
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def copy_side_files(base: Path, out: Path) -> None:
+    """Copies the base's config, generation config, tokenizer and shard index (every top-level non-weight file)."""
+    for item in base.iterdir():
+        if item.is_file() and not item.name.endswith(_WEIGHT_SUFFIXES) and item.name not in _SKIPPED:
+            shutil.copy2(item, out / item.name)
+
+
+def write_recipe(path: Path, cfg: MergeConfig, base: Checkpoint, search_record: dict[str, Any] | None,
+                 partners: list[Checkpoint] | None = None) -> None:
+    """Writes the recipe YAML (loadable again with --recipe) and, when given, the inputs and the search record."""
+    import yaml
+
+    data: dict[str, Any] = {"base": str(base.path.resolve()), **_recipe_fields(cfg)}
+    if partners is not None:
+        data["partners"] = [str(p.path.resolve()) for p in partners]
+    if search_record is not None:
+        data["search"] = search_record
+    path.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
+
+
+def _recipe_fields(cfg: MergeConfig) -> dict[str, Any]:
+    fields = ("method", "weights", "density", "to_ancestor", "params", "groups", "seed")
+    return {name: getattr(cfg, name) for name in fields}
+
+
+# --------------------------------------------------------------------------- search
+
+
+def searched_config(base: Checkpoint, partners: list[Checkpoint], cfg: MergeConfig,
+                    args: argparse.Namespace) -> tuple[MergeConfig, dict[str, Any]]:
+    """Returns the recipe CMA-ES found (as a MergeConfig of the searched operator) and the search record.
+
+    Candidates are merged in memory into one reusable model and scored on --episodes episodes
+    per env (seeds from 20000); the winner and the uniform recipe are re-scored on held-out
+    episodes (seeds from 30000).
+    """
+    from colearn.config import EnvSpec, EvalConfig, RolloutConfig
+    from colearn.evolve import merged_state, return_scorer, search, start_recipe
+    from colearn.offspring import load_weights
+    from colearn.rollout import env_info
+
+    if not args.env:
+        raise ColearnError("--search needs --env ids to score candidates, e.g. --env colearn/FrozenLake-v0")
+    if args.budget is not None:
+        if args.budget < 1:
+            raise ColearnError(f"--budget={args.budget} must be >= 1")
+        cfg = dataclasses.replace(cfg, search_budget=args.budget)
+    if args.episodes < 1:
+        raise ColearnError(f"--episodes={args.episodes} must be >= 1")
+    suite = [EnvSpec(env_id) for env_id in args.env]
+    for spec in suite:
+        env_info(spec)
+    candidate = candidate_partner(base.path)
+    ancestor, states = read_state(base), [read_state(p) for p in partners]
+    eval_cfg = EvalConfig(episodes=args.episodes)
+    on_search = return_scorer(suite, eval_cfg, RolloutConfig(), SEARCH_SEED)
+    on_heldout = return_scorer(suite, eval_cfg, RolloutConfig(), HELDOUT_SEED)
+
+    def scored(state: dict[str, Any], scorer: Callable[[Any], float]) -> float:
+        try:
+            load_weights(candidate.model, state)
+        except ValueError as e:
+            raise ColearnError(f"--search cannot load the merged tensors into the base's model class: {e}") from e
+        return float(scorer(candidate))
+
+    result = search(ancestor, states, lambda state: scored(state, on_search), cfg)
+    uniform = scored(merged_state(ancestor, states, start_recipe(cfg, len(states)), cfg.seed), on_heldout)
+    best = scored(merged_state(ancestor, states, result.recipe, cfg.seed), on_heldout)
+    print(f"search: {cfg.search_budget} evaluations on {args.env}; uniform {result.uniform_fitness:.4f} -> best "
+          f"{result.fitness:.4f} on search episodes; held-out: uniform {uniform:.4f}, best {best:.4f}")
+    record = {"envs": list(args.env), "episodes": args.episodes, "budget": cfg.search_budget,
+              "fitness": result.fitness, "uniform_fitness": result.uniform_fitness,
+              "heldout": best, "heldout_uniform": uniform, "curve": result.curve}
+    found = result.recipe
+    return dataclasses.replace(cfg, method=found["method"], weights=found["weights"], density=found["density"],
+                               groups=found["groups"]), record
+
+
+def candidate_partner(path: Path) -> Any:
+    """Returns a Partner over the base checkpoint (model and tokenizer) to load candidate weights into."""
+    from colearn.config import ModelConfig
+    from colearn.models import load_pretrained
+    from colearn.partner import Partner
+
+    model, tokenizer = load_pretrained(str(path))
+    return Partner("candidate", model.eval(), tokenizer, ModelConfig(source=str(path)))
+
+
+def read_state(checkpoint: Checkpoint) -> dict[str, Any]:
+    """Returns every tensor of the checkpoint, in memory (the search merges candidates without a disk trip)."""
+    from safetensors.torch import load_file
+
+    state = {}
+    for file in checkpoint.files:
+        state.update(load_file(checkpoint.path / file))
+    return state

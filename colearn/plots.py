@@ -1,0 +1,289 @@
+"""The report's plots: one function per figure, each taking plain data (metrics events, lineage nodes)
+and returning a matplotlib Figure, or None when the run has nothing to show for it.
+
+Conventions shared by every figure: one color per policy owner (partners in order, then offspring and
+the integration modes), greedy evaluation as solid lines, sampled as dotted, the optimal return as a
+grey dashed line at 1 (returns are normalized by the env's optimal return).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only: no display, no GUI toolkit
+
+import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+
+Event = dict[str, Any]
+PALETTE = ["#1f77b4", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#bcbd22", "#7f7f7f"]
+FIXED = {"offspring": "#2ca02c", "ancestor": "#7f7f7f"}
+CEILING = dict(color="0.45", linestyle="--", linewidth=1.2)
+plt.rcParams.update({"figure.dpi": 100, "axes.spines.top": False, "axes.spines.right": False,
+                     "axes.titleweight": "bold", "font.size": 10})
+
+
+def colors_for(names: list[str]) -> dict[str, str]:
+    """Returns a stable color per name: offspring green, ancestor grey, the rest from PALETTE in order."""
+    rest = iter(PALETTE * 4)
+    return {n: FIXED.get(n) or next(rest) for n in dict.fromkeys(names)}
+
+
+def of(events: list[Event], kind: str) -> list[Event]:
+    return [e for e in events if e.get("event") == kind]
+
+
+def envs_of(events: list[Event]) -> list[str]:
+    return list(dict.fromkeys(e["env"] for e in of(events, "eval")))
+
+
+def has_ceiling(evals: list[Event]) -> bool:
+    """True when every score here was normalized by a known positive optimal return."""
+    return all(e.get("optimal") and e["optimal"] > 0 for e in evals)
+
+
+def merge_steps(events: list[Event]) -> list[tuple[int, int]]:
+    """Returns (env step, generation) of each merge: where one generation hands over to the next."""
+    return [(e["step"], e["generation"]) for e in of(events, "merge")]
+
+
+def mark_merges(ax, merges: list[tuple[int, int]]) -> None:
+    for step, gen in merges:
+        ax.axvline(step, color="0.85", linewidth=1, zorder=0)
+        ax.text(step, 1.0, f" merge {gen}", transform=ax.get_xaxis_transform(), fontsize=8, color="0.5",
+                va="top", ha="left")
+
+
+def returns_figure(events: list[Event]) -> Figure | None:
+    """Normalized return against environment steps: one panel per env, one color per partner, greedy
+    solid and sampled dotted, each generation's offspring a star, the optimal return dashed."""
+    evals = of(events, "eval")
+    if not evals:
+        return None
+    envs = envs_of(events)
+    owners = list(dict.fromkeys(e["partner"] for e in evals))
+    colors = colors_for(owners)
+    fig, axes = plt.subplots(1, len(envs), figsize=(5.6 * len(envs), 3.8), squeeze=False, sharey=True)
+    for ax, env in zip(axes[0], envs):
+        here = [e for e in evals if e["env"] == env]
+        for owner in owners:
+            for policy, style in (("greedy", "-"), ("sampled", ":")):
+                pts = [(e["step"], e["normalized"]) for e in here if e["partner"] == owner and e["policy"] == policy]
+                if not pts:
+                    continue
+                xs, ys = zip(*pts)
+                if owner == "offspring":
+                    ax.scatter(xs, ys, marker="*", s=140 if policy == "greedy" else 70, color=colors[owner],
+                               zorder=3, label=f"offspring {policy}", alpha=1 if policy == "greedy" else 0.5)
+                else:
+                    ax.plot(xs, ys, style, marker="o", markersize=3.5, color=colors[owner],
+                            label=f"{owner} {policy}")
+        if has_ceiling(here):
+            ax.axhline(1.0, **CEILING, label="optimal")
+        mark_merges(ax, merge_steps(events))
+        actors = sorted({e["partner"] for e in here if e.get("own_env")})
+        ax.set_title(env + (f"  (acted in by {', '.join(actors)})" if actors else "  (no partner acts here)"))
+        ax.set_xlabel("environment steps")
+    axes[0][0].set_ylabel("return / optimal" if has_ceiling(evals) else "mean return")
+    axes[0][0].set_ylim(min(-0.05, axes[0][0].get_ylim()[0]), max(1.1, axes[0][0].get_ylim()[1]))
+    legend_right(fig, axes[0][-1])
+    return fig
+
+
+def legend_right(fig: Figure, ax) -> None:
+    """One legend for the figure, outside the last panel, so no curve hides behind it."""
+    handles, labels = [], []
+    for a in fig.axes:
+        for h, lab in zip(*a.get_legend_handles_labels()):
+            if lab not in labels:
+                handles.append(h)
+                labels.append(lab)
+    ax.legend(handles, labels, loc="upper left", bbox_to_anchor=(1.02, 1.0), frameon=False, fontsize=9)
+    fig.tight_layout()
+
+
+def merge_gain_figure(events: list[Event]) -> Figure | None:
+    """Merge gain per generation: the offspring's normalized return minus its better parent's, per env."""
+    merges = of(events, "merge")
+    if not merges:
+        return None
+    envs = [k.removeprefix("merge/gain/") for k in merges[0] if k.startswith("merge/gain/")]
+    fig, ax = plt.subplots(figsize=(max(4.5, 1.3 * len(merges) * len(envs) + 2), 3.4))
+    width = 0.8 / max(len(envs), 1)
+    colors = PALETTE[::-1]
+    for j, env in enumerate(envs):
+        xs = [i + (j - (len(envs) - 1) / 2) * width for i in range(len(merges))]
+        ys = [m.get(f"merge/gain/{env}", 0.0) for m in merges]
+        bars = ax.bar(xs, ys, width * 0.95, color=colors[j % len(colors)], label=env)
+        ax.bar_label(bars, fmt="%+.2f", fontsize=8, padding=2)
+    ax.axhline(0, color="0.3", linewidth=0.8)
+    ax.set_xticks(range(len(merges)), [f"gen {m['generation']}\n{m.get('method', '')}" for m in merges])
+    ax.set_ylabel("offspring − best parent\n(normalized return)")
+    ax.set_title("Merge gain per generation (above 0: the merge beat both parents)")
+    ax.margins(y=0.25)
+    legend_right(fig, ax)
+    return fig
+
+
+COMPAT_PANELS = [
+    ("compat/cka/", "representation similarity (linear CKA)"),
+    ("compat/cosine/", "task-vector cosine"),
+    ("compat/sign_conflict/", "sign-conflict rate"),
+    ("weights/distance/", "weight distance (L2)"),
+]
+
+
+def compat_figure(events: list[Event]) -> Figure | None:
+    """Compatibility over time: one panel per measure (CKA, task-vector cosine, sign conflicts, weight
+    distance), one line per pair, from whichever events carry `compat/*` and `weights/distance/*`."""
+    series: dict[str, list[tuple[int, float]]] = defaultdict(list)
+    for e in events:
+        for k, v in e.items():
+            if k.startswith(("compat/", "weights/distance/")) and isinstance(v, (int, float)):
+                series[k].append((e["step"], v))
+    panels = [(p, t) for p, t in COMPAT_PANELS if any(k.startswith(p) for k in series)]
+    if not panels:
+        return None
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4), squeeze=False)
+    for ax, (prefix, title) in zip(axes[0], panels):
+        for key in sorted(k for k in series if k.startswith(prefix)):
+            xs, ys = zip(*series[key])
+            ax.plot(xs, ys, marker="o", markersize=3.5, label=key.removeprefix(prefix).replace("~", " ~ "))
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("environment steps")
+        ax.legend(frameon=False, fontsize=8)
+        mark_merges(ax, merge_steps(events))
+    fig.tight_layout()
+    return fig
+
+
+def score_color(score: float | None) -> str:
+    """Box color of a lineage node: red (0) through yellow to green (optimal), white when unknown."""
+    if score is None:
+        return "white"
+    r, g, b, _ = plt.cm.RdYlGn(0.1 + 0.8 * max(0.0, min(1.0, score)))
+    return (0.55 + 0.45 * r, 0.55 + 0.45 * g, 0.55 + 0.45 * b)  # pastel, so labels stay readable
+
+
+def mean_or_none(scores: dict[str, float]) -> float | None:
+    return sum(scores.values()) / len(scores) if scores else None
+
+
+def score_lines(scores: dict[str, float], gains: dict[str, float] | None = None) -> str:
+    return "\n".join(f"{env} {v:.2f}" + (f" ({gains[env]:+.2f})" if gains and env in gains else "")
+                     for env, v in scores.items())
+
+
+def lineage_figure(lineage: list[dict[str, Any]]) -> Figure | None:
+    """The lineage tree, generations left to right: ancestor -> partners -> offspring (the next ancestor),
+    each box labelled with its normalized return per env (offspring: and its merge gain)."""
+    if not lineage:
+        return None
+    parents = max(len(n.get("parents", [])) for n in lineage)
+    fig, ax = plt.subplots(figsize=(min(2.4 * (2 * len(lineage) + 1), 24), 1.5 + 1.3 * max(parents, 2)))
+    ax.set_axis_off()
+    ax.set_xlim(-0.6, 2 * len(lineage) + 0.6)
+    ax.set_ylim(-(parents - 1) / 2 - 0.8, (parents - 1) / 2 + 0.8)
+    box = lambda x, y, text, score: ax.text(  # noqa: E731 - one-line local helper
+        x, y, text, ha="center", va="center", fontsize=8.5,
+        bbox=dict(boxstyle="round,pad=0.45", facecolor=score_color(score), edgecolor="0.35"))
+    previous = box(0, 0, "ancestor\ngen 0", None)
+    for g, node in enumerate(lineage):
+        kids = []
+        for i, pid in enumerate(node.get("parents", [])):
+            name = pid.split("/")[-1]
+            scores = node.get("parent_scores", {}).get(name, {})
+            y = (parents - 1) / 2 - i
+            kids.append(box(2 * g + 1, y, f"{name} · gen {node['generation']}\n{score_lines(scores)}",
+                            mean_or_none(scores)))
+            arrow(ax, previous, kids[-1], "copy" if g == 0 else "")
+        method = node.get("recipe", {}).get("method", "?")
+        child = box(2 * g + 2, 0, f"offspring · gen {node['generation']}\n{method}\n"
+                    f"{score_lines(node.get('scores', {}), node.get('merge_gain'))}", mean_or_none(node.get("scores", {})))
+        for k in kids:
+            arrow(ax, k, child, "")
+        previous = child
+    ax.set_title("Lineage (box color: mean normalized return, red 0 → green optimal; "
+                 "offspring: merge gain in brackets)", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def arrow(ax, source, target, label: str) -> None:
+    """Draws an arrow from the right edge of one box to the left edge of another."""
+    ax.annotate("", xy=(0, 0.5), xycoords=target.get_bbox_patch(), xytext=(1, 0.5),
+                textcoords=source.get_bbox_patch(),
+                arrowprops=dict(arrowstyle="-|>", color="0.35", shrinkA=2, shrinkB=2, lw=1.1))
+    if label:
+        ax.annotate(label, xy=(0.5, 0.5), xycoords=source.get_bbox_patch(), fontsize=7, color="0.5")
+
+
+def modes_figure(events: list[Event]) -> Figure | None:
+    """Integration modes side by side with the partners alone and the merged offspring, per env, at the
+    last generation that evaluated modes (greedy when evaluated): merge vs mixture at a glance."""
+    modes = of(events, "integrate")
+    if not modes:
+        return None
+    gen = max(e.get("generation", 0) for e in modes)
+    modes = [e for e in modes if e.get("generation", 0) == gen]
+    policy = "greedy" if any(e["policy"] == "greedy" for e in modes) else "sampled"
+    singles = last_scores_at(of(events, "eval"), gen, policy)
+    rows = {**singles, **{e["mode"]: {} for e in modes}}
+    for e in modes:
+        if e["policy"] == policy:
+            rows[e["mode"]][e["env"]] = e["normalized"]
+    envs = list(dict.fromkeys(e["env"] for e in modes))
+    colors = colors_for(list(rows))
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(rows) * len(envs) + 2.5), 3.8))
+    width = 0.85 / len(rows)
+    for j, (label, scores) in enumerate(rows.items()):
+        xs = [i + (j - (len(rows) - 1) / 2) * width for i in range(len(envs))]
+        hatch = "" if label in singles else "//"
+        bars = ax.bar(xs, [scores.get(env, 0.0) for env in envs], width * 0.92, color=colors[label],
+                      hatch=hatch, edgecolor="white", label=label + ("" if label in singles else " (mode)"))
+        ax.bar_label(bars, fmt="%.2f", fontsize=7, padding=1)
+    if has_ceiling([e for e in modes if e["policy"] == policy]):
+        ax.axhline(1.0, **CEILING, label="optimal")
+    ax.set_xticks(range(len(envs)), envs)
+    ax.set_ylabel("return / optimal")
+    ax.set_title(f"Integration modes vs partners alone and merged (generation {gen}, {policy})")
+    ax.margins(y=0.15)
+    legend_right(fig, ax)
+    return fig
+
+
+def last_scores_at(evals: list[Event], gen: int, policy: str) -> dict[str, dict[str, float]]:
+    """Returns {owner: {env: normalized}} of each owner's last evaluation in generation `gen`."""
+    out: dict[str, dict[str, float]] = {}
+    for e in evals:  # events are in time order: later ones overwrite
+        if e.get("generation") == gen and e["policy"] == policy:
+            out.setdefault(e["partner"], {})[e["env"]] = e["normalized"]
+    return out
+
+
+def sweep_figure(curves: dict[str, dict[str, list[tuple[float, float, float]]]], ceiling: bool) -> Figure | None:
+    """Return against environment steps for every preset of a sweep: {preset: {env: [(steps, mean,
+    half-width of the 95% interval)]}}, one panel per env, mean line and interval band per preset."""
+    envs = list(dict.fromkeys(env for per_env in curves.values() for env in per_env))
+    if not envs:
+        return None
+    colors = colors_for(list(curves))
+    fig, axes = plt.subplots(1, len(envs), figsize=(5.6 * len(envs), 3.8), squeeze=False, sharey=True)
+    for ax, env in zip(axes[0], envs):
+        for preset, per_env in curves.items():
+            if env not in per_env:
+                continue
+            xs, ys, hw = zip(*per_env[env])
+            ax.plot(xs, ys, marker="o", markersize=3.5, color=colors[preset], label=preset)
+            ax.fill_between(xs, [y - h for y, h in zip(ys, hw)], [y + h for y, h in zip(ys, hw)],
+                            color=colors[preset], alpha=0.18, linewidth=0)
+        if ceiling:
+            ax.axhline(1.0, **CEILING, label="optimal")
+        ax.set_title(env)
+        ax.set_xlabel("environment steps (mean over seeds)")
+    axes[0][0].set_ylabel("partners' return / optimal\n(mean, 95% interval over seeds)")
+    legend_right(fig, axes[0][-1])
+    return fig

@@ -1,0 +1,98 @@
+"""Tests of the `colearn` command, run as a real subprocess: a tiny end-to-end run, --cfg/--help,
+and user mistakes (one `colearn: error:` line, non-zero exit, no traceback, no run dir left behind).
+
+Every command is started when collection ends (see conftest.py: they are mostly import time, so they
+overlap with the in-process tests); the `cli_runs` fixture waits for them.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+
+# the cases of conftest.CLI_BAD, and what each one's error line must name
+BAD = {
+    "unknown_env": "colearn/Nope-v0",
+    "missing_model_dir": "model.source",
+    "negative_lr": "learn.lr",
+    "bogus_mode": "rollout.mode",
+}
+
+
+def test_tiny_run_writes_a_complete_run_directory(cli_runs):
+    code, out, err, run_dir = cli_runs["run"]
+    assert code == 0, err
+    assert "Traceback" not in err
+    config = yaml.safe_load((run_dir / ".hydra" / "config.yaml").read_text())
+    assert config["loop"]["rounds"] == 1 and config["model"]["hidden_size"] == 32
+    envs = [e["name"] for e in config["env"]["suite"]]
+    partners = [p["name"] for p in config["env"]["partners"]]
+    assert len(envs) >= 1 and len(partners) >= 1
+
+    events = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    evals = {(e["partner"], e["env"]) for e in events if e["event"] == "eval"}
+    assert evals == {(p, e) for p in [*partners, "offspring"] for e in envs}
+    assert {"learn", "merge"} <= {e["event"] for e in events}
+
+    shard = run_dir / "experience" / "shard_000000"
+    assert shard.is_dir()
+    assert len(list((run_dir / "experience").glob("shard_*"))) == len(partners)
+    from colearn.experience import ExperienceStore
+
+    rows = ExperienceStore(run_dir / "experience").select()
+    # each partner played rollout.episodes=8 episodes in each of its envs
+    assert len({r["episode_id"] for r in rows}) == 8 * sum(len(p["envs"]) for p in config["env"]["partners"])
+    assert {r["run_id"] for r in rows} == {"run"}
+
+    lineage = json.loads((run_dir / "lineage.json").read_text())
+    assert isinstance(lineage, list) and lineage and lineage[0]["generation"] == 0
+    assert sorted(lineage[0]["parents"]) == sorted(f"gen0/{p}" for p in partners)
+    ckpt = run_dir / "checkpoints" / "gen_0000"
+    assert {*partners, "ancestor"} <= {p.name for p in ckpt.iterdir()}
+
+    lines = out.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("policy"))
+    assert all(e in lines[header] for e in envs)
+    table_rows = [line.split()[0] for line in lines[header + 2:] if line and not line.startswith("run directory")]
+    assert table_rows[-1] == "optimal"
+    assert {*partners, "offspring"} <= set(table_rows)
+    assert f"run directory: {run_dir}" in out
+
+
+def test_cfg_job_prints_the_config(cli_runs):
+    code, out, err, run_dir = cli_runs["cfg_job"]
+    assert code == 0, err
+    assert "rollout:" in out and "model:" in out and "learn:" in out
+    config = yaml.safe_load(out)
+    assert config["rollout"]["group_size"] >= 1
+    assert not run_dir.exists()  # nothing was run
+
+
+def test_help_exits_zero(cli_runs):
+    code, out, err, _ = cli_runs["help"]
+    assert code == 0, err
+    assert "Configuration groups" in out or "override" in out.lower()
+    assert "model" in out and "env" in out
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_bad_input_is_one_error_line(cli_runs, case):
+    code, out, err, run_dir = cli_runs[case]
+    field = BAD[case]
+    assert code != 0
+    assert "Traceback" not in err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("colearn: error:")
+    assert field in lines[0]
+    assert not run_dir.exists() or [p.name for p in run_dir.iterdir()] in ([], [".hydra"])
+
+
+def test_type_mismatch_names_the_field(cli_runs):
+    code, out, err, run_dir = cli_runs["rounds_abc"]
+    assert code != 0
+    assert "loop.rounds" in err
+    assert "Traceback" not in err
+    assert not run_dir.exists() or [p.name for p in run_dir.iterdir()] in ([], [".hydra"])

@@ -1,0 +1,202 @@
+"""Tests of colearn.offspring: compatibility before a merge, fallback, the promotion gate, evolve via make_offspring."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from colearn.config import MergeConfig
+from colearn.errors import ColearnError
+from colearn.offspring import compatibility, dense_state, make_offspring, probe_states
+from colearn.partner import Partner
+
+torch.set_num_threads(1)
+
+
+def perturbed(partner: Partner, name: str, scale: float, seed: int, envs: list[str] | None = None) -> Partner:
+    child = partner.clone(name, envs)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in child.model.parameters():
+            param.add_(scale * torch.randn(param.shape, generator=generator))
+    return child
+
+
+@pytest.fixture(scope="module")
+def probe(corpus) -> list[str]:
+    return list(dict.fromkeys(corpus[0]))  # distinct lake grids and addition problems
+
+
+@pytest.fixture(scope="module")
+def family(ancestor, model_cfg, corpus):
+    """(ancestor, A, B, unrelated): A and B trained-like perturbations of the ancestor, the last a fresh init."""
+    from colearn.models import build_ancestor
+
+    model, tokenizer = ancestor
+    root = Partner("ancestor", model, tokenizer, model_cfg)
+    a = perturbed(root, "A", 0.01, seed=10, envs=["Lake"])
+    b = perturbed(root, "B", 0.01, seed=11, envs=["MirrorLake"])
+    other = Partner("B", build_ancestor(model_cfg, *corpus, seed=1)[0], tokenizer, model_cfg, envs=["MirrorLake"])
+    return root, a, b, other
+
+
+def same_weights(x: Partner, y: Partner) -> bool:
+    sx, sy = x.model.state_dict(), y.model.state_dict()
+    return sx.keys() == sy.keys() and all(torch.equal(sx[k], sy[k]) for k in sx)
+
+
+def test_probe_states_are_each_prompts_last_token_despite_padding(family, probe):
+    _, a, _, _ = family
+    batch = probe_states(a, probe)  # (n, hidden)
+    assert batch.shape == (len(probe), a.model.config.hidden_size)
+    lengths = {len(ids) for ids in a.prompt_ids(probe)}
+    assert len(lengths) > 1  # the probe really mixes lengths, so padding is exercised
+    for i in (0, len(probe) - 1):
+        alone = probe_states(a, [probe[i], probe[i]])[0]
+        assert torch.allclose(batch[i], alone, atol=1e-5)
+
+
+def test_compatibility_orders_identical_slightly_different_and_unrelated(family, probe):
+    root, a, _, unrelated = family
+    same = compatibility(root, [a, a.clone("B")], probe)
+    slight = compatibility(root, [a, perturbed(a, "B", 0.002, seed=20)], probe)
+    far = compatibility(root, [a, unrelated], probe)
+    assert same["cka"] == pytest.approx(1.0, abs=1e-9) and same["cosine"] == pytest.approx(1.0, abs=1e-9)
+    assert same["sign_conflict"] == 0.0 and same["pair"] == ["A", "B"]
+    assert 1.0 - 1e-5 > slight["cka"] > far["cka"] + 0.01
+    assert 1.0 > slight["cosine"] > 0.5 > abs(far["cosine"])
+    assert 0.0 < slight["sign_conflict"] < 0.25 < far["sign_conflict"]
+    assert compatibility(root, [a, unrelated], None)["cka"] is None  # no probe, no CKA
+
+
+def test_tied_embeddings_merge_once_and_stay_tied(family):
+    root, a, b, _ = family
+    assert root.model.config.tie_word_embeddings
+    cfg = MergeConfig(method="linear", gate=False, groups={"head": {"weights": [1.0, 0.0]}})
+    child, recipe = make_offspring(root, [a, b], {"A": 0.0, "B": 0.0}, cfg)
+    model = child.model
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    embed = "model.embed_tokens.weight"
+    expected = (dense_state(a)[embed] + dense_state(b)[embed]) / 2  # the embed group's average, not head's [1, 0]
+    assert torch.allclose(model.model.embed_tokens.weight, expected, atol=1e-7)
+    assert torch.equal(model.model.norm.weight, a.model.model.norm.weight)  # the final norm is in the head group
+    assert recipe["outcome"] == "merged" and recipe["weights"] == [0.5, 0.5]
+    assert recipe["gate"] == {"skipped": "merge.gate is off"}
+
+
+def test_threshold_zero_never_falls_back_but_records_compat(family, probe):
+    root, a, _, unrelated = family
+    child, recipe = make_offspring(root, [a, unrelated], {"A": 1.0, "B": 0.0}, MergeConfig(method="ties"), probe=probe)
+    assert recipe["outcome"] == "merged" and recipe["method"] == "ties"
+    assert recipe["compat"]["compatible"] and recipe["compat"]["threshold"] == 0.0
+    assert 0 < recipe["compat"]["cka"] < 1 and abs(recipe["compat"]["cosine"]) < 0.1
+    assert recipe["gate"] == {"skipped": "no evaluate_fn was given"}
+    assert not same_weights(child, a)
+
+
+def test_fallback_best_under_the_cka_threshold_copies_the_better_partner(family, probe):
+    root, a, _, unrelated = family
+    cfg = MergeConfig(method="linear", compat_threshold=0.99)
+    child, recipe = make_offspring(root, [a, unrelated], {"A": 0.2, "B": 0.7}, cfg, probe=probe)
+    assert same_weights(child, unrelated) and child.name == "offspring"
+    assert recipe["method"] == "copy_best" and recipe["source"] == "B" and recipe["outcome"] == "fallback"
+    assert recipe["fallback"] == "best" and "mixture" not in recipe
+    assert recipe["reason"].startswith("cka 0.") and "< merge.compat_threshold 0.99" in recipe["reason"]
+    assert not recipe["compat"]["compatible"] and recipe["compat"]["cka"] < 0.99
+    # compatible partners under the same threshold are merged
+    _, kept = make_offspring(root, [a, perturbed(a, "B", 0.002, seed=20)], {"A": 0.2, "B": 0.7}, cfg, probe=probe)
+    assert kept["outcome"] == "merged" and kept["compat"]["cka"] >= 0.99
+
+
+def test_fallback_mixture_maps_each_env_to_its_best_partner(family):
+    root, a, _, unrelated = family
+    cfg = MergeConfig(method="linear", compat_metric="cosine", compat_threshold=0.5, fallback="mixture")
+    env_scores = {"A": {"Lake": 0.9, "MirrorLake": 0.6}, "B": {"Lake": 0.1, "MirrorLake": 0.7}}
+    child, recipe = make_offspring(root, [a, unrelated], {"A": 0.75, "B": 0.4}, cfg, env_scores=env_scores)
+    assert same_weights(child, a) and recipe["source"] == "A"
+    assert recipe["fallback"] == "mixture" and recipe["reason"].startswith("cosine ")
+    assert recipe["mixture"] == {"Lake": "A", "MirrorLake": "B"}
+    _, by_envs = make_offspring(root, [a, unrelated], {"A": 0.75, "B": 0.4}, cfg)
+    assert by_envs["mixture"] == {"Lake": "A", "MirrorLake": "B"}  # without scores: each partner's own envs
+
+
+def test_cka_threshold_without_a_probe_is_a_user_error(family):
+    root, a, b, _ = family
+    with pytest.raises(ColearnError, match="merge.compat_metric=cosine"):
+        make_offspring(root, [a, b], {"A": 0, "B": 0}, MergeConfig(compat_threshold=0.5))
+
+
+def scorer(table: dict[str, float]):
+    calls: list[str] = []
+
+    def evaluate(partner: Partner) -> float:
+        calls.append(partner.name)
+        return table[partner.name]
+
+    return evaluate, calls
+
+
+@pytest.mark.parametrize("tolerance, passed", [(0.05, False), (0.15, True)])
+def test_gate_rejects_an_offspring_worse_than_the_best_parent_by_more_than_the_tolerance(family, tolerance, passed):
+    root, a, b, _ = family
+    evaluate, calls = scorer({"A": 0.5, "B": 0.8, "offspring": 0.7})
+    cfg = MergeConfig(method="linear", gate_tolerance=tolerance)
+    # `scores` (the loop's numbers) say A is best; the gate re-scores the parents on the validation episodes.
+    child, recipe = make_offspring(root, [a, b], {"A": 0.9, "B": 0.1}, cfg, evaluate_fn=evaluate)
+    assert sorted(calls) == ["A", "B", "offspring"]
+    gate = recipe["gate"]
+    assert gate["offspring"] == 0.7 and gate["best_parent"] == 0.8 and gate["parents"] == {"A": 0.5, "B": 0.8}
+    assert gate["passed"] is passed and gate["tolerance"] == tolerance
+    if passed:
+        assert recipe["outcome"] == "merged" and gate["fallback"] is None and not same_weights(child, b)
+    else:
+        assert gate["fallback"] == "best" and recipe["outcome"] == "fallback"
+        assert recipe["method"] == "copy_best" and recipe["source"] == "B" and same_weights(child, b)
+        assert recipe["reason"] == "offspring 0.7000 < best parent 0.8000 - merge.gate_tolerance 0.05"
+        assert recipe["attempted"]["method"] == "linear"
+
+
+def test_method_none_and_single_partner_copy_the_best(family):
+    root, a, b, _ = family
+    child, recipe = make_offspring(root, [a, b], {"A": 0.1, "B": 0.3}, MergeConfig(method="none"))
+    assert recipe == {"method": "copy_best", "source": "B", "outcome": "copy"} and same_weights(child, b)
+
+
+def test_evolve_searches_on_search_fn_and_reports_held_out_scores(family):
+    root, a, b, _ = family
+    target = {k: 0.9 * v for k, v in dense_state(a).items()}  # closest: weight A high, B low, in every group
+
+    def search_fn(partner: Partner) -> float:
+        state = dense_state(partner)
+        return -math.sqrt(sum(float(((state[k] - target[k]) ** 2).sum()) for k in target))
+
+    evaluate, calls = scorer({"A": 0.5, "B": 0.5, "candidate": 0.6, "offspring": 0.6})
+    cfg = MergeConfig(method="evolve", base_method="task_arithmetic", search_budget=12, seed=1)
+    child, recipe = make_offspring(root, [a, b], {"A": 0, "B": 0}, cfg, evaluate_fn=evaluate, search_fn=search_fn)
+    search = recipe["search"]
+    assert recipe["method"] == "evolve" and recipe["base_method"] == "task_arithmetic"
+    assert len(search["curve"]) == 12 and search["fitness"] == search["curve"][-1]["best"]
+    assert search["fitness"] > search["uniform_fitness"]
+    assert search["fitness"] == pytest.approx(search_fn(child), rel=1e-6)  # the offspring is the best recipe
+    assert set(recipe["groups"]) == {"embed", "block0.attn", "block0.mlp", "head"}
+    assert search["heldout"] == 0.6 and search["heldout_uniform"] == 0.6
+    assert sorted(calls) == ["A", "B", "candidate", "candidate"]  # the gate reuses the held-out score
+    assert recipe["gate"]["passed"] and recipe["outcome"] == "merged"
+    with pytest.raises(ColearnError, match="search_fn"):
+        make_offspring(root, [a, b], {"A": 0, "B": 0}, cfg)
+
+
+def test_lora_partners_merge_their_folded_weights(corpus, model_cfg):
+    from colearn.models import build_ancestor
+
+    cfg = model_cfg.__class__(**{**model_cfg.__dict__, "lora_rank": 2})
+    model, tokenizer = build_ancestor(cfg, *corpus, seed=0)
+    root = Partner("ancestor", model, tokenizer, cfg)
+    a, b = perturbed(root, "A", 0.02, seed=1), perturbed(root, "B", 0.02, seed=2)
+    child, recipe = make_offspring(root, [a, b], {"A": 0, "B": 0}, MergeConfig(method="linear", gate=False))
+    assert hasattr(child.model, "peft_config") and recipe["outcome"] == "merged"
+    merged, sa, sb = dense_state(child), dense_state(a), dense_state(b)
+    for key in sa:
+        assert torch.allclose(merged[key], (sa[key] + sb[key]) / 2, atol=1e-6), key
