@@ -54,22 +54,46 @@ class PartnerSpec:
 
 
 @dataclass
+class Stage:
+    generation: int = 0  # first generation of this stage of the curriculum
+    partners: list[PartnerSpec] = field(default_factory=list)  # who acts where from that generation on
+
+
+@dataclass
 class EnvConfig:
     suite: list[EnvSpec] = field(default_factory=lambda: [EnvSpec()])  # every env of the experiment; all are evaluated
     partners: list[PartnerSpec] = field(default_factory=lambda: [PartnerSpec("A", ["FrozenLake"])])  # who acts where
+    schedule: list[Stage] = field(default_factory=list)  # a curriculum: later stages change where partners act
 
     def __post_init__(self) -> None:
         names = [e.name for e in self.suite]
         if len(set(names)) != len(names):
             raise ColearnError(f"env.suite has duplicate names {names}; give each env a distinct name")
-        for p in self.partners:
-            for n in p.envs:
-                if n not in names:
-                    raise ColearnError(f"env.partners[{p.name}].envs names {n!r}, which is not in env.suite {names}")
-            if not p.envs:
-                raise ColearnError(f"env.partners[{p.name}].envs is empty; list the env names it acts in")
-        if len({p.name for p in self.partners}) != len(self.partners):
-            raise ColearnError("env.partners have duplicate names; give each partner a distinct name")
+        check_partners(self.partners, names, "env.partners")
+        for i, stage in enumerate(self.schedule):
+            check_partners(stage.partners, names, f"env.schedule[{i}].partners")
+            if [p.name for p in stage.partners] != [p.name for p in self.partners]:
+                raise ColearnError(f"env.schedule[{i}].partners must name the same partners as env.partners, in order")
+
+    def partners_at(self, generation: int) -> list[PartnerSpec]:
+        """Returns who acts where in `generation` (the latest schedule stage that has started)."""
+        current = self.partners
+        for stage in sorted(self.schedule, key=lambda s: s.generation):
+            if stage.generation <= generation:
+                current = stage.partners
+        return current
+
+
+def check_partners(partners: list[PartnerSpec], names: list[str], field_name: str) -> None:
+    """Raises ColearnError unless every partner acts in at least one known env and names are distinct."""
+    for p in partners:
+        if not p.envs:
+            raise ColearnError(f"{field_name}[{p.name}].envs is empty; list the env names it acts in")
+        for n in p.envs:
+            if n not in names:
+                raise ColearnError(f"{field_name}[{p.name}].envs names {n!r}, which is not in env.suite {names}")
+    if len({p.name for p in partners}) != len(partners):
+        raise ColearnError(f"{field_name} have duplicate names; give each partner a distinct name")
 
 
 @dataclass

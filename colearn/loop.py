@@ -122,7 +122,7 @@ def initial_state(cfg: Config) -> LoopState:
     model = model.to(resolve_device(cfg.device))
     model.eval()
     ancestor = Partner("ancestor", model, tokenizer, cfg.model)
-    partners = [ancestor.clone(p.name, p.envs) for p in cfg.env.partners]
+    partners = [ancestor.clone(p.name, p.envs) for p in cfg.env.partners_at(0)]
     return LoopState(generation=0, round=0, ancestor=ancestor, partners=partners)
 
 
@@ -188,7 +188,8 @@ def run_generation(state: LoopState, ctx: Context, bar: tqdm) -> None:
     state.last_scores["offspring"] = child_scores
     record_lineage(state, ctx, recipe, child_scores)
     save_generation(state, child, ctx)
-    next_generation(state, child, recipe)
+    promote(state, ctx, recipe)
+    next_generation(state, child, recipe, ctx)
     checkpoint(state, ctx)
 
 
@@ -312,11 +313,24 @@ def save_generation(state: LoopState, child: Partner, ctx: Context) -> None:
     os.replace(tmp, final)
 
 
-def next_generation(state: LoopState, child: Partner, recipe: dict[str, Any]) -> None:
+def promote(state: LoopState, ctx: Context, recipe: dict[str, Any]) -> None:
+    """Moves the run's `deployed.json` pointer to this generation's offspring when it passed the gate."""
+    gate = recipe.get("gate", {})
+    if not gate.get("passed", True):
+        return
+    node = state.lineage[-1]
+    write_json_atomic(ctx.run_dir / "deployed.json", {
+        "generation": state.generation, "path": f"checkpoints/gen_{state.generation:04d}/offspring",
+        "scores": node["scores"], "recipe": recipe})
+
+
+def next_generation(state: LoopState, child: Partner, recipe: dict[str, Any], ctx: Context) -> None:
     """Makes the offspring the new ancestor and copies it into every partner (unless merging is off:
-    then partners go on as they are)."""
+    then partners go on as they are), each acting where the curriculum puts it next."""
     if recipe["method"] != "copy_best" or len(state.partners) == 1:
         state.partners = [child.clone(p.name, p.envs) for p in state.partners]
     state.ancestor = child.clone("ancestor")
     state.generation += 1
     state.round = 0
+    for partner, spec in zip(state.partners, ctx.cfg.env.partners_at(state.generation)):
+        partner.envs = list(spec.envs)

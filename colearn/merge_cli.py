@@ -33,6 +33,7 @@ SINGLE = "model.safetensors"
 # Files of a checkpoint that are weights or training state, not copied from the base.
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf")
 _SKIPPED = {"pytorch_model.bin.index.json", "merge_recipe.yaml"}
+_RECORD_KEYS = ("partners", "search")  # written into recipes for provenance, ignored when read back
 SEARCH_SEED, HELDOUT_SEED = 20_000, 30_000  # episode seeds: search and held-out, disjoint from eval.seed=10000
 
 
@@ -100,9 +101,11 @@ def load_recipe(path: Path) -> tuple[MergeConfig, str | None]:
         raise ColearnError(f"--recipe {str(path)!r} must be a mapping of MergeConfig fields")
     known = [f.name for f in dataclasses.fields(MergeConfig)]
     for key in data:
-        if key not in known and key != "base":
+        if key not in known and key not in ("base", *_RECORD_KEYS):
             raise ColearnError(f"recipe key {key!r} is unknown; use base or one of {known}")
     base = data.pop("base", None)
+    for key in _RECORD_KEYS:
+        data.pop(key, None)
     try:
         cfg = MergeConfig(**data)
     except TypeError as e:

@@ -21,6 +21,7 @@ from matplotlib.figure import Figure  # noqa: E402
 Event = dict[str, Any]
 PALETTE = ["#1f77b4", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#bcbd22", "#7f7f7f"]
 FIXED = {"offspring": "#2ca02c", "ancestor": "#7f7f7f"}
+ENV_COLORS = ["#17becf", "#9467bd", "#bcbd22", "#e377c2", "#8c564b"]  # envs: apart from the partners' colors
 CEILING = dict(color="0.45", linestyle="--", linewidth=1.2)
 plt.rcParams.update({"figure.dpi": 100, "axes.spines.top": False, "axes.spines.right": False,
                      "axes.titleweight": "bold", "font.size": 10})
@@ -66,7 +67,7 @@ def returns_figure(events: list[Event]) -> Figure | None:
     envs = envs_of(events)
     owners = list(dict.fromkeys(e["partner"] for e in evals))
     colors = colors_for(owners)
-    fig, axes = plt.subplots(1, len(envs), figsize=(5.6 * len(envs), 3.8), squeeze=False, sharey=True)
+    fig, axes = plt.subplots(1, len(envs), figsize=(min(5.2 * len(envs), 10.5), 3.6), squeeze=False, sharey=True)
     for ax, env in zip(axes[0], envs):
         here = [e for e in evals if e["env"] == env]
         for owner in owners:
@@ -85,7 +86,7 @@ def returns_figure(events: list[Event]) -> Figure | None:
             ax.axhline(1.0, **CEILING, label="optimal")
         mark_merges(ax, merge_steps(events))
         actors = sorted({e["partner"] for e in here if e.get("own_env")})
-        ax.set_title(env + (f"  (acted in by {', '.join(actors)})" if actors else "  (no partner acts here)"))
+        ax.set_title(env + (f" (acted in by {', '.join(actors)})" if actors else "  (no partner acts here)"))
         ax.set_xlabel("environment steps")
     axes[0][0].set_ylabel("return / optimal" if has_ceiling(evals) else "mean return")
     axes[0][0].set_ylim(min(-0.05, axes[0][0].get_ylim()[0]), max(1.1, axes[0][0].get_ylim()[1]))
@@ -111,9 +112,9 @@ def merge_gain_figure(events: list[Event]) -> Figure | None:
     if not merges:
         return None
     envs = [k.removeprefix("merge/gain/") for k in merges[0] if k.startswith("merge/gain/")]
-    fig, ax = plt.subplots(figsize=(max(4.5, 1.3 * len(merges) * len(envs) + 2), 3.4))
+    fig, ax = plt.subplots(figsize=(min(max(4.5, 1.2 * len(merges) * len(envs) + 2), 10.5), 3.2))
     width = 0.8 / max(len(envs), 1)
-    colors = PALETTE[::-1]
+    colors = ENV_COLORS
     for j, env in enumerate(envs):
         xs = [i + (j - (len(envs) - 1) / 2) * width for i in range(len(merges))]
         ys = [m.get(f"merge/gain/{env}", 0.0) for m in merges]
@@ -147,8 +148,12 @@ def compat_figure(events: list[Event]) -> Figure | None:
     panels = [(p, t) for p, t in COMPAT_PANELS if any(k.startswith(p) for k in series)]
     if not panels:
         return None
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4), squeeze=False)
-    for ax, (prefix, title) in zip(axes[0], panels):
+    cols = min(len(panels), 2)
+    rows = (len(panels) + 1) // 2
+    fig, axes = plt.subplots(rows, cols, figsize=(5.5 * cols, 3.0 * rows), squeeze=False)
+    for ax in axes.flat[len(panels):]:
+        ax.set_axis_off()
+    for ax, (prefix, title) in zip(axes.flat, panels):
         for key in sorted(k for k in series if k.startswith(prefix)):
             xs, ys = zip(*series[key])
             ax.plot(xs, ys, marker="o", markersize=3.5, label=key.removeprefix(prefix).replace("~", " ~ "))
@@ -183,10 +188,10 @@ def lineage_figure(lineage: list[dict[str, Any]]) -> Figure | None:
     if not lineage:
         return None
     parents = max(len(n.get("parents", [])) for n in lineage)
-    fig, ax = plt.subplots(figsize=(min(2.4 * (2 * len(lineage) + 1), 24), 1.5 + 1.3 * max(parents, 2)))
+    fig, ax = plt.subplots(figsize=(min(2.2 * (2 * len(lineage) + 1), 11.5), 0.6 + 1.1 * max(parents, 2)))
     ax.set_axis_off()
-    ax.set_xlim(-0.6, 2 * len(lineage) + 0.6)
-    ax.set_ylim(-(parents - 1) / 2 - 0.8, (parents - 1) / 2 + 0.8)
+    ax.set_xlim(-0.5, 2 * len(lineage) + 0.5)
+    ax.set_ylim(-(parents - 1) / 2 - 0.6, (parents - 1) / 2 + 0.6)
     box = lambda x, y, text, score: ax.text(  # noqa: E731 - one-line local helper
         x, y, text, ha="center", va="center", fontsize=8.5,
         bbox=dict(boxstyle="round,pad=0.45", facecolor=score_color(score), edgecolor="0.35"))
@@ -199,12 +204,12 @@ def lineage_figure(lineage: list[dict[str, Any]]) -> Figure | None:
             y = (parents - 1) / 2 - i
             kids.append(box(2 * g + 1, y, f"{name} · gen {node['generation']}\n{score_lines(scores)}",
                             mean_or_none(scores)))
-            arrow(ax, previous, kids[-1], "copy" if g == 0 else "")
+            arrow(ax, previous, kids[-1])
         method = node.get("recipe", {}).get("method", "?")
         child = box(2 * g + 2, 0, f"offspring · gen {node['generation']}\n{method}\n"
                     f"{score_lines(node.get('scores', {}), node.get('merge_gain'))}", mean_or_none(node.get("scores", {})))
         for k in kids:
-            arrow(ax, k, child, "")
+            arrow(ax, k, child)
         previous = child
     ax.set_title("Lineage (box color: mean normalized return, red 0 → green optimal; "
                  "offspring: merge gain in brackets)", fontsize=10)
@@ -212,46 +217,46 @@ def lineage_figure(lineage: list[dict[str, Any]]) -> Figure | None:
     return fig
 
 
-def arrow(ax, source, target, label: str) -> None:
+def arrow(ax, source, target) -> None:
     """Draws an arrow from the right edge of one box to the left edge of another."""
     ax.annotate("", xy=(0, 0.5), xycoords=target.get_bbox_patch(), xytext=(1, 0.5),
                 textcoords=source.get_bbox_patch(),
                 arrowprops=dict(arrowstyle="-|>", color="0.35", shrinkA=2, shrinkB=2, lw=1.1))
-    if label:
-        ax.annotate(label, xy=(0.5, 0.5), xycoords=source.get_bbox_patch(), fontsize=7, color="0.5")
 
 
 def modes_figure(events: list[Event]) -> Figure | None:
-    """Integration modes side by side with the partners alone and the merged offspring, per env, at the
-    last generation that evaluated modes (greedy when evaluated): merge vs mixture at a glance."""
+    """Integration modes side by side with the partners alone and the merged offspring: one panel per env,
+    one horizontal bar per policy, at the last generation that evaluated modes (greedy when evaluated)."""
     modes = of(events, "integrate")
     if not modes:
         return None
     gen = max(e.get("generation", 0) for e in modes)
-    modes = [e for e in modes if e.get("generation", 0) == gen]
     policy = "greedy" if any(e["policy"] == "greedy" for e in modes) else "sampled"
     singles = last_scores_at(of(events, "eval"), gen, policy)
-    rows = {**singles, **{e["mode"]: {} for e in modes}}
+    mixed: dict[str, dict[str, float]] = {}
     for e in modes:
-        if e["policy"] == policy:
-            rows[e["mode"]][e["env"]] = e["normalized"]
-    envs = list(dict.fromkeys(e["env"] for e in modes))
-    colors = colors_for(list(rows))
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(rows) * len(envs) + 2.5), 3.8))
-    width = 0.85 / len(rows)
-    for j, (label, scores) in enumerate(rows.items()):
-        xs = [i + (j - (len(rows) - 1) / 2) * width for i in range(len(envs))]
-        hatch = "" if label in singles else "//"
-        bars = ax.bar(xs, [scores.get(env, 0.0) for env in envs], width * 0.92, color=colors[label],
-                      hatch=hatch, edgecolor="white", label=label + ("" if label in singles else " (mode)"))
-        ax.bar_label(bars, fmt="%.2f", fontsize=7, padding=1)
-    if has_ceiling([e for e in modes if e["policy"] == policy]):
-        ax.axhline(1.0, **CEILING, label="optimal")
-    ax.set_xticks(range(len(envs)), envs)
-    ax.set_ylabel("return / optimal")
-    ax.set_title(f"Integration modes vs partners alone and merged (generation {gen}, {policy})")
-    ax.margins(y=0.15)
-    legend_right(fig, ax)
+        if e.get("generation", 0) == gen and e["policy"] == policy:
+            mixed.setdefault(e["mode"], {})[e["env"]] = e["normalized"]
+    rows = {**singles, **mixed}
+    labels = list(rows)[::-1]  # barh draws bottom-up: keep partners on top
+    envs = list(dict.fromkeys(env for scores in mixed.values() for env in scores))
+    colors = colors_for(list(singles) + ["mode"])
+    fig, axes = plt.subplots(1, len(envs), figsize=(min(4.6 * len(envs), 11.5), 0.9 + 0.3 * len(rows)),
+                             squeeze=False, sharey=True)
+    for ax, env in zip(axes[0], envs):
+        values = [rows[label].get(env, float("nan")) for label in labels]
+        bars = ax.barh(range(len(labels)), values, height=0.7,
+                       color=[colors.get(label, "#8da0cb") if label in singles else "#8da0cb" for label in labels])
+        ax.bar_label(bars, fmt="%.2f", fontsize=8, padding=2)
+        if has_ceiling([e for e in modes if e["env"] == env]):
+            ax.axvline(1.0, **CEILING)
+        ax.set_xlim(0, max(1.15, max((v for v in values if v == v), default=0) * 1.15))
+        ax.set_title(env, fontsize=10)
+        ax.set_xlabel("return / optimal")
+    axes[0][0].set_yticks(range(len(labels)), [lab if lab in singles else f"{lab} (mode)" for lab in labels])
+    fig.suptitle(f"Partners alone, merged (offspring) and integrated (modes), generation {gen}, {policy}",
+                 fontsize=10, fontweight="bold")
+    fig.tight_layout()
     return fig
 
 
@@ -271,7 +276,7 @@ def sweep_figure(curves: dict[str, dict[str, list[tuple[float, float, float]]]],
     if not envs:
         return None
     colors = colors_for(list(curves))
-    fig, axes = plt.subplots(1, len(envs), figsize=(5.6 * len(envs), 3.8), squeeze=False, sharey=True)
+    fig, axes = plt.subplots(1, len(envs), figsize=(min(5.2 * len(envs), 10.5), 3.6), squeeze=False, sharey=True)
     for ax, env in zip(axes[0], envs):
         for preset, per_env in curves.items():
             if env not in per_env:

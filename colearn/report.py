@@ -163,11 +163,10 @@ def header_html(run: Run) -> str:
     partners = sorted({e["partner"] for e in evals if e.get("own_env")})
     acts = {p: sorted({e["env"] for e in evals if e["partner"] == p and e.get("own_env")}) for p in partners}
     facts = {
-        "experiment": " ".join(run.overrides) or "(defaults)",
+        "overrides": " ".join(run.overrides) or "(none: the defaults)",
         "envs": ", ".join(plots.envs_of(ev)),
         "partners": "; ".join(f"{p} acts in {', '.join(envs)}" for p, envs in acts.items()),
-        "generations × rounds": f"{1 + max((e.get('generation', 0) for e in evals), default=0)} × "
-                                f"{1 + max((e.get('round', 0) for e in evals), default=0)}",
+        "generations × rounds": schedule(evals),
         "merge": ", ".join(dict.fromkeys(str(e.get("method")) for e in plots.of(ev, "merge"))) or "none yet",
         "environment steps": f"{max(e.get('step', 0) for e in ev):,}",
         "wall time": f"{(ev[-1].get('time', 0) - ev[0].get('time', 0)) / 60:.1f} min (first to last event)",
@@ -181,6 +180,15 @@ def header_html(run: Run) -> str:
             f'<p class="sub">{html.escape(str(run.path.resolve()))}</p><dl>{rows}</dl>')
 
 
+def schedule(evals: list[Event]) -> str:
+    """Returns "generations × rounds" as far as the run got (partner evaluations: one per round)."""
+    rounds = {(e["generation"], e["round"]) for e in evals if e["partner"] != "offspring"}
+    if not rounds:
+        return ""
+    gens = 1 + max(g for g, _ in rounds)
+    return f"{gens} × {1 + max(r for _, r in rounds)}" + ("" if len(rounds) % gens == 0 else " (last one partial)")
+
+
 def final_table_html(events: list[Event]) -> str:
     """Returns the final-scores table: one row per (policy owner, policy), one column per env, each cell
     the normalized return with mean return and success rate; the best per column in bold."""
@@ -188,7 +196,7 @@ def final_table_html(events: list[Event]) -> str:
     if not finals:
         return '<p class="note">No evaluations yet.</p>'
     envs = plots.envs_of(events)
-    best = {env: max((c[env]["normalized"] for c in finals.values() if env in c), default=None) for env in envs}
+    best = {env: best_of([c[env]["normalized"] for c in finals.values() if env in c]) for env in envs}
     head = "".join(f"<th>{html.escape(env)}</th>" for env in envs)
     rows = []
     for (owner, policy), cells in sorted(finals.items(), key=lambda kv: (kv[0][1], kv[0][0] == "offspring")):
@@ -201,6 +209,11 @@ def final_table_html(events: list[Event]) -> str:
         for e in envs) + "</tr>")
     return (f"<table><tr><th>policy</th>{head}</tr>{''.join(rows)}</table>"
             "<p class='cap'>Each cell: return / optimal, then (mean return, success rate) on the evaluation seeds.</p>")
+
+
+def best_of(values: list[float]) -> float | None:
+    """Returns the value to mark in bold: the maximum, or None when every value ties (nothing stands out)."""
+    return max(values) if values and max(values) > min(values) else None
 
 
 def score_cell(e: Event | None, best: float | None) -> str:
@@ -308,7 +321,7 @@ def compare_table_html(groups: dict[str, list[Run]], owners: Callable[[str], boo
     cols = envs + ["mean over envs"]
     stats = {label: {c: t_interval([f[c] for f in fs if c in f]) for c in cols if any(c in f for f in fs)}
              for label, fs in finals.items()}
-    best = {c: max((s[c][0] for s in stats.values() if c in s), default=None) for c in cols}
+    best = {c: best_of([s[c][0] for s in stats.values() if c in s]) for c in cols}
     head = "".join(f"<th>{html.escape(c)}</th>" for c in cols)
     rows = []
     for label, s in stats.items():
