@@ -2,7 +2,7 @@
 
 Every function returns a flat dict of namespaced metrics, ready for `Logger.write`:
 
-    compat/cka/A~B            linear CKA of the partners' last hidden states on a fixed probe set (1 = same geometry)
+    compat/cka/A~B            linear CKA of the partners' last-layer hidden states on a fixed probe set (1 = same geometry)
     compat/cka/A~ancestor     the same against the generation's ancestor
     compat/cosine/A~B         cosine of the task vectors (partner - ancestor)
     compat/sign_conflict/A~B  fraction of coordinates both changed where they moved in opposite directions
@@ -11,8 +11,8 @@ Every function returns a flat dict of namespaced metrics, ready for `Logger.writ
     transfer/unseen_return/A/<env>   normalized return on an env the partner never acted in
     forgetting/<partner>/<env>       best normalized return so far minus now (>= 0; 0 = nothing forgotten)
 
-CKA reads the state the action is predicted from (last layer, last prompt token): two partners with
-CKA near 1 represent the envs alike and average well; falling CKA is the "incompatible specialization"
+CKA reads the last layer's hidden states at every token of the probe prompts: two partners with CKA
+near 1 represent the envs alike and average well; falling CKA is the "incompatible specialization"
 after which a mixture beats a merge (Pari et al.).
 """
 
@@ -62,17 +62,18 @@ def probe_set(suite: list[EnvSpec], n: int, seed: int = 0) -> list[str]:
 
 @torch.no_grad()
 def hidden_states(partner: Partner, probe: list[str], batch_size: int = 64) -> Tensor:
-    """Returns the last layer's hidden state at the last token of each probe prompt, (n, hidden), float32."""
+    """Returns the last layer's hidden state at every token of every probe prompt, (tokens, hidden), float32.
+
+    Every token, not only the last: linear CKA needs more samples than features (with fewer, any two
+    generic representations score near 1), and a handful of small-grid observations is fewer than a
+    model's width; the tokens of those observations are many more.
+    """
     prompts = partner.prompt_ids(probe)
-    pad = partner.tokenizer.pad_token_id
     rows = []
     for start in range(0, len(prompts), batch_size):
-        chunk = prompts[start : start + batch_size]
-        flipped, mask = right_padded([p[::-1] for p in chunk], pad, partner.device)
-        ids, mask = flipped.flip(1), mask.flip(1)  # left-padded: every prompt ends at the last column
-        positions = (mask.cumsum(1) - 1).clamp(min=0)
-        out = partner.model(input_ids=ids, attention_mask=mask, position_ids=positions, output_hidden_states=True)
-        rows.append(out.hidden_states[-1][:, -1].float().cpu())  # (chunk, hidden)
+        ids, mask = right_padded(prompts[start : start + batch_size], partner.tokenizer.pad_token_id, partner.device)
+        out = partner.model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+        rows.append(out.hidden_states[-1][mask.bool()].float().cpu())  # (real tokens in chunk, hidden)
     return torch.cat(rows)
 
 

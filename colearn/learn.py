@@ -166,7 +166,7 @@ def learn(
             loss, parts = batch_loss(partner, batch, cfg, teacher)
             if not torch.isfinite(loss):
                 stats["learn/skipped_nonfinite"] += 1
-                log.warning("partner %s: non-finite loss %s, update skipped", partner.name, float(loss))
+                log.warning("partner %s: non-finite loss %s, update skipped", partner.name, loss.item())
                 optimizer.zero_grad(set_to_none=True)
                 continue
             optimizer.zero_grad(set_to_none=True)

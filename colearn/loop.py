@@ -136,6 +136,8 @@ def run(cfg: Config, run_dir: Path, state: LoopState | None = None) -> LoopState
     with StopOnSignal() as stop, tqdm(total=total, initial=state.generation * cfg.loop.rounds + state.round,
                                       disable=not cfg.progress, desc="colearn", unit="round") as bar:
         ctx.stop = stop
+        if (state.generation, state.round, state.env_steps) == (0, 0, 0):
+            state.last_scores["ancestor"] = assess(state.ancestor, "ancestor", state, ctx)  # chance level
         while state.generation < cfg.loop.generations and not stop.requested:
             run_generation(state, ctx, bar)
     state.stopped_by = stop.requested

@@ -1,0 +1,174 @@
+"""Learning by experience: hand-checked advantages and losses, a seeded learning run, distillation transfer,
+NaN safety, and lineage across generations."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from colearn import loop
+from colearn.config import (Config, EnvConfig, EnvSpec, EvalConfig, LearnConfig, LoopConfig, PartnerSpec,
+                            RolloutConfig)
+from colearn.evaluate import evaluate
+from colearn.learn import (clipped_pg_loss, group_advantages, learn, peer_pg_loss, select_for_distillation,
+                           step_advantages)
+from colearn.models import build_ancestor
+from colearn.partner import Partner
+from colearn.rollout import EpisodeMeta, collect
+from tests.conftest import LAKE_ID, tiny_model_config
+
+SMALL_LAKE = EnvSpec(LAKE_ID, name="Small", kwargs={"desc": ["SFF", "FHF", "HFG"]})
+
+
+@pytest.fixture
+def partner_factory():
+    """Builds a fresh tiny partner (weights seeded) whose tokenizer knows the lake's text."""
+    texts, names = loop.env_corpus([SMALL_LAKE])
+
+    def build(seed: int) -> Partner:
+        model, tokenizer = build_ancestor(tiny_model_config(), texts, names, seed=seed)
+        return Partner(f"p{seed}", model.eval(), tokenizer, tiny_model_config())
+
+    return build
+
+
+def rows_of(episodes: list[list[float]], seeds: list[int], gamma: float = 1.0) -> list[dict]:
+    """Step records with the fields the advantage functions read, one list of rewards per episode."""
+    rows = []
+    for e, (rewards, seed) in enumerate(zip(episodes, seeds)):
+        g, rtg = 0.0, []
+        for r in reversed(rewards):
+            g = r + gamma * g
+            rtg.insert(0, g)
+        for t, r in enumerate(rewards):
+            rows.append({"partner": "A", "env": "E", "generation": 0, "round": 0, "seed": seed, "step": t,
+                         "episode_id": f"e{e}", "return_to_go": rtg[t], "observation": f"s{t}",
+                         "success": rewards[-1] > 0, "invalid": False, "episode_return": sum(rewards)})
+    return rows
+
+
+def test_group_advantages_match_hand_computation():
+    returns = torch.tensor([1.0, 0.0, 0.0, 1.0, 5.0, 5.0], dtype=torch.float64)
+    adv = group_advantages(returns, ["a", "a", "b", "b", "c", "c"])
+    # group a: mean 0.5, sample std 0.7071 -> +/-0.7071; group c has no variance -> 0
+    assert adv[:4].tolist() == pytest.approx([0.70710, -0.70710, -0.70710, 0.70710], abs=1e-4)
+    assert adv[4:].tolist() == [0.0, 0.0]
+
+
+def test_episode_advantages_are_shared_by_every_step_of_the_episode():
+    rows = rows_of([[0, 1], [0, 0, 0]], seeds=[7, 7])
+    adv = step_advantages(rows, "episode")
+    assert adv == pytest.approx([0.70710, 0.70710, -0.70710, -0.70710, -0.70710], abs=1e-4)
+
+
+def test_return_to_go_advantages_use_a_per_state_baseline():
+    # both episodes visit s0 then s1; only the first is rewarded at s1
+    rows = rows_of([[0, 1], [0, 0]], seeds=[1, 2], gamma=0.5)
+    adv = step_advantages(rows, "return_to_go")
+    # returns-to-go: e0 (0.5, 1), e1 (0, 0); baselines s0 = 0.25, s1 = 0.5 -> raw (0.25, 0.5, -0.25, -0.5)
+    raw = torch.tensor([0.25, 0.5, -0.25, -0.5], dtype=torch.float64)
+    assert adv == pytest.approx((raw / raw.std()).tolist(), abs=1e-6)
+
+
+def test_clipped_and_peer_losses_match_hand_computation():
+    logp = torch.tensor([math.log(0.6), math.log(0.6)], requires_grad=True)
+    behaviour = torch.tensor([math.log(0.4), math.log(0.4)])
+    adv = torch.tensor([1.0, -1.0])
+    # ratio 1.5: positive advantage is clipped at 1.2, negative keeps the unclipped 1.5
+    assert clipped_pg_loss(logp, behaviour, adv, 0.2).tolist() == pytest.approx([-1.2, 1.5], abs=1e-6)
+    # SEAC: weight min(0.6 / 0.4, cap) held constant, times advantage times log-prob
+    peer = peer_pg_loss(logp, behaviour, adv, cap=1.0)
+    assert peer.tolist() == pytest.approx([-math.log(0.6), math.log(0.6)], abs=1e-6)
+    peer[0].backward()
+    assert logp.grad[0].item() == pytest.approx(-1.0)  # d/dlogp of -(1.0 * 1.0 * logp)
+
+
+def test_selection_keeps_successes_or_the_top_fraction():
+    rows = rows_of([[0, 1], [0, 0], [0, 0, 0]], seeds=[1, 1, 1])
+    assert {r["episode_id"] for r in select_for_distillation(rows, "success", 0.5)} == {"e0"}
+    assert {r["episode_id"] for r in select_for_distillation(rows, "top", 1 / 3)} == {"e0"}
+
+
+def small_config(seed: int, generations: int, rounds: int, **learn) -> Config:
+    return Config(
+        seed=seed, model=tiny_model_config(),
+        env=EnvConfig(suite=[SMALL_LAKE], partners=[PartnerSpec("A", ["Small"]), PartnerSpec("B", ["Small"])]),
+        rollout=RolloutConfig(episodes=64, group_size=8, num_envs=64, gamma=0.95),
+        learn=LearnConfig(lr=3e-3, batch_size=128, epochs=4, advantage="return_to_go", distill_from="both", **learn),
+        loop=LoopConfig(generations=generations, rounds=rounds), eval=EvalConfig(episodes=8, sampled=True),
+        progress=False,
+    )
+
+
+@pytest.fixture(scope="module")
+def learned_run(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("learned")
+    state = loop.run(small_config(seed=0, generations=4, rounds=2), run_dir)
+    return state, run_dir
+
+
+def test_full_system_goes_from_chance_to_optimal(learned_run):
+    state, _ = learned_run
+    chance = {s.policy: s.normalized for s in state.last_scores["ancestor"]}
+    final = {s.policy: s.normalized for s in state.last_scores["offspring"]}
+    assert chance["greedy"] < 0.5 and chance["sampled"] < 0.5
+    assert final["greedy"] >= 0.9 and final["sampled"] >= 0.9
+
+
+def test_lineage_and_metrics_follow_the_generations(learned_run):
+    state, run_dir = learned_run
+    lineage = json.loads((run_dir / "lineage.json").read_text())
+    assert [n["generation"] for n in lineage] == [0, 1, 2, 3]
+    assert all(n["parents"] == [f"gen{n['generation']}/A", f"gen{n['generation']}/B"] for n in lineage)
+    events = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    merges = [e for e in events if e["event"] == "merge"]
+    assert [e["generation"] for e in merges] == [0, 1, 2, 3]
+    steps = [e["step"] for e in events if e["event"] == "eval"]
+    assert steps == sorted(steps) and steps[-1] == state.env_steps
+    assert (run_dir / "deployed.json").is_file()
+
+
+def test_distillation_alone_transfers_a_skill(learned_run, partner_factory):
+    """A fresh student that never acts in the env learns it from a skilled partner's successful episodes."""
+    teacher, student = learned_run[0].partners[0], partner_factory(seed=2)
+    spec, rollout = SMALL_LAKE, RolloutConfig(episodes=64, group_size=8, num_envs=64)
+    rows = collect(teacher, spec, list(range(64)), rollout, torch.Generator().manual_seed(0),
+                   EpisodeMeta(partner="teacher"))
+    successes = select_for_distillation(rows, "success", 1.0)
+    assert successes, "the trained teacher should succeed on the 3x3 lake"
+    ev = EvalConfig(episodes=64, greedy=False, sampled=True)
+    before = evaluate(student, [spec], ev, rollout)[0].success
+    cfg = LearnConfig(lr=3e-3, batch_size=64, epochs=30, rl_coef=0.0, peer_rl_coef=0.0)
+    learn(student, own=[], peer=[], distill=successes, cfg=cfg, seed=0)
+    after = evaluate(student, [spec], ev, rollout)[0].success
+    assert after >= before + 0.3, (before, after)
+
+
+def test_non_finite_loss_skips_the_update_and_keeps_weights(partner_factory):
+    partner = partner_factory(seed=3)
+    rows = collect(partner, SMALL_LAKE, list(range(8)), RolloutConfig(episodes=8, group_size=1, num_envs=8),
+                   torch.Generator().manual_seed(0), EpisodeMeta(partner="A"))
+    for r in rows:
+        r["success"] = True
+    with torch.no_grad():
+        next(partner.model.parameters()).fill_(float("nan"))
+    before = {k: v.clone() for k, v in partner.model.state_dict().items()}
+    stats = learn(partner, own=[], peer=[], distill=rows, cfg=LearnConfig(), seed=0)
+    assert stats["learn/skipped_nonfinite"] >= 1 and stats["learn/updates"] == 0
+    after = partner.model.state_dict()
+    assert all(torch.equal(before[k], after[k]) or torch.isnan(before[k]).any() for k in before)
+
+
+def test_a_round_without_successes_skips_distillation_and_says_so(tmp_path):
+    # the ancestor acting for one round on a large lake essentially never reaches the goal
+    cfg = small_config(seed=0, generations=1, rounds=1)
+    cfg.env = EnvConfig(suite=[EnvSpec("colearn/FrozenLake8x8-v0", "Big")], partners=[PartnerSpec("A", ["Big"])])
+    cfg.rollout = RolloutConfig(episodes=8, group_size=8, num_envs=8)
+    cfg.eval = EvalConfig(episodes=1)
+    loop.run(cfg, tmp_path)
+    events = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    skipped = [e for e in events if e["event"] == "distill_skipped"]
+    assert skipped and "no success episodes" in skipped[0]["reason"]
