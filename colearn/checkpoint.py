@@ -53,6 +53,7 @@ def save_checkpoint(root: Path, state: Any, extra: dict[str, Any]) -> Path:
         "generation": state.generation, "round": state.round, "env_steps": state.env_steps,
         "partners": [{"name": p.name, "envs": p.envs} for p in state.partners],
         "lineage": state.lineage,
+        "score_history": state.score_history,
         "last_scores": {k: [asdict(s) for s in v] for k, v in state.last_scores.items()},
         "torch_rng": torch.get_rng_state().tolist(),
         **extra,

@@ -29,9 +29,10 @@ def to_config(dcfg) -> "Config":  # noqa: F821 - imported lazily so `colearn --h
 
 def validate(cfg) -> None:
     """Raises ColearnError for any input the run would otherwise trip over later: env ids, model dir."""
-    from colearn.models import load_pretrained
+    from colearn.models import load_pretrained, resolve_device
     from colearn.rollout import acting_mode
 
+    resolve_device(cfg.device)
     for spec in cfg.env.suite:
         acting_mode(spec, cfg.rollout.mode)
     if cfg.model.source != "tiny":

@@ -32,6 +32,8 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if self.lora_rank < 0:
             raise ColearnError(f"model.lora_rank={self.lora_rank} must be >= 0 (0 disables LoRA)")
+        if self.source == "tiny" and self.hidden_size % self.num_heads:
+            raise ColearnError(f"model.hidden_size={self.hidden_size} must be divisible by model.num_heads={self.num_heads}")
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise ColearnError(f"model.dtype={self.dtype!r} is unknown; choose float32, bfloat16 or float16")
 
@@ -118,6 +120,10 @@ class RolloutConfig:
             )
         if not self.temperature > 0:
             raise ColearnError(f"rollout.temperature={self.temperature} must be > 0")
+        if self.max_new_tokens < 1:
+            raise ColearnError(f"rollout.max_new_tokens={self.max_new_tokens} must be >= 1")
+        if not 0 <= self.gamma <= 1:
+            raise ColearnError(f"rollout.gamma={self.gamma} must be in [0, 1]")
         if self.vectorization not in ("sync", "async"):
             raise ColearnError(f"rollout.vectorization={self.vectorization!r} is unknown; choose sync or async")
 
@@ -169,12 +175,12 @@ class MergeConfig:
     groups: dict[str, Any] = field(default_factory=dict)  # per layer group overrides, e.g. {"block*.mlp": {density: 0.5}}
     seed: int = 0  # seed of random operators (DARE, DELLA) and of the CMA-ES search
     base_method: str = "ties"  # method=evolve: the operator whose per-group weights (and density) CMA-ES searches
-    search_budget: int = 24  # method=evolve: candidate offspring scored on the search episodes, uniform recipe included
+    search_budget: int = 24  # method=evolve: candidates scored on the search episodes (the uniform one included)
     search_sigma: float = 0.5  # method=evolve: CMA-ES initial step size, in logit units of the squashed parameters
     search_max_weight: float = 1.5  # method=evolve: searched weights lie in [0, this]; densities in [0.05, 1]
     compat_metric: str = "cka"  # cka | cosine: the compatibility measure compared to compat_threshold
     compat_threshold: float = 0.0  # below it the partners are not averaged but fall back; 0 never falls back
-    fallback: str = "best"  # best | mixture: offspring when incompatible or gated out (mixture also maps env -> partner)
+    fallback: str = "best"  # best | mixture: offspring if incompatible or gated out (mixture adds env -> partner)
     gate: bool = True  # promote the offspring only if its validation score >= best parent's - gate_tolerance
     gate_tolerance: float = 0.05  # mean normalized return the offspring may lose against the best parent
 
@@ -184,7 +190,7 @@ class MergeConfig:
         if not 0 <= self.to_ancestor <= 1:
             raise ColearnError(f"merge.to_ancestor={self.to_ancestor} must be in [0, 1]")
         if self.base_method in ("evolve", "none"):
-            raise ColearnError(f"merge.base_method={self.base_method!r} must be a merge operator such as ties or linear")
+            raise ColearnError(f"merge.base_method={self.base_method!r} must be a merge operator, e.g. ties or linear")
         if self.search_budget < 1 or not self.search_sigma > 0 or not self.search_max_weight > 0:
             raise ColearnError("merge.search_budget must be >= 1, merge.search_sigma and merge.search_max_weight > 0")
         if self.compat_metric not in ("cka", "cosine"):
@@ -201,6 +207,10 @@ class LoopConfig:
     rounds: int = 3  # rounds per generation (each: act, learn, evaluate)
     exchange: bool = True  # partners see each other's experience (off: independent partners)
 
+    def __post_init__(self) -> None:
+        if self.generations < 1 or self.rounds < 1:
+            raise ColearnError(f"loop.generations={self.generations} and loop.rounds={self.rounds} must be >= 1")
+
 
 @dataclass
 class EvalConfig:
@@ -208,6 +218,20 @@ class EvalConfig:
     greedy: bool = True  # evaluate the greedy (argmax) policy
     sampled: bool = False  # also evaluate the sampled policy (at rollout.temperature)
     seed: int = 10_000  # evaluation seeds start here (disjoint from training seeds)
+
+    def __post_init__(self) -> None:
+        if self.episodes < 1:
+            raise ColearnError(f"eval.episodes={self.episodes} must be >= 1")
+        if not (self.greedy or self.sampled):
+            raise ColearnError("eval.greedy and eval.sampled are both false; evaluate at least one policy")
+
+
+@dataclass
+class IntegrateConfig:
+    modes: list[str] = field(default_factory=list)  # integration modes of the pair evaluated each generation (integrate.MODES)
+    average: str = "probs"  # ensemble: average "probs" or "logprobs" (renormalized product of experts)
+    threshold: float = 0.1  # check_and_control: the checker vetoes proposals it gives less probability than this
+    top_k: int = 2  # consultative: legal actions the proposer offers the chooser
 
 
 @dataclass
@@ -222,6 +246,8 @@ class Config:
     merge: MergeConfig = field(default_factory=MergeConfig)
     loop: LoopConfig = field(default_factory=LoopConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    integrate: IntegrateConfig = field(default_factory=IntegrateConfig)
+    probe_size: int = 16  # observations per env in the fixed probe set for CKA between partners
     progress: bool = True  # show a progress bar
 
 

@@ -2,7 +2,7 @@
 
 Every function returns a flat dict of namespaced metrics, ready for `Logger.write`:
 
-    compat/cka/A~B            linear CKA of the partners' last-layer hidden states on a fixed probe set (1 = same geometry)
+    compat/cka/A~B            linear CKA of the partners' last-layer hidden states on a fixed probe (1 = same geometry)
     compat/cka/A~ancestor     the same against the generation's ancestor
     compat/cosine/A~B         cosine of the task vectors (partner - ancestor)
     compat/sign_conflict/A~B  fraction of coordinates both changed where they moved in opposite directions

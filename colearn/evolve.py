@@ -18,13 +18,16 @@ import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from torch import Tensor
 
 from colearn.config import EnvSpec, EvalConfig, MergeConfig, RolloutConfig
 from colearn.merge import default_weights, get_method, group_names, merge_state_dicts
+
+if TYPE_CHECKING:
+    from colearn.partner import Partner
 
 log = logging.getLogger(__name__)
 
@@ -187,7 +190,7 @@ def _strategy(x0: np.ndarray, sigma: float, options: dict[str, Any]) -> Any:
 
 
 def return_scorer(suite: Sequence[EnvSpec], cfg: EvalConfig, rollout: RolloutConfig, seed: int,
-                  episodes: int | None = None) -> Callable[[Any], float]:
+                  episodes: int | None = None) -> Callable[[Partner], float]:
     """Returns policy -> mean normalized greedy return over the suite on episodes seeded seed, seed+1, ...
 
     Give the search and the held-out validation different seeds (e.g. eval.seed + 20000 and

@@ -137,6 +137,7 @@ def routed(logps: list[Tensor], by: Tensor, greedy: bool, gen: torch.Generator) 
 
 
 def route(logps: list[Tensor], p: ModeParams, env: str | None, greedy: bool, gen: torch.Generator) -> Decision:
+    """Distributed responsibility: the env's expert decides; in an env without one, the surer member."""
     if env is not None and env in p.env_map:
         return routed(logps, torch.full((logps[0].shape[0],), p.env_map[env], dtype=torch.long), greedy, gen)
     return routed(logps, confidence_route(logps), greedy, gen)
@@ -144,10 +145,12 @@ def route(logps: list[Tensor], p: ModeParams, env: str | None, greedy: bool, gen
 
 def route_by_confidence(logps: list[Tensor], p: ModeParams, env: str | None, greedy: bool,
                         gen: torch.Generator) -> Decision:
+    """A router over observations alone: the member with the higher max-probability decides."""
     return routed(logps, confidence_route(logps), greedy, gen)
 
 
 def ensemble(logps: list[Tensor], p: ModeParams, env: str | None, greedy: bool, gen: torch.Generator) -> Decision:
+    """Consensus: act from the averaged distribution."""
     composite = ensemble_logprobs(logps, p.average)
     choice = pick(composite, greedy, gen)
     votes = torch.stack([at(lp, choice) for lp in logps])  # (members, batch)
@@ -157,10 +160,12 @@ def ensemble(logps: list[Tensor], p: ModeParams, env: str | None, greedy: bool, 
 
 def check_and_control(logps: list[Tensor], p: ModeParams, env: str | None, greedy: bool,
                       gen: torch.Generator) -> Decision:
+    """Member 0 proposes (samples, or its argmax when greedy); member 1 vetoes a proposal it gives less than
+    `threshold` and then decides (samples, or its argmax) among the actions it accepts."""
     proposer, checker = logps
     vetoed, q = accepted_logprobs(checker, p.threshold)
     proposal = pick(proposer, greedy, gen)
-    veto = vetoed.gather(1, proposal[:, None]).squeeze(1)  # (batch,)
+    veto = at(vetoed, proposal)  # (batch,)
     choice = torch.where(veto, pick(q, greedy, gen), proposal)
     composite = check_and_control_logprobs(proposer, checker, p.threshold)
     return Decision(choice, at(composite, choice), veto.long())
@@ -168,6 +173,7 @@ def check_and_control(logps: list[Tensor], p: ModeParams, env: str | None, greed
 
 def consultative(logps: list[Tensor], p: ModeParams, env: str | None, greedy: bool,
                  gen: torch.Generator) -> Decision:
+    """Member 0 offers its top_k actions; member 1 picks among them by its own probabilities."""
     proposer, chooser = logps
     composite = consultative_logprobs(proposer, chooser, p.top_k)
     choice = pick(composite, greedy, gen)

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from colearn.config import LearnConfig
 from colearn.partner import Partner
-from colearn.policy import continuation_stats, entropy_of, last_logits
+from colearn.policy import continuation_stats, entropy_of, last_logits, legal_action_logprobs
 
 log = logging.getLogger(__name__)
 
@@ -88,11 +88,15 @@ def select_for_distillation(rows: list[dict[str, Any]], how: str, top_fraction: 
     return [r for r in rows if r["episode_id"] in keep and not r["invalid"]]
 
 
-def row_logprobs(partner: Partner, rows: list[dict[str, Any]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def row_logprobs(
+    partner: Partner, rows: list[dict[str, Any]], temperature: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns (policy log-prob, policy entropy, token log-likelihood) of each row's action, each (n,).
 
     The policy of a constrained row is the distribution over its legal actions; of a generated row,
-    the model's distribution over token sequences."""
+    the model's distribution over token sequences; both at the behaviour policy's `temperature`, so
+    they equal the stored behaviour log-probs for unchanged weights. The token log-likelihood (the
+    distillation target) is always at temperature 1."""
     n = len(rows)
     device = partner.device
     policy_lp, entropy, token_lp = (torch.zeros(n, device=device) for _ in range(3))
@@ -106,25 +110,27 @@ def row_logprobs(partner: Partner, rows: list[dict[str, Any]]) -> tuple[torch.Te
         index = torch.tensor(idx, device=device)
         action_ids = partner.action_ids(list(legal)) if legal else []
         if legal and all(len(a) == 1 for a in action_ids):
-            lp_full, lp_legal = _single_token_logprobs(partner, prompts, action_ids, pad)
+            lp_full, lp_legal = _single_token_logprobs(partner, prompts, action_ids, pad, temperature)
             chosen = torch.tensor([list(legal).index(rows[i]["action"]) for i in idx], device=device)
             policy_lp = policy_lp.index_put((index,), lp_legal.gather(1, chosen[:, None]).squeeze(1))
             entropy = entropy.index_put((index,), entropy_of(lp_legal))
             tokens = torch.tensor([c[0] for c in conts], device=device)
             token_lp = token_lp.index_put((index,), lp_full.gather(1, tokens[:, None]).squeeze(1))
         else:
-            lp, ent = continuation_stats(partner.model, prompts, conts, pad)
+            lp, ent = continuation_stats(partner.model, prompts, conts, pad, temperature)
             policy_lp = policy_lp.index_put((index,), lp)
             entropy = entropy.index_put((index,), ent)
+            if temperature != 1.0:
+                lp, _ = continuation_stats(partner.model, prompts, conts, pad)
             token_lp = token_lp.index_put((index,), lp)
     return policy_lp, entropy, token_lp
 
 
-def _single_token_logprobs(partner: Partner, prompts, action_ids, pad) -> tuple[torch.Tensor, torch.Tensor]:
+def _single_token_logprobs(partner: Partner, prompts, action_ids, pad, temperature) -> tuple[torch.Tensor, torch.Tensor]:
     # one forward pass serves both the full-vocabulary SFT term and the policy over legal actions
     logits = last_logits(partner.model, prompts, pad)  # (batch, vocab)
     legal_index = torch.tensor([a[0] for a in action_ids], device=logits.device)
-    return F.log_softmax(logits, -1), F.log_softmax(logits[:, legal_index], -1)
+    return F.log_softmax(logits, -1), F.log_softmax(logits[:, legal_index] / temperature, -1)
 
 
 def optimizer_for(partner: Partner, cfg: LearnConfig) -> torch.optim.Optimizer:
@@ -143,6 +149,7 @@ def learn(
     cfg: LearnConfig,
     seed: int,
     teacher: Partner | None = None,
+    temperature: float = 1.0,
 ) -> dict[str, float]:
     """Updates the partner in place on its own steps (RL), the partner's steps (importance-weighted RL)
     and the distillation set (SFT on action tokens); returns the round's training statistics."""
@@ -163,7 +170,7 @@ def learn(
         order.shuffle(items)
         for start in range(0, len(items), cfg.batch_size):
             batch = items[start : start + cfg.batch_size]
-            loss, parts = batch_loss(partner, batch, cfg, teacher)
+            loss, parts = batch_loss(partner, batch, cfg, teacher, temperature)
             if not torch.isfinite(loss):
                 stats["learn/skipped_nonfinite"] += 1
                 log.warning("partner %s: non-finite loss %s, update skipped", partner.name, loss.item())
@@ -183,13 +190,17 @@ def learn(
 
 
 def batch_loss(
-    partner: Partner, batch: list[tuple[str, dict[str, Any], float]], cfg: LearnConfig, teacher: Partner | None
+    partner: Partner,
+    batch: list[tuple[str, dict[str, Any], float]],
+    cfg: LearnConfig,
+    teacher: Partner | None,
+    temperature: float = 1.0,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Returns the mixed loss of one minibatch and its parts (as floats)."""
     rows = [r for _, r, _ in batch]
     kinds = [k for k, _, _ in batch]
     device = partner.device
-    policy_lp, entropy, token_lp = row_logprobs(partner, rows)
+    policy_lp, entropy, token_lp = row_logprobs(partner, rows, temperature)
     adv = torch.tensor([a for _, _, a in batch], device=device, dtype=torch.float32)
     behaviour = torch.tensor([r["logprob"] for r in rows], device=device, dtype=torch.float32)
     mask = {k: torch.tensor([x == k for x in kinds], device=device) for k in ("own", "peer", "distill")}
@@ -216,8 +227,6 @@ def mutual_kl(partner: Partner, teacher: Partner | None, rows: list[dict[str, An
     by_legal: dict[tuple[str, ...], list[dict[str, Any]]] = defaultdict(list)
     for r in rows:
         by_legal[tuple(r["legal_actions"])].append(r)
-    from colearn.policy import legal_action_logprobs
-
     for legal, group in by_legal.items():
         prompts = [list(r["prompt_ids"]) for r in group]
         mine = legal_action_logprobs(partner.model, prompts, partner.action_ids(list(legal)),

@@ -24,7 +24,10 @@ from tqdm.auto import tqdm
 
 from colearn.checkpoint import latest_intact, load_checkpoint, save_checkpoint
 from colearn.config import Config, EnvSpec
+from colearn.dynamics import forgetting, main_scores, pair_metrics, probe_set, transfer
 from colearn.evaluate import EnvScore, evaluate, headline
+from colearn.evolve import return_scorer
+from colearn.integrate import ModeParams, evaluate_modes
 from colearn.experience import ExperienceStore
 from colearn.learn import learn, select_for_distillation
 from colearn.logger import Logger, truncate_metrics
@@ -47,6 +50,7 @@ class LoopState:
     env_steps: int = 0
     lineage: list[dict[str, Any]] = field(default_factory=list)
     last_scores: dict[str, list[EnvScore]] = field(default_factory=dict)
+    score_history: list[dict[str, dict[str, float]]] = field(default_factory=list)  # per generation, for forgetting
     stopped_by: str | None = None  # the signal that stopped the run early, if any
 
 
@@ -60,6 +64,7 @@ class Context:
     log: Logger
     suite: dict[str, EnvSpec]
     stop: StopOnSignal | None = None
+    probe: list[str] = field(default_factory=list)  # fixed observations on which partners' hidden states are compared
 
 
 class StopOnSignal:
@@ -136,6 +141,7 @@ def run(cfg: Config, run_dir: Path, state: LoopState | None = None) -> LoopState
     with StopOnSignal() as stop, tqdm(total=total, initial=state.generation * cfg.loop.rounds + state.round,
                                       disable=not cfg.progress, desc="colearn", unit="round") as bar:
         ctx.stop = stop
+        ctx.probe = probe_set(cfg.env.suite, cfg.probe_size, cfg.seed)
         if (state.generation, state.round, state.env_steps) == (0, 0, 0):
             state.last_scores["ancestor"] = assess(state.ancestor, "ancestor", state, ctx)  # chance level
         while state.generation < cfg.loop.generations and not stop.requested:
@@ -158,7 +164,7 @@ def resume_state(cfg: Config, run_dir: Path) -> LoopState | None:
     ExperienceStore(run_dir / "experience").truncate(meta["experience_shards"])
     truncate_metrics(run_dir, meta["metrics_lines"])
     return LoopState(meta["generation"], meta["round"], ancestor, partners, meta["env_steps"], meta["lineage"],
-                     meta["last_scores"])
+                     meta["last_scores"], meta["score_history"])
 
 
 def checkpoint(state: LoopState, ctx: Context) -> None:
@@ -179,18 +185,21 @@ def run_generation(state: LoopState, ctx: Context, bar: tqdm) -> None:
             train(partner, i, others, teachers.get(partner.name), state, ctx)
         for partner in state.partners:
             state.last_scores[partner.name] = assess(partner, partner.name, state, ctx)
+        log_dynamics(state, ctx)
         state.round += 1
         checkpoint(state, ctx)
         bar.update(1)
         bar.set_postfix({p.name: f"{headline(state.last_scores[p.name]):.2f}" for p in state.partners})
         if ctx.stop.requested:
             return
+    assess_integration(state, ctx)
     child, recipe = breed(state, ctx)
     child_scores = assess(child, "offspring", state, ctx)
     state.last_scores["offspring"] = child_scores
     record_lineage(state, ctx, recipe, child_scores)
     save_generation(state, child, ctx)
     promote(state, ctx, recipe)
+    state.score_history.append(main_scores(state.last_scores))
     next_generation(state, child, recipe, ctx)
     checkpoint(state, ctx)
 
@@ -234,7 +243,7 @@ def train(
         ctx.log.write("distill_skipped", state.env_steps, partner=partner.name, **here,
                       reason=f"no {cfg.learn.distill_select} episodes from {cfg.learn.distill_from} this round")
     stats = learn(partner, own, peer, distill, cfg.learn, seed_for(cfg, 3, state.generation, state.round, index),
-                  teacher)
+                  teacher, cfg.rollout.temperature)
     from_peer = sum(1 for r in distill if r["partner"] != partner.name)
     stats["distill/from_peer_share"] = from_peer / len(distill) if distill else 0.0
     ctx.log.write("learn", state.env_steps, partner=partner.name, **here,
@@ -270,10 +279,36 @@ def assess(partner: Partner, label: str, state: LoopState, ctx: Context) -> list
     return scores
 
 
+def log_dynamics(state: LoopState, ctx: Context) -> None:
+    """Logs what the partners learned from whom: compatibility, weight drift, transfer, forgetting."""
+    now = main_scores(state.last_scores)
+    fields = {**transfer(now, state.partners), **forgetting(state.score_history, now)}
+    if len(state.partners) > 1:
+        fields.update(pair_metrics(state.partners, state.ancestor, ctx.probe))
+    ctx.log.write("dynamics", state.env_steps, generation=state.generation, round=state.round, **fields)
+
+
+def assess_integration(state: LoopState, ctx: Context) -> None:
+    """Evaluates the pair acting as one policy under each configured integration mode."""
+    icfg = ctx.cfg.integrate
+    if not icfg.modes or len(state.partners) < 2:
+        return
+    params = ModeParams(icfg.average, icfg.threshold, icfg.top_k)
+    for record in evaluate_modes(state.partners, list(ctx.suite.values()), list(icfg.modes), ctx.cfg.eval,
+                                 ctx.cfg.rollout, params):
+        ctx.log.write("integrate", state.env_steps, generation=state.generation, **record)
+
+
 def breed(state: LoopState, ctx: Context) -> tuple[Partner, dict[str, Any]]:
-    """Returns the generation's offspring and the recipe that made it."""
+    """Returns the generation's offspring and the recipe that made it (merged, searched, or a fallback)."""
+    cfg = ctx.cfg
+    suite = list(ctx.suite.values())
     scores = {p.name: headline(state.last_scores[p.name]) for p in state.partners}
-    return make_offspring(state.ancestor, state.partners, scores, ctx.cfg.merge)
+    # validation and search episodes are disjoint from the reported evaluation's seeds
+    validate_fn = return_scorer(suite, cfg.eval, cfg.rollout, cfg.eval.seed + 30_000)
+    search_fn = return_scorer(suite, cfg.eval, cfg.rollout, cfg.eval.seed + 20_000)
+    return make_offspring(state.ancestor, state.partners, scores, cfg.merge, evaluate_fn=validate_fn,
+                          search_fn=search_fn, probe=ctx.probe, env_scores=main_scores(state.last_scores))
 
 
 def record_lineage(state: LoopState, ctx: Context, recipe: dict[str, Any], child: list[EnvScore]) -> None:
@@ -288,7 +323,11 @@ def record_lineage(state: LoopState, ctx: Context, recipe: dict[str, Any], child
             "parent_scores": parent_scores, "merge_gain": gain, "env_steps": state.env_steps}
     state.lineage.append(node)
     write_json_atomic(ctx.run_dir / "lineage.json", state.lineage)
-    ctx.log.write("merge", state.env_steps, generation=g, method=recipe["method"],
+    compat, gate = recipe.get("compat") or {}, recipe.get("gate") or {}
+    numbers = {f"merge/compat/{k}": v for k, v in compat.items() if isinstance(v, float)}
+    numbers |= {f"merge/gate/{k}": v for k, v in gate.items() if isinstance(v, float)}
+    ctx.log.write("merge", state.env_steps, generation=g, method=recipe["method"], outcome=recipe.get("outcome"),
+                  promoted=gate.get("passed", True), recipe=recipe, **numbers,
                   **{f"merge/gain/{env}": v for env, v in gain.items()},
                   **{"merge/gain": sum(gain.values()) / max(len(gain), 1)})
 

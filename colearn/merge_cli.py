@@ -73,6 +73,7 @@ def main(argv: list[str]) -> None:
     partners = [read_checkpoint(Path(p), "partner") for p in args.partners]
     check_architectures(base, partners)
     check_tokenizers(base, partners)
+    checked_weights(cfg, len(partners))
     started = time.perf_counter()
     search_record = None
     if args.search:
@@ -122,6 +123,16 @@ def check_method(cfg: MergeConfig) -> None:
     if name not in METHODS:
         known = sorted(METHODS) + (["evolve"] if field == "method" else [])
         raise ColearnError(f"recipe {field}={name!r} is unknown; choose one of {known}")
+
+
+def checked_weights(cfg: MergeConfig, n_partners: int) -> list[float]:
+    """Returns the recipe's weights (equal ones when empty) after checking the whole recipe against n partners."""
+    from colearn.merge import check_recipe, default_weights
+
+    method = cfg.base_method if cfg.method == "evolve" else cfg.method
+    weights = list(cfg.weights) or default_weights(method, n_partners)
+    check_recipe(method, n_partners, weights, cfg.density, cfg.to_ancestor, cfg.params, dict(cfg.groups) or None)
+    return weights
 
 
 def check_output(out: Path) -> None:
@@ -222,11 +233,10 @@ def _vocab(path: Path) -> dict[int, str] | None:
 def write_merge(base: Checkpoint, partners: list[Checkpoint], out: Path, cfg: MergeConfig,
                 search_record: dict[str, Any] | None = None) -> None:
     """Writes the merged checkpoint to `out` (via a sibling temp dir, renamed when complete)."""
-    from colearn.merge import check_groups_match, check_recipe, default_weights, group_names, merge_safetensors_files
+    from colearn.merge import check_groups_match, group_names, merge_safetensors_files
 
-    weights = list(cfg.weights) or default_weights(cfg.method, len(partners))
+    weights = checked_weights(cfg, len(partners))
     groups = dict(cfg.groups) or None
-    check_recipe(cfg.method, len(partners), weights, cfg.density, cfg.to_ancestor, cfg.params, groups)
     check_groups_match(groups, base.shapes)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)

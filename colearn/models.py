@@ -33,7 +33,9 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def build_tokenizer(texts: list[str], action_names: list[str], template: str) -> PreTrainedTokenizerFast:
+def build_tokenizer(
+    texts: list[str], action_names: list[str], template: str, action_prefix: str = " "
+) -> PreTrainedTokenizerFast:
     """Returns a character-level fast tokenizer over printable ASCII and every character of `texts`,
     with each action name and each word of the prompt template as one token (so a legal action is
     a single token and constrained acting needs one forward pass)."""
@@ -47,8 +49,8 @@ def build_tokenizer(texts: list[str], action_names: list[str], template: str) ->
         tokenizer_object=core, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
     )
     words = [w for w in template.replace("{obs}", " ").split() if len(w) > 1]
-    # lstrip: " left" (the action prefix plus the name) encodes as the single token "left"
-    tok.add_tokens([AddedToken(n, lstrip=True, normalized=False) for n in sorted(set(action_names))])
+    # the action prefix plus the name (" left") is one token; the bare word elsewhere stays characters
+    tok.add_tokens([AddedToken(action_prefix + n, normalized=False) for n in sorted(set(action_names))])
     tok.add_tokens([AddedToken(w, normalized=False) for w in words])
     return tok
 
@@ -114,7 +116,7 @@ def build_ancestor(
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Returns the common ancestor model (optionally LoRA-wrapped) and its tokenizer."""
     if cfg.source == "tiny":
-        tokenizer = build_tokenizer(texts, action_names, cfg.prompt_template)
+        tokenizer = build_tokenizer(texts, action_names, cfg.prompt_template, cfg.action_prefix)
         model = build_tiny_model(cfg, tokenizer, seed)
     else:
         model, tokenizer = load_pretrained(cfg.source, cfg.dtype)

@@ -137,7 +137,7 @@ def probe_states(partner: Partner, probe: Sequence[str]) -> torch.Tensor:
 
 
 def compatibility(ancestor: Partner, partners: Sequence[Partner], probe: Sequence[str] | None) -> dict[str, Any]:
-    """Returns {cosine, sign_conflict, cka, pair} of the least compatible pair of partners.
+    """Returns {cosine, sign_conflict, cka, pair}: the partners' compatibility (pair: the lowest-cosine pair).
 
     cosine and sign_conflict compare task vectors (partner - ancestor; Yadav et al. 2023 for
     sign conflicts), cka the partners' last hidden states on the probe prompts (linear CKA,
@@ -188,21 +188,12 @@ def evolved_weights(
     `evaluate_fn`'s held-out episodes, which is the number to trust.
     """
     from colearn.evolve import merged_state, search, start_recipe
-    from colearn.merge import MergeError
 
     if search_fn is None:
         raise ColearnError("merge.method=evolve needs a search_fn that scores candidate offspring on search episodes")
     base, states = dense_state(ancestor), [dense_state(p) for p in partners]
     candidate = _dense_candidate(ancestor)
-
-    def fitness(state: dict[str, torch.Tensor]) -> float:
-        load_weights(candidate.model, state)
-        return search_fn(candidate)
-
-    try:
-        result = search(base, states, fitness, cfg)
-    except MergeError as e:
-        raise ColearnError(str(e)) from e
+    result = search(base, states, lambda state: fitness_on(candidate, state, search_fn), cfg)
     record: dict[str, Any] = {"budget": cfg.search_budget, "fitness": result.fitness,
                               "uniform_fitness": result.uniform_fitness, "curve": result.curve}
     if evaluate_fn is not None:

@@ -102,7 +102,7 @@ class Partner:
 
     def _until_eos(self, row: list[int]) -> list[int]:
         eos = self.tokenizer.eos_token_id
-        return row[: row.index(eos) + 1] if eos in row else [t for t in row if t != self.tokenizer.pad_token_id]
+        return row[: row.index(eos) + 1] if eos in row else row
 
     def clone(self, name: str, envs: list[str] | None = None) -> Partner:
         """Returns a copy with its own weights and no optimizer state."""

@@ -60,38 +60,48 @@ def mark_merges(ax, merges: list[tuple[int, int]]) -> None:
 
 def returns_figure(events: list[Event]) -> Figure | None:
     """Normalized return against environment steps: one panel per env, one color per partner, greedy
-    solid and sampled dotted, each generation's offspring a star, the optimal return dashed."""
+    solid and sampled dotted, starting from the ancestor's score (grey diamond: chance level before any
+    learning); each generation's offspring a star; the optimal return dashed."""
     evals = of(events, "eval")
     if not evals:
         return None
     envs = envs_of(events)
-    owners = list(dict.fromkeys(e["partner"] for e in evals))
-    colors = colors_for(owners)
+    partners = [o for o in dict.fromkeys(e["partner"] for e in evals) if o not in FIXED]
+    colors = colors_for(partners + list(FIXED))
     fig, axes = plt.subplots(1, len(envs), figsize=(min(5.2 * len(envs), 10.5), 3.6), squeeze=False, sharey=True)
+    # earlier partners drawn wider, so identical curves (e.g. two partners both at 0) stay visible
+    widths = {o: 1.5 + 1.5 * (len(partners) - 1 - i) / max(len(partners) - 1, 1) for i, o in enumerate(partners)}
     for ax, env in zip(axes[0], envs):
         here = [e for e in evals if e["env"] == env]
-        for owner in owners:
-            for policy, style in (("greedy", "-"), ("sampled", ":")):
-                pts = [(e["step"], e["normalized"]) for e in here if e["partner"] == owner and e["policy"] == policy]
-                if not pts:
-                    continue
-                xs, ys = zip(*pts)
-                if owner == "offspring":
-                    ax.scatter(xs, ys, marker="*", s=140 if policy == "greedy" else 70, color=colors[owner],
-                               zorder=3, label=f"offspring {policy}", alpha=1 if policy == "greedy" else 0.5)
-                else:
-                    ax.plot(xs, ys, style, marker="o", markersize=3.5, color=colors[owner],
-                            label=f"{owner} {policy}")
+        for policy, style in (("greedy", "-"), ("sampled", ":")):
+            start = points(here, "ancestor", policy)[:1]  # every partner of generation 0 starts as the ancestor
+            for owner in partners:
+                pts = points(here, owner, policy)
+                if pts:
+                    xs, ys = zip(*(start + pts))
+                    ax.plot(xs, ys, style, marker="o", markersize=2 + widths[owner], linewidth=widths[owner],
+                            color=colors[owner], label=f"{owner} {policy}")
+            faint = 1 if policy == "greedy" else 0.45
+            for owner, marker, size in (("ancestor", "D", 45), ("offspring", "*", 150)):
+                pts = points(here, owner, policy)
+                if pts:
+                    ax.scatter(*zip(*pts), marker=marker, s=size if policy == "greedy" else size / 2,
+                               color=colors[owner], zorder=3, alpha=faint, label=f"{owner} {policy}")
         if has_ceiling(here):
             ax.axhline(1.0, **CEILING, label="optimal")
         mark_merges(ax, merge_steps(events))
-        actors = sorted({e["partner"] for e in here if e.get("own_env")})
-        ax.set_title(env + (f" (acted in by {', '.join(actors)})" if actors else "  (no partner acts here)"))
+        actors = sorted({e["partner"] for e in here if e.get("own_env")} - set(FIXED))
+        ax.set_title(env + (f" (acted in by {', '.join(actors)})" if actors else " (no partner acts here)"))
         ax.set_xlabel("environment steps")
     axes[0][0].set_ylabel("return / optimal" if has_ceiling(evals) else "mean return")
     axes[0][0].set_ylim(min(-0.05, axes[0][0].get_ylim()[0]), max(1.1, axes[0][0].get_ylim()[1]))
     legend_right(fig, axes[0][-1])
     return fig
+
+
+def points(evals: list[Event], owner: str, policy: str) -> list[tuple[int, float]]:
+    """Returns (env steps, normalized return) of one policy owner's evaluations, in logged order."""
+    return [(e["step"], e["normalized"]) for e in evals if e["partner"] == owner and e["policy"] == policy]
 
 
 def legend_right(fig: Figure, ax) -> None:
@@ -124,7 +134,8 @@ def merge_gain_figure(events: list[Event]) -> Figure | None:
     ax.set_xticks(range(len(merges)), [f"gen {m['generation']}\n{m.get('method', '')}" for m in merges])
     ax.set_ylabel("offspring − best parent\n(normalized return)")
     ax.set_title("Merge gain per generation (above 0: the merge beat both parents)")
-    ax.margins(y=0.25)
+    lo, hi = ax.get_ylim()
+    ax.set_ylim(min(lo, -0.1) * 1.2, max(hi, 0.1) * 1.2)  # a zero gain reads as zero, not as noise at 1e-17
     legend_right(fig, ax)
     return fig
 
@@ -153,16 +164,27 @@ def compat_figure(events: list[Event]) -> Figure | None:
     fig, axes = plt.subplots(rows, cols, figsize=(5.5 * cols, 3.0 * rows), squeeze=False)
     for ax in axes.flat[len(panels):]:
         ax.set_axis_off()
+    colors = colors_for([o for o in dict.fromkeys(e["partner"] for e in of(events, "eval")) if o not in FIXED])
     for ax, (prefix, title) in zip(axes.flat, panels):
         for key in sorted(k for k in series if k.startswith(prefix)):
+            label, color = compat_line(key.removeprefix(prefix), colors)
             xs, ys = zip(*series[key])
-            ax.plot(xs, ys, marker="o", markersize=3.5, label=key.removeprefix(prefix).replace("~", " ~ "))
+            ax.plot(xs, ys, marker="o", markersize=3.5, color=color, label=label)
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("environment steps")
         ax.legend(frameon=False, fontsize=8)
         mark_merges(ax, merge_steps(events))
     fig.tight_layout()
     return fig
+
+
+def compat_line(pair: str, colors: dict[str, str]) -> tuple[str, str]:
+    """Returns (label, color) of a compatibility series: a partner against its ancestor (`A~ancestor`, or
+    `A` for a distance from it) in the partner's color, a pair of partners in black."""
+    a, _, b = pair.partition("~")
+    if b in ("", "ancestor"):
+        return f"{a} ~ ancestor", colors.get(a, "0.5")
+    return f"{a} ~ {b}", "black"
 
 
 def score_color(score: float | None) -> str:
@@ -205,9 +227,9 @@ def lineage_figure(lineage: list[dict[str, Any]]) -> Figure | None:
             kids.append(box(2 * g + 1, y, f"{name} · gen {node['generation']}\n{score_lines(scores)}",
                             mean_or_none(scores)))
             arrow(ax, previous, kids[-1])
-        method = node.get("recipe", {}).get("method", "?")
+        method, scores = how_made(node.get("recipe", {})), node.get("scores", {})
         child = box(2 * g + 2, 0, f"offspring · gen {node['generation']}\n{method}\n"
-                    f"{score_lines(node.get('scores', {}), node.get('merge_gain'))}", mean_or_none(node.get("scores", {})))
+                    f"{score_lines(scores, node.get('merge_gain'))}", mean_or_none(scores))
         for k in kids:
             arrow(ax, k, child)
         previous = child
@@ -215,6 +237,18 @@ def lineage_figure(lineage: list[dict[str, Any]]) -> Figure | None:
                  "offspring: merge gain in brackets)", fontsize=10)
     fig.tight_layout()
     return fig
+
+
+def how_made(recipe: dict[str, Any]) -> str:
+    """Returns one line saying how an offspring was made: the merge method, or whose copy it is and why,
+    and a failed promotion gate."""
+    method = recipe.get("method", "?")
+    made = f"copy of {recipe['source']}" if method == "copy_best" and "source" in recipe else method
+    if recipe.get("outcome") not in (None, "merged", "copy"):
+        made += f" ({recipe['outcome']})"
+    if recipe.get("gate", {}).get("passed") is False:
+        made += ", gate failed"
+    return made
 
 
 def arrow(ax, source, target) -> None:
@@ -232,7 +266,7 @@ def modes_figure(events: list[Event]) -> Figure | None:
         return None
     gen = max(e.get("generation", 0) for e in modes)
     policy = "greedy" if any(e["policy"] == "greedy" for e in modes) else "sampled"
-    singles = last_scores_at(of(events, "eval"), gen, policy)
+    singles = last_scores_at([e for e in of(events, "eval") if e["partner"] != "ancestor"], gen, policy)
     mixed: dict[str, dict[str, float]] = {}
     for e in modes:
         if e.get("generation", 0) == gen and e["policy"] == policy:
@@ -276,13 +310,15 @@ def sweep_figure(curves: dict[str, dict[str, list[tuple[float, float, float]]]],
     if not envs:
         return None
     colors = colors_for(list(curves))
+    widths = {p: 1.5 + 1.5 * (len(curves) - 1 - i) / max(len(curves) - 1, 1) for i, p in enumerate(curves)}
     fig, axes = plt.subplots(1, len(envs), figsize=(min(5.2 * len(envs), 10.5), 3.6), squeeze=False, sharey=True)
     for ax, env in zip(axes[0], envs):
         for preset, per_env in curves.items():
             if env not in per_env:
                 continue
             xs, ys, hw = zip(*per_env[env])
-            ax.plot(xs, ys, marker="o", markersize=3.5, color=colors[preset], label=preset)
+            ax.plot(xs, ys, marker="o", markersize=2 + widths[preset], linewidth=widths[preset], color=colors[preset],
+                    label=preset)
             ax.fill_between(xs, [y - h for y, h in zip(ys, hw)], [y + h for y, h in zip(ys, hw)],
                             color=colors[preset], alpha=0.18, linewidth=0)
         if ceiling:

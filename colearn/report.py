@@ -120,8 +120,9 @@ SECTIONS: list[tuple[str, str, Callable[[Run], Any], str, str]] = [
     ("merge_gain", "Merge gain", lambda r: plots.merge_gain_figure(r.events),
      "Offspring's normalized return minus the better parent's, per env and generation.", "no merge events"),
     ("modes", "Integration modes", lambda r: plots.modes_figure(r.events),
-     "The partners integrated at inference time (hatched) next to each partner alone and the merged "
-     "offspring, on the same evaluation seeds.", "no integrate events in this run"),
+     "The partners integrated at inference time (lavender: route, ensemble, check-and-control, consultative) "
+     "next to each partner alone and the merged offspring, on the same evaluation seeds.",
+     "no integrate events in this run"),
     ("compat", "Compatibility over time", lambda r: plots.compat_figure(r.events),
      "How alike the partners are: CKA of hidden states on a fixed probe set, cosine and sign conflicts "
      "of their task vectors, and distance in weight space.", "no compat/* metrics in this run"),
@@ -182,11 +183,11 @@ def header_html(run: Run) -> str:
 
 def schedule(evals: list[Event]) -> str:
     """Returns "generations × rounds" as far as the run got (partner evaluations: one per round)."""
-    rounds = {(e["generation"], e["round"]) for e in evals if e["partner"] != "offspring"}
+    rounds = {(e["generation"], e["round"]) for e in evals if e["partner"] not in plots.FIXED}
     if not rounds:
         return ""
-    gens = 1 + max(g for g, _ in rounds)
-    return f"{gens} × {1 + max(r for _, r in rounds)}" + ("" if len(rounds) % gens == 0 else " (last one partial)")
+    gens, per_gen = 1 + max(g for g, _ in rounds), 1 + max(r for _, r in rounds)
+    return f"{gens} × {per_gen}" + ("" if len(rounds) == gens * per_gen else " (the last generation unfinished)")
 
 
 def final_table_html(events: list[Event]) -> str:
@@ -199,7 +200,8 @@ def final_table_html(events: list[Event]) -> str:
     best = {env: best_of([c[env]["normalized"] for c in finals.values() if env in c]) for env in envs}
     head = "".join(f"<th>{html.escape(env)}</th>" for env in envs)
     rows = []
-    for (owner, policy), cells in sorted(finals.items(), key=lambda kv: (kv[0][1], kv[0][0] == "offspring")):
+    order = {"ancestor": 0, "offspring": 2}  # the start, the partners, what the run hands on
+    for (owner, policy), cells in sorted(finals.items(), key=lambda kv: (kv[0][1], order.get(kv[0][0], 1))):
         tds = "".join(score_cell(cells.get(env), best[env]) for env in envs)
         gen = max(c.get("generation", 0) for c in cells.values())
         rows.append(f"<tr><td>{html.escape(owner)} <span class='muted'>{policy}, gen {gen}</span></td>{tds}</tr>")
@@ -284,13 +286,14 @@ def final_of(run: Run, owners: Callable[[str], bool]) -> dict[str, float]:
 
 
 def partner_curve(run: Run) -> dict[str, dict[tuple[int, int], tuple[float, float]]]:
-    """Returns {env: {(generation, round): (env steps, mean normalized return over partners)}}."""
+    """Returns {env: {(generation, round): (env steps, mean normalized return over partners)}}, starting
+    at (0, -1) with the ancestor's score before any learning when the run logged it."""
     policy = main_policy(run.events)
     acc: dict[str, dict[tuple[int, int], list[tuple[float, float]]]] = {}
     for e in plots.of(run.events, "eval"):
         if e["policy"] == policy and e["partner"] != "offspring":
-            acc.setdefault(e["env"], {}).setdefault((e["generation"], e["round"]), []).append(
-                (e["step"], e["normalized"]))
+            key = (e["generation"], -1 if e["partner"] == "ancestor" else e["round"])
+            acc.setdefault(e["env"], {}).setdefault(key, []).append((e["step"], e["normalized"]))
     return {env: {k: (pts[0][0], sum(v for _, v in pts) / len(pts)) for k, pts in per.items()}
             for env, per in acc.items()}
 
@@ -351,7 +354,7 @@ def write_compare(sweep_dir: str | Path) -> Path:
              "normalized return, mean over seeds ± 95% t-interval half-width (– with one seed).</p>",
              compare_table_html(groups, lambda owner: owner == "offspring"),
              "<h2>Final partners</h2><p class='cap'>Mean over partners of their last evaluation.</p>",
-             compare_table_html(groups, lambda owner: owner != "offspring")]
+             compare_table_html(groups, lambda owner: owner not in plots.FIXED)]
     curves = {label: preset_curves(runs) for label, runs in groups.items()}
     evals = [e for rs in groups.values() for r in rs for e in plots.of(r.events, "eval")]
     fig = plots.sweep_figure(curves, plots.has_ceiling(evals))

@@ -53,7 +53,8 @@ def group_seeds(rng: np.random.Generator, episodes: int, group_size: int) -> lis
 
 def make_vector_env(spec: EnvSpec, n: int, vectorization: str) -> gym.vector.VectorEnv:
     """Returns a vector env of `n` copies whose sub-envs colearn resets itself (autoreset disabled)."""
-    kwargs: dict[str, Any] = {"autoreset_mode": AutoresetMode.DISABLED}
+    # copy=False: observations are immutable strings, so the per-step deepcopy of the batch buys nothing
+    kwargs: dict[str, Any] = {"autoreset_mode": AutoresetMode.DISABLED, "copy": False}
     if vectorization == "async":
         kwargs["shared_memory"] = False  # text observations cannot live in shared memory
     return gym.make_vec(spec.id, num_envs=n, vectorization_mode=vectorization, vector_kwargs=kwargs, **spec.kwargs)
@@ -77,47 +78,71 @@ def collect(
     n = min(cfg.num_envs, len(seeds))
     venv = make_vector_env(spec, n, cfg.vectorization)
     queue = deque(enumerate(seeds))
-    slots: list[tuple[int, int] | None] = [queue.popleft() for _ in range(n)]
+    slots: dict[int, tuple[int, int]] = {i: queue.popleft() for i in range(n)}  # running slot -> (episode, seed)
     steps: list[list[dict[str, Any]]] = [[] for _ in range(n)]
     episodes: list[list[dict[str, Any]]] = []
-    obs, _ = venv.reset(seed=[s for _, s in slots])
-    while any(slots):
-        live = [i for i in range(n) if slots[i] is not None]
-        acts = partner.act([obs[i] for i in live], legal, greedy, generator, cfg.temperature, cfg.max_new_tokens)
-        actions = [legal[0] if legal else ""] * n  # finished slots step a throwaway episode
+    obs = reset_slots(venv, {i: seed for i, (_, seed) in slots.items()})
+    while slots:
+        live = list(slots)
+        observations = [obs[i] for i in live]
+        acts = partner.act(observations, legal, greedy, generator, cfg.temperature, cfg.max_new_tokens)
+        prompts = partner.prompt_ids(observations)
+        outcomes = step_slots(venv, dict(zip(live, acts.texts)), legal[0] if legal else "")
+        reset_seeds: dict[int, int] = {}
         for j, i in enumerate(live):
-            actions[i] = acts.texts[j]
-        next_obs, rewards, terms, truncs, infos = venv.step(tuple(actions))
-        for j, i in enumerate(live):
-            steps[i].append(step_row(obs[i], acts, j, partner, float(rewards[i]), infos, i, legal))
-            if terms[i] or truncs[i]:
-                episodes.append(finish_episode(steps[i], slots[i], meta, spec, bool(terms[i]), cfg.gamma))
+            obs[i], reward, terminated, truncated, info = outcomes[i]
+            steps[i].append({
+                "legal_actions": legal or [],
+                "observation": observations[j],
+                "action": acts.texts[j],
+                "prompt_ids": prompts[j],
+                "action_ids": acts.token_ids[j],
+                "logprob": float(acts.logprobs[j]),
+                "reward": float(reward),
+                "invalid": bool(info.get("invalid_action", False)),
+                "step_success": bool(info.get("success", False)),
+            })
+            if terminated or truncated:
+                episodes.append(finish_episode(steps[i], slots.pop(i), meta, spec, bool(terminated), cfg.gamma))
                 steps[i] = []
-                slots[i] = queue.popleft() if queue else None
-        done_mask = np.logical_or(terms, truncs)
-        if done_mask.any():
-            reset_seeds = [slots[i][1] if (done_mask[i] and slots[i]) else None for i in range(n)]
-            next_obs, _ = venv.reset(seed=reset_seeds, options={"reset_mask": done_mask})
-        obs = next_obs
+                if queue:
+                    slots[i] = queue.popleft()
+                    reset_seeds[i] = slots[i][1]
+        if reset_seeds:
+            obs.update(reset_slots(venv, reset_seeds))
     venv.close()
     episodes.sort(key=lambda ep: ep[0]["episode_id"])
     return [row for ep in episodes for row in ep]
 
 
-def step_row(
-    obs: str, acts: Any, j: int, partner: Partner, reward: float, infos: dict, i: int, legal: list[str] | None
-) -> dict[str, Any]:
-    """Returns the per-step fields known right after the env step."""
+# A sync vector env's sub-envs are stepped and reset directly, and only those with a running episode:
+# no throwaway steps of finished slots while the last episodes play out, no batching of the infos.
+# Other vector envs (async) go through the vector API, which steps every sub-env.
+
+
+def reset_slots(venv: gym.vector.VectorEnv, seeds: dict[int, int]) -> dict[int, str]:
+    """Resets the sub-envs `seeds` names (slot -> seed); returns slot -> first observation."""
+    if isinstance(venv, gym.vector.SyncVectorEnv):
+        return {i: venv.envs[i].reset(seed=seed)[0] for i, seed in seeds.items()}
+    mask = np.array([i in seeds for i in range(venv.num_envs)])
+    obs, _ = venv.reset(seed=[seeds.get(i) for i in range(venv.num_envs)], options={"reset_mask": mask})
+    return {i: obs[i] for i in seeds}
+
+
+def step_slots(venv: gym.vector.VectorEnv, actions: dict[int, str], filler: str) -> dict[int, tuple]:
+    """Steps the sub-envs `actions` names (slot -> action); returns slot -> (obs, reward, terminated,
+    truncated, info). Through the vector API the other sub-envs step a throwaway `filler` action and
+    are reset when that throwaway episode ends."""
+    if isinstance(venv, gym.vector.SyncVectorEnv):
+        return {i: venv.envs[i].step(action) for i, action in actions.items()}
+    obs, rewards, terms, truncs, infos = venv.step(tuple(actions.get(i, filler) for i in range(venv.num_envs)))
+    done = np.logical_or(terms, truncs)
+    idle = np.array([i not in actions for i in range(venv.num_envs)])
+    if (done & idle).any():
+        venv.reset(options={"reset_mask": done & idle})
     return {
-        "legal_actions": legal or [],
-        "observation": obs,
-        "action": acts.texts[j],
-        "prompt_ids": partner.prompt_ids([obs])[0],
-        "action_ids": acts.token_ids[j],
-        "logprob": float(acts.logprobs[j]),
-        "reward": reward,
-        "invalid": bool(infos.get("invalid_action", np.zeros(i + 1, dtype=bool))[i]),
-        "step_success": bool(infos.get("success", np.zeros(i + 1, dtype=bool))[i]),
+        i: (obs[i], rewards[i], terms[i], truncs[i], {k: v[i] for k, v in infos.items() if not k.startswith("_")})
+        for i in actions
     }
 
 

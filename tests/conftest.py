@@ -20,7 +20,6 @@ torch.set_num_threads(1)
 
 LAKE_ID = "colearn/FrozenLake-v0"
 ADDITION_ID = "colearn/Addition-v0"
-FROZEN_LAKE_ACTIONS = ["left", "down", "right", "up"]
 
 
 def tiny_model_config(**overrides) -> ModelConfig:

@@ -10,7 +10,6 @@ import torch
 from colearn.config import EnvSpec
 from colearn.dynamics import forgetting, hidden_states, main_scores, pair_metrics, probe_set, transfer
 from colearn.evaluate import EnvScore
-from colearn.models import build_tiny_model
 from colearn.partner import Partner
 
 LAKE = EnvSpec("colearn/FrozenLake-v0", name="Lake")

@@ -97,3 +97,23 @@ def test_a_budget_of_one_returns_the_start_recipe(states):
     result = search(ancestor, partners, lambda state: 1.0, cfg)
     assert result.recipe == start_recipe(cfg, 2) and result.recipe["groups"] == {}
     assert [c["fitness"] for c in result.curve] == [1.0]
+
+
+def test_return_scorer_scores_greedy_on_its_own_seeds(partner, line_spec, lake_spec, monkeypatch):
+    import colearn.evaluate
+    from colearn.config import EvalConfig, RolloutConfig
+    from colearn.evaluate import EnvScore
+    from colearn.evolve import return_scorer
+
+    seen = []
+
+    def fake_evaluate(policy, suite, cfg, rollout):
+        seen.append(cfg)
+        return [EnvScore("Line", "greedy", 1.0, 1.0, 1.0, 0.8, 4), EnvScore("Lake", "greedy", 0.0, 0.0, 1.0, 0.2, 4)]
+
+    monkeypatch.setattr(colearn.evaluate, "evaluate", fake_evaluate)
+    cfg = EvalConfig(episodes=3, sampled=True, seed=10_000)
+    score = return_scorer([line_spec, lake_spec], cfg, RolloutConfig(), seed=20_000, episodes=4)(partner)
+    assert score == pytest.approx(0.5)  # the mean normalized return over envs
+    assert (seen[0].seed, seen[0].episodes, seen[0].greedy, seen[0].sampled) == (20_000, 4, True, False)
+    assert cfg.seed == 10_000  # the caller's config is not changed

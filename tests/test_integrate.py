@@ -135,8 +135,10 @@ def test_confidence_router_scores_both_envs_of_two_specialists(base):
     """Each expert is sure on its own line and uncertain on the other's: without being told the env, the
     confidence router follows the right expert on both lines and solves both."""
     uniform = [0.25] * 4
-    left = trained(base, "L", ["MirrorLine"], {**{o: [1, 0, 0, 0] for o in MIRROR_OBS}, **{o: uniform for o in LINE_OBS}})
-    right = trained(base, "R", ["Line"], {**{o: [0, 0, 1, 0] for o in LINE_OBS}, **{o: uniform for o in MIRROR_OBS}})
+    left = trained(base, "L", ["MirrorLine"], {**dict.fromkeys(MIRROR_OBS, [1, 0, 0, 0]),
+                                               **dict.fromkeys(LINE_OBS, uniform)})
+    right = trained(base, "R", ["Line"], {**dict.fromkeys(LINE_OBS, [0, 0, 1, 0]),
+                                          **dict.fromkeys(MIRROR_OBS, uniform)})
     eval_cfg, rollout_cfg = EvalConfig(episodes=2), RolloutConfig(episodes=2, group_size=1, num_envs=2)
     records = evaluate_modes([left, right], [LINE, MIRROR], ["route_confidence", "route", "ensemble"], eval_cfg,
                              rollout_cfg)
@@ -193,8 +195,8 @@ def test_consultative_chooses_only_among_the_proposers_top_k(base):
     assert set(sampled.texts) <= {"left", "down"}
     for text, logp in zip(sampled.texts, sampled.logprobs):
         assert logp == pytest.approx(math.log({"left": 0.4, "down": 0.6}[text]), abs=1e-5)
-    wide = consultative_logprobs(torch.tensor([[0.4, 0.3, 0.2, 0.1]]).log(), torch.tensor([[0.04, 0.06, 0.7, 0.2]]).log(), 9)
-    assert torch.allclose(wide.exp(), torch.tensor([[0.04, 0.06, 0.7, 0.2]]), atol=1e-6)
+    offer, choose = torch.tensor([[0.4, 0.3, 0.2, 0.1]]), torch.tensor([[0.04, 0.06, 0.7, 0.2]])
+    assert torch.allclose(consultative_logprobs(offer.log(), choose.log(), 9).exp(), choose, atol=1e-6)  # all offered
 
 
 # --- generate mode, errors --------------------------------------------------------------------------

@@ -23,7 +23,7 @@ def test_each_lake_action_with_prefix_is_one_token(tokenizer, model_cfg):
     ids = [tokenizer(model_cfg.action_prefix + a, add_special_tokens=False)["input_ids"] for a in LAKE_ACTIONS]
     assert all(len(i) == 1 for i in ids), ids
     assert len({i[0] for i in ids}) == 4  # four distinct tokens
-    assert [tokenizer.decode(i) for i in ids] == LAKE_ACTIONS
+    assert [tokenizer.decode(i).strip() for i in ids] == LAKE_ACTIONS
     assert tokenizer.unk_token_id not in [i[0] for i in ids]
 
 
@@ -36,6 +36,11 @@ def test_grid_text_round_trips(tokenizer, corpus):
         assert tokenizer.decode(ids, skip_special_tokens=True) == text
     # character level: one token per character of the grid (plus <s>)
     assert len(tokenizer(GRID)["input_ids"]) == len(GRID) + 1
+
+
+def test_text_with_action_words_round_trips(tokenizer):
+    for text in ["pick up the cup", "go down now"]:
+        assert tokenizer.decode(tokenizer(text)["input_ids"], skip_special_tokens=True) == text
 
 
 def test_prompt_template_words_are_single_tokens(tokenizer, model_cfg):

@@ -1,0 +1,136 @@
+"""Tests of colearn.report: reports of a real tiny run (the loop run in-process), and sweep comparisons."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+
+from colearn.cli import subcommand
+from colearn.config import Config, EnvConfig, EnvSpec, EvalConfig, LoopConfig, ModelConfig, PartnerSpec, RolloutConfig
+from colearn.dynamics import pair_metrics, probe_set
+from colearn.errors import ColearnError
+from colearn.integrate import evaluate_modes
+from colearn.logger import Logger, read_metrics
+from colearn.loop import LoopState, run
+from colearn.report import t_interval, t_quantile, write_compare, write_report
+
+SUITE = [EnvSpec("colearn/FrozenLake-v0", name="Line", kwargs={"desc": ["SFG"]}),
+         EnvSpec("colearn/FrozenLake-v0", name="MirrorLine", kwargs={"desc": ["GFS"]})]
+PLOTS = ["report_returns.png", "report_lineage.png", "report_merge_gain.png", "report_modes.png", "report_compat.png"]
+
+
+def tiny_config() -> Config:
+    return Config(
+        model=ModelConfig(hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2),
+        loop=LoopConfig(generations=2, rounds=1),
+        rollout=RolloutConfig(episodes=16, group_size=4, num_envs=16),
+        eval=EvalConfig(episodes=2, sampled=True),
+        env=EnvConfig(suite=SUITE, partners=[PartnerSpec("A", ["Line"]), PartnerSpec("B", ["MirrorLine"])]),
+        progress=False,
+    )
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory) -> tuple[Path, LoopState]:
+    """A real two-generation run of the loop: its directory and final state."""
+    run_dir = tmp_path_factory.mktemp("run")
+    return run_dir, run(tiny_config(), run_dir)
+
+
+@pytest.fixture(scope="module")
+def plain_run(finished) -> Path:
+    """The run directory as the loop leaves it."""
+    return finished[0]
+
+
+@pytest.fixture(scope="module")
+def full_run(finished, tmp_path_factory) -> Path:
+    """A copy of the run plus the events the loop logs through dynamics and integrate (compat, integrate)."""
+    plain, state = finished
+    run_dir = tmp_path_factory.mktemp("full") / "run"
+    shutil.copytree(plain, run_dir)
+    cfg = tiny_config()
+    steps = [e["step"] for e in read_metrics(run_dir) if e["event"] == "merge"]
+    log = Logger(run_dir, tensorboard=False)
+    for step in steps:  # the final partners stand in for each generation's: enough to draw the lines
+        log.write("compat", step, **pair_metrics(state.partners, state.ancestor, probe_set(SUITE, 4)))
+    for record in evaluate_modes(state.partners, SUITE, ["route", "ensemble"], cfg.eval, cfg.rollout):
+        log.write("integrate", steps[-1], generation=1, **record)
+    log.close()
+    return run_dir
+
+
+def images_of(html: str) -> list[str]:
+    return re.findall(r'<img src="([^"]+)"', html)
+
+
+def test_report_of_a_full_run_shows_every_plot_offline(full_run):
+    html = write_report(full_run).read_text()
+    assert sorted(images_of(html)) == sorted(PLOTS)
+    for name in PLOTS:
+        data = (full_run / name).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5_000, name
+    assert "http://" not in html and "https://" not in html and "<script" not in html and "<link" not in html
+
+
+def test_report_table_holds_the_final_scores(full_run):
+    html = write_report(full_run).read_text()
+    lineage = json.loads((full_run / "lineage.json").read_text())
+    assert [n["id"] for n in lineage] == ["gen0/offspring", "gen1/offspring"]
+    table = html.split("<h2>Final scores</h2>")[1].split("<h2>")[0]
+    rows = re.findall(r"<tr><td>(\w+) <span class='muted'>greedy, gen (\d)</span>", table)
+    assert rows == [("ancestor", "0"), ("A", "1"), ("B", "1"), ("offspring", "1")]  # start, partners, product
+    final = lineage[-1]["scores"]["Line"]
+    assert f"{final:.2f} <span class='muted'>(" in table.split("offspring <span class='muted'>greedy")[1]
+
+
+def test_report_of_a_plain_run_says_what_is_missing(plain_run):
+    html = write_report(plain_run).read_text()
+    assert sorted(images_of(html)) == ["report_lineage.png", "report_merge_gain.png", "report_returns.png"]
+    assert "Not available: no integrate events in this run." in html
+    assert "Not available: no compat/* metrics in this run." in html
+
+
+def test_missing_or_empty_runs_are_user_errors(tmp_path):
+    with pytest.raises(ColearnError, match=re.escape(str(tmp_path / "nowhere"))):
+        subcommand("report")([str(tmp_path / "nowhere")])
+    (tmp_path / "metrics.jsonl").write_text("")
+    with pytest.raises(ColearnError, match="is empty"):
+        write_report(tmp_path)
+    with pytest.raises(ColearnError, match="no runs"):
+        write_compare(tmp_path)
+
+
+def test_t_interval_matches_student_t():
+    mean, half = t_interval([1.0, 2.0, 3.0])
+    assert mean == 2.0 and half == pytest.approx(4.303 / 3**0.5, abs=1e-3)
+    assert t_quantile(60) == pytest.approx(2.0003, abs=1e-3) and t_quantile(1000) == pytest.approx(1.9623, abs=1e-3)
+    assert t_interval([0.5])[1] != t_interval([0.5])[1]  # NaN: one seed has no interval
+
+
+def test_compare_groups_presets_and_seeds(plain_run, tmp_path):
+    """Four copies of the real run as a sweep; each gets a last offspring score on Line chosen by hand."""
+    finals = {("full", 0): 0.5, ("full", 1): 0.7, ("independent", 0): 0.2, ("independent", 1): 0.2}
+    for i, ((preset, seed), value) in enumerate(finals.items()):
+        run_dir = tmp_path / f"{i}_experiment={preset},seed={seed}"
+        (run_dir / ".hydra").mkdir(parents=True)
+        shutil.copy(plain_run / "metrics.jsonl", run_dir / "metrics.jsonl")
+        (run_dir / ".hydra" / "overrides.yaml").write_text(
+            f"- experiment={preset}\n- seed={seed}\n- loop.generations=2\n")
+        log = Logger(run_dir, tensorboard=False)
+        log.write("eval", 10_000, generation=2, round=0, partner="offspring", env="Line", policy="greedy",
+                  own_env=False, mean_return=value, success=value, optimal=1.0, normalized=value)
+        log.close()
+    subcommand("compare")([str(tmp_path)])
+    html = (tmp_path / "compare.html").read_text()
+    offspring = html.split("<h2>Final offspring</h2>")[1].split("<h2>")[0]
+    rows = dict(re.findall(r"<tr><td>([a-z]+)</td><td>2</td><td[^>]*>([^<]+)<", offspring))
+    assert rows == {"full": "0.60 ", "independent": "0.20 "}
+    assert f"± {12.706 * 0.1:.2f}" in offspring  # sd 0.1414 / sqrt(2) * t(1)
+    assert "loop.generations=2" in html  # shared overrides are listed once, not in the preset names
+    assert images_of(html) == ["compare_returns.png"]
+    assert (tmp_path / "compare_returns.png").read_bytes()[:4] == b"\x89PNG"
