@@ -116,37 +116,19 @@ def _dense_candidate(ancestor: Partner) -> Partner:
 # --------------------------------------------------------------------------- compatibility
 
 
-@torch.no_grad()
-def probe_states(partner: Partner, probe: Sequence[str]) -> torch.Tensor:
-    """Returns the last layer's hidden state at each probe prompt's last token, (n, hidden), float32.
-
-    The last token is where the policy reads off its action; prompts are right-padded, so with
-    causal attention the padding never reaches a real token.
-    """
-    prompts = partner.prompt_ids(list(probe))
-    longest = max(len(p) for p in prompts)
-    pad = partner.tokenizer.pad_token_id or 0
-    ids = torch.tensor([p + [pad] * (longest - len(p)) for p in prompts], device=partner.device)  # (n, T)
-    mask = torch.tensor([[1] * len(p) + [0] * (longest - len(p)) for p in prompts], device=partner.device)  # (n, T)
-    was_training = partner.model.training
-    partner.model.eval()
-    hidden = partner.model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states[-1]  # (n,T,d)
-    partner.model.train(was_training)
-    last = torch.tensor([len(p) - 1 for p in prompts], device=hidden.device)  # (n,)
-    return hidden[torch.arange(len(prompts), device=hidden.device), last].float()  # (n, d)
-
-
 def compatibility(ancestor: Partner, partners: Sequence[Partner], probe: Sequence[str] | None) -> dict[str, Any]:
     """Returns {cosine, sign_conflict, cka, pair}: the partners' compatibility (pair: the lowest-cosine pair).
 
     cosine and sign_conflict compare task vectors (partner - ancestor; Yadav et al. 2023 for
-    sign conflicts), cka the partners' last hidden states on the probe prompts (linear CKA,
+    sign conflicts), cka the partners' last-layer hidden states at every token of the probe prompts (linear CKA,
     Kornblith et al. 2019; None without a probe of >= 2 prompts).  With more than two
     partners every value is the worst over pairs (lowest cosine and CKA, highest conflict rate).
     """
     base = dense_state(ancestor)
     vectors = {p.name: task_vector(dense_state(p), base) for p in partners}
-    states = {p.name: probe_states(p, probe) for p in partners} if probe and len(probe) >= 2 else None
+    from colearn.dynamics import hidden_states  # dynamics reads offspring's dense_state: import late
+
+    states = {p.name: hidden_states(p, list(probe)) for p in partners} if probe and len(probe) >= 2 else None
     worst: dict[str, Any] = {"cosine": None, "sign_conflict": None, "cka": None, "pair": None}
     for a, b in itertools.combinations([p.name for p in partners], 2):
         cosine = task_vector_cosine(vectors[a], vectors[b])

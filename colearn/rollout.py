@@ -83,7 +83,7 @@ def collect(
     episodes: list[list[dict[str, Any]]] = []
     obs = reset_slots(venv, {i: seed for i, (_, seed) in slots.items()})
     while slots:
-        live = list(slots)
+        live = sorted(slots)
         observations = [obs[i] for i in live]
         acts = partner.act(observations, legal, greedy, generator, cfg.temperature, cfg.max_new_tokens)
         prompts = partner.prompt_ids(observations)

@@ -9,7 +9,7 @@ import torch
 
 from colearn.config import MergeConfig
 from colearn.errors import ColearnError
-from colearn.offspring import compatibility, dense_state, make_offspring, probe_states
+from colearn.offspring import compatibility, dense_state, make_offspring
 from colearn.partner import Partner
 
 torch.set_num_threads(1)
@@ -45,17 +45,6 @@ def family(ancestor, model_cfg, corpus):
 def same_weights(x: Partner, y: Partner) -> bool:
     sx, sy = x.model.state_dict(), y.model.state_dict()
     return sx.keys() == sy.keys() and all(torch.equal(sx[k], sy[k]) for k in sx)
-
-
-def test_probe_states_are_each_prompts_last_token_despite_padding(family, probe):
-    _, a, _, _ = family
-    batch = probe_states(a, probe)  # (n, hidden)
-    assert batch.shape == (len(probe), a.model.config.hidden_size)
-    lengths = {len(ids) for ids in a.prompt_ids(probe)}
-    assert len(lengths) > 1  # the probe really mixes lengths, so padding is exercised
-    for i in (0, len(probe) - 1):
-        alone = probe_states(a, [probe[i], probe[i]])[0]
-        assert torch.allclose(batch[i], alone, atol=1e-5)
 
 
 def test_compatibility_orders_identical_slightly_different_and_unrelated(family, probe):
