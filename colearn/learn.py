@@ -204,13 +204,13 @@ def batch_loss(
     adv = torch.tensor([a for _, _, a in batch], device=device, dtype=torch.float32)
     behaviour = torch.tensor([r["logprob"] for r in rows], device=device, dtype=torch.float32)
     mask = {k: torch.tensor([x == k for x in kinds], device=device) for k in ("own", "peer", "distill")}
-    n = len(batch)
-    rl = (clipped_pg_loss(policy_lp, behaviour, adv, cfg.clip_eps) * mask["own"]).sum() / n
-    peer_rl = (peer_pg_loss(policy_lp, behaviour, adv, cfg.peer_ratio_cap) * mask["peer"]).sum() / n
-    distill = -(token_lp * mask["distill"]).sum() / n
+    count = {k: m.sum().clamp(min=1) for k, m in mask.items()}  # each term is a mean over its own rows
+    rl = (clipped_pg_loss(policy_lp, behaviour, adv, cfg.clip_eps) * mask["own"]).sum() / count["own"]
+    peer_rl = (peer_pg_loss(policy_lp, behaviour, adv, cfg.peer_ratio_cap) * mask["peer"]).sum() / count["peer"]
+    distill = -(token_lp * mask["distill"]).sum() / count["distill"]
     acting = mask["own"] | mask["peer"]
     ent = (entropy * acting).sum() / acting.sum().clamp(min=1)
-    kl = mutual_kl(partner, teacher, [r for r, m in zip(rows, mask["distill"].tolist()) if m]) / n
+    kl = mutual_kl(partner, teacher, [r for r, m in zip(rows, mask["distill"].tolist()) if m]) / count["distill"]
     loss = cfg.rl_coef * rl + cfg.peer_rl_coef * peer_rl + cfg.distill_coef * distill - cfg.entropy_coef * ent
     loss = loss + cfg.mutual_kl_coef * kl
     parts = {k: v.item() for k, v in
