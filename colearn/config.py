@@ -206,6 +206,7 @@ class LoopConfig:
     generations: int = 2  # generations (each ends in a merge)
     rounds: int = 3  # rounds per generation (each: act, learn, evaluate)
     exchange: bool = True  # partners see each other's experience (off: independent partners)
+    keep_generations: int = 0  # generation checkpoints kept (newest, plus the deployed one); 0 keeps all
 
     def __post_init__(self) -> None:
         if self.generations < 1 or self.rounds < 1:

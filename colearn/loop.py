@@ -352,6 +352,20 @@ def save_generation(state: LoopState, child: Partner, ctx: Context) -> None:
         p.save(tmp / p.name)
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
+    prune_generations(ctx.run_dir, ctx.cfg.loop.keep_generations)
+
+
+def prune_generations(run_dir: Path, keep: int) -> None:
+    """Deletes generation checkpoints beyond the newest `keep` (never the deployed one), so a long run's
+    directory grows only by its experience and logs."""
+    if keep <= 0:
+        return
+    deployed = run_dir / "deployed.json"
+    protected = json.loads(deployed.read_text(encoding="utf-8"))["path"].split("/")[1] if deployed.exists() else None
+    generations = sorted(d for d in (run_dir / "checkpoints").glob("gen_*") if not d.name.endswith(".tmp"))
+    for d in generations[:-keep]:
+        if d.name != protected:
+            shutil.rmtree(d, ignore_errors=True)
 
 
 def promote(state: LoopState, ctx: Context, recipe: dict[str, Any]) -> None:
