@@ -39,6 +39,13 @@ def size_mb(path: Path) -> float:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) / 2**20 if path.exists() else 0.0
 
 
+def slope(xs: list[float], ys: list[float]) -> float:
+    """Returns the least-squares slope of ys over xs."""
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+    var = sum((x - mx) ** 2 for x in xs)
+    return sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / var if var else 0.0
+
+
 def soak_config(generations: int) -> Config:
     lake = "colearn/FrozenLake-v0"
     suite = [EnvSpec(lake, "Lake"), EnvSpec(lake, "MirrorLake", {"desc": ["FFFS", "HFHF", "HFFF", "GFFH"]})]
@@ -70,18 +77,21 @@ def main() -> None:
               f"(experience {r['experience_mb']:6.2f}, checkpoints {r['checkpoints_mb']:5.2f}, logs {r['logs_mb']:5.2f})",
               flush=True)
     other = [r["run_dir_mb"] - r["experience_mb"] - r["logs_mb"] for r in rows]
-    half = len(rows) // 2
+    half = rows[len(rows) // 2:]
     summary = {
-        "rss_growth_second_half_mb": rows[-1]["rss_mb"] - rows[half]["rss_mb"],
+        # least-squares slope over the second half: a leak shows as a steady climb, not as one noisy sample
+        "rss_slope_mb_per_generation": slope([r["generation"] for r in half], [r["rss_mb"] for r in half]),
         "rss_mb_first": rows[0]["rss_mb"], "rss_mb_last": rows[-1]["rss_mb"],
-        "non_experience_non_log_mb_first": other[0], "non_experience_non_log_mb_last": other[-1],
+        "rss_mb_max": max(r["rss_mb"] for r in rows),
+        "non_experience_non_log_mb_gen2": other[min(1, len(other) - 1)], "non_experience_non_log_mb_last": other[-1],
         "experience_mb_per_generation": (rows[-1]["experience_mb"] - rows[0]["experience_mb"]) / max(len(rows) - 1, 1),
+        "logs_mb_per_generation": (rows[-1]["logs_mb"] - rows[0]["logs_mb"]) / max(len(rows) - 1, 1),
     }
-    print("\n| generations | RSS first -> last (MiB) | RSS growth, 2nd half (MiB) | run dir minus experience and logs, "
-          "first -> last (MiB) | experience per generation (MiB) |\n|---|---|---|---|---|")
-    print(f"| {len(rows)} | {summary['rss_mb_first']:.0f} -> {summary['rss_mb_last']:.0f} | "
-          f"{summary['rss_growth_second_half_mb']:+.1f} | {other[0]:.2f} -> {other[-1]:.2f} | "
-          f"{summary['experience_mb_per_generation']:.3f} |")
+    print("\n| generations | RSS first / max / last (MiB) | RSS slope, 2nd half (MiB/gen) | run dir minus experience "
+          "and logs, gen 2 -> last (MiB) | experience per gen (MiB) | logs per gen (MiB) |\n|---|---|---|---|---|---|")
+    print(f"| {len(rows)} | {summary['rss_mb_first']:.0f} / {summary['rss_mb_max']:.0f} / {summary['rss_mb_last']:.0f} | "
+          f"{summary['rss_slope_mb_per_generation']:+.2f} | {summary['non_experience_non_log_mb_gen2']:.2f} -> "
+          f"{other[-1]:.2f} | {summary['experience_mb_per_generation']:.3f} | {summary['logs_mb_per_generation']:.3f} |")
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps({"command": " ".join(["python", *sys.argv]), "summary": summary, "rows": rows},
                                   indent=1))
