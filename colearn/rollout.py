@@ -111,7 +111,7 @@ def collect(
         if reset_seeds:
             obs.update(reset_slots(venv, reset_seeds))
     venv.close()
-    episodes.sort(key=lambda ep: ep[0]["episode_id"])
+    episodes.sort(key=lambda ep: int(ep[0]["episode_id"].rsplit("/", 1)[1]))  # the order of `seeds`
     return [row for ep in episodes for row in ep]
 
 
