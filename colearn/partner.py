@@ -72,7 +72,13 @@ class Partner:
 
     def _act_constrained(self, prompts, legal, greedy, generator, temperature) -> Actions:
         action_ids = self.action_ids(legal)
-        logps = legal_action_logprobs(self.model, prompts, action_ids, self.tokenizer.pad_token_id, temperature)
+        # envs repeat observations (the episodes of a group start alike; small maps have few states):
+        # score each distinct prompt once, then sample one action per observation
+        row_of: dict[tuple[int, ...], int] = {}
+        rows = torch.tensor([row_of.setdefault(tuple(p), len(row_of)) for p in prompts])
+        distinct = [list(p) for p in row_of]
+        logps = legal_action_logprobs(self.model, distinct, action_ids, self.tokenizer.pad_token_id, temperature)
+        logps = logps[rows.to(logps.device)]
         if greedy:
             choice = logps.argmax(-1)
         else:

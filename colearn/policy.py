@@ -6,6 +6,9 @@ rollout time is the same number the learner recomputes for unchanged weights.
 
 from __future__ import annotations
 
+from itertools import chain
+
+import numpy as np
 import torch
 import torch.nn.functional as F
 from trl.trainer.utils import entropy_from_logits, selective_log_softmax
@@ -25,10 +28,15 @@ def right_padded(seqs: list[list[int]], pad_id: int, device: torch.device) -> tu
 def last_logits(model: torch.nn.Module, prompts: list[list[int]], pad_id: int) -> torch.Tensor:
     """Returns the next-token logits after each prompt, (batch, vocab), in float32."""
     device = next(model.parameters()).device
-    flipped, mask = right_padded([p[::-1] for p in prompts], pad_id, device)
-    ids, mask = flipped.flip(1), mask.flip(1)  # left-padded, so every prompt ends at the last column
+    lengths = torch.tensor([len(p) for p in prompts])
+    longest = int(lengths.max())
+    mask = torch.arange(longest) >= longest - lengths[:, None]  # left-padded: every prompt ends at the last column
+    tokens = torch.from_numpy(np.fromiter(chain.from_iterable(prompts), dtype=np.int64, count=int(lengths.sum())))
+    ids = torch.full(mask.shape, pad_id, dtype=torch.long).masked_scatter(mask, tokens)  # row-major: rows in order
+    mask = mask.long()
     positions = (mask.cumsum(1) - 1).clamp(min=0)  # pads take no position: same numbers as unpadded
-    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=1)
+    out = model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device),
+                logits_to_keep=1)
     return out.logits[:, -1].float()
 
 
