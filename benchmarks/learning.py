@@ -193,11 +193,12 @@ def fmt(x: dict[str, Any], digits: int = 2, scale: float = 1.0) -> str:
     return f"{x['mean'] / scale:.{digits}f}{hw}"
 
 
-def goal_check(agg: dict[str, Any]) -> dict[str, Any]:
+def goal_check(agg: dict[str, Any], runs: list[dict[str, Any]]) -> dict[str, Any]:
     """Goal: full needs <= half the env steps of the best baseline (per env, censored means: "never"
     counts as the budget, so a baseline that never reaches 90% is credited with its whole budget, a
     lower bound), and merges never lose to the best parent by more than noise (the 95% interval of the
-    mean gain reaches 0 in every generation, and no single merge loses more than 0.25)."""
+    mean gain reaches 0 in every generation; the worst single merge's per-env loss is reported next to the
+    evaluation's binomial noise, sd of one env's normalized score ~ 0.5 / sqrt(eval.episodes) / optimal)."""
     if "full" not in agg:
         return {}
     steps = {}
@@ -213,7 +214,9 @@ def goal_check(agg: dict[str, Any]) -> dict[str, Any]:
                                     and full <= 0.5 * base[best])}
     gains = agg["full"]["merge_gain"]
     merge_ok = all(g["mean"] is not None and g["mean"] + (g["ci95"] or 0) >= 0 for g in gains)
-    return {"steps": steps, "merge_gain_ci_reaches_0": merge_ok}
+    worst = {p: min((g for r in runs if r["preset"] == p for gen in r["merge_gain_env"] for g in gen.values()
+                     if g is not None), default=None) for p in ("full", "merging_only")}
+    return {"steps": steps, "merge_gain_ci_reaches_0": merge_ok, "worst_single_merge_gain_per_env": worst}
 
 
 def table(agg: dict[str, Any], runs: list[dict[str, Any]]) -> str:
@@ -269,6 +272,7 @@ def plot(runs: list[dict[str, Any]], path: Path) -> None:
                 hw = t_quantile(len(rs) - 1) * vals.std(0, ddof=1) / math.sqrt(len(rs))
                 ax.fill_between(steps, mean - hw, mean + hw, alpha=0.15)
         ax.axhline(THRESHOLD, color="grey", ls="--", lw=0.8)
+        ax.set_ylim(-0.1, 1.3)  # t-bands of 3 seeds of 0/1 outcomes reach far past [0, 1]
         ax.set_title(env)
         ax.set_xlabel("environment steps")
     axes[0].set_ylabel("best greedy normalized return\n(partners / offspring)")
@@ -289,11 +293,16 @@ def report(runs_dir: Path, out: Path, command: str, wall_s: float | None, budget
         sys.exit(f"no finished runs (bench.json) under {runs_dir}")
     agg = aggregate(runs)
     text = table(agg, runs)
-    goal = goal_check(agg)
+    goal = goal_check(agg, runs)
     print(text)
     print("\nGoal check:", json.dumps(goal, indent=1))
     out.parent.mkdir(parents=True, exist_ok=True)
-    result = {"command": command, "runs_dir": str(runs_dir), "budget_overrides": budget,
+    previous = json.loads(out.read_text()) if wall_s is None and out.is_file() else {}
+    aggregated_by = command
+    if previous.get("runs_dir") == str(runs_dir):  # re-aggregating: keep how the runs were made and how long
+        command, wall_s = previous.get("command", command), previous.get("wall_s_total")
+        budget = previous.get("budget_overrides", budget)
+    result = {"command": command, "aggregated_by": aggregated_by, "runs_dir": str(runs_dir), "budget_overrides": budget,
               "wall_s_total": wall_s, "wall_s_runs": sum(r["wall_s"] for r in runs),
               "system_score": "best greedy normalized return over the policies evaluated at each eval point "
                               "(partners after each round, plus the offspring at a generation's end)",

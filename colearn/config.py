@@ -130,18 +130,18 @@ class RolloutConfig:
 
 @dataclass
 class LearnConfig:
-    lr: float = 3e-3  # AdamW learning rate
+    lr: float = 2e-3  # AdamW learning rate
     weight_decay: float = 0.0  # AdamW weight decay
-    batch_size: int = 256  # step records per gradient step
-    epochs: int = 1  # passes over a round's data
+    batch_size: int = 128  # step records per gradient step
+    epochs: int = 4  # passes over a round's data
     max_grad_norm: float = 1.0  # gradient clipping
     rl_coef: float = 1.0  # weight of the policy-gradient loss on own steps (0 disables RL)
-    peer_rl_coef: float = 1.0  # weight of the importance-weighted policy-gradient loss on the partner's steps
+    peer_rl_coef: float = 0.5  # weight of the importance-weighted policy-gradient loss on the partner's steps
     peer_ratio_cap: float = 1.0  # truncation of the importance ratio pi_self / pi_partner on partner steps (SEAC)
     clip_eps: float = 0.2  # PPO clip of the ratio against the behaviour log-probability
-    entropy_coef: float = 0.01  # entropy bonus
-    advantage: str = "episode"  # episode (group-normalized episode return) | return_to_go (per step, group baseline)
-    distill_coef: float = 1.0  # weight of distillation (SFT on selected successes); 0 disables it
+    entropy_coef: float = 0.02  # entropy bonus
+    advantage: str = "return_to_go"  # return_to_go (per step, per-observation baseline) | episode (GRPO)
+    distill_coef: float = 0.5  # weight of distillation (SFT on selected successes); 0 disables it
     distill_from: str = "peer"  # peer | self | both: whose successes to imitate
     distill_select: str = "success"  # success (episodes that reached the goal) | top (top fraction by return)
     distill_top_fraction: float = 0.25  # with distill_select=top
