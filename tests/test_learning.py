@@ -97,7 +97,9 @@ def small_config(seed: int, generations: int, rounds: int, **learn) -> Config:
         seed=seed, model=tiny_model_config(),
         env=EnvConfig(suite=[SMALL_LAKE], partners=[PartnerSpec("A", ["Small"]), PartnerSpec("B", ["Small"])]),
         rollout=RolloutConfig(episodes=64, group_size=8, num_envs=64, gamma=0.95),
-        learn=LearnConfig(lr=3e-3, batch_size=128, epochs=4, advantage="return_to_go", distill_from="both", **learn),
+        learn=LearnConfig(**{"lr": 3e-3, "batch_size": 128, "epochs": 4, "advantage": "return_to_go",
+                             "distill_from": "both", "peer_rl_coef": 1.0, "distill_coef": 1.0, "entropy_coef": 0.01,
+                             **learn}),
         loop=LoopConfig(generations=generations, rounds=rounds), eval=EvalConfig(episodes=8, sampled=True),
         progress=False,
     )
