@@ -90,9 +90,10 @@ def test_report_table_holds_the_final_scores(full_run):
 
 def test_report_of_a_plain_run_says_what_is_missing(plain_run):
     html = write_report(plain_run).read_text()
-    assert sorted(images_of(html)) == ["report_lineage.png", "report_merge_gain.png", "report_returns.png"]
+    # a pair always logs compatibility; integration modes only when integrate.modes is set
+    assert sorted(images_of(html)) == ["report_compat.png", "report_lineage.png", "report_merge_gain.png",
+                                       "report_returns.png"]
     assert "Not available: no integrate events in this run." in html
-    assert "Not available: no compat/* metrics in this run." in html
 
 
 def test_missing_or_empty_runs_are_user_errors(tmp_path):
