@@ -244,8 +244,11 @@ def train(
                       reason=f"no {cfg.learn.distill_select} episodes from {cfg.learn.distill_from} this round")
     stats = learn(partner, own, peer, distill, cfg.learn, seed_for(cfg, 3, state.generation, state.round, index),
                   teacher, cfg.rollout.temperature)
-    from_peer = sum(1 for r in distill if r["partner"] != partner.name)
-    stats["distill/from_peer_share"] = from_peer / len(distill) if distill else 0.0
+    from_peer = [r for r in distill if r["partner"] != partner.name]
+    stats["distill/from_peer_share"] = len(from_peer) / len(distill) if distill else 0.0
+    # how the imitated peer actions fared: the mean return of the episodes they came from
+    stats["distill/peer_episode_return"] = (sum(r["episode_return"] for r in from_peer) / len(from_peer)
+                                            if from_peer else 0.0)
     ctx.log.write("learn", state.env_steps, partner=partner.name, **here,
                   **{f"{k}/{partner.name}": v for k, v in stats.items()})
     warn_on_collapse(partner, stats, cfg, ctx, state)

@@ -328,3 +328,31 @@ def sweep_figure(curves: dict[str, dict[str, list[tuple[float, float, float]]]],
     axes[0][0].set_ylabel("partners' return / optimal\n(mean, 95% interval over seeds)")
     legend_right(fig, axes[0][-1])
     return fig
+
+
+def transfer_figure(events: list[Event]) -> Figure | None:
+    """Two panels from `dynamics` events: return on never-visited envs (transfer) and forgetting, one line
+    per partner and env."""
+    panels = [("transfer/unseen_return/", "return on envs never acted in"), ("forgetting/", "forgetting")]
+    series: dict[str, list[tuple[int, float]]] = defaultdict(list)
+    for e in of(events, "dynamics"):
+        for k, v in e.items():
+            if k.startswith(tuple(p for p, _ in panels)) and isinstance(v, (int, float)) and "/ancestor/" not in k:
+                series[k].append((e["step"], v))
+    if not series:
+        return None
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.2), squeeze=False)
+    colors = colors_for(sorted({k.split("/")[-2] for k in series}))
+    for ax, (prefix, title) in zip(axes.flat, panels):
+        for key in sorted(k for k in series if k.startswith(prefix)):
+            partner, env = key.split("/")[-2:]
+            xs, ys = zip(*series[key])
+            ax.plot(xs, ys, marker="o", markersize=3, color=colors.get(partner, "0.5"), label=f"{partner} on {env}")
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("environment steps")
+        ax.set_ylabel("normalized return")
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(frameon=False, fontsize=8)
+        mark_merges(ax, merge_steps(events))
+    fig.tight_layout()
+    return fig

@@ -126,6 +126,11 @@ SECTIONS: list[tuple[str, str, Callable[[Run], Any], str, str]] = [
     ("compat", "Compatibility over time", lambda r: plots.compat_figure(r.events),
      "How alike the partners are: CKA of hidden states on a fixed probe set, cosine and sign conflicts "
      "of their task vectors, and distance in weight space.", "no compat/* metrics in this run"),
+    ("learning_from", "Who learns what from whom", lambda r: plots.transfer_figure(r.events),
+     "Left: each partner's normalized greedy return on envs it never acted in (learned only from its "
+     "partner's experience and the merges). Right: forgetting, each partner's best-so-far minus current "
+     "return per env (above 0: something learned earlier was lost, e.g. when a curriculum moved on).",
+     "no dynamics events in this run"),
 ]
 
 
