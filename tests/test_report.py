@@ -20,7 +20,8 @@ from colearn.report import t_interval, t_quantile, write_compare, write_report
 
 SUITE = [EnvSpec("colearn/FrozenLake-v0", name="Line", kwargs={"desc": ["SFG"]}),
          EnvSpec("colearn/FrozenLake-v0", name="MirrorLine", kwargs={"desc": ["GFS"]})]
-PLOTS = ["report_returns.png", "report_lineage.png", "report_merge_gain.png", "report_modes.png", "report_compat.png"]
+PLOTS = ["report_returns.png", "report_lineage.png", "report_merge_gain.png", "report_modes.png", "report_compat.png",
+         "report_learning_from.png"]
 
 
 def tiny_config() -> Config:
@@ -91,7 +92,8 @@ def test_report_table_holds_the_final_scores(full_run):
 def test_report_of_a_plain_run_says_what_is_missing(plain_run):
     html = write_report(plain_run).read_text()
     # a pair always logs compatibility; integration modes only when integrate.modes is set
-    assert sorted(images_of(html)) == ["report_compat.png", "report_lineage.png", "report_merge_gain.png",
+    assert sorted(images_of(html)) == ["report_compat.png", "report_learning_from.png", "report_lineage.png",
+                                       "report_merge_gain.png",
                                        "report_returns.png"]
     assert "Not available: no integrate events in this run." in html
 
