@@ -194,7 +194,10 @@ def run_generation(state: LoopState, ctx: Context, bar: tqdm) -> None:
             return
     assess_integration(state, ctx)
     child, recipe = breed(state, ctx)
-    child_scores = assess(child, "offspring", state, ctx)
+    if "mixture" in recipe:
+        child_scores = assess_mixture(recipe["mixture"], state, ctx)
+    else:
+        child_scores = assess(child, "offspring", state, ctx)
     state.last_scores["offspring"] = child_scores
     record_lineage(state, ctx, recipe, child_scores)
     save_generation(state, child, ctx)
@@ -271,15 +274,31 @@ def warn_on_collapse(partner: Partner, stats: dict[str, float], cfg: Config, ctx
 def assess(partner: Partner, label: str, state: LoopState, ctx: Context) -> list[EnvScore]:
     """Evaluates a policy on every env of the experiment and logs each score against the ceiling."""
     scores = evaluate(partner, list(ctx.suite.values()), ctx.cfg.eval, ctx.cfg.rollout)
+    log_scores(scores, partner.envs, label, state, ctx)
+    return scores
+
+
+def assess_mixture(mixture: dict[str, str], state: LoopState, ctx: Context) -> list[EnvScore]:
+    """Evaluates the mixture offspring (merge.fallback=mixture: each env routed to the partner best on it)
+    and logs it as the offspring; its weights on disk are the best partner's (one set cannot hold a mixture)."""
+    names = [p.name for p in state.partners]
+    params = ModeParams(env_map={env: names.index(owner) for env, owner in mixture.items()})
+    records = evaluate_modes(state.partners, list(ctx.suite.values()), ["route"], ctx.cfg.eval, ctx.cfg.rollout,
+                             params)
+    scores = [EnvScore(**{f: r[f] for f in EnvScore.__dataclass_fields__}) for r in records]
+    log_scores(scores, list(mixture), "offspring", state, ctx)
+    return scores
+
+
+def log_scores(scores: list[EnvScore], own_envs: list[str], label: str, state: LoopState, ctx: Context) -> None:
     for s in scores:
         ctx.log.write(
             "eval", state.env_steps, generation=state.generation, round=state.round, partner=label, env=s.env,
-            policy=s.policy, own_env=s.env in partner.envs, mean_return=s.mean_return, success=s.success,
+            policy=s.policy, own_env=s.env in own_envs, mean_return=s.mean_return, success=s.success,
             optimal=s.optimal, normalized=s.normalized,
             **{f"return/{s.policy}/{label}/{s.env}": s.mean_return, f"normalized/{s.policy}/{label}/{s.env}":
                s.normalized},
         )
-    return scores
 
 
 def log_dynamics(state: LoopState, ctx: Context) -> None:

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from colearn import loop
-from colearn.config import (Config, EnvConfig, EnvSpec, EvalConfig, LearnConfig, LoopConfig, PartnerSpec,
+from colearn.config import (Config, EnvConfig, EnvSpec, EvalConfig, LearnConfig, LoopConfig, MergeConfig, PartnerSpec,
                             RolloutConfig)
 from colearn.evaluate import evaluate
 from colearn.learn import (clipped_pg_loss, group_advantages, learn, peer_pg_loss, select_for_distillation,
@@ -174,3 +174,17 @@ def test_a_round_without_successes_skips_distillation_and_says_so(tmp_path):
     events = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     skipped = [e for e in events if e["event"] == "distill_skipped"]
     assert skipped and "no success episodes" in skipped[0]["reason"]
+
+
+def test_incompatible_partners_fall_back_to_a_routed_mixture(tmp_path):
+    cfg = small_config(seed=0, generations=1, rounds=1)
+    cfg.merge = MergeConfig(compat_metric="cosine", compat_threshold=0.99, fallback="mixture")
+    cfg.env = EnvConfig(suite=[SMALL_LAKE, EnvSpec(LAKE_ID, "Line", {"desc": ["SFG"]})],
+                        partners=[PartnerSpec("A", ["Small"]), PartnerSpec("B", ["Line"])])
+    loop.run(cfg, tmp_path)
+    node = json.loads((tmp_path / "lineage.json").read_text())[0]
+    assert node["recipe"]["outcome"] == "fallback" and "cosine" in node["recipe"]["reason"]
+    assert set(node["recipe"]["mixture"]) == {"Small", "Line"}
+    events = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    routed = [e for e in events if e["event"] == "eval" and e["partner"] == "offspring"]
+    assert {e["env"] for e in routed} == {"Small", "Line"}
