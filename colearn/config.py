@@ -255,8 +255,4 @@ class Config:
 def register_configs() -> None:
     """Registers the schema so Hydra type-checks conf/ YAML against it."""
     cs = ConfigStore.instance()
-    cs.store(name="schema", node=Config)
-    cs.store(group="model", name="schema_model", node=ModelConfig)
-    cs.store(group="env", name="schema_env", node=EnvConfig)
-    cs.store(group="learn", name="schema_learn", node=LearnConfig)
-    cs.store(group="merge", name="schema_merge", node=MergeConfig)
+    cs.store(name="schema", node=Config)  # conf/config.yaml lists it first: every group's YAML is checked against it

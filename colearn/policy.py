@@ -36,7 +36,7 @@ def last_logits(model: torch.nn.Module, prompts: list[list[int]], pad_id: int) -
     mask = mask.long()
     positions = (mask.cumsum(1) - 1).clamp(min=0)  # pads take no position: same numbers as unpadded
     out = model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device),
-                logits_to_keep=1)
+                logits_to_keep=1, use_cache=False)  # no KV cache to build: nothing is generated after
     return out.logits[:, -1].float()
 
 
