@@ -36,7 +36,9 @@ def score_of(rows: list[dict[str, Any]], env: EnvSpec, policy: str) -> EnvScore:
     return EnvScore(env.name, policy, mean_return, success, optimal, normalized, len(finals))
 
 
-def evaluate(partner: Partner, suite: list[EnvSpec], cfg: EvalConfig, rollout: RolloutConfig) -> list[EnvScore]:
+def evaluate(
+    partner: Partner, suite: list[EnvSpec], cfg: EvalConfig, rollout: RolloutConfig, venvs: dict | None = None
+) -> list[EnvScore]:
     """Returns one score per env and per evaluated policy (greedy and/or sampled), on fixed seeds
     (the same for every partner and generation, so scores are comparable)."""
     policies = [p for p, on in (("greedy", cfg.greedy), ("sampled", cfg.sampled)) if on]
@@ -46,7 +48,7 @@ def evaluate(partner: Partner, suite: list[EnvSpec], cfg: EvalConfig, rollout: R
         for policy in policies:
             generator = torch.Generator().manual_seed(cfg.seed)
             rows = collect(partner, env, seeds, rollout, generator, EpisodeMeta(partner=partner.name),
-                           greedy=policy == "greedy")
+                           greedy=policy == "greedy", venvs=venvs)
             scores.append(score_of(rows, env, policy))
     return scores
 

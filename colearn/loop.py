@@ -65,6 +65,7 @@ class Context:
     suite: dict[str, EnvSpec]
     stop: StopOnSignal | None = None
     probe: list[str] = field(default_factory=list)  # fixed observations on which partners' hidden states are compared
+    venvs: dict[tuple[str, int], Any] = field(default_factory=dict)  # vector envs made once per run and reused
 
 
 class StopOnSignal:
@@ -147,6 +148,8 @@ def run(cfg: Config, run_dir: Path, state: LoopState | None = None) -> LoopState
         while state.generation < cfg.loop.generations and not stop.requested:
             run_generation(state, ctx, bar)
     state.stopped_by = stop.requested
+    for venv in ctx.venvs.values():
+        venv.close()
     ctx.log.close()
     return state
 
@@ -217,7 +220,7 @@ def play(partner: Partner, index: int, state: LoopState, ctx: Context) -> list[d
                             cfg.rollout.group_size)
         generator = torch.Generator().manual_seed(seed_for(cfg, 2, *path))
         meta = EpisodeMeta(cfg.run_id or ctx.run_dir.name, state.generation, state.round, partner.name)
-        rows += collect(partner, ctx.suite[name], seeds, cfg.rollout, generator, meta)
+        rows += collect(partner, ctx.suite[name], seeds, cfg.rollout, generator, meta, venvs=ctx.venvs)
     state.env_steps += len(rows)
     return rows
 
@@ -273,7 +276,7 @@ def warn_on_collapse(partner: Partner, stats: dict[str, float], cfg: Config, ctx
 
 def assess(partner: Partner, label: str, state: LoopState, ctx: Context) -> list[EnvScore]:
     """Evaluates a policy on every env of the experiment and logs each score against the ceiling."""
-    scores = evaluate(partner, list(ctx.suite.values()), ctx.cfg.eval, ctx.cfg.rollout)
+    scores = evaluate(partner, list(ctx.suite.values()), ctx.cfg.eval, ctx.cfg.rollout, ctx.venvs)
     log_scores(scores, partner.envs, label, state, ctx)
     return scores
 

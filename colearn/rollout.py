@@ -68,15 +68,20 @@ def collect(
     generator: torch.Generator,
     meta: EpisodeMeta,
     greedy: bool = False,
+    venvs: dict[tuple[str, int], gym.vector.VectorEnv] | None = None,
 ) -> list[dict[str, Any]]:
     """Returns the step records of one episode per seed, played by `partner` in env `spec`.
 
     Sub-environments that finish an episode are reset at once with the next queued seed, so the
-    batch stays full; each step makes one batched forward pass over every running episode.
+    batch stays full; each step makes one batched forward pass over every running episode. With `venvs`
+    (a run's cache, keyed by env name and size) vector envs are made once and reused across calls:
+    every episode is reset with its own seed, so reuse changes no number, only the set-up time.
     """
     legal = acting_mode(spec, cfg.mode)
     n = min(cfg.num_envs, len(seeds))
-    venv = make_vector_env(spec, n, cfg.vectorization)
+    if venvs is not None and (spec.name, n) not in venvs:
+        venvs[(spec.name, n)] = make_vector_env(spec, n, cfg.vectorization)
+    venv = venvs[(spec.name, n)] if venvs is not None else make_vector_env(spec, n, cfg.vectorization)
     queue = deque(enumerate(seeds))
     slots: dict[int, tuple[int, int]] = {i: queue.popleft() for i in range(n)}  # running slot -> (episode, seed)
     steps: list[list[dict[str, Any]]] = [[] for _ in range(n)]
@@ -110,7 +115,8 @@ def collect(
                     reset_seeds[i] = slots[i][1]
         if reset_seeds:
             obs.update(reset_slots(venv, reset_seeds))
-    venv.close()
+    if venvs is None:
+        venv.close()
     episodes.sort(key=lambda ep: int(ep[0]["episode_id"].rsplit("/", 1)[1]))  # the order of `seeds`
     return [row for ep in episodes for row in ep]
 
