@@ -25,10 +25,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-import envs as colearn_envs  # noqa: F401 - registers the colearn/ env ids
 from colearn.compat import linear_cka, sign_conflict_rate, task_vector, task_vector_cosine, weight_distance
 from colearn.config import EnvSpec
-from colearn.evaluate import EnvScore
+from colearn.evaluate import EnvScore, normalized_by_env
 from colearn.offspring import dense_state
 from colearn.partner import Partner
 from colearn.policy import right_padded
@@ -100,11 +99,7 @@ def pair_metrics(partners: list[Partner], ancestor: Partner, probe: list[str]) -
 def main_scores(scores: dict[str, list[EnvScore]]) -> Scores:
     """Returns {policy owner: {env: normalized return}} of the greedy policy (sampled when greedy was not
     evaluated): the table forgetting and transfer read."""
-    out: Scores = {}
-    for owner, ss in scores.items():
-        kind = "greedy" if any(s.policy == "greedy" for s in ss) else "sampled"
-        out[owner] = {s.env: s.normalized for s in ss if s.policy == kind}
-    return out
+    return {owner: normalized_by_env(ss) for owner, ss in scores.items()}
 
 
 def forgetting(history: list[Scores], current: Scores) -> dict[str, float]:

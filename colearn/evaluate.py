@@ -53,8 +53,13 @@ def evaluate(
     return scores
 
 
+def normalized_by_env(scores: list[EnvScore]) -> dict[str, float]:
+    """Returns {env: normalized return} of the greedy policy, or of the sampled one when greedy was not evaluated."""
+    policy = "greedy" if any(s.policy == "greedy" for s in scores) else "sampled"
+    return {s.env: s.normalized for s in scores if s.policy == policy}
+
+
 def headline(scores: list[EnvScore]) -> float:
     """Returns the mean normalized return over envs, using the greedy policy when it was evaluated."""
-    policy = "greedy" if any(s.policy == "greedy" for s in scores) else "sampled"
-    chosen = [s.normalized for s in scores if s.policy == policy]
+    chosen = list(normalized_by_env(scores).values())
     return sum(chosen) / max(len(chosen), 1)

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from colearn.checkpoint import latest_intact, load_checkpoint, save_checkpoint
 from colearn.config import Config, EnvSpec
 from colearn.dynamics import forgetting, main_scores, pair_metrics, probe_set, transfer
-from colearn.evaluate import EnvScore, evaluate, headline
+from colearn.evaluate import EnvScore, evaluate, headline, normalized_by_env
 from colearn.evolve import return_scorer
 from colearn.integrate import ModeParams, evaluate_modes
 from colearn.experience import ExperienceStore
@@ -339,9 +339,8 @@ def breed(state: LoopState, ctx: Context) -> tuple[Partner, dict[str, Any]]:
 def record_lineage(state: LoopState, ctx: Context, recipe: dict[str, Any], child: list[EnvScore]) -> None:
     """Appends the offspring's node to lineage.json (written aside, then renamed) and logs the merge gain."""
     g = state.generation
-    parent_scores = {p.name: {s.env: s.normalized for s in state.last_scores[p.name] if s.policy == _main(child)}
-                     for p in state.partners}
-    child_scores = {s.env: s.normalized for s in child if s.policy == _main(child)}
+    parent_scores = {p.name: normalized_by_env(state.last_scores[p.name]) for p in state.partners}
+    child_scores = normalized_by_env(child)
     gain = {env: v - max(ps[env] for ps in parent_scores.values()) for env, v in child_scores.items()}
     node = {"id": f"gen{g}/offspring", "generation": g, "parents": [f"gen{g}/{p.name}" for p in state.partners],
             "ancestor": f"gen{g}/ancestor", "recipe": recipe, "scores": child_scores,
@@ -355,10 +354,6 @@ def record_lineage(state: LoopState, ctx: Context, recipe: dict[str, Any], child
                   promoted=gate.get("passed", True), recipe=recipe, **numbers,
                   **{f"merge/gain/{env}": v for env, v in gain.items()},
                   **{"merge/gain": sum(gain.values()) / max(len(gain), 1)})
-
-
-def _main(scores: list[EnvScore]) -> str:
-    return "greedy" if any(s.policy == "greedy" for s in scores) else "sampled"
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
