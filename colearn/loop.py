@@ -3,6 +3,10 @@
     ancestor -> partners act in their envs -> experience store
     each round, each partner: distill(partner's successes) + RL(own steps + partner's steps)
     after R rounds: merge(partners | ancestor) -> offspring -> evaluated -> next ancestor
+
+With merge.fallback=mixture, an offspring that is not a merge is the partners routed per env: it is
+evaluated and saved as that mixture (`colearn.mixture`), while the best partner's copy seeds the next
+generation (a mixture has no single set of weights to copy into the partners).
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from colearn.integrate import ModeParams, evaluate_modes
 from colearn.experience import ExperienceStore
 from colearn.learn import learn, select_for_distillation
 from colearn.logger import Logger, truncate_metrics
+from colearn.mixture import route_params, save_mixture
 from colearn.models import build_ancestor, resolve_device
 from colearn.offspring import make_offspring
 from colearn.partner import Partner
@@ -203,7 +208,7 @@ def run_generation(state: LoopState, ctx: Context, bar: tqdm) -> None:
         child_scores = assess(child, "offspring", state, ctx)
     state.last_scores["offspring"] = child_scores
     record_lineage(state, ctx, recipe, child_scores)
-    save_generation(state, child, ctx)
+    save_generation(state, child, recipe.get("mixture"), ctx)
     promote(state, ctx, recipe)
     state.score_history.append(main_scores(state.last_scores))
     next_generation(state, child, recipe, ctx)
@@ -283,9 +288,8 @@ def assess(partner: Partner, label: str, state: LoopState, ctx: Context) -> list
 
 def assess_mixture(mixture: dict[str, str], state: LoopState, ctx: Context) -> list[EnvScore]:
     """Evaluates the mixture offspring (merge.fallback=mixture: each env routed to the partner best on it)
-    and logs it as the offspring; its weights on disk are the best partner's (one set cannot hold a mixture)."""
-    names = [p.name for p in state.partners]
-    params = ModeParams(env_map={env: names.index(owner) for env, owner in mixture.items()})
+    and logs it as the offspring; `save_generation` writes it as a mixture directory of the partners."""
+    params = route_params([p.name for p in state.partners], mixture)
     records = evaluate_modes(state.partners, list(ctx.suite.values()), ["route"], ctx.cfg.eval, ctx.cfg.rollout,
                              params)
     scores = [EnvScore(**{f: r[f] for f in EnvScore.__dataclass_fields__}) for r in records]
@@ -363,13 +367,18 @@ def write_json_atomic(path: Path, data: Any) -> None:
     os.replace(tmp, path)
 
 
-def save_generation(state: LoopState, child: Partner, ctx: Context) -> None:
-    """Writes checkpoints/gen_NNNN/{partners, ancestor, offspring} as Hugging Face directories, atomically."""
+def save_generation(state: LoopState, child: Partner, mixture: dict[str, str] | None, ctx: Context) -> None:
+    """Writes checkpoints/gen_NNNN/{partners, ancestor, offspring} as Hugging Face directories, atomically;
+    a mixture offspring ({env: partner}) as a mixture directory of the partners (`colearn.mixture`)."""
     final = ctx.run_dir / "checkpoints" / f"gen_{state.generation:04d}"
     tmp = final.with_name(final.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    for p in [*state.partners, state.ancestor, child]:
+    for p in [*state.partners, state.ancestor]:
         p.save(tmp / p.name)
+    if mixture:
+        save_mixture(state.partners, mixture, tmp / child.name)
+    else:
+        child.save(tmp / child.name)
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     prune_generations(ctx.run_dir, ctx.cfg.loop.keep_generations)
@@ -400,8 +409,9 @@ def promote(state: LoopState, ctx: Context, recipe: dict[str, Any]) -> None:
 
 
 def next_generation(state: LoopState, child: Partner, recipe: dict[str, Any], ctx: Context) -> None:
-    """Makes the offspring the new ancestor and copies it into every partner (unless merging is off:
-    then partners go on as they are), each acting where the curriculum puts it next."""
+    """Makes the offspring the new ancestor and copies it into every partner (unless it is a copy of the best
+    partner, a fallback or merging off: then partners go on as they are), each acting where the curriculum
+    puts it next. `child` is always one set of weights: for a mixture offspring, the best partner's copy."""
     if recipe["method"] != "copy_best" or len(state.partners) == 1:
         state.partners = [child.clone(p.name, p.envs) for p in state.partners]
     state.ancestor = child.clone("ancestor")

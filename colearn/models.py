@@ -81,6 +81,11 @@ def load_pretrained(path: str, dtype: str = "float32") -> tuple[PreTrainedModel,
     p = Path(path).expanduser()
     if not p.is_dir():
         raise ColearnError(f"model.source={path!r} is not a directory; give a local Hugging Face model dir or 'tiny'")
+    from colearn.mixture import is_mixture  # late: it pulls in the acting code, which loading a model does not need
+
+    if is_mixture(p):  # a mixture offspring (merge.fallback=mixture) holds several models, not one
+        raise ColearnError(f"model.source={path!r} is a colearn mixture, not one model; start from one of its "
+                           f"members: model.source={path}/members/<name>")
     try:
         tokenizer = AutoTokenizer.from_pretrained(p)
     except (OSError, ValueError, TypeError) as e:

@@ -128,7 +128,12 @@ class Partner:
     @classmethod
     def load(cls, path: str | Path, name: str, cfg: ModelConfig, device: torch.device | str = "cpu") -> Partner:
         """Returns the partner saved at `path` (weights and tokenizer; optimizer state stays on disk)."""
+        from colearn.mixture import is_mixture  # late: mixture builds on partner
+
         path = Path(path)
+        if is_mixture(path):
+            raise ColearnError(f"checkpoint {str(path)!r} is a mixture of several models (mixture.json), not one "
+                               "partner; load it with colearn.mixture.load_mixture(path, cfg, device)")
         if not (path / "config.json").exists() and not (path / "adapter_config.json").exists():
             raise ColearnError(f"checkpoint {str(path)!r} has no config.json; is it a colearn/HF model directory?")
         tokenizer = AutoTokenizer.from_pretrained(path)
