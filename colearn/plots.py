@@ -17,6 +17,7 @@ matplotlib.use("Agg")  # files only: no display, no GUI toolkit
 
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 Event = dict[str, Any]
 PALETTE = ["#1f77b4", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#bcbd22", "#7f7f7f"]
@@ -356,3 +357,63 @@ def transfer_figure(events: list[Event]) -> Figure | None:
         mark_merges(ax, merge_steps(events))
     fig.tight_layout()
     return fig
+
+
+def search_figure(searches: dict[str, dict[str, Any]]) -> Figure | None:
+    """The merge recipe search (merge=evolve, `colearn merge --search`): one panel per search record
+    ({label: record with `curve` and optionally `heldout_uniform`, `heldout`}), the fitness of every
+    candidate (points), the best so far (step line), the uniform recipe's fitness (evaluation 0, dashed)
+    and, at the right edge, the uniform and the winning recipe re-scored on held-out episodes."""
+    searches = {label: s for label, s in searches.items() if s.get("curve")}
+    if not searches:
+        return None
+    cols = min(len(searches), 3)
+    rows = -(-len(searches) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(min(4.0 * cols + 2.8, 12.5), 3.3 * rows),
+                             squeeze=False, sharey=True)  # + room for the legend on the right
+    for ax in axes.flat[len(searches):]:
+        ax.set_axis_off()
+    for ax, (label, record) in zip(axes.flat, searches.items()):
+        search_panel(ax, record)
+        ax.set_title(label, fontsize=10)
+        ax.set_xlabel("evaluation")
+    lo, hi = axes[0][0].get_ylim()  # shared: at least 0.2 tall, so equal scores read as equal, not as 1e-17 noise
+    if hi - lo < 0.2:
+        axes[0][0].set_ylim((lo + hi) / 2 - 0.1, (lo + hi) / 2 + 0.1)
+    for row in axes:
+        row[0].set_ylabel("mean normalized return\non search episodes")
+    legend_right(fig, axes[0][-1])
+    return fig
+
+
+HELDOUT_MARKERS = [  # (search record key, marker, size, color, legend name, side of its value label)
+    ("heldout_uniform", "D", 60, FIXED["ancestor"], "uniform recipe", -1),
+    ("heldout", "*", 150, FIXED["offspring"], "best recipe", 1),
+]
+
+
+def search_panel(ax, record: dict[str, Any]) -> None:
+    """Draws one search: candidates, best so far (the running maximum of their fitness), the uniform
+    recipe's level and, in a column right of the last evaluation, the held-out scores."""
+    xs = [int(c["evaluation"]) for c in record["curve"]]
+    ys = [float(c["fitness"]) for c in record["curve"]]
+    best = [max(ys[: i + 1]) for i in range(len(ys))]  # from the fitness itself, not trusting a stored field
+    ax.axhline(ys[0], **CEILING, label="uniform recipe (evaluation 0)")
+    ax.scatter(xs, ys, s=18, color=PALETTE[0], alpha=0.55, zorder=2, label="candidate")
+    ax.step(xs, best, where="post", color=PALETTE[0], linewidth=2, zorder=3, label="best so far")
+    right = xs[-1] + 0.5
+    heldout = [m for m in HELDOUT_MARKERS if record.get(m[0]) is not None]
+    if heldout:
+        width = max(2.0, 0.22 * len(xs))  # wide enough for a value label on each side of the markers
+        edge, right = right + width / 2, right + width
+        ax.axvline(xs[-1] + 0.5, color="0.85", linewidth=1, zorder=0)
+        ax.text(edge, 0.02, "held-out", transform=ax.get_xaxis_transform(), ha="center", va="bottom",
+                fontsize=8, color="0.4", bbox=dict(facecolor="white", edgecolor="none", pad=1), zorder=2.5)
+    for key, marker, size, color, name, side in heldout:  # uniform's value on the left, the winner's on the right
+        ax.scatter([edge], [record[key]], marker=marker, s=size, color=color, edgecolor="black", linewidth=0.6,
+                   zorder=4, label=f"held-out: {name}")
+        ax.annotate(f"{record[key]:.2f}", (edge, record[key]), xytext=(9 * side, 0), textcoords="offset points",
+                    ha="left" if side > 0 else "right", va="center", fontsize=8)
+    ax.set_xlim(-0.5, right)
+    ticks = MaxNLocator(integer=True, nbins=6).tick_values(0, xs[-1])
+    ax.set_xticks([int(t) for t in ticks if 0 <= t <= xs[-1]])  # no number under the held-out column

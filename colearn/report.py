@@ -108,8 +108,9 @@ dl { display: grid; grid-template-columns: max-content auto; gap: 2px 14px; font
 dt { color: #666; } dd { margin: 0; }
 """
 
-SECTIONS: list[tuple[str, str, Callable[[Run], Any], str, str]] = [
-    # (file stem, heading, figure of the run, caption, what is missing when there is no figure)
+SECTIONS: list[tuple[str, str, Callable[[Run], Any], str, str | None]] = [
+    # (file stem, heading, figure of the run, caption, what is missing when there is no figure; None: the
+    # section only exists in runs that have it, e.g. a merge search, so other runs get no empty heading)
     ("returns", "Return against environment steps", lambda r: plots.returns_figure(r.events),
      "Evaluation on fixed seeds after every round. Solid: greedy policy, dotted: sampled; stars: each "
      "generation's offspring; dashed: the optimal return (value iteration); grey verticals: merges.",
@@ -119,6 +120,11 @@ SECTIONS: list[tuple[str, str, Callable[[Run], Any], str, str]] = [
      "becomes the next ancestor. Scores: normalized greedy return per env.", "no lineage.json yet"),
     ("merge_gain", "Merge gain", lambda r: plots.merge_gain_figure(r.events),
      "Offspring's normalized return minus the better parent's, per env and generation.", "no merge events"),
+    ("search", "Merge recipe search", lambda r: plots.search_figure(searches_of(r.lineage)),
+     "CMA-ES over the merge recipe (merge=evolve), per generation: every candidate's fitness, the best so far "
+     "and the uniform recipe it started from. Fitness on the search episodes is optimistic, since the winner "
+     "was picked on those very episodes; the held-out scores at the right, on episodes the search never saw, "
+     "are the numbers to trust.", None),
     ("modes", "Integration modes", lambda r: plots.modes_figure(r.events),
      "The partners integrated at inference time (lavender: route, ensemble, check-and-control, consultative) "
      "next to each partner alone and the merged offspring, on the same evaluation seeds.",
@@ -134,18 +140,33 @@ SECTIONS: list[tuple[str, str, Callable[[Run], Any], str, str]] = [
 ]
 
 
+def searches_of(lineage: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Returns {"generation G (operator)": search record} of every lineage node whose recipe was searched,
+    including searches whose winner the promotion gate refused (kept under the fallback's "attempted")."""
+    out = {}
+    for node in lineage:
+        recipe = node.get("recipe") or {}
+        refused = recipe.get("attempted") or {}
+        searched = recipe if isinstance(recipe.get("search"), dict) else refused
+        if isinstance(searched.get("search"), dict):  # an incompatible pair's fallback never searched
+            operator = searched.get("base_method", searched.get("method"))
+            note = ", gate failed: not used" if searched is refused else ""
+            out[f"generation {node.get('generation')} ({operator}{note})"] = searched["search"]
+    return out
+
+
 def write_report(run_dir: str | Path) -> Path:
     """Writes RUN_DIR/report.html and its PNGs (report_*.png); returns the HTML path."""
     run = load_run(run_dir)
     parts = [header_html(run), "<h2>Final scores</h2>", final_table_html(run.events)]
     for stem, heading, figure, caption, missing in SECTIONS:
-        parts.append(f"<h2>{heading}</h2>")
         fig = figure(run)
         if fig is None:
-            parts.append(f'<p class="note">Not available: {missing}.</p>')
+            if missing is not None:
+                parts.append(f'<h2>{heading}</h2><p class="note">Not available: {missing}.</p>')
             continue
         save_png(fig, run.path / f"report_{stem}.png")
-        parts.append(f'<p class="cap">{caption}</p><img src="report_{stem}.png" alt="{heading}">')
+        parts.append(f'<h2>{heading}</h2><p class="cap">{caption}</p><img src="report_{stem}.png" alt="{heading}">')
     parts.append(warnings_html(run.events))
     out = run.path / "report.html"
     out.write_text(page(f"colearn run {run.path.name}", parts), encoding="utf-8")

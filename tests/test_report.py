@@ -7,7 +7,9 @@ import re
 import shutil
 from pathlib import Path
 
+import matplotlib.pyplot as plt
 import pytest
+from PIL import Image
 
 from colearn.cli import subcommand
 from colearn.config import Config, EnvConfig, EnvSpec, EvalConfig, LoopConfig, ModelConfig, PartnerSpec, RolloutConfig
@@ -16,7 +18,8 @@ from colearn.errors import ColearnError
 from colearn.integrate import evaluate_modes
 from colearn.logger import Logger, read_metrics
 from colearn.loop import LoopState, run
-from colearn.report import t_interval, t_quantile, write_compare, write_report
+from colearn.plots import search_figure
+from colearn.report import searches_of, t_interval, t_quantile, write_compare, write_report
 
 SUITE = [EnvSpec("colearn/FrozenLake-v0", name="Line", kwargs={"desc": ["SFG"]}),
          EnvSpec("colearn/FrozenLake-v0", name="MirrorLine", kwargs={"desc": ["GFS"]})]
@@ -96,6 +99,7 @@ def test_report_of_a_plain_run_says_what_is_missing(plain_run):
                                        "report_merge_gain.png",
                                        "report_returns.png"]
     assert "Not available: no integrate events in this run." in html
+    assert "Merge recipe search" not in html and not (plain_run / "report_search.png").exists()  # no empty section
 
 
 def test_missing_or_empty_runs_are_user_errors(tmp_path):
@@ -137,3 +141,68 @@ def test_compare_groups_presets_and_seeds(plain_run, tmp_path):
     assert "loop.generations=2" in html  # shared overrides are listed once, not in the preset names
     assert images_of(html) == ["compare_returns.png"]
     assert (tmp_path / "compare_returns.png").read_bytes()[:4] == b"\x89PNG"
+
+
+# A merge search by hand: fitness per evaluation (0: the uniform recipe), held-out re-scores of uniform and winner.
+FITNESS = [0.30, 0.10, 0.55, 0.40, 0.70, 0.20]
+
+
+def search_record(fitness: list[float], heldout: float | None = 0.45, heldout_uniform: float | None = 0.25) -> dict:
+    running = [max(fitness[: i + 1]) for i in range(len(fitness))]
+    record = {"budget": len(fitness), "fitness": max(fitness), "uniform_fitness": fitness[0],
+              "curve": [{"evaluation": i, "fitness": f, "best": b} for i, (f, b) in enumerate(zip(fitness, running))]}
+    if heldout is not None:
+        record |= {"heldout": heldout, "heldout_uniform": heldout_uniform}
+    return record
+
+
+def test_search_figure_draws_candidates_best_so_far_uniform_and_held_out():
+    fig = search_figure({"generation 0 (ties)": search_record(FITNESS), "generation 1 (ties)": search_record(
+        [0.5, 0.6, 0.2], heldout=None)})
+    first, second = fig.axes[:2]
+    assert [first.get_title(), second.get_title()] == ["generation 0 (ties)", "generation 1 (ties)"]
+    assert first.get_xlabel() == "evaluation" and "mean normalized return" in first.get_ylabel()
+    assert "search episodes" in first.get_ylabel()
+    lines = {line.get_label(): line for line in first.lines}
+    assert list(lines["best so far"].get_ydata()) == [0.30, 0.30, 0.55, 0.55, 0.70, 0.70]  # the running max
+    assert list(lines["best so far"].get_xdata()) == list(range(6))
+    assert lines["best so far"].get_drawstyle() == "steps-post"
+    assert list(lines["uniform recipe (evaluation 0)"].get_ydata()) == [0.30, 0.30]  # a horizontal line
+    dots = {c.get_label(): c.get_offsets().tolist() for c in first.collections}
+    assert dots["candidate"] == [[i, f] for i, f in enumerate(FITNESS)]
+    (x_uniform, y_uniform), = dots["held-out: uniform recipe"]
+    (x_best, y_best), = dots["held-out: best recipe"]
+    assert (y_uniform, y_best) == (0.25, 0.45) and x_uniform == x_best > 5  # right of the last evaluation
+    assert max(first.get_xticks()) == 5  # evaluations are numbered; the held-out column is not
+    assert "held-out" in [t.get_text() for t in first.texts]
+    # without held-out scores there are no held-out markers, but the curve is drawn
+    assert not [c for c in second.collections if "held-out" in c.get_label()]
+    assert list({line.get_label(): line for line in second.lines}["best so far"].get_ydata()) == [0.5, 0.6, 0.6]
+    plt.close(fig)
+
+
+def test_search_figure_is_none_without_a_curve():
+    assert search_figure({}) is None and search_figure({"gen 0": {"budget": 0, "curve": []}}) is None
+
+
+def test_report_of_a_searched_run_plots_the_search(plain_run, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(plain_run, run_dir)
+    for name in run_dir.glob("report*"):
+        name.unlink()
+    lineage = json.loads((run_dir / "lineage.json").read_text())
+    lineage[0]["recipe"] = {"method": "copy_best", "outcome": "fallback", "gate": {"passed": False},
+                            "attempted": {"method": "evolve", "base_method": "dare_ties",
+                                          "search": search_record([0.2, 0.4], heldout=0.1)}}
+    lineage[1]["recipe"] = {"method": "evolve", "base_method": "ties", "search": search_record(FITNESS)}
+    (run_dir / "lineage.json").write_text(json.dumps(lineage))
+    assert searches_of(lineage) == {"generation 0 (dare_ties, gate failed: not used)": search_record(
+        [0.2, 0.4], heldout=0.1), "generation 1 (ties)": search_record(FITNESS)}
+    assert searches_of([{"generation": 0, "recipe": {"method": "copy_best", "outcome": "fallback"}}]) == {}
+    html = write_report(run_dir).read_text()
+    section = html.split("<h2>Merge recipe search</h2>")[1].split("<h2>")[0]
+    assert "held-out" in section and "optimistic" in section
+    assert images_of(section) == ["report_search.png"]
+    image = Image.open(run_dir / "report_search.png")
+    assert image.format == "PNG" and image.width > 400 and image.height > 200
+    assert len(image.convert("RGB").getcolors(maxcolors=100_000)) > 20  # drawn on, not a blank canvas
