@@ -68,17 +68,25 @@ print(json.dumps({{"work_wall_s": time.perf_counter() - wall, "work_cpu_s": time
 """
 MERGE = _RUNNER.format(work="colearn.merge_cli.main(sys.argv[1:])")
 CEILING = _RUNNER.format(work=textwrap.dedent("""\
+    import torch
     from safetensors import safe_open
-    from safetensors.torch import save_file
+    from colearn.streaming import atomic_file, data_order, read_layout, write_like
     base, partners, out = sys.argv[1], sys.argv[2:-1], sys.argv[-1]
-    with safe_open(base, "pt") as b:
-        handles = [safe_open(p, "pt") for p in partners]
-        written = {}
-        for key in b.keys():
-            for h in handles:
-                h.get_tensor(key).clone()  # read: safetensors may return a lazy view of the mapped file
-            written[key] = b.get_tensor(key).clone()
-        save_file(written, out, metadata=b.metadata())
+    layout = read_layout(base)
+    handles = [safe_open(p, "pt") for p in (base, *partners)]
+
+    def copied():  # every input tensor is read (into one reused buffer); the ancestor's is written
+        buffer = torch.empty(0)
+        for key in data_order(layout):
+            tensors = [h.get_tensor(key) for h in handles]
+            for t in tensors[1:]:
+                if buffer.numel() < t.numel():
+                    buffer = torch.empty(t.numel(), dtype=t.dtype)
+                buffer[: t.numel()].copy_(t.reshape(-1))
+            yield key, tensors[0]
+
+    with atomic_file(out) as f:
+        write_like(layout, copied(), f)
 """))
 
 

@@ -167,7 +167,7 @@ class LearnConfig:
 
 @dataclass
 class MergeConfig:
-    method: str = "linear"  # one of colearn.merge.METHODS, "none" (keep the best partner), or "evolve" (CMA-ES)
+    method: str = "linear"  # one of colearn.operators.METHODS, "none" (keep the best partner), or "evolve" (CMA-ES)
     weights: list[float] = field(default_factory=list)  # per partner; empty means equal weights
     density: float = 1.0  # fraction of each task vector kept (TIES/DARE/DELLA/breadcrumbs/magnitude_prune)
     to_ancestor: float = 0.0  # 0 keeps the merge, 1 returns the ancestor (WARP's interpolation toward init)
@@ -183,8 +183,12 @@ class MergeConfig:
     fallback: str = "best"  # best | mixture: offspring if incompatible or gated out (mixture adds env -> partner)
     gate: bool = True  # promote the offspring only if its validation score >= best parent's - gate_tolerance
     gate_tolerance: float = 0.05  # mean normalized return the offspring may lose against the best parent
+    lora_offspring: str = "fold"  # LoRA partners: "fold" the merged change into the base under a fresh adapter,
+    # or keep it as an "adapter" on the unchanged base (truncated SVD to the partners' rank, error logged)
 
     def __post_init__(self) -> None:
+        if self.lora_offspring not in ("fold", "adapter"):
+            raise ColearnError(f"merge.lora_offspring={self.lora_offspring!r} is unknown; choose fold or adapter")
         if not 0 < self.density <= 1:
             raise ColearnError(f"merge.density={self.density} must be in (0, 1]")
         if not 0 <= self.to_ancestor <= 1:

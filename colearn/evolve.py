@@ -24,7 +24,7 @@ import numpy as np
 from torch import Tensor
 
 from colearn.config import EnvSpec, EvalConfig, MergeConfig, RolloutConfig
-from colearn.merge import default_weights, get_method, group_names, merge_state_dicts
+from colearn.merge import Recipe, group_names, merge_state_dicts
 
 if TYPE_CHECKING:
     from colearn.partner import Partner
@@ -59,7 +59,7 @@ class SearchSpace:
 
 @dataclass
 class SearchResult:
-    recipe: dict[str, Any]  # the best recipe: method, weights, density, to_ancestor, params, groups
+    recipe: Recipe  # the best recipe (one `groups` override per layer group)
     fitness: float  # its fitness on the search episodes
     uniform_fitness: float  # fitness of the configured (equal-weight) recipe, evaluation 0
     curve: list[dict[str, float]] = field(default_factory=list)  # per evaluation: evaluation, fitness, best
@@ -70,12 +70,11 @@ def searched_method(cfg: MergeConfig) -> str:
     return cfg.base_method if cfg.method == "evolve" else cfg.method
 
 
-def start_recipe(cfg: MergeConfig, n_partners: int) -> dict[str, Any]:
-    """Returns the configured recipe of the searched operator (equal weights unless merge.weights is set)."""
-    method = searched_method(cfg)
-    get_method(method)
-    return {"method": method, "weights": list(cfg.weights) or default_weights(method, n_partners),
-            "density": cfg.density, "to_ancestor": cfg.to_ancestor, "params": dict(cfg.params), "groups": {}}
+def start_recipe(cfg: MergeConfig, n_partners: int) -> Recipe:
+    """Returns the configured recipe of the searched operator (equal weights unless merge.weights is set),
+    without group overrides: the search sets those."""
+    recipe = Recipe.from_config(cfg, n_partners, method=searched_method(cfg))
+    return dataclasses.replace(recipe, groups={}).check(n_partners)
 
 
 def search_space(keys: Sequence[str], method: str, n_partners: int, max_weight: float) -> SearchSpace:
@@ -92,14 +91,14 @@ def _logit(p: float) -> float:
     return math.log(p / (1 - p))
 
 
-def initial_point(space: SearchSpace, start: Mapping[str, Any]) -> np.ndarray:
+def initial_point(space: SearchSpace, start: Recipe) -> np.ndarray:
     """Returns the unsquashed point closest to the start recipe (its weights and density in every group)."""
-    weights = [_logit(w / space.max_weight) for w in start["weights"]]
-    density = [_logit((start["density"] - MIN_DENSITY) / (1 - MIN_DENSITY))] if space.with_density else []
+    weights = [_logit(w / space.max_weight) for w in start.weights]
+    density = [_logit((start.density - MIN_DENSITY) / (1 - MIN_DENSITY))] if space.with_density else []
     return np.array((weights + density) * len(space.groups), dtype=float)  # (dim,)
 
 
-def recipe_at(space: SearchSpace, x: np.ndarray, start: Mapping[str, Any]) -> dict[str, Any]:
+def recipe_at(space: SearchSpace, x: np.ndarray, start: Recipe) -> Recipe:
     """Returns the recipe of point x: the start recipe with one `groups` override per layer group.
 
     Weights are max_weight * sigmoid(x) and densities MIN_DENSITY + (1 - MIN_DENSITY) * sigmoid(x),
@@ -114,14 +113,7 @@ def recipe_at(space: SearchSpace, x: np.ndarray, start: Mapping[str, Any]) -> di
         if space.with_density:
             override["density"] = round(float(MIN_DENSITY + (1 - MIN_DENSITY) * row[-1]), _DIGITS)
         groups[name] = override
-    return {**start, "groups": groups}
-
-
-def merged_state(ancestor: Mapping[str, Tensor], partners: Sequence[Mapping[str, Tensor]], recipe: Mapping[str, Any],
-                 seed: int) -> dict[str, Tensor]:
-    """Returns the offspring state dict of a recipe (as `recipe_at` or `start_recipe` return it)."""
-    return merge_state_dicts(ancestor, partners, recipe["method"], recipe["weights"], recipe["density"],
-                             recipe["to_ancestor"], seed, recipe["params"], recipe["groups"] or None)
+    return dataclasses.replace(start, groups=groups)
 
 
 @contextmanager
@@ -154,13 +146,13 @@ def search(
     and appended to the curve as {evaluation, fitness, best (so far)}.
     """
     start = start_recipe(cfg, len(partners))
-    space = search_space(list(ancestor), start["method"], len(partners), cfg.search_max_weight)
+    space = search_space(list(ancestor), start.method, len(partners), cfg.search_max_weight)
     curve: list[dict[str, float]] = []
     best = (-math.inf, start)
 
-    def scored(recipe: dict[str, Any]) -> float:
+    def scored(recipe: Recipe) -> float:
         nonlocal best
-        value = float(fitness(merged_state(ancestor, partners, recipe, cfg.seed)))
+        value = float(fitness(merge_state_dicts(ancestor, partners, recipe)))
         if value > best[0]:
             best = (value, recipe)
         curve.append({"evaluation": len(curve), "fitness": value, "best": best[0]})

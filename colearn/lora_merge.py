@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping, Sequence
-from typing import Any
 
 import torch
 from torch import Tensor
 
-from colearn.merge import MergeError, merge_state_dicts
+from colearn.merge import Recipe, merge_state_dicts
+from colearn.operators import MergeError
 
 # peft names a LoRA factor `base_model.model.<module>.lora_A.weight` when saved and
 # `...lora_A.<adapter name>.weight` inside a live PeftModel; the base weight is `<module>.weight`.
@@ -107,13 +107,7 @@ def adapter_state(
 def merge_lora(
     adapters: Sequence[Mapping[str, Tensor]],
     scalings: Scaling | Sequence[Scaling],
-    method: str,
-    weights: Sequence[float],
-    density: float = 1.0,
-    to_ancestor: float = 0.0,
-    seed: int = 0,
-    params: Mapping[str, Any] | None = None,
-    groups: Mapping[str, Mapping[str, Any]] | None = None,
+    recipe: Recipe,
     rank: int | None = None,
     out_scaling: float = 1.0,
     fan_in_fan_out: bool = False,
@@ -135,8 +129,32 @@ def merge_lora(
         raise MergeError(f"merge.out_scaling={out_scaling} must be > 0")
     deltas = [lora_deltas(adapter, scaling, fan_in_fan_out) for adapter, scaling in zip(adapters, scalings)]
     zeros = {key: torch.zeros_like(delta) for key, delta in deltas[0].items()} if deltas else {}
-    merged = merge_state_dicts(zeros, deltas, method, weights, density, to_ancestor, seed, params, groups)
+    merged = merge_state_dicts(zeros, deltas, recipe)
     return merged if rank is None else adapter_state(merged, rank, out_scaling, fan_in_fan_out)
+
+
+def adapter_for(
+    base_state: Mapping[str, Tensor], weights: Mapping[str, Tensor], adapted: Sequence[str], rank: int,
+    scaling: float, fan_in_fan_out: bool = False,
+) -> tuple[dict[str, Tensor], float]:
+    """Returns (adapter state, relative error): a rank-`rank` adapter on `base_state` approximating `weights`.
+
+    Only the `adapted` base weight keys may differ between the two (a LoRA offspring keeps its
+    base frozen); the error is ||approximation - (weights - base)||_F / ||weights - base||_F
+    over all adapted tensors (0 when the change fits the rank).
+    """
+    for key, weight in base_state.items():
+        if key not in adapted and key in weights and not torch.equal(weights[key], weight):
+            raise MergeError(
+                f"the merge changed {key!r}, which no LoRA factor adapts, so it cannot be kept as an adapter on the "
+                "unchanged base; use merge.lora_offspring=fold"
+            )
+    deltas = {key: weights[key].float() - base_state[key].float() for key in adapted}
+    state = adapter_state(deltas, rank, scaling, fan_in_fan_out)
+    approx = lora_deltas(state, scaling, fan_in_fan_out)
+    residual = sum(float((approx[k] - d).square().sum()) for k, d in deltas.items())
+    total = sum(float(d.square().sum()) for d in deltas.values())
+    return state, (residual / total) ** 0.5 if total > 0 else 0.0
 
 
 def fold_into_base(base_state: Mapping[str, Tensor], deltas: Mapping[str, Tensor]) -> dict[str, Tensor]:

@@ -5,35 +5,45 @@
 
 Checkpoints are Hugging Face directories with safetensors weights (one file, or shards listed
 in model.safetensors.index.json, sharded alike).  Tensors stream through
-`colearn.merge.merge_safetensors_files` one shard at a time; config, generation config and
-tokenizer files are copied from the base, so OUT loads with `from_pretrained`.  The recipe
-YAML holds MergeConfig fields (method, weights, density, to_ancestor, params, groups, seed, ...)
-and optionally `base`, the ancestor directory.  OUT/merge_recipe.yaml records what was done.
+`colearn.streaming.merge_safetensors_files` one at a time; config, generation config and
+tokenizer files are copied from the base, so OUT loads with `from_pretrained`.  Partners may
+instead be LoRA adapter directories on one base model (`colearn.adapters`): their true weight
+changes are merged, and OUT is the base model with the merge folded in, or (recipe
+`lora_offspring: adapter`) an adapter of rank --rank.  The recipe YAML holds MergeConfig
+fields (method, weights, density, to_ancestor, params, groups, seed, lora_offspring, ...) and
+optionally `base`, the ancestor directory.  OUT/merge_recipe.yaml records what was done;
+--search also writes OUT.recipe.yaml (the recipe found) and OUT.search.png (its search curve).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import fnmatch
 import json
 import os
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from colearn.config import MergeConfig
 from colearn.errors import ColearnError
+
+if TYPE_CHECKING:
+    from colearn.adapters import AdapterInputs
+    from colearn.merge import Recipe
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
 # Files of a checkpoint that are weights or training state, not copied from the base.
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf")
 _SKIPPED = {"pytorch_model.bin.index.json", "merge_recipe.yaml"}
-_RECORD_KEYS = ("partners", "search")  # written into recipes for provenance, ignored when read back
+_TOKENIZER_FILES = {"tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                    "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja"}
+_RECORD_KEYS = ("partners", "search", "lora")  # written into recipes for provenance, ignored when read back
 SEARCH_SEED, HELDOUT_SEED = 20_000, 30_000  # episode seeds: search and held-out, disjoint from eval.seed=10000
 
 
@@ -43,6 +53,23 @@ class Checkpoint:
     files: dict[str, list[str]]  # safetensors file name -> the tensor names it holds
     shapes: dict[str, tuple[int, ...]]  # tensor name -> shape, read from the headers
     model_type: str | None  # config.json's model_type
+
+
+@dataclass
+class Inputs:
+    base: Path  # the --base directory (the common ancestor)
+    partners: list[Path]
+    model: Checkpoint  # the full model whose layout OUT takes: the base, or the adapters' base model
+    full: list[Checkpoint] | None  # the partners, when they are full checkpoints
+    adapters: AdapterInputs | None  # the partners, when they are LoRA adapters
+
+    def states(self) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        """Returns the ancestor's and the partners' full weights in memory (for --search)."""
+        if self.adapters is None:
+            return read_state(self.model), [read_state(p) for p in self.full]
+        from colearn.adapters import folded_states
+
+        return folded_states(self.adapters, read_state(self.model))
 
 
 def parser() -> argparse.ArgumentParser:
@@ -55,6 +82,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--env", action="append", default=[], metavar="ID", help="with --search: env id to score on")
     p.add_argument("--budget", type=int, help="with --search: candidate evaluations (default: search_budget)")
     p.add_argument("--episodes", type=int, default=16, help="with --search: episodes per env per evaluation")
+    p.add_argument("--rank", type=int, help="LoRA partners with lora_offspring: adapter: the output adapter's rank "
+                                            "(default: the largest partner rank)")
     return p
 
 
@@ -69,20 +98,18 @@ def main(argv: list[str]) -> None:
         raise ColearnError(f"colearn merge needs at least 2 partner checkpoints, got {len(args.partners)}")
     out = Path(args.out)
     check_output(out)
-    base = read_checkpoint(Path(base_dir), "--base")
-    partners = [read_checkpoint(Path(p), "partner") for p in args.partners]
-    check_architectures(base, partners)
-    check_tokenizers(base, partners)
-    checked_weights(cfg, len(partners))
+    inputs = read_inputs(Path(base_dir), [Path(p) for p in args.partners])
+    checked_recipe(cfg, len(args.partners))
     started = time.perf_counter()
     search_record = None
     if args.search:
-        cfg, search_record = searched_config(base, partners, cfg, args)
-        write_recipe(out.with_name(out.name + ".recipe.yaml"), cfg, base, search_record)
+        cfg, search_record = searched_config(inputs, cfg, args)
+        write_recipe(out.with_name(out.name + ".recipe.yaml"), cfg, inputs, search_record)
+        print(f"search curve: {write_search_plot(out.with_name(out.name + '.search.png'), search_record)}")
     elif cfg.method == "evolve":
         raise ColearnError("recipe method 'evolve' searches a recipe: add --search and --env ids to score it")
-    write_merge(base, partners, out, cfg, search_record)
-    print(f"wrote {out} ({cfg.method}, {len(base.shapes)} tensors, {time.perf_counter() - started:.1f}s)")
+    write_merge(inputs, out, cfg, search_record, args.rank)
+    print(f"wrote {out} ({cfg.method}, {len(inputs.model.shapes)} tensors, {time.perf_counter() - started:.1f}s)")
 
 
 # --------------------------------------------------------------------------- inputs
@@ -117,7 +144,7 @@ def load_recipe(path: Path) -> tuple[MergeConfig, str | None]:
 
 def check_method(cfg: MergeConfig) -> None:
     """Raises ColearnError when the recipe's method (or evolve's base_method) is not a merge operator."""
-    from colearn.merge import METHODS
+    from colearn.operators import METHODS
 
     field, name = ("base_method", cfg.base_method) if cfg.method == "evolve" else ("method", cfg.method)
     if name not in METHODS:
@@ -125,14 +152,31 @@ def check_method(cfg: MergeConfig) -> None:
         raise ColearnError(f"recipe {field}={name!r} is unknown; choose one of {known}")
 
 
-def checked_weights(cfg: MergeConfig, n_partners: int) -> list[float]:
-    """Returns the recipe's weights (equal ones when empty) after checking the whole recipe against n partners."""
-    from colearn.merge import check_recipe, default_weights
+def checked_recipe(cfg: MergeConfig, n_partners: int) -> Recipe:
+    """Returns the recipe of the operator to run (merge.base_method for evolve), with equal weights when none are
+    given, checked against n partners."""
+    from colearn.merge import Recipe
 
     method = cfg.base_method if cfg.method == "evolve" else cfg.method
-    weights = list(cfg.weights) or default_weights(method, n_partners)
-    check_recipe(method, n_partners, weights, cfg.density, cfg.to_ancestor, cfg.params, dict(cfg.groups) or None)
-    return weights
+    return Recipe.from_config(cfg, n_partners, method=method).check(n_partners)
+
+
+def read_inputs(base: Path, partners: list[Path]) -> Inputs:
+    """Returns the checked inputs: full checkpoints of one architecture and vocabulary, or LoRA adapters on one base
+    model."""
+    from colearn.adapters import is_adapter, read_inputs as read_adapters
+
+    for path, role in [(base, "--base"), *((p, "partner") for p in partners)]:
+        if not path.is_dir():
+            raise ColearnError(f"{role} checkpoint {str(path)!r} is not a directory")
+    if any(is_adapter(p) for p in partners):
+        adapters = read_adapters(base, partners)
+        check_tokenizers(base, partners)
+        return Inputs(base, partners, read_checkpoint(adapters.base_model, "base model"), None, adapters)
+    model, full = read_checkpoint(base, "--base"), [read_checkpoint(p, "partner") for p in partners]
+    check_architectures(model, full)
+    check_tokenizers(base, partners)
+    return Inputs(base, partners, model, full, None)
 
 
 def check_output(out: Path) -> None:
@@ -195,21 +239,21 @@ def check_architectures(base: Checkpoint, partners: list[Checkpoint]) -> None:
                                "checkpoints with the same save_pretrained(max_shard_size=...)")
 
 
-def check_tokenizers(base: Checkpoint, partners: list[Checkpoint]) -> None:
+def check_tokenizers(base: Path, partners: list[Path]) -> None:
     """Raises ColearnError naming the first token id whose token differs between a partner's vocab and the base's.
 
     Checkpoints without tokenizer files are not compared (the output gets the base's tokenizer).
     """
-    vocab = _vocab(base.path)
+    vocab = _vocab(base)
     for partner in partners:
-        other = _vocab(partner.path)
+        other = _vocab(partner)
         if vocab is None or other is None:
             continue
         for token_id in range(max(len(vocab), len(other))):
             mine, theirs = vocab.get(token_id), other.get(token_id)
             if mine != theirs:
                 raise ColearnError(
-                    f"checkpoint {str(partner.path)!r} has another tokenizer than the base: token id {token_id} is "
+                    f"checkpoint {str(partner)!r} has another tokenizer than the base: token id {token_id} is "
                     f"{theirs!r} there but {mine!r} in the base; merge checkpoints that share one vocabulary"
                 )
 
@@ -230,33 +274,73 @@ def _vocab(path: Path) -> dict[int, str] | None:
 # --------------------------------------------------------------------------- output
 
 
-def write_merge(base: Checkpoint, partners: list[Checkpoint], out: Path, cfg: MergeConfig,
-                search_record: dict[str, Any] | None = None) -> None:
+def write_merge(inputs: Inputs, out: Path, cfg: MergeConfig, search_record: dict[str, Any] | None = None,
+                rank: int | None = None) -> None:
     """Writes the merged checkpoint to `out` (via a sibling temp dir, renamed when complete)."""
-    from colearn.merge import check_groups_match, group_names, merge_safetensors_files
+    recipe = checked_recipe(cfg, len(inputs.partners))
+    adapter_out = cfg.lora_offspring == "adapter"
+    if adapter_out and inputs.adapters is None:
+        raise ColearnError("recipe lora_offspring=adapter needs LoRA adapter partners; these are full checkpoints")
+    if adapter_out:
+        rank = max(a.rank for a in inputs.adapters.partners) if rank is None else rank
+        if rank < 1:
+            raise ColearnError(f"--rank={rank} must be >= 1 (the output adapter's LoRA rank)")
+    record: dict[str, Any] = {}
+    with staged(out) as tmp:
+        if adapter_out:
+            from colearn.adapters import write_adapter
 
-    weights = checked_weights(cfg, len(partners))
-    groups = dict(cfg.groups) or None
-    check_groups_match(groups, base.shapes)
+            record["lora"] = {"rank": rank, "truncation_error": write_adapter(inputs.adapters, recipe, tmp, rank)}
+        else:
+            copy_side_files(inputs.model.path, tmp)
+            write_weights(inputs, recipe, tmp)
+        if not any(tmp.glob("tokenizer*")):
+            copy_tokenizer([inputs.base, *inputs.partners, inputs.model.path], tmp)
+        write_recipe(tmp / "merge_recipe.yaml", dataclasses.replace(cfg, weights=recipe.weights), inputs,
+                     search_record, record)
+
+
+def write_weights(inputs: Inputs, recipe: Recipe, tmp: Path) -> None:
+    """Writes the merged full weights into `tmp`, shard by shard, with the base model's layout."""
+    from colearn.streaming import merge_safetensors_files
+
+    if inputs.adapters is not None:
+        from colearn.adapters import write_folded
+
+        write_folded(inputs.adapters, recipe, tmp, inputs.model.files)
+        return
+    recipe.check_groups_match(inputs.model.shapes)
+    for file, keys in inputs.model.files.items():
+        # a shard need not hold every layer group the recipe names
+        merge_safetensors_files(inputs.model.path / file, [p.path / file for p in inputs.full], tmp / file,
+                                recipe.restricted_to(keys))
+
+
+@contextmanager
+def staged(out: Path) -> Iterator[Path]:
+    """Yields a sibling temp dir that replaces `out` (absent or empty) when the block succeeds, and is removed
+    when it fails."""
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        copy_side_files(base.path, tmp)
-        for file, keys in base.files.items():
-            names = group_names(keys)
-            # Patterns that match no group of this shard would fail merge_safetensors_files' typo check.
-            here = {p: v for p, v in (groups or {}).items() if any(fnmatch.fnmatchcase(n, p) for n in names)}
-            merge_safetensors_files(base.path / file, [p.path / file for p in partners], tmp / file, cfg.method,
-                                    weights, cfg.density, cfg.to_ancestor, cfg.seed, cfg.params, here or None)
-        write_recipe(tmp / "merge_recipe.yaml", dataclasses.replace(cfg, weights=weights), base, search_record,
-                     partners)
+        yield tmp
         if out.exists():
             out.rmdir()  # empty, as check_output made sure
         os.replace(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def copy_tokenizer(sources: list[Path], out: Path) -> None:
+    """Copies the tokenizer files of the first source directory that has any."""
+    for source in sources:
+        names = [f.name for f in source.iterdir() if f.is_file() and f.name in _TOKENIZER_FILES]
+        if names:
+            for name in names:
+                shutil.copy2(source / name, out / name)
+            return
 
 
 def copy_side_files(base: Path, out: Path) -> None:
@@ -266,29 +350,27 @@ def copy_side_files(base: Path, out: Path) -> None:
             shutil.copy2(item, out / item.name)
 
 
-def write_recipe(path: Path, cfg: MergeConfig, base: Checkpoint, search_record: dict[str, Any] | None,
-                 partners: list[Checkpoint] | None = None) -> None:
-    """Writes the recipe YAML (loadable again with --recipe) and, when given, the inputs and the search record."""
+def write_recipe(path: Path, cfg: MergeConfig, inputs: Inputs, search_record: dict[str, Any] | None,
+                 record: dict[str, Any] | None = None) -> None:
+    """Writes the recipe YAML (loadable again with --recipe) with the inputs, the search record and `record`."""
     import yaml
 
-    data: dict[str, Any] = {"base": str(base.path.resolve()), **_recipe_fields(cfg)}
-    if partners is not None:
-        data["partners"] = [str(p.path.resolve()) for p in partners]
+    data: dict[str, Any] = {"base": str(inputs.base.resolve()), **_recipe_fields(cfg),
+                            "partners": [str(p.resolve()) for p in inputs.partners], **(record or {})}
     if search_record is not None:
         data["search"] = search_record
     path.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
 
 
 def _recipe_fields(cfg: MergeConfig) -> dict[str, Any]:
-    fields = ("method", "weights", "density", "to_ancestor", "params", "groups", "seed")
+    fields = ("method", "weights", "density", "to_ancestor", "params", "groups", "seed", "lora_offspring")
     return {name: getattr(cfg, name) for name in fields}
 
 
 # --------------------------------------------------------------------------- search
 
 
-def searched_config(base: Checkpoint, partners: list[Checkpoint], cfg: MergeConfig,
-                    args: argparse.Namespace) -> tuple[MergeConfig, dict[str, Any]]:
+def searched_config(inputs: Inputs, cfg: MergeConfig, args: argparse.Namespace) -> tuple[MergeConfig, dict[str, Any]]:
     """Returns the recipe CMA-ES found (as a MergeConfig of the searched operator) and the search record.
 
     Candidates are merged in memory into one reusable model and scored on --episodes episodes
@@ -296,7 +378,8 @@ def searched_config(base: Checkpoint, partners: list[Checkpoint], cfg: MergeConf
     episodes (seeds from 30000).
     """
     from colearn.config import EnvSpec, EvalConfig, RolloutConfig
-    from colearn.evolve import merged_state, return_scorer, search, start_recipe
+    from colearn.evolve import return_scorer, search, start_recipe
+    from colearn.merge import merge_state_dicts
     from colearn.offspring import load_weights
     from colearn.rollout import env_info
 
@@ -311,8 +394,8 @@ def searched_config(base: Checkpoint, partners: list[Checkpoint], cfg: MergeConf
     suite = [EnvSpec(env_id) for env_id in args.env]
     for spec in suite:
         env_info(spec)
-    candidate = candidate_partner(base.path)
-    ancestor, states = read_state(base), [read_state(p) for p in partners]
+    candidate = candidate_partner(inputs)
+    ancestor, states = inputs.states()
     eval_cfg = EvalConfig(episodes=args.episodes)
     on_search = return_scorer(suite, eval_cfg, RolloutConfig(), SEARCH_SEED)
     on_heldout = return_scorer(suite, eval_cfg, RolloutConfig(), HELDOUT_SEED)
@@ -325,26 +408,42 @@ def searched_config(base: Checkpoint, partners: list[Checkpoint], cfg: MergeConf
         return float(scorer(candidate))
 
     result = search(ancestor, states, lambda state: scored(state, on_search), cfg)
-    uniform = scored(merged_state(ancestor, states, start_recipe(cfg, len(states)), cfg.seed), on_heldout)
-    best = scored(merged_state(ancestor, states, result.recipe, cfg.seed), on_heldout)
+    uniform = scored(merge_state_dicts(ancestor, states, start_recipe(cfg, len(states))), on_heldout)
+    best = scored(merge_state_dicts(ancestor, states, result.recipe), on_heldout)
     print(f"search: {cfg.search_budget} evaluations on {args.env}; uniform {result.uniform_fitness:.4f} -> best "
           f"{result.fitness:.4f} on search episodes; held-out: uniform {uniform:.4f}, best {best:.4f}")
     record = {"envs": list(args.env), "episodes": args.episodes, "budget": cfg.search_budget,
               "fitness": result.fitness, "uniform_fitness": result.uniform_fitness,
               "heldout": best, "heldout_uniform": uniform, "curve": result.curve}
     found = result.recipe
-    return dataclasses.replace(cfg, method=found["method"], weights=found["weights"], density=found["density"],
-                               groups=found["groups"]), record
+    return dataclasses.replace(cfg, method=found.method, weights=found.weights, density=found.density,
+                               groups=found.groups), record
 
 
-def candidate_partner(path: Path) -> Any:
-    """Returns a Partner over the base checkpoint (model and tokenizer) to load candidate weights into."""
+def write_search_plot(path: Path, record: dict[str, Any]) -> Path:
+    """Writes the search curve (candidates, best so far, held-out scores) as a PNG at `path`; returns `path`."""
+    from colearn import plots
+    from colearn.report import save_png
+
+    save_png(plots.search_figure({f"search on {', '.join(record['envs'])}": record}), path)
+    return path
+
+
+def candidate_partner(inputs: Inputs) -> Any:
+    """Returns a Partner over the base model (and the first tokenizer among the inputs) to load candidates into."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     from colearn.config import ModelConfig
-    from colearn.models import load_pretrained
     from colearn.partner import Partner
 
-    model, tokenizer = load_pretrained(str(path))
-    return Partner("candidate", model.eval(), tokenizer, ModelConfig(source=str(path)))
+    source = next((d for d in [inputs.base, *inputs.partners, inputs.model.path] if any(d.glob("tokenizer*"))), None)
+    if source is None:
+        raise ColearnError("--search needs a tokenizer to act with; none of the inputs has tokenizer files")
+    model = AutoModelForCausalLM.from_pretrained(inputs.model.path).eval()
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return Partner("candidate", model, tokenizer, ModelConfig(source=str(inputs.model.path)))
 
 
 def read_state(checkpoint: Checkpoint) -> dict[str, Any]:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import copy
 import itertools
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -21,6 +21,9 @@ from colearn.compat import linear_cka, sign_conflict_rate, task_vector, task_vec
 from colearn.config import MergeConfig
 from colearn.errors import ColearnError
 from colearn.partner import Partner
+
+if TYPE_CHECKING:
+    from colearn.merge import Recipe
 
 Scorer = Callable[[Partner], float]  # policy -> mean normalized return on fixed validation episodes
 
@@ -66,44 +69,60 @@ def _tied_names(model: torch.nn.Module) -> set[str]:
     return set(state) - set(untied(state))
 
 
-def merged_weights(ancestor: Partner, partners: Sequence[Partner], cfg: MergeConfig) -> dict[str, torch.Tensor]:
-    """Returns the merged dense weights of the partners relative to the ancestor (method from merge.METHODS)."""
-    from colearn.merge import MergeError, merge_state_dicts
+def merge_recipe(cfg: MergeConfig, n_partners: int) -> Recipe:
+    """Returns the checked recipe of merge.* for n partners (equal weights when merge.weights is empty)."""
+    from colearn.merge import Recipe
 
-    try:
-        return merge_state_dicts(
-            dense_state(ancestor), [dense_state(p) for p in partners], method=cfg.method,
-            weights=_weights(cfg, len(partners)), density=cfg.density, to_ancestor=cfg.to_ancestor, seed=cfg.seed,
-            params=dict(cfg.params), groups=dict(cfg.groups) or None,
-        )
-    except MergeError as e:
-        raise ColearnError(str(e)) from e
+    return Recipe.from_config(cfg, n_partners).check(n_partners)
 
 
-def _weights(cfg: MergeConfig, n_partners: int) -> list[float]:
-    from colearn.merge import default_weights
+def merged_weights(ancestor: Partner, partners: Sequence[Partner], recipe: Recipe) -> dict[str, torch.Tensor]:
+    """Returns the merged dense weights of the partners relative to the ancestor."""
+    from colearn.merge import merge_state_dicts
 
-    weights = list(cfg.weights) or default_weights(cfg.method, n_partners)
-    if len(weights) != n_partners:
-        raise ColearnError(f"merge.weights has {len(weights)} entries for {n_partners} partners; give one each")
-    return weights
+    return merge_state_dicts(dense_state(ancestor), [dense_state(p) for p in partners], recipe)
 
 
-def offspring_from(ancestor: Partner, weights: Mapping[str, torch.Tensor], name: str = "offspring") -> Partner:
-    """Returns a new partner with the ancestor's architecture (and adapter layout) holding `weights`.
+def offspring_from(ancestor: Partner, weights: Mapping[str, torch.Tensor], lora_offspring: str = "fold",
+                   name: str = "offspring") -> tuple[Partner, dict[str, Any]]:
+    """Returns a new partner with the ancestor's architecture (and adapter layout) holding `weights`, and a
+    record of how a LoRA offspring was made ({} for full-weight partners).
 
-    For LoRA ancestors the merged change is folded into the base and a fresh adapter is put on top,
-    so the next generation again trains adapters."""
+    LoRA ancestors (merge.lora_offspring): "fold" puts the merged change into the base and a fresh
+    adapter on top, so the next generation again trains adapters from zero; "adapter" keeps the base
+    frozen and re-factorizes the change into the adapter at its rank (truncated SVD, Eckart-Young),
+    recording the relative truncation error."""
     child = ancestor.clone(name)
-    if hasattr(child.model, "peft_config"):
-        from colearn.models import with_lora
-
-        base = copy.deepcopy(child.model).merge_and_unload()
-        load_weights(base, weights)
-        child.model = with_lora(base, ancestor.cfg)
-    else:
+    if not hasattr(child.model, "peft_config"):
         load_weights(child.model, weights)
-    return child
+        return child, {}
+    if lora_offspring == "adapter":
+        return child, {"lora_offspring": "adapter", **refactorized_adapter(child.model, weights)}
+    from colearn.models import with_lora
+
+    base = copy.deepcopy(child.model).merge_and_unload()
+    load_weights(base, weights)
+    child.model = with_lora(base, ancestor.cfg)
+    return child, {"lora_offspring": "fold"}
+
+
+def refactorized_adapter(model: Any, weights: Mapping[str, torch.Tensor]) -> dict[str, Any]:
+    """Sets the peft model's adapter so that base + adapter approximates `weights` at the adapter's rank;
+    returns {rank, truncation_error}."""
+    from peft import get_peft_model_state_dict, set_peft_model_state_dict
+
+    from colearn.lora_merge import adapter_for, lora_factors, lora_scaling
+
+    config = model.peft_config[model.active_adapter]
+    if config.rank_pattern or config.alpha_pattern:
+        raise ColearnError("merge.lora_offspring=adapter needs one LoRA rank for every module (no rank_pattern or "
+                           "alpha_pattern); use merge.lora_offspring=fold")
+    base = untied(copy.deepcopy(model).unload().state_dict())
+    adapted = list(lora_factors(get_peft_model_state_dict(model)))
+    scaling = lora_scaling(config.r, config.lora_alpha, config.use_rslora)
+    state, error = adapter_for(base, weights, adapted, config.r, scaling, config.fan_in_fan_out)
+    set_peft_model_state_dict(model, {k: v.to(next(model.parameters()).dtype) for k, v in state.items()})
+    return {"rank": config.r, "truncation_error": error}
 
 
 def _dense_candidate(ancestor: Partner) -> Partner:
@@ -169,7 +188,8 @@ def evolved_weights(
     Candidates are scored by `search_fn`; the winner and the uniform start are re-scored on
     `evaluate_fn`'s held-out episodes, which is the number to trust.
     """
-    from colearn.evolve import merged_state, search, start_recipe
+    from colearn.evolve import search, start_recipe
+    from colearn.merge import merge_state_dicts
 
     if search_fn is None:
         raise ColearnError("merge.method=evolve needs a search_fn that scores candidate offspring on search episodes")
@@ -179,13 +199,13 @@ def evolved_weights(
     record: dict[str, Any] = {"budget": cfg.search_budget, "fitness": result.fitness,
                               "uniform_fitness": result.uniform_fitness, "curve": result.curve}
     if evaluate_fn is not None:
-        uniform = merged_state(base, states, start_recipe(cfg, len(partners)), cfg.seed)
+        uniform = merge_state_dicts(base, states, start_recipe(cfg, len(partners)))
         record["heldout_uniform"] = fitness_on(candidate, uniform, evaluate_fn)
-    weights = merged_state(base, states, result.recipe, cfg.seed)
+    weights = merge_state_dicts(base, states, result.recipe)
     if evaluate_fn is not None:
         record["heldout"] = fitness_on(candidate, weights, evaluate_fn)
-    recipe = {"method": "evolve", "base_method": result.recipe["method"],
-              **{k: v for k, v in result.recipe.items() if k != "method"}, "search": record}
+    found = result.recipe.as_dict()
+    recipe = {"method": "evolve", "base_method": found.pop("method"), **found, "search": record}
     return weights, recipe
 
 
@@ -209,8 +229,8 @@ def gate_record(offspring_score: float, parent_scores: Mapping[str, float], cfg:
 def mixture_map(partners: Sequence[Partner], env_scores: Mapping[str, Mapping[str, float]] | None) -> dict[str, str]:
     """Returns {env: name of the partner best on it}: from per-env scores when given, else each partner's own envs.
 
-    This is the routing a mixture offspring would use; one set of weights cannot hold it, so
-    for now the mixture fallback is the best partner's weights plus this map.
+    This is the routing of a mixture offspring (merge.fallback=mixture): the loop evaluates the partners
+    routed by it and saves them with it as a mixture directory (`colearn.mixture`).
     """
     if not env_scores:
         return {env: p.name for p in partners for env in p.envs}
@@ -224,7 +244,9 @@ def fallback(
     env_scores: Mapping[str, Mapping[str, float]] | None, record: dict[str, Any],
 ) -> tuple[Partner, dict[str, Any]]:
     """Returns a copy of the best partner and the recipe saying why (merge.fallback=best), plus the env ->
-    partner routing for merge.fallback=mixture.  method is copy_best, so the loop lets the partners go on."""
+    partner routing under recipe["mixture"] for merge.fallback=mixture.  method is copy_best, so the loop
+    lets the partners go on; for a mixture it evaluates and saves the routed partners as the offspring and
+    seeds the next generation with the best partner's copy (one set of weights cannot hold the routing)."""
     best = max(partners, key=lambda p: parent_scores[p.name])
     recipe = {"method": "copy_best", "source": best.name, "outcome": "fallback", "fallback": cfg.fallback,
               "reason": reason, **record}
@@ -270,11 +292,13 @@ def make_offspring(
     if cfg.method == "evolve":
         weights, recipe = evolved_weights(ancestor, partners, cfg, search_fn, evaluate_fn)
     else:
-        weights = merged_weights(ancestor, partners, cfg)
-        recipe = {"method": cfg.method, "weights": _weights(cfg, len(partners)), "density": cfg.density,
-                  "to_ancestor": cfg.to_ancestor, "params": dict(cfg.params), "groups": dict(cfg.groups)}
-    child = offspring_from(ancestor, weights)
+        merge = merge_recipe(cfg, len(partners))
+        weights = merged_weights(ancestor, partners, merge)
+        recipe = merge.as_dict()
+    child, lora = offspring_from(ancestor, weights, cfg.lora_offspring)
     recipe["compat"] = compat
+    if lora:
+        recipe["lora"] = lora
     if not gated:
         recipe["gate"] = {"skipped": "merge.gate is off" if not cfg.gate else "no evaluate_fn was given"}
         return child, {**recipe, "outcome": "merged"}

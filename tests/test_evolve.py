@@ -10,7 +10,7 @@ import torch
 
 from colearn.config import MergeConfig
 from colearn.evolve import MIN_DENSITY, initial_point, recipe_at, search, search_space, start_recipe
-from colearn.merge import group_names, merge_state_dicts
+from colearn.merge import Recipe, group_names, merge_state_dicts
 
 torch.set_num_threads(1)
 
@@ -42,15 +42,15 @@ def test_every_point_is_a_valid_recipe_and_the_start_point_is_the_start_recipe(s
     space = search_space(list(ancestor), "ties", 2, max_weight=1.5)
     assert space.groups == group_names(ancestor) and space.dim == 3 * len(space.groups)
     back = recipe_at(space, initial_point(space, start), start)
-    for override in back["groups"].values():
+    for override in back.groups.values():
         assert override["weights"] == pytest.approx([1.0, 1.0], abs=1e-5)  # ties' full step
         assert override["density"] == pytest.approx(0.6, abs=1e-5)
     for x in (np.full(space.dim, -50.0), np.full(space.dim, 50.0), np.random.default_rng(0).normal(0, 9, space.dim)):
-        for override in recipe_at(space, x, start)["groups"].values():
+        for override in recipe_at(space, x, start).groups.values():
             assert all(0 <= w <= 1.5 for w in override["weights"])
             assert MIN_DENSITY <= override["density"] <= 1
     linear = search_space(list(ancestor), "linear", 2, max_weight=1.5)
-    assert "density" not in recipe_at(linear, np.zeros(linear.dim), start)["groups"]["embed"]
+    assert "density" not in recipe_at(linear, np.zeros(linear.dim), start).groups["embed"]
 
 
 def test_cma_es_finds_unequal_group_weights_that_beat_the_uniform_recipe(states):
@@ -59,7 +59,7 @@ def test_cma_es_finds_unequal_group_weights_that_beat_the_uniform_recipe(states)
     # The optimum is known: a task-arithmetic merge with a different weight pair in every layer group.
     rng = np.random.default_rng(7)
     truth = {g: {"weights": [float(w) for w in rng.uniform(0.1, 1.4, 2)]} for g in groups}
-    target = merge_state_dicts(ancestor, partners, "task_arithmetic", [0.5, 0.5], groups=truth)
+    target = merge_state_dicts(ancestor, partners, Recipe("task_arithmetic", [0.5, 0.5], groups=truth))
     scale = distance(target, ancestor)
 
     def fitness(state: dict[str, torch.Tensor]) -> float:
@@ -80,11 +80,10 @@ def test_cma_es_finds_unequal_group_weights_that_beat_the_uniform_recipe(states)
     assert result.fitness > result.uniform_fitness + 0.2
     assert result.fitness > 0.4 * result.uniform_fitness
     # The returned recipe is the one that scored `fitness`, and it moved toward the true weights.
-    merged = merge_state_dicts(ancestor, partners, "task_arithmetic", result.recipe["weights"],
-                               groups=result.recipe["groups"])
+    merged = merge_state_dicts(ancestor, partners, Recipe("task_arithmetic", result.recipe.weights, groups=result.recipe.groups))
     assert fitness(merged) == pytest.approx(result.fitness, abs=1e-9)
     err = np.mean([abs(a - b) for g in groups
-                   for a, b in zip(result.recipe["groups"][g]["weights"], truth[g]["weights"])])
+                   for a, b in zip(result.recipe.groups[g]["weights"], truth[g]["weights"])])
     assert err < np.mean([abs(0.5 - w) for g in groups for w in truth[g]["weights"]])
 
     again = search(ancestor, partners, fitness, cfg)
@@ -95,7 +94,7 @@ def test_a_budget_of_one_returns_the_start_recipe(states):
     ancestor, partners = states
     cfg = MergeConfig(method="ties", density=0.5, search_budget=1)
     result = search(ancestor, partners, lambda state: 1.0, cfg)
-    assert result.recipe == start_recipe(cfg, 2) and result.recipe["groups"] == {}
+    assert result.recipe == start_recipe(cfg, 2) and result.recipe.groups == {}
     assert [c["fitness"] for c in result.curve] == [1.0]
 
 

@@ -14,20 +14,17 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from colearn.lora_merge import fold_into_base, lora_deltas, lora_scaling, merge_lora, refactorize
-from colearn.merge import (
+from colearn.merge import Recipe, group_names, layer_group, merge_state_dicts, merge_tensor
+from colearn.operators import (
     METHODS,
     MergeError,
-    breadcrumbs_mask,
     default_weights,
     della_keep_probabilities,
     get_method,
-    group_names,
-    layer_group,
-    merge_safetensors_files,
-    merge_state_dicts,
-    merge_tensor,
+    merge_task_vectors,
     model_stock_ratio,
 )
+from colearn.streaming import merge_safetensors_files
 
 torch.set_num_threads(1)
 
@@ -38,6 +35,22 @@ def t(*values: float) -> torch.Tensor:
 
 def w(*values: float) -> torch.Tensor:
     return torch.tensor(values, dtype=torch.float32)
+
+
+def op(method: str):
+    """The whole-tensor form of an operator: (deltas, weights, density, seed, **params) -> merged delta."""
+    return lambda deltas, weights, density, seed, **params: merge_task_vectors(
+        method, deltas, weights, density, seed, **params
+    )
+
+
+def stock_ratio(deltas: list[torch.Tensor]) -> float:
+    stacked = torch.stack(deltas).double()
+    return model_stock_ratio(stacked @ stacked.T)
+
+
+def breadcrumbs_mask(delta: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
+    return merge_task_vectors("breadcrumbs", [delta], [1.0], density, gamma=gamma) != 0
 
 
 def tiny_llama():
@@ -73,38 +86,38 @@ def llama_state() -> dict[str, torch.Tensor]:
 
 def test_linear_is_weighted_average_and_task_arithmetic_weighted_sum():
     a, b = t(1, 2, 3), t(-1, 0, 5)
-    assert torch.allclose(get_method("linear")([a, b], w(1, 3), 1.0, 0), (a + 3 * b) / 4)
-    assert torch.allclose(get_method("task_arithmetic")([a, b], w(1, 3), 1.0, 0), a + 3 * b)
+    assert torch.allclose(op("linear")([a, b], w(1, 3), 1.0, 0), (a + 3 * b) / 4)
+    assert torch.allclose(op("task_arithmetic")([a, b], w(1, 3), 1.0, 0), a + 3 * b)
 
 
 def test_linear_rejects_weights_summing_to_zero():
     with pytest.raises(MergeError, match="merge.weights"):
-        get_method("linear")([t(1.0), t(2.0)], w(1, -1), 1.0, 0)
+        op("linear")([t(1.0), t(2.0)], w(1, -1), 1.0, 0)
 
 
 def test_ties_elects_signs_by_hand():
     a, b, c = t(1, -2, 3), t(-3, 0.5, 2), t(2, 1.5, -0.5)
     # density 2/3 keeps 2 of 3: a -> [0,-2,3], b -> [-3,0,2], c -> [2,1.5,0]
     # total-mass signs [-1,-0.5,5] -> [-, -, +]; disjoint means over agreeing partners:
-    assert torch.allclose(get_method("ties")([a, b, c], w(1, 1, 1), 2 / 3, 0), t(-3, -2, 2.5))
+    assert torch.allclose(op("ties")([a, b, c], w(1, 1, 1), 2 / 3, 0), t(-3, -2, 2.5))
     # weights scale before the disjoint mean (signs are elected unweighted): [0,-4,6], [-3,0,2], [2,1.5,0]
-    assert torch.allclose(get_method("ties")([a, b, c], w(2, 1, 1), 2 / 3, 0), t(-3, -4, 4))
+    assert torch.allclose(op("ties")([a, b, c], w(2, 1, 1), 2 / 3, 0), t(-3, -4, 4))
 
 
 def test_ties_frequency_sign_election_by_hand():
     a, b, c = t(1, -2, 3), t(-3, 1, 1), t(1, 2, -1)
     # total mass [-1,1,3] -> [-,+,+]: coordinate 0 keeps only b
-    assert torch.allclose(get_method("ties")([a, b, c], w(1, 1, 1), 1.0, 0), t(-3, 1.5, 2))
+    assert torch.allclose(op("ties")([a, b, c], w(1, 1, 1), 1.0, 0), t(-3, 1.5, 2))
     # sign counts [1,1,1] -> all +: coordinate 0 keeps a and c
-    merged = get_method("ties")([a, b, c], w(1, 1, 1), 1.0, 0, majority_sign_method="frequency")
+    merged = op("ties")([a, b, c], w(1, 1, 1), 1.0, 0, majority_sign_method="frequency")
     assert torch.allclose(merged, t(1, 1.5, 2))
     with pytest.raises(MergeError, match="majority_sign_method"):
-        get_method("ties")([a, b], w(1, 1), 1.0, 0, majority_sign_method="vote")
+        op("ties")([a, b], w(1, 1), 1.0, 0, majority_sign_method="vote")
 
 
 def test_magnitude_prune_keeps_top_magnitudes_by_hand():
     a, b = t(1, -2, 3, -4), t(4, 3, -2, 1)
-    merged = get_method("magnitude_prune")([a, b], w(2, 1), 0.5, 0)
+    merged = op("magnitude_prune")([a, b], w(2, 1), 0.5, 0)
     assert torch.allclose(merged, 2 * t(0, 0, 3, -4) + t(4, 3, 0, 0))
 
 
@@ -112,7 +125,7 @@ def test_dare_is_unbiased_and_reproducible():
     generator = torch.Generator().manual_seed(0)
     a, b = torch.randn(1000, generator=generator), torch.randn(1000, generator=generator)
     weights = w(0.7, 0.5)
-    dare = get_method("dare_linear")
+    dare = op("dare_linear")
     rng_before = torch.get_rng_state()
     draws = torch.stack([dare([a, b], weights, 0.3, seed) for seed in range(400)])  # (400, 1000)
     assert torch.equal(torch.get_rng_state(), rng_before)  # the caller's RNG is untouched
@@ -122,12 +135,12 @@ def test_dare_is_unbiased_and_reproducible():
     assert 0.4 < kept < 0.6  # two partners at density 0.3: 1 - 0.7^2 = 0.51 of coordinates survive
     assert torch.equal(dare([a, b], weights, 0.3, 7), dare([a, b], weights, 0.3, 7))
     assert not torch.equal(dare([a, b], weights, 0.3, 7), dare([a, b], weights, 0.3, 8))
-    dare_ties = get_method("dare_ties")
+    dare_ties = op("dare_ties")
     assert torch.equal(dare_ties([a, b], weights, 0.3, 7), dare_ties([a, b], weights, 0.3, 7))
 
 
 def test_slerp_endpoints_midpoint_and_fallbacks():
-    slerp, linear = get_method("slerp"), get_method("linear")
+    slerp, linear = op("slerp"), op("linear")
     a, b = t(1, 0), t(0, 1)
     assert torch.allclose(slerp([a, b], w(1, 0), 1.0, 0), a, atol=1e-6)
     assert torch.allclose(slerp([a, b], w(0, 1), 1.0, 0), b, atol=1e-6)
@@ -147,22 +160,22 @@ def test_breadcrumbs_masks_both_tails():
     # drop the top 10% (|10|), keep the next 50% (|9|..|5|), drop the small tail (|4|..|1|)
     mask = breadcrumbs_mask(delta, density=0.5, gamma=0.1)
     assert mask.tolist() == [True, False, True, False, True, False, True, False, True, False]
-    merged = get_method("breadcrumbs")([delta], w(2), 0.5, 0, gamma=0.1)
+    merged = op("breadcrumbs")([delta], w(2), 0.5, 0, gamma=0.1)
     assert torch.equal(merged, 2 * delta * mask)
     with pytest.raises(MergeError, match="merge.params.gamma"):
-        get_method("breadcrumbs")([delta], w(1), 0.5, 0, gamma=1.0)
+        op("breadcrumbs")([delta], w(1), 0.5, 0, gamma=1.0)
 
 
 def test_model_stock_interpolates_between_ancestor_and_average():
-    model_stock = get_method("model_stock")
+    model_stock = op("model_stock")
     delta = t(1, 2, 3)
     assert torch.allclose(model_stock([delta, delta.clone()], w(1, 1), 1.0, 0), delta)  # cos 1: t = 1
     assert torch.allclose(model_stock([t(1, 0), t(0, 1)], w(1, 1), 1.0, 0), t(0, 0))  # cos 0: the ancestor
     # cos 0.5: t = 2 * 0.5 / (1 + 0.5) = 2/3; N = 3 all at 60 degrees: t = 1.5 / 2 = 0.75
-    assert model_stock_ratio([t(1, 0), t(0.5, math.sqrt(0.75))]) == pytest.approx(2 / 3, abs=1e-6)
+    assert stock_ratio([t(1, 0), t(0.5, math.sqrt(0.75))]) == pytest.approx(2 / 3, abs=1e-6)
     third = [t(1, 0, 0), t(0.5, math.sqrt(0.75), 0), t(0.5, math.sqrt(0.75) / 3, math.sqrt(2 / 3))]
-    assert model_stock_ratio(third) == pytest.approx(0.75, abs=1e-5)
-    assert model_stock_ratio([t(1, 0), t(-1, 0)]) == 0.0  # opposed: back to the ancestor
+    assert stock_ratio(third) == pytest.approx(0.75, abs=1e-5)
+    assert stock_ratio([t(1, 0), t(-1, 0)]) == 0.0  # opposed: back to the ancestor
 
 
 def test_della_keep_probabilities_by_hand_and_unbiased():
@@ -170,7 +183,7 @@ def test_della_keep_probabilities_by_hand_and_unbiased():
     keep = della_keep_probabilities(delta, density=0.5, epsilon=0.2)
     assert torch.allclose(keep, t(0.5, 0.4, 0.6, 0.45, 0.55))
     assert torch.equal(della_keep_probabilities(delta, density=1.0, epsilon=0.2), torch.ones(5))  # window narrows
-    della = get_method("della")
+    della = op("della")
     generator = torch.Generator().manual_seed(1)
     big = torch.randn(1000, generator=generator)
     # one partner has no sign conflicts: the mean over seeds is the weighted delta
@@ -183,12 +196,69 @@ def test_della_keep_probabilities_by_hand_and_unbiased():
     assert torch.equal(della([big, -big], w(1, 1), 0.4, 3), della([big, -big], w(1, 1), 0.4, 3))
 
 
+def test_magnitude_trimming_matches_peft_topk_on_large_tensors():
+    # Large enough that thresholds come from the sampled bracket, not a whole-tensor kthvalue.
+    from peft.utils import merge_utils
+
+    generator = torch.Generator().manual_seed(0)
+    n = 300_000
+    deltas = [torch.randn(n, generator=generator) * scale for scale in (1.0, 0.3, 2.0)]
+    deltas[1][::7] = 0.0  # exact zeros, as in weights a partner never changed
+    weights = w(1.0, 0.7, 1.3)
+    for density in (0.05, 0.5, 0.93):
+        assert torch.allclose(op("ties")(deltas, weights, density, 0), merge_utils.ties(deltas, weights, density),
+                              atol=1e-6)
+        assert torch.allclose(op("magnitude_prune")(deltas, weights, density, 0),
+                              merge_utils.magnitude_prune(deltas, weights, density), atol=1e-6)
+    frequency = op("ties")(deltas, weights, 0.5, 0, majority_sign_method="frequency")
+    assert torch.allclose(frequency, merge_utils.ties(deltas, weights, 0.5, "frequency"), atol=1e-6)
+
+
+def test_sign_election_tie_goes_to_plus_as_in_peft():
+    a, b = t(1, -2, 0), t(-1, 2, 0)  # every coordinate's votes sum to 0
+    assert torch.equal(op("ties")([a, b], w(1, 1), 1.0, 0), t(1, 2, 0))
+
+
+def test_magnitude_thresholds_are_exact_k_th_largest():
+    from colearn.operators import TaskVectors, magnitude_thresholds
+
+    generator = torch.Generator().manual_seed(1)
+    heavy = torch.distributions.StudentT(1.5).sample((400_000,))  # heavy tails
+    ties_ = torch.randint(0, 5, (400_000,), generator=generator).float()  # five distinct magnitudes
+    ks = [0, 1, 1000, 200_000, 399_999, 400_000]
+    got = magnitude_thresholds(TaskVectors([heavy, ties_], None, torch.float32, chunk_size=4096), ks)
+    for i, tensor in enumerate((heavy, ties_)):
+        ordered = tensor.abs().sort(descending=True).values
+        expected = [math.inf] + [float(ordered[k - 1]) for k in ks[1:]]
+        assert got[i].tolist() == expected
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_chunking_changes_nothing_but_random_draws(method):
+    from colearn.operators import RANDOM_METHODS, TaskVectors, merged_chunks
+
+    generator = torch.Generator().manual_seed(2)
+    base = torch.randn(5000, generator=generator)
+    partners = [base + 0.1 * torch.randn(5000, generator=generator) for _ in range(2)]
+    weights = torch.tensor(default_weights(method, 2))
+
+    def merged(chunk_size: int) -> torch.Tensor:
+        tv = TaskVectors(partners, base, torch.float32, chunk_size=chunk_size)
+        return torch.cat([m for _, _, m in merged_chunks(method, tv, weights, 0.5, seed=0)])
+
+    whole, chunked = merged(5000), merged(333)
+    if method in RANDOM_METHODS:
+        assert torch.equal(chunked, merged(333))  # reproducible for one chunk size
+    else:
+        assert torch.allclose(whole, chunked, atol=1e-6)
+
+
 @pytest.mark.parametrize("method", sorted(METHODS))
 def test_identical_partners_return_the_partner(method, llama_state):
     ancestor = {k: v for k, v in list(llama_state.items())[:6]}
     partner = perturbed(ancestor, seed=1)
     params = {"gamma": 0.0} if method == "breadcrumbs" else {}
-    merged = merge_state_dicts(ancestor, [partner, partner], method, default_weights(method, 2), 1.0, params=params)
+    merged = merge_state_dicts(ancestor, [partner, partner], Recipe(method, default_weights(method, 2), 1.0, params=params))
     for key in ancestor:
         assert torch.allclose(merged[key], partner[key], atol=1e-6), key
 
@@ -198,9 +268,9 @@ def test_identical_partners_return_the_partner(method, llama_state):
 
 def test_to_ancestor_interpolates_toward_the_ancestor(llama_state):
     partners = [perturbed(llama_state, 1), perturbed(llama_state, 2)]
-    full = merge_state_dicts(llama_state, partners, "linear", [0.5, 0.5])
-    back = merge_state_dicts(llama_state, partners, "ties", [1, 1], 0.5, to_ancestor=1.0)
-    half = merge_state_dicts(llama_state, partners, "linear", [0.5, 0.5], to_ancestor=0.5)
+    full = merge_state_dicts(llama_state, partners, Recipe("linear", [0.5, 0.5]))
+    back = merge_state_dicts(llama_state, partners, Recipe("ties", [1, 1], 0.5, to_ancestor=1.0))
+    half = merge_state_dicts(llama_state, partners, Recipe("linear", [0.5, 0.5], to_ancestor=0.5))
     for key, ancestor in llama_state.items():
         assert torch.equal(back[key], ancestor)
         assert torch.allclose(half[key] - ancestor, 0.5 * (full[key] - ancestor), atol=1e-6)
@@ -210,7 +280,7 @@ def test_unknown_method_lists_known_ones():
     with pytest.raises(MergeError, match=r"merge.method='average' is unknown; choose one of \['breadcrumbs'"):
         get_method("average")
     with pytest.raises(MergeError, match="merge.method"):
-        merge_state_dicts({"x": t(1)}, [{"x": t(2)}], "average", [1.0])
+        merge_state_dicts({"x": t(1)}, [{"x": t(2)}], Recipe("average", [1.0]))
 
 
 def test_shape_mismatch_names_the_first_tensor():
@@ -222,43 +292,43 @@ def test_shape_mismatch_names_the_first_tensor():
         "partners must share the ancestor's architecture"
     )
     with pytest.raises(MergeError) as error:
-        merge_state_dicts(ancestor, [good, bad], "linear", [0.5, 0.5])
+        merge_state_dicts(ancestor, [good, bad], Recipe("linear", [0.5, 0.5]))
     assert str(error.value) == message
     with pytest.raises(MergeError, match="partner 0 lacks tensor 'model.norm.weight'"):
-        merge_state_dicts(ancestor, [{"model.layers.0.mlp.up_proj.weight": torch.zeros(64, 256)}], "linear", [1.0])
+        merge_state_dicts(ancestor, [{"model.layers.0.mlp.up_proj.weight": torch.zeros(64, 256)}], Recipe("linear", [1.0]))
     with pytest.raises(MergeError, match="has shape"):
-        merge_tensor("x", torch.zeros(2), [torch.zeros(3)], "linear", [1.0])
+        merge_tensor("x", torch.zeros(2), [torch.zeros(3)], Recipe("linear", [1.0]))
 
 
 @pytest.mark.parametrize("density", [0.0, 1.5, float("nan")])
 def test_bad_density_names_merge_density(density):
     with pytest.raises(MergeError, match=r"merge\.density"):
-        merge_state_dicts({"x": t(1)}, [{"x": t(2)}, {"x": t(3)}], "ties", [1, 1], density)
+        merge_state_dicts({"x": t(1)}, [{"x": t(2)}, {"x": t(3)}], Recipe("ties", [1, 1], density))
 
 
 @pytest.mark.parametrize("weights", [[1.0], [0.0, 0.0], [1.0, float("inf")]])
 def test_bad_weights_name_merge_weights(weights):
     with pytest.raises(MergeError, match=r"merge\.weights"):
-        merge_state_dicts({"x": t(1)}, [{"x": t(2)}, {"x": t(3)}], "linear", weights)
+        merge_state_dicts({"x": t(1)}, [{"x": t(2)}, {"x": t(3)}], Recipe("linear", weights))
 
 
 def test_bad_params_and_groups_name_the_field():
     sd = {"model.layers.0.mlp.up_proj.weight": t(1, 2)}
     partners = [{k: v + 1 for k, v in sd.items()}] * 2
     with pytest.raises(MergeError, match=r"merge.params.gamma is not a parameter of merge.method='ties'"):
-        merge_state_dicts(sd, partners, "ties", [1, 1], params={"gamma": 0.1})
+        merge_state_dicts(sd, partners, Recipe("ties", [1, 1], params={"gamma": 0.1}))
     with pytest.raises(MergeError, match=r"merge.groups\['block\*.mlp'\].density"):
-        merge_state_dicts(sd, partners, "ties", [1, 1], groups={"block*.mlp": {"density": 2.0}})
+        merge_state_dicts(sd, partners, Recipe("ties", [1, 1], groups={"block*.mlp": {"density": 2.0}}))
     with pytest.raises(MergeError, match=r"merge.groups\['blok\*'\] matches no layer group"):
-        merge_state_dicts(sd, partners, "ties", [1, 1], groups={"blok*": {"density": 0.5}})
+        merge_state_dicts(sd, partners, Recipe("ties", [1, 1], groups={"blok*": {"density": 0.5}}))
     with pytest.raises(MergeError, match=r"merge.to_ancestor"):
-        merge_state_dicts(sd, partners, "linear", [1, 1], to_ancestor=1.5)
+        merge_state_dicts(sd, partners, Recipe("linear", [1, 1], to_ancestor=1.5))
 
 
 def test_group_override_applies_only_to_matching_keys(llama_state):
     partners = [perturbed(llama_state, 1), perturbed(llama_state, 2)]
     groups = {"block*.mlp": {"weights": [1.0, 0.0]}, "embed": {"to_ancestor": 1.0}}
-    merged = merge_state_dicts(llama_state, partners, "linear", [0.5, 0.5], groups=groups)
+    merged = merge_state_dicts(llama_state, partners, Recipe("linear", [0.5, 0.5], groups=groups))
     for key, ancestor in llama_state.items():
         group = layer_group(key)
         if group.endswith(".mlp"):
@@ -272,7 +342,7 @@ def test_group_override_applies_only_to_matching_keys(llama_state):
     sd = {"model.layers.0.mlp.up_proj.weight": t(5, -1, 9, 3, -7, 2, 8, -4, 6, -10), "lm_head.weight": t(1, 2)}
     zeros = {k: torch.zeros_like(v) for k, v in sd.items()}
     groups = {"block*": {"gamma": 0.5}, "block0.mlp": {"gamma": 0.1}}
-    merged = merge_state_dicts(zeros, [sd], "breadcrumbs", [1.0], 0.5, params={"gamma": 0.0}, groups=groups)
+    merged = merge_state_dicts(zeros, [sd], Recipe("breadcrumbs", [1.0], 0.5, params={"gamma": 0.0}, groups=groups))
     key = "model.layers.0.mlp.up_proj.weight"
     assert torch.equal(merged[key], sd[key] * breadcrumbs_mask(sd[key], 0.5, 0.1))
     assert torch.equal(merged["lm_head.weight"], t(0, 2))
@@ -281,22 +351,22 @@ def test_group_override_applies_only_to_matching_keys(llama_state):
 def test_non_float_buffers_are_copied_and_must_agree():
     ancestor = {"w": t(0, 0), "ids": torch.arange(3)}
     partners = [{"w": t(1, 1), "ids": torch.arange(3)}, {"w": t(3, 3), "ids": torch.arange(3)}]
-    merged = merge_state_dicts(ancestor, partners, "linear", [0.5, 0.5])
+    merged = merge_state_dicts(ancestor, partners, Recipe("linear", [0.5, 0.5]))
     assert torch.equal(merged["ids"], torch.arange(3)) and torch.equal(merged["w"], t(2, 2))
     partners[1]["ids"] = torch.tensor([0, 1, 5])
     with pytest.raises(MergeError, match="'ids' is not floating point"):
-        merge_state_dicts(ancestor, partners, "linear", [0.5, 0.5])
+        merge_state_dicts(ancestor, partners, Recipe("linear", [0.5, 0.5]))
 
 
 def test_dtype_is_preserved_and_seeds_do_not_depend_on_key_order(llama_state):
     ancestor = {k: v.to(torch.bfloat16) for k, v in list(llama_state.items())[:5]}
     partners = [perturbed(ancestor, 1), perturbed(ancestor, 2)]
-    merged = merge_state_dicts(ancestor, partners, "dare_ties", [1, 1], 0.5, seed=3)
+    merged = merge_state_dicts(ancestor, partners, Recipe("dare_ties", [1, 1], 0.5, seed=3))
     assert all(v.dtype == torch.bfloat16 for v in merged.values())
     reverse = lambda sd: dict(reversed(list(sd.items())))  # noqa: E731
-    again = merge_state_dicts(reverse(ancestor), [reverse(p) for p in partners], "dare_ties", [1, 1], 0.5, seed=3)
+    again = merge_state_dicts(reverse(ancestor), [reverse(p) for p in partners], Recipe("dare_ties", [1, 1], 0.5, seed=3))
     assert all(torch.equal(merged[k], again[k]) for k in merged)
-    other = merge_state_dicts(ancestor, partners, "dare_ties", [1, 1], 0.5, seed=4)
+    other = merge_state_dicts(ancestor, partners, Recipe("dare_ties", [1, 1], 0.5, seed=4))
     assert any(not torch.equal(merged[k], other[k]) for k in merged)
 
 
@@ -344,11 +414,9 @@ def test_merge_safetensors_files_equals_merge_state_dicts(tmp_path, llama_state)
     for path, state in zip(paths, [llama_state, *partners]):
         save_file({k: v.contiguous() for k, v in state.items()}, path, metadata={"format": "pt"})
     out = str(tmp_path / "child.safetensors")
-    recipe = {
-        "method": "dare_ties", "weights": [1.0, 1.0], "density": 0.5, "seed": 5, "groups": {"head": {"density": 1.0}}
-    }
-    merge_safetensors_files(paths[0], paths[1:], out, **recipe)
-    expected = merge_state_dicts(llama_state, partners, **recipe)
+    recipe = Recipe("dare_ties", [1.0, 1.0], 0.5, seed=5, groups={"head": {"density": 1.0}})
+    merge_safetensors_files(paths[0], paths[1:], out, recipe)
+    expected = merge_state_dicts(llama_state, partners, recipe)
     loaded = load_file(out)
     assert set(loaded) == set(expected)
     assert all(torch.equal(loaded[k], expected[k]) for k in expected)
@@ -356,7 +424,7 @@ def test_merge_safetensors_files_equals_merge_state_dicts(tmp_path, llama_state)
     # a mismatch is reported from the headers, and nothing is written
     save_file({"model.embed_tokens.weight": torch.zeros(3, 3)}, paths[2])
     with pytest.raises(MergeError, match="partner"):
-        merge_safetensors_files(paths[0], paths[1:], str(tmp_path / "never.safetensors"), **recipe)
+        merge_safetensors_files(paths[0], paths[1:], str(tmp_path / "never.safetensors"), recipe)
     assert not (tmp_path / "never.safetensors").exists()
 
 
@@ -398,8 +466,8 @@ def test_merge_lora_equals_merging_dense_deltas(lora_setup):
     deltas = [lora_deltas(adapter, 2.0) for adapter in adapters]
     zeros = {k: torch.zeros_like(v) for k, v in deltas[0].items()}
     for method, weights in [("ties", [1.0, 1.0]), ("linear", [0.3, 0.7])]:
-        merged = merge_lora(adapters, 2.0, method, weights, density=0.5, seed=1)
-        expected = merge_state_dicts(zeros, deltas, method, weights, density=0.5, seed=1)
+        merged = merge_lora(adapters, 2.0, Recipe(method, weights, density=0.5, seed=1))
+        expected = merge_state_dicts(zeros, deltas, Recipe(method, weights, density=0.5, seed=1))
         assert all(torch.equal(merged[k], expected[k]) for k in expected)
 
 
@@ -407,8 +475,8 @@ def test_refactorized_lora_reproduces_the_merge(lora_setup):
     from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
 
     base, base_state, adapters, _ = lora_setup
-    dense = merge_lora(adapters, 2.0, "linear", [0.5, 0.5])
-    adapter = merge_lora(adapters, 2.0, "linear", [0.5, 0.5], rank=8, out_scaling=0.5)  # rank = 4 + 4: exact
+    dense = merge_lora(adapters, 2.0, Recipe("linear", [0.5, 0.5]))
+    adapter = merge_lora(adapters, 2.0, Recipe("linear", [0.5, 0.5]), rank=8, out_scaling=0.5)  # rank = 4 + 4: exact
     rebuilt = lora_deltas(adapter, 0.5)
     assert all(torch.allclose(rebuilt[k], dense[k], atol=1e-5) for k in dense)
     # peft folds the re-factorized adapter to the same weights as folding the dense merge

@@ -10,11 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from PIL import Image
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from colearn.errors import ColearnError
-from colearn.merge import merge_state_dicts
+from colearn.merge import Recipe, merge_state_dicts
 from colearn.merge_cli import load_recipe, main
 from colearn.partner import Partner
 
@@ -53,7 +54,7 @@ def recipe(tmp_path: Path, **fields) -> str:
 
 def expected(ckpts: dict[str, Path], **recipe_fields) -> dict[str, torch.Tensor]:
     states = [load_file(ckpts[n] / "model.safetensors") for n in ("base", "A", "B")]
-    return merge_state_dicts(states[0], states[1:], **recipe_fields)
+    return merge_state_dicts(states[0], states[1:], Recipe(**recipe_fields))
 
 
 def test_merge_writes_a_checkpoint_that_loads_generates_and_equals_the_in_memory_merge(ckpts, tmp_path, capsys):
@@ -166,7 +167,13 @@ def test_search_writes_the_best_recipe_next_to_a_loadable_output(ckpts, tmp_path
     main(["--base", str(ckpts["base"]), "--recipe", recipe(tmp_path, method="evolve", base_method="ties", seed=1),
           "--out", str(out), "--search", "--env", "colearn/FrozenLake-v0", "--budget", "4", "--episodes", "2",
           str(ckpts["A"]), str(ckpts["B"])])
-    assert "held-out: uniform" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "held-out: uniform" in printed
+    plot = tmp_path / "child.search.png"
+    assert f"search curve: {plot}" in printed
+    image = Image.open(plot)
+    assert image.format == "PNG" and image.width > 400 and image.height > 200
+    assert len(image.convert("RGB").getcolors(maxcolors=100_000)) > 20  # drawn on, not a blank canvas
     best = tmp_path / "child.recipe.yaml"
     cfg, base = load_recipe(best)
     assert cfg.method == "ties" and base == str(ckpts["base"].resolve())

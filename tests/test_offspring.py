@@ -189,3 +189,72 @@ def test_lora_partners_merge_their_folded_weights(corpus, model_cfg):
     merged, sa, sb = dense_state(child), dense_state(a), dense_state(b)
     for key in sa:
         assert torch.allclose(merged[key], (sa[key] + sb[key]) / 2, atol=1e-6), key
+
+
+def perturbed_adapter(partner: Partner, name: str, scale: float, seed: int, only: str = "lora_") -> Partner:
+    """A copy whose LoRA factors (the names containing `only`) moved, as training moves them; the base is frozen."""
+    child = partner.clone(name)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for key, param in child.model.named_parameters():
+            if only in key:
+                param.add_(scale * torch.randn(param.shape, generator=generator))
+    return child
+
+
+@pytest.fixture(scope="module")
+def lora_root(corpus, model_cfg) -> Partner:
+    from colearn.models import build_ancestor
+
+    cfg = model_cfg.__class__(**{**model_cfg.__dict__, "lora_rank": 2})
+    model, tokenizer = build_ancestor(cfg, *corpus, seed=0)
+    return Partner("ancestor", model, tokenizer, cfg)
+
+
+def frozen_base(partner: Partner) -> dict[str, torch.Tensor]:
+    import copy
+
+    return copy.deepcopy(partner.model).unload().state_dict()
+
+
+def test_lora_offspring_kept_as_adapter_is_exact_when_the_change_fits_the_rank(lora_root):
+    # Only B factors move and A stays shared, so the averaged change (mean B) @ A has the adapter's rank.
+    a = perturbed_adapter(lora_root, "A", 0.05, seed=1, only="lora_B")
+    b = perturbed_adapter(lora_root, "B", 0.05, seed=2, only="lora_B")
+    cfg = MergeConfig(method="linear", gate=False, lora_offspring="adapter")
+    child, recipe = make_offspring(lora_root, [a, b], {"A": 0, "B": 0}, cfg)
+    assert recipe["lora"]["lora_offspring"] == "adapter" and recipe["lora"]["rank"] == 2
+    assert recipe["lora"]["truncation_error"] < 1e-5
+    base, kept = frozen_base(lora_root), frozen_base(child)
+    assert all(torch.equal(base[k], kept[k]) for k in base)  # the base is untouched
+    merged, sa, sb = dense_state(child), dense_state(a), dense_state(b)
+    assert all(torch.allclose(merged[k], (sa[k] + sb[k]) / 2, atol=1e-5) for k in sa)
+
+
+def test_lora_offspring_kept_as_adapter_truncates_to_the_best_rank_r_change(lora_root):
+    a = perturbed_adapter(lora_root, "A", 0.3, seed=3)
+    b = perturbed_adapter(lora_root, "B", 0.3, seed=4)
+    cfg = MergeConfig(method="linear", gate=False, lora_offspring="adapter")
+    child, recipe = make_offspring(lora_root, [a, b], {"A": 0, "B": 0}, cfg)
+    base, merged = frozen_base(lora_root), dense_state(child)
+    sa, sb = dense_state(a), dense_state(b)
+    residual = total = 0.0
+    for key in sa:
+        change = (sa[key] + sb[key]) / 2 - base[key]
+        if change.abs().max() == 0:
+            assert torch.equal(merged[key], base[key])
+            continue
+        singular = torch.linalg.svdvals(change.double())  # Eckart-Young: the best rank-2 error is the tail
+        residual += float(singular[2:].square().sum())
+        total += float(singular.square().sum())
+        got = merged[key] - base[key]
+        assert float((got - change).norm()) == pytest.approx(float(singular[2:].norm()), rel=1e-3, abs=1e-6), key
+    assert residual > 0  # two rank-2 changes do not fit rank 2
+    assert recipe["lora"]["truncation_error"] == pytest.approx(math.sqrt(residual / total), rel=1e-3)
+
+
+def test_lora_offspring_as_adapter_refuses_a_merge_that_changed_the_base(lora_root):
+    a, b = perturbed(lora_root, "A", 0.02, seed=1), perturbed(lora_root, "B", 0.02, seed=2)  # base moved too
+    cfg = MergeConfig(method="linear", gate=False, lora_offspring="adapter")
+    with pytest.raises(ColearnError, match="merge.lora_offspring=fold"):
+        make_offspring(lora_root, [a, b], {"A": 0, "B": 0}, cfg)

@@ -1,0 +1,481 @@
+"""Merge operators: how N task vectors of one tensor become one merged task vector.
+
+A task vector is partner - ancestor (Ilharco et al. 2023, "Editing Models with Task
+Arithmetic").  An operator is planned once per tensor and then applied chunk by chunk:
+``METHODS[name](tv, weights, density, **params)`` reads what it needs of the whole tensor
+(magnitude thresholds, angles, ranks) from `TaskVectors` and returns a `ChunkMerge` that
+merges one flat chunk.  Chunks keep every temporary in cache and let a checkpoint stream
+through memory one tensor at a time; the result does not depend on the chunk size except
+for the random draws of DARE and DELLA (fixed by the seed).
+
+How `weights` act depends on the method, as in the papers and in peft:
+
+* normalized, only their ratio matters: ``linear``, ``slerp``, ``model_stock``;
+* scaled sum ``sum_i w_i * delta_i``: ``task_arithmetic``, ``magnitude_prune``,
+  ``dare_linear``, ``breadcrumbs``;
+* sign-elected mean of ``w_i * delta_i`` over the partners that agree with the
+  elected sign: ``ties``, ``dare_ties``, ``della``.
+
+So weights ``[0.5, 0.5]`` average two partners under the first two conventions,
+while the sign-elected methods need ``[1, 1]`` for the same step size.
+
+peft's `merge_utils` is the reference: DARE's random drop is peft's own, and the other
+operators compute what peft's functions compute (tests compare them on random tensors) in
+fewer passes, because a merge should cost little more than reading its inputs.  Magnitude
+trimming (TIES, magnitude_prune, breadcrumbs) keeps the elements at or above an exact k-th
+largest magnitude instead of peft's full `topk` (~20x slower on large tensors): the same
+set wherever magnitudes don't tie at the threshold.  A `ChunkMerge` may overwrite the chunks
+it is given.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from peft.utils import merge_utils
+from torch import Tensor
+
+from colearn.errors import ColearnError
+
+CHUNK = 1 << 18  # elements per chunk: 1 MiB of float32, inside a core's L2 cache
+_SAMPLE = 1 << 16  # magnitudes sampled to bracket a k-th largest before the exact pass
+_TINY_NORM = 1e-8  # below this norm a task vector has no direction: slerp falls back to linear
+_COLINEAR_COS = 0.9995  # above this |cos| slerp's sin(omega) ~ 0 (as in mergekit)
+_SIGN_METHODS = ("total", "frequency")
+
+ChunkMerge = Callable[[slice, list[Tensor]], Tensor]  # (where, N x (c,) task-vector chunks) -> merged (c,)
+
+
+class MergeError(ColearnError, ValueError):
+    """A merge recipe or a set of checkpoints that cannot be merged; the message names the field and the fix."""
+
+
+@dataclass(frozen=True)
+class TaskVectors:
+    """The N task vectors of one tensor, flattened, computed chunk by chunk in `dtype` (never all at once)."""
+
+    partners: Sequence[Tensor]  # N x (n,): the partners' flat tensors (or the task vectors when base is None)
+    base: Tensor | None  # (n,) the ancestor's flat tensor; None when `partners` already are task vectors
+    dtype: torch.dtype  # arithmetic dtype, at least float32
+    chunk_size: int = CHUNK
+
+    @property
+    def numel(self) -> int:
+        return self.partners[0].numel()
+
+    @property
+    def device(self) -> torch.device:
+        return self.partners[0].device
+
+    def chunks(self) -> Iterator[tuple[slice, Tensor | None, list[Tensor]]]:
+        """Yields (slice, base chunk or None, N task-vector chunks) over the flat tensor, in order."""
+        for start in range(0, self.numel, self.chunk_size):
+            where = slice(start, min(start + self.chunk_size, self.numel))
+            yield where, *self.at(where)
+
+    def at(self, where: slice | Tensor) -> tuple[Tensor | None, list[Tensor]]:
+        """Returns the base chunk (or None) and the N task vectors at a slice or an index tensor."""
+        if self.base is None:  # a copy: operators trim chunks in place
+            return None, [p[where].to(self.dtype, copy=True) for p in self.partners]
+        base = self.base[where].to(self.dtype)  # (c,)
+        return base, [p[where].to(self.dtype) - base for p in self.partners]
+
+    def whole(self, index: int) -> Tensor:
+        """Returns task vector `index` materialized (for the operators that sort a whole tensor)."""
+        if self.base is None:
+            return self.partners[index].to(self.dtype)
+        return self.partners[index].to(self.dtype) - self.base.to(self.dtype)
+
+
+# --------------------------------------------------------------------------- whole-tensor statistics
+
+
+def gram_matrix(tv: TaskVectors) -> Tensor:
+    """Returns the (N, N) float64 matrix of dot products between the task vectors."""
+    gram = torch.zeros(len(tv.partners), len(tv.partners), dtype=torch.float64, device=tv.device)
+    for _, _, deltas in tv.chunks():
+        stacked = torch.stack(deltas).double()  # (N, c)
+        gram += stacked @ stacked.T
+    return gram
+
+
+def cosines(gram: Tensor) -> Tensor:
+    """Returns the (N, N) cosines from a Gram matrix; 0 where either vector has (almost) no norm."""
+    norms = gram.diagonal().clamp(min=0).sqrt()  # (N,)
+    outer = norms[:, None] * norms[None, :]  # (N, N)
+    return torch.where(outer > _TINY_NORM**2, gram / outer.clamp(min=_TINY_NORM**2), torch.zeros_like(gram))
+
+
+def magnitude_thresholds(tv: TaskVectors, ks: Sequence[int]) -> Tensor:
+    """Returns (N, len(ks)): for each task vector its k-th largest magnitude for each k (inf for k = 0).
+
+    Keeping |delta| >= threshold keeps the top k (more only where magnitudes tie at it).
+    Exact: a random sample brackets each threshold, one pass counts the elements above the
+    bracket and gathers those inside, and `kthvalue` picks it there; if the bracket missed
+    (rare), the whole tensor is searched.
+    """
+    n, count = tv.numel, len(tv.partners)
+    out = torch.full((count, len(ks)), math.inf, dtype=torch.float64)
+    if n <= 4 * _SAMPLE:
+        for i in range(count):
+            out[i] = _exact_thresholds(tv.whole(i).abs(), ks)
+        return out
+    index = torch.randint(n, (_SAMPLE,), generator=torch.Generator().manual_seed(0)).to(tv.device)
+    samples = [d.abs().sort().values for d in tv.at(index)[1]]  # N x (m,) ascending
+    brackets = [[_bracket(sample, n, k) for k in ks] for sample in samples]
+    above = [[0] * len(ks) for _ in range(count)]
+    inside: list[list[list[Tensor]]] = [[[] for _ in ks] for _ in range(count)]
+    for _, _, deltas in tv.chunks():
+        for i, delta in enumerate(deltas):
+            magnitude = delta.abs()  # (c,)
+            for j, (low, high) in enumerate(brackets[i]):
+                above[i][j] += int((magnitude > high).sum())
+                inside[i][j].append(magnitude[(magnitude >= low) & (magnitude <= high)])
+    for i in range(count):
+        for j, k in enumerate(ks):
+            found = torch.cat(inside[i][j])
+            rank = k - above[i][j]  # the threshold is the rank-th largest inside the bracket
+            if k == 0:
+                continue
+            if 1 <= rank <= found.numel():
+                out[i, j] = float(found.kthvalue(found.numel() - rank + 1).values)
+            else:
+                out[i, j] = _exact_thresholds(tv.whole(i).abs(), [k])[0]
+    return out
+
+
+def _exact_thresholds(magnitudes: Tensor, ks: Sequence[int]) -> Tensor:
+    n = magnitudes.numel()
+    return torch.tensor([math.inf if k == 0 else float(magnitudes.kthvalue(n - min(k, n) + 1).values) for k in ks],
+                        dtype=torch.float64)
+
+
+def _bracket(sample: Tensor, n: int, k: int) -> tuple[float, float]:
+    # The k-th largest of n sits near position (1 - k/n) m of the m sorted samples; 4 binomial standard
+    # deviations either side miss it with probability ~1e-4, and a miss only costs time.
+    m = sample.numel()
+    p = min(max(k / n, 0.0), 1.0)
+    position, margin = (1 - p) * m, 4 * math.sqrt(m * p * (1 - p)) + 4
+    low, high = math.floor(position - margin), math.ceil(position + margin)
+    return (float(sample[low]) if low >= 0 else -math.inf, float(sample[high]) if high < m else math.inf)
+
+
+def della_keep_probabilities(delta: Tensor, density: float, epsilon: float) -> Tensor:
+    """Returns DELLA's per-element keep probabilities (Deep et al. 2024, MagPrune).
+
+    Linear in the element's magnitude rank within the tensor: the smallest magnitude gets
+    density - epsilon/2 and the largest density + epsilon/2, so the mean stays `density`.
+    The window narrows near 0 and 1 so that every probability stays in [0, 1].
+    """
+    n = delta.numel()
+    half = min(epsilon / 2, 1.0 - density, density) if n > 1 else 0.0
+    order = delta.abs().flatten().argsort(stable=True)  # (n,) smallest magnitude first
+    keep = torch.empty(n, dtype=delta.dtype, device=delta.device)  # (n,)
+    keep[order] = torch.linspace(density - half, density + half, n, dtype=delta.dtype, device=delta.device)
+    return keep.view_as(delta)
+
+
+# --------------------------------------------------------------------------- chunk helpers
+
+
+@contextmanager
+def _full_density_is_fine() -> Iterator[None]:
+    # peft warns on every call when density >= 1; here that is a legitimate "no pruning" setting.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"The density .* no pruning")
+        yield
+
+
+def _normalized(weights: Tensor, method: str) -> Tensor:
+    """Returns weights divided by their sum (for the methods where only the ratio matters)."""
+    total = weights.sum()
+    if total.abs() < 1e-12:
+        raise MergeError(
+            f"merge.weights={weights.tolist()} sum to 0 but merge.method={method!r} divides by their sum; "
+            "make the sum non-zero"
+        )
+    return weights / total
+
+
+def _check_sign_method(majority_sign_method: str) -> None:
+    if majority_sign_method not in _SIGN_METHODS:
+        raise MergeError(
+            f"merge.params.majority_sign_method={majority_sign_method!r} is unknown; "
+            f"choose one of {list(_SIGN_METHODS)}"
+        )
+
+
+def _sign_elected_mean(deltas: list[Tensor], weights: Sequence[float], majority_sign_method: str) -> Tensor:
+    """Returns the TIES disjoint mean (Yadav et al. 2023) of N task-vector chunks (c,), overwriting them.
+
+    The sign with the larger total mass (or count, "frequency") wins, ties going to +; each
+    partner's weighted value counts where its sign agrees, and the sum is divided by the
+    number of agreeing partners.  This is peft's calculate_majority_sign_mask + disjoint_merge
+    (tests compare the two) without their int64 masks, which cost half the merge's time.
+    """
+    votes = deltas[0].sign() if majority_sign_method == "frequency" else deltas[0].clone()  # (c,)
+    for delta in deltas[1:]:
+        votes.add_(delta.sign() if majority_sign_method == "frequency" else delta)
+    majority = votes.ge_(0).mul_(2).sub_(1)  # (c,) +1 or -1
+    total = count = None
+    for delta, weight in zip(deltas, weights):
+        aligned = delta.mul_(majority)  # (c,) |delta| where it agrees, -|delta| where not, 0 where pruned
+        agrees = aligned > 0
+        aligned.clamp_(min=0)
+        total = aligned.mul_(weight) if total is None else total.add_(aligned, alpha=weight)
+        count = agrees.to(aligned.dtype) if count is None else count.add_(agrees)
+    return total.mul_(majority).div_(count.clamp_(min=1))
+
+
+def _weighted_sum(weights: Sequence[float]) -> ChunkMerge:
+    """Returns the chunk merge sum_i w_i * delta_i (peft's task_arithmetic, in place on the chunks)."""
+
+    def merge(where: slice, deltas: list[Tensor]) -> Tensor:
+        total = deltas[0].mul_(weights[0])
+        for delta, weight in zip(deltas[1:], weights[1:]):
+            total.add_(delta, alpha=weight)
+        return total
+
+    return merge
+
+
+def _trimmed(deltas: list[Tensor], below: Sequence[float]) -> list[Tensor]:
+    """Returns each chunk with the magnitudes under its task vector's threshold set to 0 (`trim_below`)."""
+    return [d if b is None else torch.nn.functional.hardshrink(d, b) for d, b in zip(deltas, below)]
+
+
+def trim_below(thresholds: Tensor, dtype: torch.dtype) -> list[float | None]:
+    """Returns, per threshold t, the hardshrink lambda that keeps exactly |x| >= t in `dtype`: the largest
+    `dtype` value below t (None when t <= 0: nothing to trim; inf drops everything)."""
+    below = torch.nextafter(thresholds.to(dtype), torch.tensor(-math.inf, dtype=dtype))
+    return [None if t <= 0 else (math.inf if math.isinf(t) else float(b))
+            for t, b in zip(thresholds.tolist(), below.tolist())]
+
+
+def _trim_levels(tv: TaskVectors, density: float) -> list[float | None]:
+    """Returns per task vector the hardshrink level that keeps its top-`density` magnitudes (None: keep all)."""
+    if density >= 1:
+        return [None] * len(tv.partners)
+    kept = int(density * tv.numel)  # as peft's magnitude pruning: floor
+    return trim_below(magnitude_thresholds(tv, [kept])[:, 0], tv.dtype)
+
+
+# --------------------------------------------------------------------------- operators
+
+
+def linear(tv: TaskVectors, weights: Tensor, density: float) -> ChunkMerge:
+    """Weighted average of the task vectors (= weighted average of the models; Wortsman et al. 2022, model soups)."""
+    return _weighted_sum(_normalized(weights, "linear").tolist())
+
+
+def task_arithmetic(tv: TaskVectors, weights: Tensor, density: float) -> ChunkMerge:
+    """Weighted sum of the task vectors (Ilharco et al. 2023, Task Arithmetic; peft)."""
+    return _weighted_sum(weights.tolist())
+
+
+def slerp(tv: TaskVectors, weights: Tensor, density: float) -> ChunkMerge:
+    """Spherical interpolation of two task vectors at t = weights[1] / sum(weights) (Shoemake 1985).
+
+    Applied to task vectors as in WARP (Ramé et al. 2024): the angle comes from the whole
+    tensor's unit directions and the unnormalized vectors are interpolated, so t=0 gives
+    delta A and t=1 delta B.  Falls back to `linear` when the two are (anti)colinear or
+    either is ~0, where the angle is undefined.
+    """
+    if len(tv.partners) != 2:
+        raise MergeError(
+            f"merge.method='slerp' merges exactly 2 partners, got {len(tv.partners)}; use linear or model_stock"
+        )
+    t = float(_normalized(weights, "slerp")[1])
+    gram = gram_matrix(tv)
+    cos = float(cosines(gram)[0, 1])
+    if float(gram.diagonal().min().clamp(min=0).sqrt()) <= _TINY_NORM or abs(cos) > _COLINEAR_COS:
+        return linear(tv, weights, density)
+    omega = math.acos(cos)
+    coefficients = [math.sin((1 - t) * omega) / math.sin(omega), math.sin(t * omega) / math.sin(omega)]
+    return _weighted_sum(coefficients)
+
+
+def ties(tv: TaskVectors, weights: Tensor, density: float, majority_sign_method: str = "total") -> ChunkMerge:
+    """TIES (Yadav et al. 2023): trim each task vector to its top-`density` magnitudes, elect signs, then the
+    disjoint mean."""
+    _check_sign_method(majority_sign_method)
+    below = _trim_levels(tv, density)
+    return lambda where, deltas: _sign_elected_mean(_trimmed(deltas, below), weights.tolist(), majority_sign_method)
+
+
+def magnitude_prune(tv: TaskVectors, weights: Tensor, density: float) -> ChunkMerge:
+    """Weighted sum of the task vectors each trimmed to its top-`density` magnitudes (peft's magnitude_prune)."""
+    below, weighted_sum = _trim_levels(tv, density), _weighted_sum(weights.tolist())
+    return lambda where, deltas: weighted_sum(where, _trimmed(deltas, below))
+
+
+def dare_linear(tv: TaskVectors, weights: Tensor, density: float) -> ChunkMerge:
+    """DARE (Yu et al. 2024): drop at rate 1-density, rescale by 1/density, weighted sum (peft)."""
+
+    def merge(where: slice, deltas: list[Tensor]) -> Tensor:
+        with _full_density_is_fine():
+            return merge_utils.dare_linear(deltas, weights, density)
+
+    return merge
+
+
+def dare_ties(tv: TaskVectors, weights: Tensor, density: float, majority_sign_method: str = "total") -> ChunkMerge:
+    """DARE-TIES (Yu et al. 2024): DARE's random drop and rescale, then TIES sign election (peft)."""
+    _check_sign_method(majority_sign_method)
+
+    def merge(where: slice, deltas: list[Tensor]) -> Tensor:
+        with _full_density_is_fine():
+            return merge_utils.dare_ties(deltas, weights, density, majority_sign_method)
+
+    return merge
+
+
+def della(
+    tv: TaskVectors, weights: Tensor, density: float, epsilon: float = 0.1, majority_sign_method: str = "total"
+) -> ChunkMerge:
+    """DELLA (Deep et al. 2024): magnitude-ranked random drop, kept elements rescaled by 1 / p_keep, then TIES sign
+    election and disjoint mean."""
+    if not (math.isfinite(epsilon) and 0.0 <= epsilon <= 1.0):
+        raise MergeError(
+            f"merge.params.epsilon={epsilon!r} must be in [0, 1] (the width of DELLA's drop-probability window)"
+        )
+    _check_sign_method(majority_sign_method)
+    keeps = [della_keep_probabilities(tv.whole(i), density, epsilon) for i in range(len(tv.partners))]  # N x (n,)
+
+    def merge(where: slice, deltas: list[Tensor]) -> Tensor:
+        pruned = []
+        for delta, keep in zip(deltas, keeps):
+            p = keep[where]  # (c,)
+            kept = torch.bernoulli(p).bool()  # (c,)
+            # Where p == 0 nothing is kept, so the 0/0 in the untaken branch never surfaces.
+            pruned.append(torch.where(kept, delta / p, torch.zeros_like(delta)))
+        return _sign_elected_mean(pruned, weights.tolist(), majority_sign_method)
+
+    return merge
+
+
+def breadcrumbs(tv: TaskVectors, weights: Tensor, density: float, gamma: float = 0.01) -> ChunkMerge:
+    """Model Breadcrumbs (Davari & Belilovsky 2023): each task vector keeps the `density` fraction ranked just below
+    its largest `gamma` fraction by magnitude (both tails masked out); weighted sum."""
+    if not (math.isfinite(gamma) and 0.0 <= gamma < 1.0):
+        raise MergeError(f"merge.params.gamma={gamma!r} must be in [0, 1) (the fraction of largest magnitudes dropped)")
+    n = tv.numel
+    n_top = round(gamma * n)
+    n_keep = min(round(density * n), n - n_top)
+    bounds = magnitude_thresholds(tv, [n_top, n_top + n_keep]).tolist()  # (N, 2): exclusive top, inclusive bottom
+    weighted_sum = _weighted_sum(weights.tolist())
+
+    def merge(where: slice, deltas: list[Tensor]) -> Tensor:
+        for delta, (top, bottom) in zip(deltas, bounds):
+            magnitude = delta.abs()
+            delta.masked_fill_((magnitude >= top) | (magnitude < bottom), 0.0)
+        return weighted_sum(where, deltas)
+
+    return merge
+
+
+def model_stock_ratio(gram: Tensor) -> float:
+    """Returns Model Stock's interpolation ratio t = N cos / (1 + (N-1) cos) (Jang et al. 2024) from a Gram matrix.
+
+    cos is the mean pairwise cosine between task vectors, clipped to [0, 1]: the paper's
+    geometry assumes non-negative angles, and opposing task vectors should pull the merge
+    back to the ancestor (t = 0) rather than flip it.
+    """
+    n = gram.shape[0]
+    pairs = [(i, j) for i in range(n) for j in range(i + 1, n)]
+    cos_matrix = cosines(gram)
+    cos = min(max(sum(float(cos_matrix[i, j]) for i, j in pairs) / len(pairs), 0.0), 1.0)
+    return n * cos / (1 + (n - 1) * cos)
+
+
+def model_stock(tv: TaskVectors, weights: Tensor, density: float) -> ChunkMerge:
+    """Model Stock (Jang et al. 2024): t times the (weighted) average of the task vectors, t from their angles.
+
+    t interpolates between the ancestor (t=0, orthogonal partners) and the partners'
+    average (t=1, identical partners).
+    """
+    if len(tv.partners) < 2:
+        raise MergeError(f"merge.method='model_stock' needs at least 2 partners, got {len(tv.partners)}")
+    return _weighted_sum((model_stock_ratio(gram_matrix(tv)) * _normalized(weights, "model_stock")).tolist())
+
+
+Operator = Callable[..., ChunkMerge]
+
+METHODS: dict[str, Operator] = {
+    "linear": linear,
+    "task_arithmetic": task_arithmetic,
+    "slerp": slerp,
+    "ties": ties,
+    "dare_linear": dare_linear,
+    "dare_ties": dare_ties,
+    "magnitude_prune": magnitude_prune,
+    "della": della,
+    "breadcrumbs": breadcrumbs,
+    "model_stock": model_stock,
+}
+RANDOM_METHODS = frozenset({"dare_linear", "dare_ties", "della"})
+# Methods whose weights act as a sign-elected mean: weight 1 per partner is a full step.
+_SIGN_ELECTED = frozenset({"ties", "dare_ties", "della"})
+
+
+def get_method(name: str) -> Operator:
+    """Returns the merge operator registered under `name`."""
+    if name not in METHODS:
+        raise MergeError(f"merge.method={name!r} is unknown; choose one of {sorted(METHODS)}")
+    return METHODS[name]
+
+
+def default_weights(method: str, n_partners: int) -> list[float]:
+    """Returns equal weights that make `method` take one full averaging step: 1/N each, or 1 each for the
+    sign-elected methods (ties, dare_ties, della), whose disjoint mean already divides by the count."""
+    get_method(method)
+    return [1.0] * n_partners if method in _SIGN_ELECTED else [1.0 / n_partners] * n_partners
+
+
+def method_params(name: str) -> list[str]:
+    """Returns the names of the extra parameters (beyond tv, weights, density) the method takes."""
+    signature = inspect.signature(get_method(name))
+    return [p for p in signature.parameters if p not in ("tv", "weights", "density")]
+
+
+# --------------------------------------------------------------------------- applying an operator
+
+
+@contextmanager
+def seeded_rng(seed: int, device: torch.device) -> Iterator[None]:
+    """Seeds the global RNG that peft's and DELLA's random drops draw from, restoring the caller's RNG afterwards."""
+    devices = [device] if device.type == "cuda" else []  # the CPU state is always saved and restored
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
+
+
+def merged_chunks(method: str, tv: TaskVectors, weights: Tensor, density: float, seed: int,
+                  params: dict | None = None) -> Iterator[tuple[slice, Tensor | None, Tensor]]:
+    """Yields (slice, base chunk or None, merged task-vector chunk) of `method` over the tensor, in order.
+
+    Random draws come from the global RNG seeded with `seed` for the whole tensor; the
+    caller's RNG state is restored when the iteration ends.
+    """
+    with seeded_rng(seed, tv.device):
+        merge = get_method(method)(tv, weights, density, **(params or {}))
+        for where, base, deltas in tv.chunks():
+            yield where, base, merge(where, deltas)
+
+
+def merge_task_vectors(method: str, deltas: Sequence[Tensor], weights: Sequence[float] | Tensor,
+                       density: float = 1.0, seed: int = 0, **params: object) -> Tensor:
+    """Returns the merged task vector of N same-shaped task vectors (no recipe checks: see colearn.merge)."""
+    dtype = torch.promote_types(deltas[0].dtype, torch.float32)
+    tv = TaskVectors([d.reshape(-1) for d in deltas], None, dtype)
+    weight_tensor = torch.as_tensor(weights, dtype=dtype, device=tv.device)  # (N,)
+    out = torch.empty(tv.numel, dtype=dtype, device=tv.device)  # (n,)
+    for where, _, merged in merged_chunks(method, tv, weight_tensor, density, seed, params):
+        out[where] = merged
+    return out.view_as(deltas[0])

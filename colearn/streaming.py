@@ -1,0 +1,117 @@
+"""Merging safetensors checkpoints tensor by tensor, without holding a model in memory.
+
+Inputs are memory-mapped (`safetensors.safe_open`): a tensor's pages are read when the
+merge touches them and belong to the page cache, not to the process.  The output has the
+ancestor's layout (same names, dtypes, shapes and byte offsets), so its header is the
+ancestor's header, written first; each merged tensor is then written at its offset and
+dropped.  Peak memory is one merged tensor plus the chunk temporaries, whatever the
+model's size.  The file is written aside, fsynced and renamed into place.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from collections.abc import Iterator, Sequence
+from contextlib import ExitStack, contextmanager, suppress
+from dataclasses import dataclass
+from typing import Any, BinaryIO
+
+import torch
+from safetensors import safe_open
+from torch import Tensor
+
+from colearn.merge import Recipe, check_same_tensors, merge_tensor
+from colearn.operators import MergeError
+
+PathLike = str | os.PathLike[str]
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where each tensor's bytes lie in a safetensors file (read from its header, per the format's spec)."""
+
+    header: bytes  # the 8-byte length and the JSON header, as stored
+    spans: dict[str, tuple[int, int]]  # tensor name -> (begin, end) byte offsets in the data section
+    shapes: dict[str, list[int]]
+
+
+def read_layout(path: PathLike) -> Layout:
+    """Returns the layout of a safetensors file: 8 bytes little-endian header length, then the JSON header."""
+    with open(path, "rb") as f:
+        (length,) = struct.unpack("<Q", f.read(8))
+        raw = f.read(length)
+    header = json.loads(raw)
+    entries = {k: v for k, v in header.items() if k != "__metadata__"}
+    return Layout(struct.pack("<Q", length) + raw, {k: tuple(v["data_offsets"]) for k, v in entries.items()},
+                  {k: list(v["shape"]) for k, v in entries.items()})
+
+
+def tensor_bytes(tensor: Tensor) -> memoryview:
+    """Returns the raw little-endian bytes of a tensor (no copy when it is contiguous on the CPU)."""
+    flat = tensor.detach().cpu().contiguous().reshape(-1)
+    return memoryview(flat.view(torch.uint8).numpy())
+
+
+@contextmanager
+def atomic_file(path: PathLike) -> Iterator[BinaryIO]:
+    """Yields a file opened for writing aside `path`; on success it is fsynced and renamed onto `path`,
+    on failure removed, so `path` is never left half written."""
+    tmp = f"{os.fspath(path)}.{os.getpid()}.tmp"
+    try:
+        with open(tmp, "wb") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def write_like(layout: Layout, tensors: Iterator[tuple[str, Tensor]], out: BinaryIO) -> None:
+    """Writes a safetensors file with `layout`'s header from (name, tensor) pairs given in data order.
+
+    Each tensor must fill exactly its span (same dtype size and shape as the layout's file).
+    """
+    out.write(layout.header)
+    for expected, (key, tensor) in zip(data_order(layout), tensors, strict=True):
+        begin, end = layout.spans[key]
+        data = tensor_bytes(tensor)
+        if key != expected or data.nbytes != end - begin:
+            raise MergeError(f"tensor {key!r} ({data.nbytes} bytes) does not fit the output's slot for "
+                             f"{expected!r} ({end - begin} bytes); partners must share the ancestor's architecture")
+        out.write(data)
+
+
+def data_order(layout: Layout) -> list[str]:
+    """Returns the tensor names in the order their bytes lie in the file."""
+    return sorted(layout.spans, key=lambda k: layout.spans[k][0])
+
+
+def merge_safetensors_files(
+    ancestor_path: PathLike, partner_paths: Sequence[PathLike], out_path: PathLike, recipe: Recipe
+) -> None:
+    """Writes the offspring of single-file safetensors checkpoints to `out_path`, atomically, one tensor at a time.
+
+    Shapes, the recipe and its group patterns are checked from the headers before anything
+    is written; the output carries the ancestor's header (metadata included).
+    """
+    recipe.check(len(partner_paths))
+    layout = read_layout(ancestor_path)
+    with ExitStack() as stack:
+        ancestor = stack.enter_context(safe_open(os.fspath(ancestor_path), framework="pt"))
+        partners = [stack.enter_context(safe_open(os.fspath(p), framework="pt")) for p in partner_paths]
+        check_same_tensors(_header_shapes(ancestor), [_header_shapes(p) for p in partners])
+        recipe.check_groups_match(layout.spans)
+        merged = ((key, merge_tensor(key, ancestor.get_tensor(key), [p.get_tensor(key) for p in partners], recipe))
+                  for key in data_order(layout))
+        with atomic_file(out_path) as out:
+            write_like(layout, merged, out)
+
+
+def _header_shapes(handle: Any) -> dict[str, list[int]]:
+    """Returns the tensor shapes of an open safetensors file, read from its header without loading data."""
+    return {key: handle.get_slice(key).get_shape() for key in handle.keys()}
