@@ -21,7 +21,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from colearn.operators import MergeError, TaskVectors, default_weights, get_method, merged_chunks, method_params
+from colearn.operators import MergeError, default_weights, get_method, merged_chunks, method_params
+from colearn.task_vectors import TaskVectors
 
 if TYPE_CHECKING:
     from colearn.config import MergeConfig
@@ -235,14 +236,17 @@ def _shared_buffer(key: str, partners: Sequence[Tensor]) -> Tensor:
     return partners[0].clone()
 
 
-def merge_tensor(key: str, ancestor: Tensor, partners: Sequence[Tensor], recipe: Recipe) -> Tensor:
+def merge_tensor(key: str, ancestor: Tensor, partners: Sequence[Tensor], recipe: Recipe,
+                 out: Tensor | None = None) -> Tensor:
     """Returns ancestor + (1 - to_ancestor) * merged task vector for one tensor, in the ancestor's dtype.
 
     The recipe (checked by the caller) applies with its `groups` overrides for the key's
     `layer_group`; the random operators draw from `tensor_seed(recipe.seed, key)`.
     `to_ancestor` is WARP's interpolation toward the initialization (Ramé et al. 2024).
     Arithmetic runs in at least float32, one chunk at a time, so the only full-size
-    allocation is the result; non-floating tensors are copied from partner 0.
+    allocation is the result, written into `out` when given (a flat buffer of at least
+    ancestor.numel() elements of its dtype, reused by a streaming caller: fresh memory costs a
+    page fault per 4 KiB); non-floating tensors are copied from partner 0.
     """
     here = recipe.for_group(layer_group(key))
     for index, partner in enumerate(partners):
@@ -256,13 +260,15 @@ def merge_tensor(key: str, ancestor: Tensor, partners: Sequence[Tensor], recipe:
     tv = TaskVectors([p.reshape(-1) for p in partners], ancestor.reshape(-1), dtype)
     weights = torch.tensor(here.weights, dtype=dtype, device=ancestor.device)  # (N,)
     step = 1 - here.to_ancestor
-    out = torch.empty(ancestor.numel(), dtype=ancestor.dtype, device=ancestor.device)  # (n,)
+    if out is None or out.numel() < ancestor.numel() or out.dtype != ancestor.dtype:
+        out = torch.empty(ancestor.numel(), dtype=ancestor.dtype, device=ancestor.device)  # (n,)
+    out = out[: ancestor.numel()]
     for where, base, merged in merged_chunks(here.method, tv, weights, here.density, tensor_seed(here.seed, key),
                                              here.params):
-        if out.dtype == dtype:
+        if isinstance(where, slice) and out.dtype == dtype:
             torch.add(base, merged, alpha=step, out=out[where])
-        else:
-            out[where].copy_(base.add_(merged, alpha=step))
+        else:  # another dtype, or an operator's corrections at scattered positions
+            out[where] = base.add_(merged, alpha=step)
     return out.view_as(ancestor)
 
 

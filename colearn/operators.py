@@ -3,10 +3,10 @@
 A task vector is partner - ancestor (Ilharco et al. 2023, "Editing Models with Task
 Arithmetic").  An operator is planned once per tensor and then applied chunk by chunk:
 ``METHODS[name](tv, weights, density, **params)`` reads what it needs of the whole tensor
-(magnitude thresholds, angles, ranks) from `TaskVectors` and returns a `ChunkMerge` that
-merges one flat chunk.  Chunks keep every temporary in cache and let a checkpoint stream
-through memory one tensor at a time; the result does not depend on the chunk size except
-for the random draws of DARE and DELLA (fixed by the seed).
+(angles, ranks) from `TaskVectors` and returns a `Plan`: a `ChunkMerge` applied to every
+flat chunk in order, and for the magnitude-trimming operators exact values at the few
+positions their one-pass trim had to guess (`colearn.trimming`).  The result does not
+depend on the chunk size except for the random draws of DARE and DELLA (fixed by the seed).
 
 How `weights` act depends on the method, as in the papers and in peft:
 
@@ -42,128 +42,25 @@ from peft.utils import merge_utils
 from torch import Tensor
 
 from colearn.errors import ColearnError
+from colearn.task_vectors import CHUNK, TaskVectors, cosines, gram_matrix
+from colearn.trimming import ChunkMerge, Levels, MagnitudeTrim, shrink
 
-CHUNK = 1 << 18  # elements per chunk: 1 MiB of float32, inside a core's L2 cache
-_SAMPLE = 1 << 16  # magnitudes sampled to bracket a k-th largest before the exact pass
 _TINY_NORM = 1e-8  # below this norm a task vector has no direction: slerp falls back to linear
 _COLINEAR_COS = 0.9995  # above this |cos| slerp's sin(omega) ~ 0 (as in mergekit)
 _SIGN_METHODS = ("total", "frequency")
-
-ChunkMerge = Callable[[slice, list[Tensor]], Tensor]  # (where, N x (c,) task-vector chunks) -> merged (c,)
 
 
 class MergeError(ColearnError, ValueError):
     """A merge recipe or a set of checkpoints that cannot be merged; the message names the field and the fix."""
 
 
-@dataclass(frozen=True)
-class TaskVectors:
-    """The N task vectors of one tensor, flattened, computed chunk by chunk in `dtype` (never all at once)."""
+@dataclass
+class Plan:
+    """How an operator merges one tensor: every chunk in order, then exact values at a few positions."""
 
-    partners: Sequence[Tensor]  # N x (n,): the partners' flat tensors (or the task vectors when base is None)
-    base: Tensor | None  # (n,) the ancestor's flat tensor; None when `partners` already are task vectors
-    dtype: torch.dtype  # arithmetic dtype, at least float32
-    chunk_size: int = CHUNK
-
-    @property
-    def numel(self) -> int:
-        return self.partners[0].numel()
-
-    @property
-    def device(self) -> torch.device:
-        return self.partners[0].device
-
-    def chunks(self) -> Iterator[tuple[slice, Tensor | None, list[Tensor]]]:
-        """Yields (slice, base chunk or None, N task-vector chunks) over the flat tensor, in order."""
-        for start in range(0, self.numel, self.chunk_size):
-            where = slice(start, min(start + self.chunk_size, self.numel))
-            yield where, *self.at(where)
-
-    def at(self, where: slice | Tensor) -> tuple[Tensor | None, list[Tensor]]:
-        """Returns the base chunk (or None) and the N task vectors at a slice or an index tensor."""
-        if self.base is None:  # a copy: operators trim chunks in place
-            return None, [p[where].to(self.dtype, copy=True) for p in self.partners]
-        base = self.base[where].to(self.dtype)  # (c,)
-        return base, [p[where].to(self.dtype) - base for p in self.partners]
-
-    def whole(self, index: int) -> Tensor:
-        """Returns task vector `index` materialized (for the operators that sort a whole tensor)."""
-        if self.base is None:
-            return self.partners[index].to(self.dtype)
-        return self.partners[index].to(self.dtype) - self.base.to(self.dtype)
-
-
-# --------------------------------------------------------------------------- whole-tensor statistics
-
-
-def gram_matrix(tv: TaskVectors) -> Tensor:
-    """Returns the (N, N) float64 matrix of dot products between the task vectors."""
-    gram = torch.zeros(len(tv.partners), len(tv.partners), dtype=torch.float64, device=tv.device)
-    for _, _, deltas in tv.chunks():
-        stacked = torch.stack(deltas).double()  # (N, c)
-        gram += stacked @ stacked.T
-    return gram
-
-
-def cosines(gram: Tensor) -> Tensor:
-    """Returns the (N, N) cosines from a Gram matrix; 0 where either vector has (almost) no norm."""
-    norms = gram.diagonal().clamp(min=0).sqrt()  # (N,)
-    outer = norms[:, None] * norms[None, :]  # (N, N)
-    return torch.where(outer > _TINY_NORM**2, gram / outer.clamp(min=_TINY_NORM**2), torch.zeros_like(gram))
-
-
-def magnitude_thresholds(tv: TaskVectors, ks: Sequence[int]) -> Tensor:
-    """Returns (N, len(ks)): for each task vector its k-th largest magnitude for each k (inf for k = 0).
-
-    Keeping |delta| >= threshold keeps the top k (more only where magnitudes tie at it).
-    Exact: a random sample brackets each threshold, one pass counts the elements above the
-    bracket and gathers those inside, and `kthvalue` picks it there; if the bracket missed
-    (rare), the whole tensor is searched.
-    """
-    n, count = tv.numel, len(tv.partners)
-    out = torch.full((count, len(ks)), math.inf, dtype=torch.float64)
-    if n <= 4 * _SAMPLE:
-        for i in range(count):
-            out[i] = _exact_thresholds(tv.whole(i).abs(), ks)
-        return out
-    index = torch.randint(n, (_SAMPLE,), generator=torch.Generator().manual_seed(0)).to(tv.device)
-    samples = [d.abs().sort().values for d in tv.at(index)[1]]  # N x (m,) ascending
-    brackets = [[_bracket(sample, n, k) for k in ks] for sample in samples]
-    above = [[0] * len(ks) for _ in range(count)]
-    inside: list[list[list[Tensor]]] = [[[] for _ in ks] for _ in range(count)]
-    for _, _, deltas in tv.chunks():
-        for i, delta in enumerate(deltas):
-            magnitude = delta.abs()  # (c,)
-            for j, (low, high) in enumerate(brackets[i]):
-                above[i][j] += int((magnitude > high).sum())
-                inside[i][j].append(magnitude[(magnitude >= low) & (magnitude <= high)])
-    for i in range(count):
-        for j, k in enumerate(ks):
-            found = torch.cat(inside[i][j])
-            rank = k - above[i][j]  # the threshold is the rank-th largest inside the bracket
-            if k == 0:
-                continue
-            if 1 <= rank <= found.numel():
-                out[i, j] = float(found.kthvalue(found.numel() - rank + 1).values)
-            else:
-                out[i, j] = _exact_thresholds(tv.whole(i).abs(), [k])[0]
-    return out
-
-
-def _exact_thresholds(magnitudes: Tensor, ks: Sequence[int]) -> Tensor:
-    n = magnitudes.numel()
-    return torch.tensor([math.inf if k == 0 else float(magnitudes.kthvalue(n - min(k, n) + 1).values) for k in ks],
-                        dtype=torch.float64)
-
-
-def _bracket(sample: Tensor, n: int, k: int) -> tuple[float, float]:
-    # The k-th largest of n sits near position (1 - k/n) m of the m sorted samples; 4 binomial standard
-    # deviations either side miss it with probability ~1e-4, and a miss only costs time.
-    m = sample.numel()
-    p = min(max(k / n, 0.0), 1.0)
-    position, margin = (1 - p) * m, 4 * math.sqrt(m * p * (1 - p)) + 4
-    low, high = math.floor(position - margin), math.ceil(position + margin)
-    return (float(sample[low]) if low >= 0 else -math.inf, float(sample[high]) if high < m else math.inf)
+    merge: ChunkMerge
+    # yields (positions, base there, merged task vector there) replacing what `merge` gave at those positions
+    corrections: Callable[[], Iterator[tuple[slice | Tensor, Tensor | None, Tensor]]] | None = None
 
 
 def della_keep_probabilities(delta: Tensor, density: float, epsilon: float) -> Tensor:
@@ -173,12 +70,28 @@ def della_keep_probabilities(delta: Tensor, density: float, epsilon: float) -> T
     density - epsilon/2 and the largest density + epsilon/2, so the mean stays `density`.
     The window narrows near 0 and 1 so that every probability stays in [0, 1].
     """
-    n = delta.numel()
+    return _keep_from_order(ascending_order(delta.abs().flatten()), delta.dtype, density, epsilon).view_as(delta)
+
+
+def ascending_order(x: Tensor) -> Tensor:
+    """Returns the stable argsort of a 1-D tensor (numpy's on the CPU: a third of torch's extra memory)."""
+    if x.device.type == "cpu":
+        import numpy as np
+
+        return torch.from_numpy(np.argsort(x.numpy(), kind="stable"))
+    return x.argsort(stable=True)
+
+
+def _keep_from_order(order: Tensor, dtype: torch.dtype, density: float, epsilon: float) -> Tensor:
+    """Returns the keep probabilities of the elements whose magnitude order (smallest first) is `order`."""
+    n = order.numel()
     half = min(epsilon / 2, 1.0 - density, density) if n > 1 else 0.0
-    order = delta.abs().flatten().argsort(stable=True)  # (n,) smallest magnitude first
-    keep = torch.empty(n, dtype=delta.dtype, device=delta.device)  # (n,)
-    keep[order] = torch.linspace(density - half, density + half, n, dtype=delta.dtype, device=delta.device)
-    return keep.view_as(delta)
+    keep = torch.empty(n, dtype=dtype, device=order.device)  # (n,)
+    step = 2 * half / max(n - 1, 1)
+    for start in range(0, n, CHUNK):  # rank by rank, in slices: no second full-size temporary
+        ranks = torch.arange(start, min(start + CHUNK, n), dtype=torch.float64, device=order.device)
+        keep[order[start : start + CHUNK]] = (density - half + step * ranks).to(dtype)
+    return keep
 
 
 # --------------------------------------------------------------------------- chunk helpers
@@ -217,19 +130,19 @@ def _sign_elected_mean(deltas: list[Tensor], weights: Sequence[float], majority_
     The sign with the larger total mass (or count, "frequency") wins, ties going to +; each
     partner's weighted value counts where its sign agrees, and the sum is divided by the
     number of agreeing partners.  This is peft's calculate_majority_sign_mask + disjoint_merge
-    (tests compare the two) without their int64 masks, which cost half the merge's time.
+    (tests compare the two) in float arithmetic: peft's bool and int64 masks cost 5x more.
     """
     votes = deltas[0].sign() if majority_sign_method == "frequency" else deltas[0].clone()  # (c,)
     for delta in deltas[1:]:
         votes.add_(delta.sign() if majority_sign_method == "frequency" else delta)
-    majority = votes.ge_(0).mul_(2).sub_(1)  # (c,) +1 or -1
+    majority = votes.sign_().add_(0.5).sign_()  # (c,) +1 where votes >= 0, else -1
     total = count = None
     for delta, weight in zip(deltas, weights):
         aligned = delta.mul_(majority)  # (c,) |delta| where it agrees, -|delta| where not, 0 where pruned
-        agrees = aligned > 0
+        agrees = aligned.sign().clamp_(min=0)  # (c,) 1 where it agrees, else 0
         aligned.clamp_(min=0)
         total = aligned.mul_(weight) if total is None else total.add_(aligned, alpha=weight)
-        count = agrees.to(aligned.dtype) if count is None else count.add_(agrees)
+        count = agrees if count is None else count.add_(agrees)
     return total.mul_(majority).div_(count.clamp_(min=1))
 
 
@@ -245,25 +158,22 @@ def _weighted_sum(weights: Sequence[float]) -> ChunkMerge:
     return merge
 
 
-def _trimmed(deltas: list[Tensor], below: Sequence[float]) -> list[Tensor]:
-    """Returns each chunk with the magnitudes under its task vector's threshold set to 0 (`trim_below`)."""
-    return [d if b is None else torch.nn.functional.hardshrink(d, b) for d, b in zip(deltas, below)]
+def _trimmed(deltas: list[Tensor], levels: Levels) -> list[Tensor]:
+    """Returns each chunk with the magnitudes under its task vector's threshold set to 0 (see `trim_level`)."""
+    return [shrink(d, row[0]) for d, row in zip(deltas, levels)]
 
 
-def trim_below(thresholds: Tensor, dtype: torch.dtype) -> list[float | None]:
-    """Returns, per threshold t, the hardshrink lambda that keeps exactly |x| >= t in `dtype`: the largest
-    `dtype` value below t (None when t <= 0: nothing to trim; inf drops everything)."""
-    below = torch.nextafter(thresholds.to(dtype), torch.tensor(-math.inf, dtype=dtype))
-    return [None if t <= 0 else (math.inf if math.isinf(t) else float(b))
-            for t, b in zip(thresholds.tolist(), below.tolist())]
+def _trimmed_plan(tv: TaskVectors, ks: list[int], merge_at: Callable[[Levels], ChunkMerge]) -> Plan:
+    """Returns the plan of an operator that trims each task vector at its k-th largest magnitudes (`ks`) and
+    merges with `merge_at(levels)`: provisional levels during the pass, exact ones where those could differ."""
+    trim = MagnitudeTrim(tv, ks)
+    provisional = merge_at(trim.provisional())
 
+    def merge(where: slice | Tensor, deltas: list[Tensor]) -> Tensor:
+        trim.observe(where, deltas)
+        return provisional(where, deltas)
 
-def _trim_levels(tv: TaskVectors, density: float) -> list[float | None]:
-    """Returns per task vector the hardshrink level that keeps its top-`density` magnitudes (None: keep all)."""
-    if density >= 1:
-        return [None] * len(tv.partners)
-    kept = int(density * tv.numel)  # as peft's magnitude pruning: floor
-    return trim_below(magnitude_thresholds(tv, [kept])[:, 0], tv.dtype)
+    return Plan(merge, lambda: trim.corrections(merge_at))
 
 
 # --------------------------------------------------------------------------- operators
@@ -301,18 +211,30 @@ def slerp(tv: TaskVectors, weights: Tensor, density: float) -> ChunkMerge:
     return _weighted_sum(coefficients)
 
 
-def ties(tv: TaskVectors, weights: Tensor, density: float, majority_sign_method: str = "total") -> ChunkMerge:
+def ties(tv: TaskVectors, weights: Tensor, density: float, majority_sign_method: str = "total") -> Plan:
     """TIES (Yadav et al. 2023): trim each task vector to its top-`density` magnitudes, elect signs, then the
     disjoint mean."""
     _check_sign_method(majority_sign_method)
-    below = _trim_levels(tv, density)
-    return lambda where, deltas: _sign_elected_mean(_trimmed(deltas, below), weights.tolist(), majority_sign_method)
+    w = weights.tolist()
+
+    def merge_at(levels: Levels) -> ChunkMerge:
+        return lambda where, deltas: _sign_elected_mean(_trimmed(deltas, levels), w, majority_sign_method)
+
+    if density >= 1:
+        return Plan(merge_at([[None]] * len(tv.partners)))
+    return _trimmed_plan(tv, [int(density * tv.numel)], merge_at)  # k as peft's magnitude pruning: floor
 
 
-def magnitude_prune(tv: TaskVectors, weights: Tensor, density: float) -> ChunkMerge:
+def magnitude_prune(tv: TaskVectors, weights: Tensor, density: float) -> Plan:
     """Weighted sum of the task vectors each trimmed to its top-`density` magnitudes (peft's magnitude_prune)."""
-    below, weighted_sum = _trim_levels(tv, density), _weighted_sum(weights.tolist())
-    return lambda where, deltas: weighted_sum(where, _trimmed(deltas, below))
+    weighted_sum = _weighted_sum(weights.tolist())
+
+    def merge_at(levels: Levels) -> ChunkMerge:
+        return lambda where, deltas: weighted_sum(where, _trimmed(deltas, levels))
+
+    if density >= 1:
+        return Plan(weighted_sum)
+    return _trimmed_plan(tv, [int(density * tv.numel)], merge_at)
 
 
 def dare_linear(tv: TaskVectors, weights: Tensor, density: float) -> ChunkMerge:
@@ -346,7 +268,11 @@ def della(
             f"merge.params.epsilon={epsilon!r} must be in [0, 1] (the width of DELLA's drop-probability window)"
         )
     _check_sign_method(majority_sign_method)
-    keeps = [della_keep_probabilities(tv.whole(i), density, epsilon) for i in range(len(tv.partners))]  # N x (n,)
+    keeps = []  # N x (n,)
+    for i in range(len(tv.partners)):
+        order = ascending_order(tv.whole(i).abs_())  # the magnitudes are freed as soon as they are sorted
+        keeps.append(_keep_from_order(order, tv.dtype, density, epsilon))
+        del order  # before the next sort: a large tensor's sort needs several times its size
 
     def merge(where: slice, deltas: list[Tensor]) -> Tensor:
         pruned = []
@@ -360,7 +286,7 @@ def della(
     return merge
 
 
-def breadcrumbs(tv: TaskVectors, weights: Tensor, density: float, gamma: float = 0.01) -> ChunkMerge:
+def breadcrumbs(tv: TaskVectors, weights: Tensor, density: float, gamma: float = 0.01) -> Plan:
     """Model Breadcrumbs (Davari & Belilovsky 2023): each task vector keeps the `density` fraction ranked just below
     its largest `gamma` fraction by magnitude (both tails masked out); weighted sum."""
     if not (math.isfinite(gamma) and 0.0 <= gamma < 1.0):
@@ -368,16 +294,19 @@ def breadcrumbs(tv: TaskVectors, weights: Tensor, density: float, gamma: float =
     n = tv.numel
     n_top = round(gamma * n)
     n_keep = min(round(density * n), n - n_top)
-    bounds = magnitude_thresholds(tv, [n_top, n_top + n_keep]).tolist()  # (N, 2): exclusive top, inclusive bottom
     weighted_sum = _weighted_sum(weights.tolist())
 
-    def merge(where: slice, deltas: list[Tensor]) -> Tensor:
-        for delta, (top, bottom) in zip(deltas, bounds):
-            magnitude = delta.abs()
-            delta.masked_fill_((magnitude >= top) | (magnitude < bottom), 0.0)
-        return weighted_sum(where, deltas)
+    def merge_at(levels: Levels) -> ChunkMerge:
+        def merge(where: slice | Tensor, deltas: list[Tensor]) -> Tensor:
+            kept = []
+            for delta, (top, bottom) in zip(deltas, levels):
+                window = shrink(delta, bottom)  # |x| >= the (n_top + n_keep)-th largest
+                kept.append(window.sub_(shrink(window, top)))  # and |x| < the n_top-th largest
+            return weighted_sum(where, kept)
 
-    return merge
+        return merge
+
+    return _trimmed_plan(tv, [n_top, n_top + n_keep], merge_at)
 
 
 def model_stock_ratio(gram: Tensor) -> float:
@@ -405,7 +334,7 @@ def model_stock(tv: TaskVectors, weights: Tensor, density: float) -> ChunkMerge:
     return _weighted_sum((model_stock_ratio(gram_matrix(tv)) * _normalized(weights, "model_stock")).tolist())
 
 
-Operator = Callable[..., ChunkMerge]
+Operator = Callable[..., "ChunkMerge | Plan"]
 
 METHODS: dict[str, Operator] = {
     "linear": linear,
@@ -457,16 +386,19 @@ def seeded_rng(seed: int, device: torch.device) -> Iterator[None]:
 
 
 def merged_chunks(method: str, tv: TaskVectors, weights: Tensor, density: float, seed: int,
-                  params: dict | None = None) -> Iterator[tuple[slice, Tensor | None, Tensor]]:
-    """Yields (slice, base chunk or None, merged task-vector chunk) of `method` over the tensor, in order.
+                  params: dict | None = None) -> Iterator[tuple[slice | Tensor, Tensor | None, Tensor]]:
+    """Yields (where, base there or None, merged task vector there) of `method` over the tensor: every chunk in
+    order, then the operator's corrections (index tensors whose values replace the earlier ones).
 
     Random draws come from the global RNG seeded with `seed` for the whole tensor; the
     caller's RNG state is restored when the iteration ends.
     """
     with seeded_rng(seed, tv.device):
-        merge = get_method(method)(tv, weights, density, **(params or {}))
+        plan = get_method(method)(tv, weights, density, **(params or {}))
+        plan = plan if isinstance(plan, Plan) else Plan(plan)
         for where, base, deltas in tv.chunks():
-            yield where, base, merge(where, deltas)
+            yield where, base, plan.merge(where, deltas)
+        yield from plan.corrections() if plan.corrections else ()
 
 
 def merge_task_vectors(method: str, deltas: Sequence[Tensor], weights: Sequence[float] | Tensor,
@@ -477,5 +409,5 @@ def merge_task_vectors(method: str, deltas: Sequence[Tensor], weights: Sequence[
     weight_tensor = torch.as_tensor(weights, dtype=dtype, device=tv.device)  # (N,)
     out = torch.empty(tv.numel, dtype=dtype, device=tv.device)  # (n,)
     for where, _, merged in merged_chunks(method, tv, weight_tensor, density, seed, params):
-        out[where] = merged
+        out[where] = merged  # corrections come after the chunks they correct
     return out.view_as(deltas[0])

@@ -106,10 +106,18 @@ def merge_safetensors_files(
         partners = [stack.enter_context(safe_open(os.fspath(p), framework="pt")) for p in partner_paths]
         check_same_tensors(_header_shapes(ancestor), [_header_shapes(p) for p in partners])
         recipe.check_groups_match(layout.spans)
-        merged = ((key, merge_tensor(key, ancestor.get_tensor(key), [p.get_tensor(key) for p in partners], recipe))
-                  for key in data_order(layout))
+        buffers: dict[torch.dtype, Tensor] = {}  # one output buffer per dtype, reused: each tensor is written at once
+
+        def merged() -> Iterator[tuple[str, Tensor]]:
+            for key in data_order(layout):
+                base = ancestor.get_tensor(key)
+                buffer = buffers.get(base.dtype)
+                if buffer is None or buffer.numel() < base.numel():
+                    buffer = buffers[base.dtype] = torch.empty(base.numel(), dtype=base.dtype)
+                yield key, merge_tensor(key, base, [p.get_tensor(key) for p in partners], recipe, out=buffer)
+
         with atomic_file(out_path) as out:
-            write_like(layout, merged, out)
+            write_like(layout, merged(), out)
 
 
 def _header_shapes(handle: Any) -> dict[str, list[int]]:

@@ -214,13 +214,30 @@ def test_magnitude_trimming_matches_peft_topk_on_large_tensors():
     assert torch.allclose(frequency, merge_utils.ties(deltas, weights, 0.5, "frequency"), atol=1e-6)
 
 
+@pytest.mark.parametrize("method", ["ties", "magnitude_prune", "breadcrumbs"])
+def test_a_missed_bracket_still_gives_the_exact_trim(method, monkeypatch):
+    # Brackets are guessed from a sample; force every guess wrong and the merge must not change.
+    import colearn.trimming
+
+    generator = torch.Generator().manual_seed(3)
+    deltas = [torch.randn(300_000, generator=generator) for _ in range(2)]
+    right = op(method)(deltas, w(1.0, 1.0), 0.4, 0)
+    monkeypatch.setattr(colearn.trimming, "_bracket", lambda sample, n, k: (5.0, 6.0))  # above every |x| ~ N(0,1)
+    assert torch.allclose(op(method)(deltas, w(1.0, 1.0), 0.4, 0), right, atol=1e-6)
+    if method == "ties":
+        from peft.utils import merge_utils
+
+        assert torch.allclose(right, merge_utils.ties(deltas, w(1.0, 1.0), 0.4), atol=1e-6)
+
+
 def test_sign_election_tie_goes_to_plus_as_in_peft():
     a, b = t(1, -2, 0), t(-1, 2, 0)  # every coordinate's votes sum to 0
     assert torch.equal(op("ties")([a, b], w(1, 1), 1.0, 0), t(1, 2, 0))
 
 
 def test_magnitude_thresholds_are_exact_k_th_largest():
-    from colearn.operators import TaskVectors, magnitude_thresholds
+    from colearn.task_vectors import TaskVectors
+    from colearn.trimming import magnitude_thresholds
 
     generator = torch.Generator().manual_seed(1)
     heavy = torch.distributions.StudentT(1.5).sample((400_000,))  # heavy tails
@@ -235,7 +252,8 @@ def test_magnitude_thresholds_are_exact_k_th_largest():
 
 @pytest.mark.parametrize("method", sorted(METHODS))
 def test_chunking_changes_nothing_but_random_draws(method):
-    from colearn.operators import RANDOM_METHODS, TaskVectors, merged_chunks
+    from colearn.operators import RANDOM_METHODS, merged_chunks
+    from colearn.task_vectors import TaskVectors
 
     generator = torch.Generator().manual_seed(2)
     base = torch.randn(5000, generator=generator)
@@ -244,7 +262,10 @@ def test_chunking_changes_nothing_but_random_draws(method):
 
     def merged(chunk_size: int) -> torch.Tensor:
         tv = TaskVectors(partners, base, torch.float32, chunk_size=chunk_size)
-        return torch.cat([m for _, _, m in merged_chunks(method, tv, weights, 0.5, seed=0)])
+        out = torch.empty(5000)
+        for where, _, m in merged_chunks(method, tv, weights, 0.5, seed=0):
+            out[where] = m
+        return out
 
     whole, chunked = merged(5000), merged(333)
     if method in RANDOM_METHODS:
