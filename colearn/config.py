@@ -180,7 +180,8 @@ class MergeConfig:
     search_max_weight: float = 1.5  # method=evolve: searched weights lie in [0, this]; densities in [0.05, 1]
     compat_metric: str = "cka"  # cka | cosine: the compatibility measure compared to compat_threshold
     compat_threshold: float = 0.0  # below it the partners are not averaged but fall back; 0 never falls back
-    fallback: str = "best"  # best | mixture: offspring if incompatible or gated out (mixture adds env -> partner)
+    fallback: str = "best"  # best | mixture: offspring if incompatible or gated out (mixture: the partners routed
+    # per env, saved as a mixture directory, see colearn.mixture)
     gate: bool = True  # promote the offspring only if its validation score >= best parent's - gate_tolerance
     gate_tolerance: float = 0.05  # mean normalized return the offspring may lose against the best parent
     lora_offspring: str = "fold"  # LoRA partners: "fold" the merged change into the base under a fresh adapter,

@@ -354,6 +354,7 @@ def record_lineage(state: LoopState, ctx: Context, recipe: dict[str, Any], child
     compat, gate = recipe.get("compat") or {}, recipe.get("gate") or {}
     numbers = {f"merge/compat/{k}": v for k, v in compat.items() if isinstance(v, float)}
     numbers |= {f"merge/gate/{k}": v for k, v in gate.items() if isinstance(v, float)}
+    numbers |= {f"merge/lora/{k}": v for k, v in (recipe.get("lora") or {}).items() if isinstance(v, float)}
     ctx.log.write("merge", state.env_steps, generation=g, method=recipe["method"], outcome=recipe.get("outcome"),
                   promoted=gate.get("passed", True), recipe=recipe, **numbers,
                   **{f"merge/gain/{env}": v for env, v in gain.items()},

@@ -59,3 +59,21 @@ def test_every_experiment_preset_runs_end_to_end(preset, tmp_path):
     assert learn and peer_rows >= 0
     if not cfg.loop.exchange:
         assert all(v == 0.0 for e in learn for k, v in e.items() if k.startswith("loss/peer_rl/"))
+
+
+def test_lora_partners_can_keep_the_offspring_as_an_adapter_on_the_unchanged_base(tmp_path):
+    from safetensors.torch import load_file
+
+    cfg = composed(["model=tiny_lora", "model.lora_rank=2", "merge.lora_offspring=adapter", "merge.gate=false",
+                    *TINY, "loop.generations=1", "progress=false"])
+    loop.run(cfg, tmp_path)
+    recipe = json.loads((tmp_path / "lineage.json").read_text())[0]["recipe"]
+    assert recipe["outcome"] == "merged" and recipe["lora"]["lora_offspring"] == "adapter"
+    assert recipe["lora"]["rank"] == 2 and 0.0 <= recipe["lora"]["truncation_error"] < 1.0
+    events = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    merge = next(e for e in events if e["event"] == "merge")
+    assert merge["merge/lora/truncation_error"] == recipe["lora"]["truncation_error"]
+    gen = tmp_path / "checkpoints" / "gen_0000"
+    assert (gen / "offspring" / "adapter_config.json").is_file()
+    ancestor, child = (load_file(gen / n / "base" / "model.safetensors") for n in ("ancestor", "offspring"))
+    assert ancestor.keys() == child.keys() and all((ancestor[k] == child[k]).all() for k in ancestor)
