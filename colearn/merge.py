@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from colearn.operators import MergeError, default_weights, get_method, merged_chunks, method_params
+from colearn.operators import MergeError, default_weights, get_method, merge_into, method_params
 from colearn.task_vectors import TaskVectors
 
 if TYPE_CHECKING:
@@ -259,16 +259,11 @@ def merge_tensor(key: str, ancestor: Tensor, partners: Sequence[Tensor], recipe:
     dtype = torch.promote_types(ancestor.dtype, torch.float32)  # bf16/fp16 deltas lose too much
     tv = TaskVectors([p.reshape(-1) for p in partners], ancestor.reshape(-1), dtype)
     weights = torch.tensor(here.weights, dtype=dtype, device=ancestor.device)  # (N,)
-    step = 1 - here.to_ancestor
     if out is None or out.numel() < ancestor.numel() or out.dtype != ancestor.dtype:
         out = torch.empty(ancestor.numel(), dtype=ancestor.dtype, device=ancestor.device)  # (n,)
     out = out[: ancestor.numel()]
-    for where, base, merged in merged_chunks(here.method, tv, weights, here.density, tensor_seed(here.seed, key),
-                                             here.params):
-        if isinstance(where, slice) and out.dtype == dtype:
-            torch.add(base, merged, alpha=step, out=out[where])
-        else:  # another dtype, or an operator's corrections at scattered positions
-            out[where] = base.add_(merged, alpha=step)
+    merge_into(out, here.method, tv, weights, here.density, tensor_seed(here.seed, key), here.params,
+               step=1 - here.to_ancestor)
     return out.view_as(ancestor)
 
 

@@ -191,8 +191,8 @@ def read_checkpoint(path: Path, role: str) -> Checkpoint:
     if not path.is_dir():
         raise ColearnError(f"{role} checkpoint {str(path)!r} is not a directory")
     if not (path / "config.json").is_file():
-        hint = ("it is a LoRA adapter; fold it into its base first (merge_and_unload + save_pretrained)"
-                if (path / "adapter_config.json").is_file() else "is it a Hugging Face model directory?")
+        hint = ("it is a mixture of several models (mixture.json); merge its members/<name> directories instead"
+                if (path / "mixture.json").is_file() else "is it a Hugging Face model directory?")
         raise ColearnError(f"{role} checkpoint {str(path)!r} has no config.json: {hint}")
     if (path / INDEX).is_file():
         weight_map = json.loads((path / INDEX).read_text(encoding="utf-8"))["weight_map"]

@@ -61,6 +61,7 @@ class Plan:
     merge: ChunkMerge
     # yields (positions, base there, merged task vector there) replacing what `merge` gave at those positions
     corrections: Callable[[], Iterator[tuple[slice | Tensor, Tensor | None, Tensor]]] | None = None
+    coefficients: list[float] | None = None  # when the merge is sum_i c_i * delta_i (see `merge_into`)
 
 
 def della_keep_probabilities(delta: Tensor, density: float, epsilon: float) -> Tensor:
@@ -149,13 +150,18 @@ def _sign_elected_mean(deltas: list[Tensor], weights: Sequence[float], majority_
 def _weighted_sum(weights: Sequence[float]) -> ChunkMerge:
     """Returns the chunk merge sum_i w_i * delta_i (peft's task_arithmetic, in place on the chunks)."""
 
-    def merge(where: slice, deltas: list[Tensor]) -> Tensor:
+    def merge(where: slice | Tensor, deltas: list[Tensor]) -> Tensor:
         total = deltas[0].mul_(weights[0])
         for delta, weight in zip(deltas[1:], weights[1:]):
             total.add_(delta, alpha=weight)
         return total
 
     return merge
+
+
+def _combination(weights: Sequence[float]) -> Plan:
+    """Returns the plan of the merge sum_i w_i * delta_i, which `merge_into` may compute from the models directly."""
+    return Plan(_weighted_sum(weights), coefficients=list(weights))
 
 
 def _trimmed(deltas: list[Tensor], levels: Levels) -> list[Tensor]:
@@ -179,17 +185,17 @@ def _trimmed_plan(tv: TaskVectors, ks: list[int], merge_at: Callable[[Levels], C
 # --------------------------------------------------------------------------- operators
 
 
-def linear(tv: TaskVectors, weights: Tensor, density: float) -> ChunkMerge:
+def linear(tv: TaskVectors, weights: Tensor, density: float) -> Plan:
     """Weighted average of the task vectors (= weighted average of the models; Wortsman et al. 2022, model soups)."""
-    return _weighted_sum(_normalized(weights, "linear").tolist())
+    return _combination(_normalized(weights, "linear").tolist())
 
 
-def task_arithmetic(tv: TaskVectors, weights: Tensor, density: float) -> ChunkMerge:
+def task_arithmetic(tv: TaskVectors, weights: Tensor, density: float) -> Plan:
     """Weighted sum of the task vectors (Ilharco et al. 2023, Task Arithmetic; peft)."""
-    return _weighted_sum(weights.tolist())
+    return _combination(weights.tolist())
 
 
-def slerp(tv: TaskVectors, weights: Tensor, density: float) -> ChunkMerge:
+def slerp(tv: TaskVectors, weights: Tensor, density: float) -> Plan:
     """Spherical interpolation of two task vectors at t = weights[1] / sum(weights) (Shoemake 1985).
 
     Applied to task vectors as in WARP (Ramé et al. 2024): the angle comes from the whole
@@ -208,7 +214,7 @@ def slerp(tv: TaskVectors, weights: Tensor, density: float) -> ChunkMerge:
         return linear(tv, weights, density)
     omega = math.acos(cos)
     coefficients = [math.sin((1 - t) * omega) / math.sin(omega), math.sin(t * omega) / math.sin(omega)]
-    return _weighted_sum(coefficients)
+    return _combination(coefficients)
 
 
 def ties(tv: TaskVectors, weights: Tensor, density: float, majority_sign_method: str = "total") -> Plan:
@@ -240,7 +246,7 @@ def magnitude_prune(tv: TaskVectors, weights: Tensor, density: float) -> Plan:
 def dare_linear(tv: TaskVectors, weights: Tensor, density: float) -> ChunkMerge:
     """DARE (Yu et al. 2024): drop at rate 1-density, rescale by 1/density, weighted sum (peft)."""
 
-    def merge(where: slice, deltas: list[Tensor]) -> Tensor:
+    def merge(where: slice | Tensor, deltas: list[Tensor]) -> Tensor:
         with _full_density_is_fine():
             return merge_utils.dare_linear(deltas, weights, density)
 
@@ -251,7 +257,7 @@ def dare_ties(tv: TaskVectors, weights: Tensor, density: float, majority_sign_me
     """DARE-TIES (Yu et al. 2024): DARE's random drop and rescale, then TIES sign election (peft)."""
     _check_sign_method(majority_sign_method)
 
-    def merge(where: slice, deltas: list[Tensor]) -> Tensor:
+    def merge(where: slice | Tensor, deltas: list[Tensor]) -> Tensor:
         with _full_density_is_fine():
             return merge_utils.dare_ties(deltas, weights, density, majority_sign_method)
 
@@ -323,7 +329,7 @@ def model_stock_ratio(gram: Tensor) -> float:
     return n * cos / (1 + (n - 1) * cos)
 
 
-def model_stock(tv: TaskVectors, weights: Tensor, density: float) -> ChunkMerge:
+def model_stock(tv: TaskVectors, weights: Tensor, density: float) -> Plan:
     """Model Stock (Jang et al. 2024): t times the (weighted) average of the task vectors, t from their angles.
 
     t interpolates between the ancestor (t=0, orthogonal partners) and the partners'
@@ -331,7 +337,7 @@ def model_stock(tv: TaskVectors, weights: Tensor, density: float) -> ChunkMerge:
     """
     if len(tv.partners) < 2:
         raise MergeError(f"merge.method='model_stock' needs at least 2 partners, got {len(tv.partners)}")
-    return _weighted_sum((model_stock_ratio(gram_matrix(tv)) * _normalized(weights, "model_stock")).tolist())
+    return _combination((model_stock_ratio(gram_matrix(tv)) * _normalized(weights, "model_stock")).tolist())
 
 
 Operator = Callable[..., "ChunkMerge | Plan"]
@@ -385,6 +391,17 @@ def seeded_rng(seed: int, device: torch.device) -> Iterator[None]:
         yield
 
 
+def _plan(method: str, tv: TaskVectors, weights: Tensor, density: float, params: dict | None) -> Plan:
+    plan = get_method(method)(tv, weights, density, **(params or {}))
+    return plan if isinstance(plan, Plan) else Plan(plan)
+
+
+def _run(plan: Plan, tv: TaskVectors) -> Iterator[tuple[slice | Tensor, Tensor | None, Tensor]]:
+    for where, base, deltas in tv.chunks():
+        yield where, base, plan.merge(where, deltas)
+    yield from plan.corrections() if plan.corrections else ()
+
+
 def merged_chunks(method: str, tv: TaskVectors, weights: Tensor, density: float, seed: int,
                   params: dict | None = None) -> Iterator[tuple[slice | Tensor, Tensor | None, Tensor]]:
     """Yields (where, base there or None, merged task vector there) of `method` over the tensor: every chunk in
@@ -394,11 +411,44 @@ def merged_chunks(method: str, tv: TaskVectors, weights: Tensor, density: float,
     caller's RNG state is restored when the iteration ends.
     """
     with seeded_rng(seed, tv.device):
-        plan = get_method(method)(tv, weights, density, **(params or {}))
-        plan = plan if isinstance(plan, Plan) else Plan(plan)
-        for where, base, deltas in tv.chunks():
-            yield where, base, plan.merge(where, deltas)
-        yield from plan.corrections() if plan.corrections else ()
+        yield from _run(_plan(method, tv, weights, density, params), tv)
+
+
+def merge_into(out: Tensor, method: str, tv: TaskVectors, weights: Tensor, density: float, seed: int,
+               params: dict | None = None, step: float = 1.0) -> None:
+    """Writes base + step * merged task vector of `method` into the flat `out` (any float dtype; tv has a base).
+
+    A merge that is a combination sum_i c_i * delta_i with c_i >= 0 and step * sum_i c_i <= 1
+    (linear, slerp, model_stock, task_arithmetic with such weights) is computed as
+    (1 - step * sum c) * base + sum_i step * c_i * partner_i: a convex combination of the
+    models, as exact as the output dtype and with no task vector formed.
+    """
+    with seeded_rng(seed, tv.device):
+        plan = _plan(method, tv, weights, density, params)
+        scaled = [step * c for c in plan.coefficients or []]
+        if plan.coefficients is not None and min(scaled) >= 0 and sum(scaled) <= 1:
+            _convex_into(out, tv, scaled)
+            return
+        for where, base, merged in _run(plan, tv):
+            if isinstance(where, slice) and out.dtype == tv.dtype:
+                torch.add(base, merged, alpha=step, out=out[where])
+            else:  # another dtype, or an operator's corrections at scattered positions
+                out[where] = base.add_(merged, alpha=step)
+
+
+def _convex_into(out: Tensor, tv: TaskVectors, scaled: list[float]) -> None:
+    """Writes (1 - sum k) * base + sum_i k_i * partner_i into `out`, chunk by chunk."""
+    own = 1.0 - sum(scaled)
+    for start in range(0, tv.numel, tv.chunk_size):
+        where = slice(start, min(start + tv.chunk_size, tv.numel))
+        target = out[where] if out.dtype == tv.dtype else torch.empty(where.stop - start, dtype=tv.dtype)
+        torch.mul(tv.partners[0][where], scaled[0], out=target)
+        for partner, k in zip(tv.partners[1:], scaled[1:]):
+            target.add_(partner[where], alpha=k)
+        if own != 0:
+            target.add_(tv.base[where], alpha=own)
+        if target.data_ptr() != out[where].data_ptr():
+            out[where].copy_(target)
 
 
 def merge_task_vectors(method: str, deltas: Sequence[Tensor], weights: Sequence[float] | Tensor,

@@ -61,16 +61,16 @@ class TaskVectors:
 def gram_matrix(tv: TaskVectors) -> Tensor:
     """Returns the (N, N) float64 matrix of dot products between the task vectors.
 
-    Each chunk's dot products are float32 sums of at most CHUNK terms; chunks add up in float64.
+    Each chunk's products are float32 sums of at most `chunk_size` terms; chunks add up in float64.
     """
-    count = len(tv.partners)
-    gram = [[0.0] * count for _ in range(count)]
-    for _, _, deltas in tv.chunks():
-        for i in range(count):
-            for j in range(i, count):
-                gram[i][j] += float(torch.dot(deltas[i], deltas[j]))
-    return torch.tensor([[gram[min(i, j)][max(i, j)] for j in range(count)] for i in range(count)],
-                        dtype=torch.float64)
+    gram = torch.zeros(len(tv.partners), len(tv.partners), dtype=torch.float64)
+    for start in range(0, tv.numel, tv.chunk_size):
+        where = slice(start, min(start + tv.chunk_size, tv.numel))
+        stacked = torch.stack([p[where] for p in tv.partners]).to(tv.dtype)  # (N, c)
+        if tv.base is not None:
+            stacked.sub_(tv.base[where].to(tv.dtype))
+        gram += (stacked @ stacked.T).double().cpu()
+    return gram
 
 
 def cosines(gram: Tensor) -> Tensor:
