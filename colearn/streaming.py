@@ -34,7 +34,6 @@ class Layout:
 
     header: bytes  # the 8-byte length and the JSON header, as stored
     spans: dict[str, tuple[int, int]]  # tensor name -> (begin, end) byte offsets in the data section
-    shapes: dict[str, list[int]]
 
 
 def read_layout(path: PathLike) -> Layout:
@@ -44,8 +43,7 @@ def read_layout(path: PathLike) -> Layout:
         raw = f.read(length)
     header = json.loads(raw)
     entries = {k: v for k, v in header.items() if k != "__metadata__"}
-    return Layout(struct.pack("<Q", length) + raw, {k: tuple(v["data_offsets"]) for k, v in entries.items()},
-                  {k: list(v["shape"]) for k, v in entries.items()})
+    return Layout(struct.pack("<Q", length) + raw, {k: tuple(v["data_offsets"]) for k, v in entries.items()})
 
 
 def tensor_bytes(tensor: Tensor) -> memoryview:

@@ -441,6 +441,10 @@ def test_merge_safetensors_files_equals_merge_state_dicts(tmp_path, llama_state)
     loaded = load_file(out)
     assert set(loaded) == set(expected)
     assert all(torch.equal(loaded[k], expected[k]) for k in expected)
+    from colearn.streaming import read_layout  # the output keeps the ancestor's layout, header and all
+
+    assert read_layout(out).header == read_layout(paths[0]).header
+    assert os.path.getsize(out) == os.path.getsize(paths[0])
     assert sorted(os.listdir(tmp_path)) == [f"{n}.safetensors" for n in ("ancestor", "child", "p0", "p1")]
     # a mismatch is reported from the headers, and nothing is written
     save_file({"model.embed_tokens.weight": torch.zeros(3, 3)}, paths[2])
