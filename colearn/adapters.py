@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,7 +29,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from colearn.errors import ColearnError
-from colearn.lora_merge import lora_factors, lora_scaling, refactorize
+from colearn.lora_merge import lora_delta, lora_factors, lora_scaling, refactorized
 from colearn.merge import Recipe, merge_tensor
 from colearn.operators import MergeError
 
@@ -54,9 +55,7 @@ class Adapter:
         """Returns dW = scaling * B @ A of one base weight (in its layout, float32), None if not adapted."""
         if key not in self.factors:
             return None
-        a, b = self.factors[key]
-        delta = self.scaling * (b.float() @ a.float())  # (out, in)
-        return delta.T.contiguous() if self.config.get("fan_in_fan_out") else delta
+        return lora_delta(*self.factors[key], self.scaling, bool(self.config.get("fan_in_fan_out")))
 
 
 def read_adapter(path: Path, role: str) -> Adapter:
@@ -79,16 +78,17 @@ def read_adapter(path: Path, role: str) -> Adapter:
     return Adapter(path, config, factors, scaling)
 
 
-def base_model_dir(path: Path, fallback: Path | None) -> Path:
-    """Returns the directory of the full model an adapter directory adapts (see the module docstring)."""
-    if (path / "base" / "config.json").is_file():
-        return path / "base"
-    named = json.loads((path / CONFIG).read_text(encoding="utf-8")).get("base_model_name_or_path")
+def base_model_dir(base: Path) -> Path:
+    """Returns the directory of the full model the adapters adapt: `base` itself when it is a full model, else the
+    model the `base` adapter adapts (see the module docstring)."""
+    if not is_adapter(base):
+        return base
+    if (base / "base" / "config.json").is_file():
+        return base / "base"
+    named = json.loads((base / CONFIG).read_text(encoding="utf-8")).get("base_model_name_or_path")
     if named and (Path(named) / "config.json").is_file():
         return Path(named)
-    if fallback is not None:
-        return fallback
-    raise ColearnError(f"adapter {str(path)!r} names base model {named!r}, which is not a local directory; pass the "
+    raise ColearnError(f"adapter {str(base)!r} names base model {named!r}, which is not a local directory; pass the "
                        "base model's directory as --base")
 
 
@@ -97,12 +97,7 @@ class AdapterInputs:
     base_model: Path  # the frozen base model every adapter adapts
     ancestor: Adapter | None  # None when the ancestor is the base model itself
     partners: list[Adapter]
-
-    @property
-    def adapted(self) -> list[str]:
-        """Returns the base weight keys some adapter changes, in the base model's order."""
-        keys = {k for a in [*self.partners, *([self.ancestor] if self.ancestor else [])] for k in a.factors}
-        return [k for k in _base_keys(self.base_model) if k in keys]
+    adapted: list[str]  # the base weight keys some adapter changes, in the base model's order
 
     def changes(self, key: str) -> tuple[Tensor, list[Tensor]]:
         """Returns the ancestor's and the partners' dense changes of one base weight (zeros where not adapted)."""
@@ -113,13 +108,13 @@ class AdapterInputs:
         return (zeros if own is None else own), [zeros if d is None else d for d in found]
 
 
-def read_inputs(base: Path, partners: list[Path]) -> AdapterInputs:
-    """Returns the adapters of a `colearn merge` whose partners are LoRA directories, checked against one base."""
+def read_inputs(base: Path, partners: list[Path], shapes: Mapping[str, Sequence[int]]) -> AdapterInputs:
+    """Returns the adapters of a `colearn merge` whose partners are LoRA directories, checked against the shapes
+    of the base model (`base_model_dir(base)`, in its order)."""
     if not all(is_adapter(p) for p in partners):
         raise ColearnError("colearn merge got both LoRA adapter and full checkpoints as partners; give one kind")
     ancestor = read_adapter(base, "--base") if is_adapter(base) else None
-    base_model = base_model_dir(base, None) if ancestor else base
-    shapes = _base_shapes(base_model)
+    base_model = base_model_dir(base)
     found = [read_adapter(p, "partner") for p in partners]
     for adapter in [*([ancestor] if ancestor else []), *found]:
         for key, (a, b) in adapter.factors.items():
@@ -128,7 +123,8 @@ def read_inputs(base: Path, partners: list[Path]) -> AdapterInputs:
                 raise ColearnError(f"adapter {str(adapter.path)!r} adapts {key!r} with shape {out_in}, which the base "
                                    f"model {str(base_model)!r} {'lacks' if key not in shapes else 'shapes otherwise'}; "
                                    "merge adapters trained on one base")
-    return AdapterInputs(base_model, ancestor, found)
+    keys = {k for adapter in [*([ancestor] if ancestor else []), *found] for k in adapter.factors}
+    return AdapterInputs(base_model, ancestor, found, [k for k in shapes if k in keys])
 
 
 def merged_changes(inputs: AdapterInputs, recipe: Recipe) -> dict[str, Tensor]:
@@ -163,53 +159,22 @@ def write_adapter(inputs: AdapterInputs, recipe: Recipe, tmp: Path, rank: int) -
     """Writes the merged change as a rank-`rank` LoRA adapter (scaling 1) into `tmp`; returns the relative
     truncation error ||approximation - change||_F / ||change||_F."""
     changes = merged_changes(inputs, recipe)
-    fan_in_fan_out = bool(inputs.partners[0].config.get("fan_in_fan_out"))
-    state, residual, total = {}, 0.0, 0.0
-    for key, change in changes.items():
-        layout_change = change.T if fan_in_fan_out else change
-        a, b = refactorize(layout_change, rank)
-        module = key.removesuffix(".weight")
-        state[f"base_model.model.{module}.lora_A.weight"] = a.contiguous()
-        state[f"base_model.model.{module}.lora_B.weight"] = b.contiguous()
-        residual += float((b @ a - layout_change).square().sum())
-        total += float(change.square().sum())
-    save_file(state, tmp / WEIGHTS, metadata={"format": "pt"})
+    state, error = refactorized(changes, rank, 1.0, bool(inputs.partners[0].config.get("fan_in_fan_out")))
+    save_file({k: v.contiguous() for k, v in state.items()}, tmp / WEIGHTS, metadata={"format": "pt"})
     config = {**inputs.partners[0].config, "r": rank, "lora_alpha": rank, "use_rslora": False, "rank_pattern": {},
               "alpha_pattern": {}, "base_model_name_or_path": str(inputs.base_model.resolve()),
               "target_modules": sorted({k.removesuffix(".weight").rsplit(".", 1)[-1] for k in changes})}
     (tmp / CONFIG).write_text(json.dumps(config, indent=2), encoding="utf-8")
-    return (residual / total) ** 0.5 if total > 0 else 0.0
+    return error
 
 
 def folded_states(inputs: AdapterInputs, base_state: dict[str, Tensor]) -> tuple[dict[str, Tensor],
                                                                                  list[dict[str, Tensor]]]:
     """Returns the ancestor's and the partners' full weights (base model + each one's change), in memory."""
     def folded(adapter: Adapter | None) -> dict[str, Tensor]:
-        if adapter is None:
-            return dict(base_state)
-        return {k: v if adapter.delta(k) is None else (v.float() + adapter.delta(k)).to(v.dtype)
-                for k, v in base_state.items()}
+        state = dict(base_state)
+        for key in adapter.factors if adapter else ():
+            state[key] = (state[key].float() + adapter.delta(key)).to(state[key].dtype)
+        return state
 
     return folded(inputs.ancestor), [folded(a) for a in inputs.partners]
-
-
-def _base_shapes(base_model: Path) -> dict[str, list[int]]:
-    shapes = {}
-    for file in _weight_files(base_model):
-        with safe_open(os.fspath(base_model / file), framework="pt") as handle:
-            shapes.update({k: handle.get_slice(k).get_shape() for k in handle.keys()})
-    return shapes
-
-
-def _base_keys(base_model: Path) -> list[str]:
-    return list(_base_shapes(base_model))
-
-
-def _weight_files(model_dir: Path) -> list[str]:
-    index = model_dir / "model.safetensors.index.json"
-    if index.is_file():
-        return sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
-    if (model_dir / "model.safetensors").is_file():
-        return ["model.safetensors"]
-    raise ColearnError(f"base model {str(model_dir)!r} has no model.safetensors or shard index; re-save it with "
-                       "save_pretrained(dir, safe_serialization=True)")

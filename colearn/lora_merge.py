@@ -64,11 +64,14 @@ def lora_deltas(
     `scaling` is one number or a dict by base weight key (see `lora_scaling`);
     `fan_in_fan_out` transposes dW for Conv1D bases such as GPT-2's, stored (in, out).
     """
-    deltas = {}
-    for base_key, (a, b) in lora_factors(adapter_state).items():
-        delta = _scaling_of(scaling, base_key) * (b.float() @ a.float())  # (out, r) @ (r, in) -> (out, in)
-        deltas[base_key] = delta.T.contiguous() if fan_in_fan_out else delta
-    return deltas
+    return {base_key: lora_delta(a, b, _scaling_of(scaling, base_key), fan_in_fan_out)
+            for base_key, (a, b) in lora_factors(adapter_state).items()}
+
+
+def lora_delta(a: Tensor, b: Tensor, scaling: float, fan_in_fan_out: bool = False) -> Tensor:
+    """Returns one adapted weight's dense float32 dW = scaling * B @ A, in the base weight's layout."""
+    delta = scaling * (b.float() @ a.float())  # (out, r) @ (r, in) -> (out, in)
+    return delta.T.contiguous() if fan_in_fan_out else delta
 
 
 def refactorize(delta: Tensor, rank: int, scaling: float = 1.0) -> tuple[Tensor, Tensor]:
@@ -150,6 +153,14 @@ def adapter_for(
                 "unchanged base; use merge.lora_offspring=fold"
             )
     deltas = {key: weights[key].float() - base_state[key].float() for key in adapted}
+    return refactorized(deltas, rank, scaling, fan_in_fan_out)
+
+
+def refactorized(
+    deltas: Mapping[str, Tensor], rank: int, scaling: float = 1.0, fan_in_fan_out: bool = False
+) -> tuple[dict[str, Tensor], float]:
+    """Returns (`adapter_state` of the deltas, relative error ||approximation - deltas||_F / ||deltas||_F over all
+    of them; 0 when every delta fits the rank)."""
     state = adapter_state(deltas, rank, scaling, fan_in_fan_out)
     approx = lora_deltas(state, scaling, fan_in_fan_out)
     residual = sum(float((approx[k] - d).square().sum()) for k, d in deltas.items())

@@ -164,15 +164,16 @@ def checked_recipe(cfg: MergeConfig, n_partners: int) -> Recipe:
 def read_inputs(base: Path, partners: list[Path]) -> Inputs:
     """Returns the checked inputs: full checkpoints of one architecture and vocabulary, or LoRA adapters on one base
     model."""
-    from colearn.adapters import is_adapter, read_inputs as read_adapters
+    from colearn.adapters import base_model_dir, is_adapter, read_inputs as read_adapters
 
     for path, role in [(base, "--base"), *((p, "partner") for p in partners)]:
         if not path.is_dir():
             raise ColearnError(f"{role} checkpoint {str(path)!r} is not a directory")
     if any(is_adapter(p) for p in partners):
-        adapters = read_adapters(base, partners)
+        model = read_checkpoint(base_model_dir(base), "base model")
+        adapters = read_adapters(base, partners, model.shapes)
         check_tokenizers(base, partners)
-        return Inputs(base, partners, read_checkpoint(adapters.base_model, "base model"), None, adapters)
+        return Inputs(base, partners, model, None, adapters)
     model, full = read_checkpoint(base, "--base"), [read_checkpoint(p, "partner") for p in partners]
     check_architectures(model, full)
     check_tokenizers(base, partners)
@@ -294,8 +295,11 @@ def write_merge(inputs: Inputs, out: Path, cfg: MergeConfig, search_record: dict
         else:
             copy_side_files(inputs.model.path, tmp)
             write_weights(inputs, recipe, tmp)
-        if not any(tmp.glob("tokenizer*")):
-            copy_tokenizer([inputs.base, *inputs.partners, inputs.model.path], tmp)
+        source = tokenizer_source([tmp, inputs.base, *inputs.partners, inputs.model.path])
+        if source is not None and source != tmp:
+            for name in _TOKENIZER_FILES:
+                if (source / name).is_file():
+                    shutil.copy2(source / name, tmp / name)
         write_recipe(tmp / "merge_recipe.yaml", dataclasses.replace(cfg, weights=recipe.weights), inputs,
                      search_record, record)
 
@@ -333,14 +337,9 @@ def staged(out: Path) -> Iterator[Path]:
         raise
 
 
-def copy_tokenizer(sources: list[Path], out: Path) -> None:
-    """Copies the tokenizer files of the first source directory that has any."""
-    for source in sources:
-        names = [f.name for f in source.iterdir() if f.is_file() and f.name in _TOKENIZER_FILES]
-        if names:
-            for name in names:
-                shutil.copy2(source / name, out / name)
-            return
+def tokenizer_source(dirs: list[Path]) -> Path | None:
+    """Returns the first directory that holds tokenizer files, or None."""
+    return next((d for d in dirs if any((d / name).is_file() for name in _TOKENIZER_FILES)), None)
 
 
 def copy_side_files(base: Path, out: Path) -> None:
@@ -436,7 +435,7 @@ def candidate_partner(inputs: Inputs) -> Any:
     from colearn.config import ModelConfig
     from colearn.partner import Partner
 
-    source = next((d for d in [inputs.base, *inputs.partners, inputs.model.path] if any(d.glob("tokenizer*"))), None)
+    source = tokenizer_source([inputs.base, *inputs.partners, inputs.model.path])
     if source is None:
         raise ColearnError("--search needs a tokenizer to act with; none of the inputs has tokenizer files")
     model = AutoModelForCausalLM.from_pretrained(inputs.model.path).eval()

@@ -37,6 +37,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from peft.utils import merge_utils
 from torch import Tensor
@@ -77,8 +78,6 @@ def della_keep_probabilities(delta: Tensor, density: float, epsilon: float) -> T
 def ascending_order(x: Tensor) -> Tensor:
     """Returns the stable argsort of a 1-D tensor (numpy's on the CPU: a third of torch's extra memory)."""
     if x.device.type == "cpu":
-        import numpy as np
-
         return torch.from_numpy(np.argsort(x.numpy(), kind="stable"))
     return x.argsort(stable=True)
 

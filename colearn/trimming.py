@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator, Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -46,8 +47,6 @@ def shrink(x: Tensor, level: float | None) -> Tensor:
 def nonzero_positions(x: Tensor) -> Tensor:
     """Returns the indices of the nonzero entries of a 1-D tensor, ascending (numpy's on the CPU: 6x torch's)."""
     if x.device.type == "cpu":
-        import numpy as np
-
         return torch.from_numpy(np.flatnonzero(x.numpy() != 0))
     return x.nonzero().squeeze(1)
 
@@ -85,8 +84,6 @@ def _order_statistics(x: Tensor, ranks: list[int]) -> list[float]:
     if not ranks:
         return []
     if x.device.type == "cpu":
-        import numpy as np
-
         return [float(v) for v in np.partition(x.numpy(), ranks)[ranks]]  # one partial sort for all ranks
     return [float(x.kthvalue(r + 1).values) for r in ranks]
 
