@@ -36,12 +36,14 @@ import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 import torch
 from peft.utils import merge_utils
 from torch import Tensor
 
+from colearn import kernels
 from colearn.errors import ColearnError
 from colearn.task_vectors import CHUNK, TaskVectors, cosines, gram_matrix
 from colearn.trimming import ChunkMerge, Levels, MagnitudeTrim, shrink
@@ -56,6 +58,23 @@ class MergeError(ColearnError, ValueError):
 
 
 @dataclass
+class Trimmed:
+    """A magnitude-trimming merge in the terms of the fused pass (`colearn.kernels.trimmed_pass`)."""
+
+    trim: MagnitudeTrim
+    weights: list[float]
+    rule: str  # how the kept values combine: "sum", or the TIES sign election "total" / "frequency"
+
+    def keep(self, levels: Levels) -> list[tuple[float, float]]:
+        """Returns per task vector the magnitudes (low, high] it keeps at these `shrink` levels: above the last
+        level, and with two thresholds (breadcrumbs) not above the first; a None level is -inf, as in `shrink`."""
+        def level(value: float | None) -> float:
+            return -math.inf if value is None else value
+
+        return [(level(row[-1]), level(row[0]) if len(row) == 2 else math.inf) for row in levels]
+
+
+@dataclass
 class Plan:
     """How an operator merges one tensor: every chunk in order, then exact values at a few positions."""
 
@@ -63,6 +82,7 @@ class Plan:
     # yields (positions, base there, merged task vector there) replacing what `merge` gave at those positions
     corrections: Callable[[], Iterator[tuple[slice | Tensor, Tensor | None, Tensor]]] | None = None
     coefficients: list[float] | None = None  # when the merge is sum_i c_i * delta_i (see `merge_into`)
+    trimmed: Trimmed | None = None  # when the merge can run as one fused pass (see `merge_into`)
 
 
 def della_keep_probabilities(delta: Tensor, density: float, epsilon: float) -> Tensor:
@@ -168,9 +188,11 @@ def _trimmed(deltas: list[Tensor], levels: Levels) -> list[Tensor]:
     return [shrink(d, row[0]) for d, row in zip(deltas, levels)]
 
 
-def _trimmed_plan(tv: TaskVectors, ks: list[int], merge_at: Callable[[Levels], ChunkMerge]) -> Plan:
+def _trimmed_plan(tv: TaskVectors, ks: list[int], merge_at: Callable[[Levels], ChunkMerge], weights: Tensor,
+                  rule: str) -> Plan:
     """Returns the plan of an operator that trims each task vector at its k-th largest magnitudes (`ks`) and
-    merges with `merge_at(levels)`: provisional levels during the pass, exact ones where those could differ."""
+    merges with `merge_at(levels)`: provisional levels during the pass, exact ones where those could differ.
+    `weights` and `rule` say the same merge to the fused pass (`Trimmed`)."""
     trim = MagnitudeTrim(tv, ks)
     provisional = merge_at(trim.provisional())
 
@@ -178,7 +200,7 @@ def _trimmed_plan(tv: TaskVectors, ks: list[int], merge_at: Callable[[Levels], C
         trim.observe(where, deltas)
         return provisional(where, deltas)
 
-    return Plan(merge, lambda: trim.corrections(merge_at))
+    return Plan(merge, lambda: trim.corrections(merge_at), trimmed=Trimmed(trim, weights.tolist(), rule))
 
 
 # --------------------------------------------------------------------------- operators
@@ -227,7 +249,8 @@ def ties(tv: TaskVectors, weights: Tensor, density: float, majority_sign_method:
 
     if density >= 1:
         return Plan(merge_at([[None]] * len(tv.partners)))
-    return _trimmed_plan(tv, [int(density * tv.numel)], merge_at)  # k as peft's magnitude pruning: floor
+    k = int(density * tv.numel)  # as peft's magnitude pruning: floor
+    return _trimmed_plan(tv, [k], merge_at, weights, majority_sign_method)
 
 
 def magnitude_prune(tv: TaskVectors, weights: Tensor, density: float) -> Plan:
@@ -239,7 +262,7 @@ def magnitude_prune(tv: TaskVectors, weights: Tensor, density: float) -> Plan:
 
     if density >= 1:
         return Plan(weighted_sum)
-    return _trimmed_plan(tv, [int(density * tv.numel)], merge_at)
+    return _trimmed_plan(tv, [int(density * tv.numel)], merge_at, weights, "sum")
 
 
 def dare_linear(tv: TaskVectors, weights: Tensor, density: float) -> ChunkMerge:
@@ -311,7 +334,7 @@ def breadcrumbs(tv: TaskVectors, weights: Tensor, density: float, gamma: float =
 
         return merge
 
-    return _trimmed_plan(tv, [n_top, n_top + n_keep], merge_at)
+    return _trimmed_plan(tv, [n_top, n_top + n_keep], merge_at, weights, "sum")
 
 
 def model_stock_ratio(gram: Tensor) -> float:
@@ -386,7 +409,12 @@ def seeded_rng(seed: int, device: torch.device) -> Iterator[None]:
     """Seeds the global RNG that peft's and DELLA's random drops draw from, restoring the caller's RNG afterwards."""
     devices = [device] if device.type == "cuda" else []  # the CPU state is always saved and restored
     with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)
+        # Only the generators in use: torch.manual_seed also queues seeding every other accelerator type, which
+        # costs ~1 ms a call (a stack trace each), more than merging a small tensor.
+        torch.random.default_generator.manual_seed(seed)
+        if device.type == "cuda":
+            with torch.cuda.device(device):
+                torch.cuda.manual_seed(seed)
         yield
 
 
@@ -428,11 +456,40 @@ def merge_into(out: Tensor, method: str, tv: TaskVectors, weights: Tensor, densi
         if plan.coefficients is not None and min(scaled) >= 0 and sum(scaled) <= 1:
             _convex_into(out, tv, scaled)
             return
-        for where, base, merged in _run(plan, tv):
-            if isinstance(where, slice) and out.dtype == tv.dtype:
-                torch.add(base, merged, alpha=step, out=out[where])
-            else:  # another dtype, or an operator's corrections at scattered positions
-                out[where] = base.add_(merged, alpha=step)
+        if plan.trimmed is not None and out.dtype == tv.dtype and kernels.usable(out, tv.base, *tv.partners):
+            _fused_into(out, tv, plan, step)
+            return
+        _write(out, _run(plan, tv), step)
+
+
+def _write(out: Tensor, merged: Iterator[tuple[slice | Tensor, Tensor | None, Tensor]], step: float) -> None:
+    """Writes base + step * merged task vector at each (where, base, merged) into `out`, leaving the base as it is
+    (at a slice it is a view of the ancestor)."""
+    for where, base, delta in merged:
+        if isinstance(where, slice) and out.dtype == base.dtype:
+            torch.add(base, delta, alpha=step, out=out[where])
+        else:  # another dtype, or an operator's corrections at scattered positions
+            out[where] = torch.add(base, delta, alpha=step)
+
+
+def _fused_into(out: Tensor, tv: TaskVectors, plan: Plan, step: float) -> None:
+    """Writes base + step * the plan's trimmed merge into `out` with fused passes: the whole tensor at the provisional
+    thresholds, then again where the exact ones could differ (everything, if a bracket missed)."""
+    trimmed = plan.trimmed
+    trim = trimmed.trim
+    merge = partial(kernels.trimmed_pass, weights=trimmed.weights, rule=trimmed.rule, step=step)
+    found = merge(out, tv.base, tv.partners, keep=trimmed.keep(trim.provisional()),
+                  brackets=[] if trim.whole else trim.brackets)
+    if trim.whole:
+        return
+    trim.record(found.above, found.positions, found.base, [p - found.base for p in found.partners])
+    exact = trimmed.keep(trim.exact_levels())
+    if trim.missed:
+        merge(out, tv.base, tv.partners, keep=exact)
+    elif found.positions.numel():
+        fixed = torch.empty_like(found.base)
+        merge(fixed, found.base, found.partners, keep=exact)
+        out[found.positions] = fixed
 
 
 def _convex_into(out: Tensor, tv: TaskVectors, scaled: list[float]) -> None:

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from colearn import kernels
+
 CHUNK = 1 << 17  # elements per chunk: 512 KiB of float32, so a chunk's temporaries stay in cache
 _TINY_NORM = 1e-8  # below this norm a task vector has no direction
 
@@ -41,14 +43,14 @@ class TaskVectors:
 
     def base_at(self, where: slice | Tensor) -> Tensor | None:
         """Returns the base at a slice or an index tensor, in `dtype` (None without a base)."""
-        return None if self.base is None else self.base[where].to(self.dtype)
+        return None if self.base is None else _picked(self.base, where).to(self.dtype)
 
     def at(self, where: slice | Tensor) -> tuple[Tensor | None, list[Tensor]]:
         """Returns the base chunk (or None) and the N task vectors at a slice or an index tensor."""
         if self.base is None:  # a copy: operators trim chunks in place
-            return None, [p[where].to(self.dtype, copy=True) for p in self.partners]
-        base = self.base[where].to(self.dtype)  # (c,)
-        return base, [p[where].to(self.dtype) - base for p in self.partners]
+            return None, [_picked(p, where).to(self.dtype, copy=True) for p in self.partners]
+        base = self.base_at(where)  # (c,)
+        return base, [_picked(p, where).to(self.dtype) - base for p in self.partners]
 
     def whole(self, index: int) -> Tensor:
         """Returns task vector `index` materialized (for the operators that sort a whole tensor)."""
@@ -58,11 +60,25 @@ class TaskVectors:
 
 
 
+def gathered(x: Tensor, index: Tensor) -> Tensor:
+    """Returns x[index] for a 1-D tensor, as a copy (numpy's take on the CPU: torch's indexing costs ~10x here)."""
+    if x.device.type == "cpu" and x.dtype != torch.bfloat16:  # numpy has no bfloat16
+        return torch.from_numpy(x.detach().numpy().take(index.numpy()))
+    return x[index]
+
+
+def _picked(x: Tensor, where: slice | Tensor) -> Tensor:
+    return x[where] if isinstance(where, slice) else gathered(x, where)
+
+
 def gram_matrix(tv: TaskVectors) -> Tensor:
     """Returns the (N, N) float64 matrix of dot products between the task vectors.
 
-    Each chunk's products are float32 sums of at most `chunk_size` terms; chunks add up in float64.
+    Fused in one pass on the CPU (`colearn.kernels.gram`: float64 sums of blocks); otherwise
+    each chunk's products are float32 sums of at most `chunk_size` terms, added up in float64.
     """
+    if tv.base is not None and tv.base.dtype == tv.dtype and kernels.usable(tv.base, *tv.partners):
+        return kernels.gram(tv.base, tv.partners)
     gram = torch.zeros(len(tv.partners), len(tv.partners), dtype=torch.float64)
     for start in range(0, tv.numel, tv.chunk_size):
         where = slice(start, min(start + tv.chunk_size, tv.numel))

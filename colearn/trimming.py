@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from colearn.task_vectors import TaskVectors
+from colearn.task_vectors import TaskVectors, gathered
 
 _SAMPLE = 1 << 16  # at most this many magnitudes are sampled to bracket each threshold
 
@@ -49,13 +49,6 @@ def nonzero_positions(x: Tensor) -> Tensor:
     if x.device.type == "cpu":
         return torch.from_numpy(np.flatnonzero(x.numpy() != 0))
     return x.nonzero().squeeze(1)
-
-
-def gathered(x: Tensor, index: Tensor) -> Tensor:
-    """Returns x[index] for a 1-D tensor, as a copy (numpy's take on the CPU: torch's indexing costs ~10x here)."""
-    if x.device.type == "cpu":
-        return torch.from_numpy(x.numpy().take(index.numpy()))
-    return x[index]
 
 
 def stratified_sample(n: int, m: int, device: torch.device) -> Tensor:
@@ -143,6 +136,18 @@ class MagnitudeTrim:
         self.uncertain.append((local + where.start, None if base is None else gathered(base, local),
                                [gathered(d, local) for d in deltas]))
 
+    def record(self, above: list[list[int]], positions: Tensor, base: Tensor, deltas: list[Tensor]) -> None:
+        """Takes, instead of `observe` on every chunk, what a pass over the whole tensor counted and collected
+        (`colearn.kernels.trimmed_pass`): the magnitudes above each bracket, and where some magnitude lies inside
+        its bracket: the positions, and the base and task vectors there."""
+        if not self.whole:
+            self.above = above
+            self.uncertain = [(positions, base, deltas)]
+
+    def exact_levels(self) -> Levels:
+        """Returns the `shrink` levels of the exact thresholds (after the pass; see `thresholds`)."""
+        return self.levels(self.thresholds())
+
     def thresholds(self) -> list[list[float]]:
         """Returns, per task vector and k, the exact k-th largest magnitude (inf for k = 0), after the pass."""
         if self.whole:
@@ -174,7 +179,7 @@ class MagnitudeTrim:
         been wrong: the positions kept by `observe`, or every chunk again if a bracket missed."""
         if self.whole:
             return
-        merge = merge_at(self.levels(self.thresholds()))
+        merge = merge_at(self.exact_levels())
         if self.missed:
             for where, base, deltas in self.tv.chunks():
                 yield where, base, merge(where, deltas)

@@ -230,6 +230,58 @@ def test_a_missed_bracket_still_gives_the_exact_trim(method, monkeypatch):
         assert torch.allclose(right, merge_utils.ties(deltas, w(1.0, 1.0), 0.4), atol=1e-6)
 
 
+FUSED_CASES = [
+    ("ties", 0.3, {}), ("ties", 0.7, {"majority_sign_method": "frequency"}), ("magnitude_prune", 0.5, {}),
+    ("breadcrumbs", 0.6, {"gamma": 0.05}), ("model_stock", 1.0, {}),
+]
+
+
+@pytest.mark.parametrize(("method", "density", "params"), FUSED_CASES)
+@pytest.mark.parametrize("missed", [False, True])
+def test_fused_cpu_pass_equals_the_chunked_torch_passes(method, density, params, missed, monkeypatch):
+    # The numba pass (colearn.kernels) against the eager chunks it replaces, through merge_tensor, with a step
+    # toward the ancestor, unequal weights, three partners and exact zeros; and with every bracket forced wrong.
+    import colearn.trimming
+    from colearn import kernels
+
+    assert kernels.njit is not None, "numba is a dependency: the fused pass must be tested"
+    n = 300_003
+    generator = torch.Generator().manual_seed(4)
+    ancestor = torch.randn(n, generator=generator)
+    partners = [ancestor + scale * torch.randn(n, generator=generator) for scale in (0.01, 0.003, 0.02)]
+    partners[1][::5] = ancestor[::5]  # a partner that left some weights unchanged
+    assert kernels.usable(ancestor, *partners)
+    if missed:
+        monkeypatch.setattr(colearn.trimming, "_bracket", lambda sample, n, k: (5.0, 6.0))
+    recipe = Recipe(method, [1.0, 0.6, 1.4] if method == "ties" else [0.3, 0.2, 0.5], density, to_ancestor=0.25,
+                    params=params)
+    unchanged = [t.clone() for t in (ancestor, *partners)]
+    fused = merge_tensor("w", ancestor, partners, recipe)
+    assert all(torch.equal(a, b) for a, b in zip(unchanged, (ancestor, *partners)))  # inputs are read, never written
+    with kernels.disabled():
+        eager = merge_tensor("w", ancestor, partners, recipe)
+    diff = (fused - eager).abs()
+    assert float(diff.max()) <= 1e-6, (float(diff.max()), int((diff > 1e-6).sum()))
+    assert not torch.equal(fused, ancestor)
+
+
+def test_fused_gram_matrix_equals_the_chunked_one():
+    from colearn import kernels
+    from colearn.task_vectors import TaskVectors, gram_matrix
+
+    generator = torch.Generator().manual_seed(5)
+    base = torch.randn(300_001, generator=generator)
+    tv = TaskVectors([base + torch.randn(300_001, generator=generator) * s for s in (0.1, 0.2)], base, torch.float32)
+    assert kernels.usable(tv.base, *tv.partners)
+    fused = gram_matrix(tv)
+    with kernels.disabled():
+        eager = gram_matrix(tv)
+    stacked = torch.stack([p.double() - base.double() for p in tv.partners])
+    exact = stacked @ stacked.T
+    assert torch.allclose(fused, exact, rtol=1e-6, atol=0)  # float64 sums: every entry to 1e-6 of itself
+    assert torch.allclose(eager, exact, rtol=0, atol=1e-5 * float(exact.diagonal().max()))
+
+
 def test_sign_election_tie_goes_to_plus_as_in_peft():
     a, b = t(1, -2, 0), t(-1, 2, 0)  # every coordinate's votes sum to 0
     assert torch.equal(op("ties")([a, b], w(1, 1), 1.0, 0), t(1, 2, 0))
