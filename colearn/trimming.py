@@ -9,7 +9,8 @@ it, and afterwards the exact threshold follows from those counts, and only the p
 inside some bracket (a few percent) are merged again.  If a bracket missed its threshold
 (probability ~1e-4), the whole tensor is merged again.  Small tensors are searched whole up
 front.  Comparisons go through `hardshrink` and float sums: torch's comparisons into bool
-tensors cost ~5x an add here.
+tensors cost ~5x an add here.  The pass is either `observe` on every chunk, or one fused loop
+over the whole tensor (`colearn.kernels.trimmed_pass`) whose counts and positions `record` takes.
 """
 
 from __future__ import annotations
