@@ -18,6 +18,7 @@ on disk (numba's `cache=True`).
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -106,11 +107,12 @@ def trimmed_pass(out: Tensor, base: Tensor, partners: Sequence[Tensor], weights:
     """
     o, b, ps = out.numpy(), _arrays([base])[0], _arrays(partners)
     n_partners, n_brackets = len(ps), len(brackets[0]) if brackets else 0
-    bounds = np.array(brackets, dtype=o.dtype).reshape(n_partners, n_brackets, 2)  # (N, K, 2) low, high
     scalar = o.dtype.type  # per-partner parameters as tuples: numba keeps them in registers (arrays may alias `out`)
+    # numba cannot type an empty tuple's items: without brackets, one that holds nothing ([inf, -inf])
+    rows = brackets if n_brackets else [[(math.inf, -math.inf)]] * n_partners
+    bounds = [tuple(tuple(scalar(b[end]) for b in row) for row in rows) for end in (0, 1)]
     parameters = (tuple(map(scalar, weights)), tuple(scalar(k[0]) for k in keep), tuple(scalar(k[1]) for k in keep),
-                  RULES[rule], scalar(step), np.ascontiguousarray(bounds[..., 0]),
-                  np.ascontiguousarray(bounds[..., 1]))
+                  RULES[rule], scalar(step), *bounds, n_brackets > 0)
 
     def part(at: slice) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         size = at.stop - at.start if n_brackets else 0
@@ -166,37 +168,40 @@ if njit is not None:
         return total / max(agreeing, np.float32(1))
 
     @njit(nogil=True, cache=True, error_model="numpy", boundscheck=False)
-    def _trimmed_pass(out, base, partners, weights, low, high, rule, step, bracket_low, bracket_high, above,
-                      positions, values):  # noqa: ANN001, ANN202 - numba
+    def _trimmed_pass(out, base, partners, weights, low, high, rule, step, bracket_low, bracket_high, observe,
+                      above, positions, values):  # noqa: ANN001, ANN202 - numba
         n = base.shape[0]
-        n_brackets = bracket_low.shape[1]
+        n_brackets = len(bracket_low[0])  # a tuple's length: known when compiling, so the loops unroll
         flags = np.zeros(_BLOCK, dtype=np.uint8)
+        over = np.zeros((len(partners) * n_brackets, _BLOCK), dtype=np.uint8)  # per lane: whether above a bracket
         count = 0
         for start in range(0, n, _BLOCK):
             # unsigned indices: with signed ones numba handles negative indices and LLVM does not vectorize
-            begin, stop = np.uint64(start), np.uint64(min(start + _BLOCK, n))
-            for j in range(begin, stop):
+            first, size = np.uint64(start), np.uint64(min(_BLOCK, n - start))
+            for lane in range(size):
+                j = first + lane
                 x = base[j]
                 out[j] = x + step * _merged(x, partners, j, weights, low, high, rule)
-            if n_brackets == 0:
+                inside = False
+                for i in range(len(partners)):
+                    m = abs(partners[i][j] - x)
+                    for k in range(n_brackets):
+                        over[i * n_brackets + k, lane] = m > bracket_high[i][k]
+                        inside |= (m >= bracket_low[i][k]) & (m <= bracket_high[i][k]) & (m != 0)
+                flags[lane] = inside
+            if not observe:
                 continue
-            flags[:] = 0
-            for i in range(len(partners)):
-                p = partners[i]
-                for k in range(n_brackets):
-                    lo, hi = bracket_low[i, k], bracket_high[i, k]
-                    over = 0
-                    for j in range(begin, stop):
-                        m = abs(p[j] - base[j])
-                        over += m > hi
-                        flags[j - begin] |= (m >= lo) & (m <= hi) & (m != 0)
-                    above[i, k] += over
-            for j in range(begin, stop):
-                if flags[j - begin]:
-                    positions[count] = j
-                    values[0, count] = base[j]
+            for row in range(len(partners) * n_brackets):
+                total = 0
+                for lane in range(size):
+                    total += over[row, lane]
+                above[row // n_brackets, row % n_brackets] += total
+            for lane in range(size):
+                if flags[lane]:
+                    positions[count] = first + lane
+                    values[0, count] = base[first + lane]
                     for i in range(len(partners)):
-                        values[i + 1, count] = partners[i][j]
+                        values[i + 1, count] = partners[i][first + lane]
                     count += 1
         return count
 
