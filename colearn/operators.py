@@ -46,10 +46,9 @@ from torch import Tensor
 
 from colearn import kernels
 from colearn.errors import ColearnError
-from colearn.task_vectors import CHUNK, TaskVectors, cosines, gram_matrix
+from colearn.task_vectors import CHUNK, TINY_NORM, TaskVectors, cosines, gram_matrix
 from colearn.trimming import ChunkMerge, Levels, MagnitudeTrim, shrink
 
-_TINY_NORM = 1e-8  # below this norm a task vector has no direction: slerp falls back to linear
 _COLINEAR_COS = 0.9995  # above this |cos| slerp's sin(omega) ~ 0 (as in mergekit)
 _SIGN_METHODS = ("total", "frequency")
 
@@ -232,7 +231,7 @@ def slerp(tv: TaskVectors, weights: Tensor, density: float) -> Plan:
     t = float(_normalized(weights, "slerp")[1])
     gram = gram_matrix(tv)
     cos = float(cosines(gram)[0, 1])
-    if float(gram.diagonal().min().clamp(min=0).sqrt()) <= _TINY_NORM or abs(cos) > _COLINEAR_COS:
+    if float(gram.diagonal().min().clamp(min=0).sqrt()) <= TINY_NORM or abs(cos) > _COLINEAR_COS:
         return linear(tv, weights, density)
     omega = math.acos(cos)
     coefficients = [math.sin((1 - t) * omega) / math.sin(omega), math.sin(t * omega) / math.sin(omega)]
@@ -479,10 +478,7 @@ def _fused_into(out: Tensor, tv: TaskVectors, plan: Plan, step: float) -> None:
     trimmed = plan.trimmed
     trim = trimmed.trim
     merge = partial(kernels.trimmed_pass, weights=trimmed.weights, rule=trimmed.rule, step=step)
-    found = merge(out, tv.base, tv.partners, keep=trimmed.keep(trim.provisional()),
-                  brackets=[] if trim.whole else trim.brackets)
-    if trim.whole:
-        return
+    found = merge(out, tv.base, tv.partners, keep=trimmed.keep(trim.provisional()), brackets=trim.brackets)
     trim.record(found.above, found.positions, found.base, [p - found.base for p in found.partners])
     exact = trimmed.keep(trim.exact_levels())
     if trim.missed:

@@ -15,7 +15,7 @@ from torch import Tensor
 from colearn import kernels
 
 CHUNK = 1 << 17  # elements per chunk: 512 KiB of float32, so a chunk's temporaries stay in cache
-_TINY_NORM = 1e-8  # below this norm a task vector has no direction
+TINY_NORM = 1e-8  # below this norm a task vector has no direction
 
 
 @dataclass(frozen=True)
@@ -59,7 +59,6 @@ class TaskVectors:
         return self.partners[index].to(self.dtype) - self.base.to(self.dtype)
 
 
-
 def gathered(x: Tensor, index: Tensor) -> Tensor:
     """Returns x[index] for a 1-D tensor, as a copy (numpy's take on the CPU: torch's indexing costs ~10x here)."""
     if x.device.type == "cpu" and x.dtype != torch.bfloat16:  # numpy has no bfloat16
@@ -93,4 +92,4 @@ def cosines(gram: Tensor) -> Tensor:
     """Returns the (N, N) cosines from a Gram matrix; 0 where either vector has (almost) no norm."""
     norms = gram.diagonal().clamp(min=0).sqrt()  # (N,)
     outer = norms[:, None] * norms[None, :]  # (N, N)
-    return torch.where(outer > _TINY_NORM**2, gram / outer.clamp(min=_TINY_NORM**2), torch.zeros_like(gram))
+    return torch.where(outer > TINY_NORM**2, gram / outer.clamp(min=TINY_NORM**2), torch.zeros_like(gram))
