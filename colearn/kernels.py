@@ -9,22 +9,25 @@ the trim's statistics, against ~9 ns eager.  Two passes are fused:
 
 * `trimmed_pass`: TIES, magnitude pruning and breadcrumbs with provisional thresholds, and
   the counts and positions `colearn.trimming.MagnitudeTrim` needs to make them exact;
-* `gram`: the dot products between task vectors (slerp's angle, Model Stock's ratio).
+* `gram`: the dot products between task vectors (slerp's angle, Model Stock's ratio);
+* `combination`: base + a weighted sum of the task vectors, when the weights are not
+  convex (slerp's usually are not: their sum exceeds 1 between orthogonal task vectors).
 
 They run for contiguous float32/float64 tensors on the CPU when numba is installed (a core
 dependency; without it, or with `COLEARN_MERGE_KERNELS=0`, the eager chunked code runs, and
 tests compare the two), for tensors of at least `_MIN_ELEMENTS`.  The first call of each
 signature compiles (~1 s) and is cached on disk (numba's `cache=True`); loading numba's
-registries and the cached loops costs ~0.25 s once per process.
+registries and the cached loops costs ~0.2 s once per process (`load_in_background`).
 """
 
 from __future__ import annotations
 
 import math
 import os
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -68,6 +71,26 @@ def usable(*tensors: Tensor | None) -> bool:
     )
 
 
+def load_in_background() -> threading.Thread | None:
+    """Starts loading the compiled loops on a thread and returns it (None when they won't run).
+
+    The load is ~0.2 s of mostly Python imports (numba's typing registries); a caller can
+    read its inputs meanwhile.  A loop called before the thread ends waits for it (numba's
+    compiler lock).
+    """
+    if njit is None or not _enabled:
+        return None
+    thread = threading.Thread(target=_load, name="colearn-kernels-load", daemon=True)
+    thread.start()
+    return thread
+
+
+def _load() -> None:
+    x = np.zeros(1, dtype=np.float32)
+    with suppress(Exception):  # a failure shows again, with its traceback, where the loops are called
+        _combination(x, x, (x,), (np.float32(0),))
+
+
 def _arrays(tensors: Sequence[Tensor]) -> tuple[np.ndarray, ...]:
     return tuple(t.detach().reshape(-1).numpy() for t in tensors)
 
@@ -93,6 +116,13 @@ def gram(base: Tensor, partners: Sequence[Tensor]) -> Tensor:
     """Returns the (N, N) float64 dot products between the task vectors partner_i - base, in one pass."""
     b, ps = _arrays([base])[0], _arrays(partners)
     return torch.from_numpy(sum(_in_threads(lambda at: _gram(b[at], tuple(p[at] for p in ps)), b.size)))
+
+
+def combination(out: Tensor, base: Tensor, partners: Sequence[Tensor], coefficients: Sequence[float]) -> None:
+    """Writes base + sum_i c_i * (partner_i - base) into the flat `out`, in one pass."""
+    o, b, ps = out.numpy(), _arrays([base])[0], _arrays(partners)
+    c = tuple(map(o.dtype.type, coefficients))
+    _in_threads(lambda at: _combination(o[at], b[at], tuple(p[at] for p in ps), c), o.size)
 
 
 def trimmed_pass(out: Tensor, base: Tensor, partners: Sequence[Tensor], weights: Sequence[float], rule: str,
@@ -144,7 +174,8 @@ if njit is not None:
 
     @njit(inline="always")
     def _merged(x, partners, j, weights, low, high, rule):  # noqa: ANN001, ANN202 - numba
-        zero = np.float32(0)
+        # every constant float32: a bool or int operand makes numba compute in float64 (half the speed)
+        zero, one = np.float32(0), np.float32(1)
         votes = zero
         for i in range(len(partners)):
             d = partners[i][j] - x
@@ -155,10 +186,10 @@ if njit is not None:
             elif rule == TOTAL:
                 votes += d
             else:
-                votes += (d > zero) - (d < zero)
+                votes += (one if d > zero else zero) - (one if d < zero else zero)
         if rule == SUM:
             return votes
-        majority = np.float32(1) if votes >= zero else np.float32(-1)
+        majority = one if votes >= zero else -one
         total = zero
         agreeing = zero
         for i in range(len(partners)):
@@ -166,8 +197,8 @@ if njit is not None:
             m = abs(d)
             agrees = (m > low[i]) & (m <= high[i]) & (d * majority > zero)
             total += weights[i] * d if agrees else zero
-            agreeing += agrees
-        return total / max(agreeing, np.float32(1))
+            agreeing += one if agrees else zero
+        return total / max(agreeing, one)
 
     @njit(nogil=True, cache=True, error_model="numpy", boundscheck=False)
     def _trimmed_pass(out, base, partners, weights, low, high, rule, step, bracket_low, bracket_high, observe,
@@ -206,6 +237,15 @@ if njit is not None:
                         values[i + 1, count] = partners[i][first + lane]
                     count += 1
         return count
+
+    @njit(nogil=True, cache=True, error_model="numpy", boundscheck=False)
+    def _combination(out, base, partners, coefficients):  # noqa: ANN001, ANN202 - numba
+        for j in range(np.uint64(base.shape[0])):
+            x = base[j]
+            total = coefficients[0] * (partners[0][j] - x)
+            for i in range(1, len(partners)):
+                total += coefficients[i] * (partners[i][j] - x)
+            out[j] = x + total
 
     @njit(nogil=True, cache=True, error_model="numpy", boundscheck=False, fastmath={"reassoc"})
     def _gram(base, partners):  # noqa: ANN001, ANN202 - numba

@@ -25,8 +25,9 @@ fewer passes, because a merge should cost little more than reading its inputs.  
 trimming (TIES, magnitude_prune, breadcrumbs) keeps the elements at or above an exact k-th
 largest magnitude instead of peft's full `topk` (~20x slower on large tensors): the same
 set wherever magnitudes don't tie at the threshold.  A `ChunkMerge` may overwrite the chunks
-it is given.  On the CPU, `merge_into` runs the trimming operators (their `Plan.trimmed`) and
-the Gram matrix as fused loops instead of chunks (`colearn.kernels`), with the same result.
+it is given.  On the CPU, `merge_into` runs the trimming operators (their `Plan.trimmed`), the
+combinations that are not convex and the Gram matrix as fused loops instead of chunks
+(`colearn.kernels`), with the same result.
 """
 
 from __future__ import annotations
@@ -377,6 +378,8 @@ METHODS: dict[str, Operator] = {
     "model_stock": model_stock,
 }
 RANDOM_METHODS = frozenset({"dare_linear", "dare_ties", "della"})
+# Methods whose large CPU tensors may take the fused loops (see `merge_into`): worth loading them up front.
+FUSED_METHODS = frozenset({"task_arithmetic", "slerp", "ties", "magnitude_prune", "breadcrumbs", "model_stock"})
 # Methods whose weights act as a sign-elected mean: weight 1 per partner is a full step.
 _SIGN_ELECTED = frozenset({"ties", "dare_ties", "della"})
 
@@ -448,7 +451,9 @@ def merge_into(out: Tensor, method: str, tv: TaskVectors, weights: Tensor, densi
     A merge that is a combination sum_i c_i * delta_i with c_i >= 0 and step * sum_i c_i <= 1
     (linear, slerp, model_stock, task_arithmetic with such weights) is computed as
     (1 - step * sum c) * base + sum_i step * c_i * partner_i: a convex combination of the
-    models, as exact as the output dtype and with no task vector formed.
+    models, as exact as the output dtype and with no task vector formed.  Other combinations
+    (slerp between far-apart task vectors) and the trimming merges run as fused loops when
+    `colearn.kernels.usable`, else chunk by chunk.
     """
     with seeded_rng(seed, tv.device):
         plan = _plan(method, tv, weights, density, params)
@@ -456,7 +461,11 @@ def merge_into(out: Tensor, method: str, tv: TaskVectors, weights: Tensor, densi
         if plan.coefficients is not None and min(scaled) >= 0 and sum(scaled) <= 1:
             _convex_into(out, tv, scaled)
             return
-        if plan.trimmed is not None and out.dtype == tv.dtype and kernels.usable(out, tv.base, *tv.partners):
+        fused = out.dtype == tv.dtype and kernels.usable(out, tv.base, *tv.partners)
+        if plan.coefficients is not None and fused:
+            kernels.combination(out, tv.base, tv.partners, scaled)
+            return
+        if plan.trimmed is not None and fused:
             _fused_into(out, tv, plan, step)
             return
         _write(out, _run(plan, tv), step)

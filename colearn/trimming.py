@@ -82,6 +82,14 @@ def _order_statistics(x: Tensor, ranks: list[int]) -> list[float]:
     return [float(x.kthvalue(r + 1).values) for r in ranks]
 
 
+def _within(x: Tensor, low: float, high: float) -> Tensor:
+    """Returns the nonzero values of x in [low, high] (numpy's comparisons on the CPU: torch's cost ~4x)."""
+    if x.device.type == "cpu":
+        a = x.numpy()
+        return torch.from_numpy(a[(a >= low) & (a <= high) & (a != 0)])
+    return x[(x >= low) & (x <= high) & (x != 0)]
+
+
 def _exact_thresholds(magnitudes: Tensor, ks: Sequence[int]) -> list[float]:
     n = magnitudes.numel()
     ranks = [n - min(k, n) for k in ks if k > 0]  # the k-th largest is the (n - k)-th smallest, 0-based
@@ -159,7 +167,7 @@ class MagnitudeTrim:
             magnitudes = torch.cat([deltas[i] for _, _, deltas in self.uncertain]).abs()  # where some bracket holds
             for j, k in enumerate(self.ks):
                 low, high = self.brackets[i][j]
-                found = magnitudes[(magnitudes >= low) & (magnitudes <= high) & (magnitudes != 0)]  # in this bracket
+                found = _within(magnitudes, low, high)
                 rank = k - self.above[i][j]  # the threshold is the rank-th largest inside the bracket
                 if k == 0:
                     row.append(math.inf)

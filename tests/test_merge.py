@@ -232,7 +232,7 @@ def test_a_missed_bracket_still_gives_the_exact_trim(method, monkeypatch):
 
 FUSED_CASES = [
     ("ties", 0.3, {}), ("ties", 0.7, {"majority_sign_method": "frequency"}), ("magnitude_prune", 0.5, {}),
-    ("breadcrumbs", 0.6, {"gamma": 0.05}), ("model_stock", 1.0, {}),
+    ("breadcrumbs", 0.6, {"gamma": 0.05}), ("model_stock", 1.0, {}), ("task_arithmetic", 1.0, {}),
 ]
 
 
@@ -253,7 +253,9 @@ def test_fused_cpu_pass_equals_the_chunked_torch_passes(method, density, params,
     assert kernels.usable(ancestor, *partners)
     if missed:
         monkeypatch.setattr(colearn.trimming, "_bracket", lambda sample, n, k: (5.0, 6.0))
-    recipe = Recipe(method, [1.0, 0.6, 1.4] if method == "ties" else [0.3, 0.2, 0.5], density, to_ancestor=0.25,
+    # weights summing past 1 for ties (a full step) and task_arithmetic (not convex: the fused combination)
+    weights = [1.0, 0.6, 1.4] if method in ("ties", "task_arithmetic") else [0.3, 0.2, 0.5]
+    recipe = Recipe(method, weights, density, to_ancestor=0.25,
                     params=params)
     unchanged = [t.clone() for t in (ancestor, *partners)]
     fused = merge_tensor("w", ancestor, partners, recipe)
