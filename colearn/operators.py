@@ -93,25 +93,32 @@ def della_keep_probabilities(delta: Tensor, density: float, epsilon: float) -> T
     density - epsilon/2 and the largest density + epsilon/2, so the mean stays `density`.
     The window narrows near 0 and 1 so that every probability stays in [0, 1].
     """
-    return _keep_from_order(ascending_order(delta.abs().flatten()), delta.dtype, density, epsilon).view_as(delta)
+    return _keep_from_ranks(ascending_ranks(delta.abs().flatten()), delta.dtype, density, epsilon).view_as(delta)
 
 
-def ascending_order(x: Tensor) -> Tensor:
-    """Returns the stable argsort of a 1-D tensor (numpy's on the CPU: a third of torch's extra memory)."""
-    if x.device.type == "cpu":
-        return torch.from_numpy(np.argsort(x.numpy(), kind="stable"))
-    return x.argsort(stable=True)
+def ascending_ranks(x: Tensor) -> Tensor:
+    """Returns each element's rank in the stable ascending order of a 1-D tensor of magnitudes, which it may overwrite
+    (a radix sort on the CPU, `colearn.kernels.ascending_ranks`; else torch's argsort, inverted)."""
+    if kernels.usable(x) and x.numel() < 2**31:
+        return kernels.ascending_ranks(x)
+    if x.device.type == "cpu":  # numpy's argsort: a third of torch's extra memory
+        order = torch.from_numpy(np.argsort(x.numpy(), kind="stable"))
+    else:
+        order = x.argsort(stable=True)
+    ranks = torch.empty_like(order)
+    ranks[order] = torch.arange(order.numel(), device=order.device)
+    return ranks
 
 
-def _keep_from_order(order: Tensor, dtype: torch.dtype, density: float, epsilon: float) -> Tensor:
-    """Returns the keep probabilities of the elements whose magnitude order (smallest first) is `order`."""
-    n = order.numel()
+def _keep_from_ranks(ranks: Tensor, dtype: torch.dtype, density: float, epsilon: float) -> Tensor:
+    """Returns the keep probabilities of the elements whose magnitude ranks (smallest 0) are `ranks`."""
+    n = ranks.numel()
     half = min(epsilon / 2, 1.0 - density, density) if n > 1 else 0.0
-    keep = torch.empty(n, dtype=dtype, device=order.device)  # (n,)
+    keep = torch.empty(n, dtype=dtype, device=ranks.device)  # (n,)
     step = 2 * half / max(n - 1, 1)
-    for start in range(0, n, CHUNK):  # rank by rank, in slices: no second full-size temporary
-        ranks = torch.arange(start, min(start + CHUNK, n), dtype=torch.float64, device=order.device)
-        keep[order[start : start + CHUNK]] = (density - half + step * ranks).to(dtype)
+    for start in range(0, n, CHUNK):  # in slices: no float64 full-size temporary
+        where = slice(start, min(start + CHUNK, n))
+        keep[where] = (density - half + step * ranks[where].double()).to(dtype)
     return keep
 
 
@@ -299,9 +306,9 @@ def della(
     _check_sign_method(majority_sign_method)
     keeps = []  # N x (n,)
     for i in range(len(tv.partners)):
-        order = ascending_order(tv.whole(i).abs_())  # the magnitudes are freed as soon as they are sorted
-        keeps.append(_keep_from_order(order, tv.dtype, density, epsilon))
-        del order  # before the next sort: a large tensor's sort needs several times its size
+        ranks = ascending_ranks(tv.whole(i).abs_())  # the magnitudes are freed as soon as they are ranked
+        keeps.append(_keep_from_ranks(ranks, tv.dtype, density, epsilon))
+        del ranks  # before the next sort: a large tensor's sort needs several times its size
 
     def merge(where: slice, deltas: list[Tensor]) -> Tensor:
         pruned = []

@@ -9,6 +9,7 @@ import copy
 import math
 import os
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -176,6 +177,24 @@ def test_model_stock_interpolates_between_ancestor_and_average():
     third = [t(1, 0, 0), t(0.5, math.sqrt(0.75), 0), t(0.5, math.sqrt(0.75) / 3, math.sqrt(2 / 3))]
     assert stock_ratio(third) == pytest.approx(0.75, abs=1e-5)
     assert stock_ratio([t(1, 0), t(-1, 0)]) == 0.0  # opposed: back to the ancestor
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_radix_ranks_equal_numpy_stable_argsort(dtype):
+    # DELLA's ranks (colearn.kernels.ascending_ranks) against numpy's stable argsort, with ties, zeros and a NaN
+    from colearn import kernels
+    from colearn.operators import ascending_ranks
+
+    generator = torch.Generator().manual_seed(6)
+    magnitudes = torch.randn(300_007, generator=generator, dtype=dtype).abs()
+    magnitudes[::7], magnitudes[::11], magnitudes[5] = 0.0, 0.5, math.nan
+    assert kernels.usable(magnitudes)
+    order = np.argsort(magnitudes.numpy(), kind="stable")
+    expected = np.empty_like(order)
+    expected[order] = np.arange(order.size)
+    assert np.array_equal(ascending_ranks(magnitudes.clone()).numpy(), expected)
+    with kernels.disabled():
+        assert np.array_equal(ascending_ranks(magnitudes.clone()).numpy(), expected)
 
 
 def test_della_keep_probabilities_by_hand_and_unbiased():
