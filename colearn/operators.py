@@ -386,7 +386,7 @@ METHODS: dict[str, Operator] = {
 }
 RANDOM_METHODS = frozenset({"dare_linear", "dare_ties", "della"})
 # Methods whose large CPU tensors may take the fused loops (see `merge_into`): worth loading them up front.
-FUSED_METHODS = frozenset({"task_arithmetic", "slerp", "ties", "magnitude_prune", "breadcrumbs", "model_stock"})
+FUSED_METHODS = frozenset({"task_arithmetic", "slerp", "ties", "magnitude_prune", "breadcrumbs", "model_stock", "della"})
 # Methods whose weights act as a sign-elected mean: weight 1 per partner is a full step.
 _SIGN_ELECTED = frozenset({"ties", "dare_ties", "della"})
 
