@@ -385,8 +385,9 @@ METHODS: dict[str, Operator] = {
     "model_stock": model_stock,
 }
 RANDOM_METHODS = frozenset({"dare_linear", "dare_ties", "della"})
-# Methods whose large CPU tensors may take the fused loops (see `merge_into`): worth loading them up front.
-FUSED_METHODS = frozenset({"task_arithmetic", "slerp", "ties", "magnitude_prune", "breadcrumbs", "model_stock", "della"})
+# Methods whose large CPU tensors take the fused loops (see `merge_into`): worth loading them up front.  (Task
+# arithmetic takes them only with weights that are not convex.)
+FUSED_METHODS = frozenset({"slerp", "ties", "magnitude_prune", "breadcrumbs", "model_stock", "della"})
 # Methods whose weights act as a sign-elected mean: weight 1 per partner is a full step.
 _SIGN_ELECTED = frozenset({"ties", "dare_ties", "della"})
 
