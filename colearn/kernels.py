@@ -218,6 +218,7 @@ if njit is not None:
         n = base.shape[0]
         n_brackets = len(bracket_low[0])  # a tuple's length: known when compiling, so the loops unroll
         flags = np.zeros(_BLOCK, dtype=np.uint8)
+        lanes = np.zeros(_BLOCK, dtype=np.uint32)  # the flagged lanes of a block
         over = np.zeros((len(partners) * n_brackets, _BLOCK), dtype=np.uint8)  # per lane: whether above a bracket
         count = 0
         for start in range(0, n, _BLOCK):
@@ -241,13 +242,17 @@ if njit is not None:
                 for lane in range(size):
                     total += over[row, lane]
                 above[row // n_brackets, row % n_brackets] += total
-            for lane in range(size):
-                if flags[lane]:
-                    positions[count] = first + lane
-                    values[0, count] = base[first + lane]
-                    for i in range(len(partners)):
-                        values[i + 1, count] = partners[i][first + lane]
-                    count += 1
+            found = np.uint64(0)
+            for lane in range(size):  # without branches (a few percent are flagged, at random): each lane's index
+                lanes[found] = lane   # is written, and kept when flagged
+                found += flags[lane]
+            for f in range(found):
+                j = first + lanes[f]
+                positions[count] = j
+                values[0, count] = base[j]
+                for i in range(len(partners)):
+                    values[i + 1, count] = partners[i][j]
+                count += 1
         return count
 
     @njit(nogil=True, cache=True, error_model="numpy", boundscheck=False)
