@@ -194,6 +194,7 @@ def run(workdir: Path, quick: bool, methods: list[str], repeats: int, threads: i
           f"{model['largest_tensor_mb']:.0f} MB; workdir {workdir}", flush=True)
     files = [str(workdir / n / "model.safetensors") for n in ("ancestor", "a", "b")]
     ceiling_args = [*files, str(workdir / "ceiling.safetensors")]
+    os.sync()  # the inputs' write-back would otherwise compete with the first measurements' writes and fsyncs
     measured(CEILING, ceiling_args, threads)  # warms the page cache
     memory_target = 2 * model["largest_tensor_mb"] + model["model_mb"]
     ceilings: list[dict[str, float]] = []
