@@ -526,6 +526,25 @@ def test_merge_safetensors_files_equals_merge_state_dicts(tmp_path, llama_state)
     assert not (tmp_path / "never.safetensors").exists()
 
 
+@pytest.mark.parametrize("method", ["ties", "slerp"])
+def test_streamed_merge_of_large_tensors_runs_the_loops_and_equals_the_in_memory_one(tmp_path, method):
+    # Tensors large enough for colearn.kernels: streaming loads the loops on a thread while it maps the inputs
+    from colearn import kernels
+
+    generator = torch.Generator().manual_seed(7)
+    ancestor = {"model.embed_tokens.weight": torch.randn(600, 500, generator=generator), "lm_head.bias": torch.ones(7)}
+    partners = [{k: v + 0.01 * torch.randn(v.shape, generator=generator) for k, v in ancestor.items()} for _ in "ab"]
+    assert kernels.usable(ancestor["model.embed_tokens.weight"].reshape(-1))
+    paths = [str(tmp_path / f"{name}.safetensors") for name in ("ancestor", "p0", "p1")]
+    for path, state in zip(paths, [ancestor, *partners]):
+        save_file(state, path, metadata={"format": "pt"})
+    recipe = Recipe(method, [1.0, 1.0] if method == "ties" else [0.3, 0.7], 0.4)
+    merge_safetensors_files(paths[0], paths[1:], str(tmp_path / "child.safetensors"), recipe)
+    loaded, expected = load_file(tmp_path / "child.safetensors"), merge_state_dicts(ancestor, partners, recipe)
+    assert all(torch.equal(loaded[k], expected[k]) for k in expected)
+    assert not torch.equal(loaded["model.embed_tokens.weight"], ancestor["model.embed_tokens.weight"])
+
+
 # --------------------------------------------------------------------------- LoRA
 
 
