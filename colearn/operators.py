@@ -106,7 +106,9 @@ def ascending_ranks(x: Tensor) -> Tensor:
     else:
         order = x.argsort(stable=True)
     ranks = torch.empty_like(order)
-    ranks[order] = torch.arange(order.numel(), device=order.device)
+    for start in range(0, order.numel(), CHUNK):  # in slices: no full-size arange
+        where = order[start : start + CHUNK]
+        ranks[where] = torch.arange(start, start + where.numel(), device=order.device)
     return ranks
 
 
