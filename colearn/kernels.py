@@ -44,7 +44,7 @@ except ImportError:  # pragma: no cover - numba is a dependency; this keeps a pl
 R = TypeVar("R")
 _DIGIT = 11  # bits per pass of the radix sort: 2048 buckets, whose counters stay in L1
 _BLOCK = 4096  # elements whose trimming statistics are gathered while they are in L1/L2
-_MIN_ELEMENTS = 1 << 18  # smaller tensors take the eager path: ~2 ms each, less than loading the loops (~0.25 s)
+_MIN_ELEMENTS = 1 << 18  # smaller tensors take the eager path: ~2 ms each, less than loading the loops (~0.2 s)
 SUM, TOTAL, FREQUENCY = 0, 1, 2  # how kept task-vector values combine (see `trimmed_pass`)
 RULES = {"sum": SUM, "total": TOTAL, "frequency": FREQUENCY}
 _DTYPES = (torch.float32, torch.float64)

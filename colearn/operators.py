@@ -25,9 +25,9 @@ fewer passes, because a merge should cost little more than reading its inputs.  
 trimming (TIES, magnitude_prune, breadcrumbs) keeps the elements at or above an exact k-th
 largest magnitude instead of peft's full `topk` (~20x slower on large tensors): the same
 set wherever magnitudes don't tie at the threshold.  A `ChunkMerge` may overwrite the chunks
-it is given.  On the CPU, `merge_into` runs the trimming operators (their `Plan.trimmed`), the
-combinations that are not convex and the Gram matrix as fused loops instead of chunks
-(`colearn.kernels`), with the same result.
+it is given.  On the CPU, the trimming operators (their `Plan.trimmed`) and the combinations
+that are not convex (`merge_into`), the Gram matrix (`gram_matrix`) and DELLA's ranks
+(`ascending_ranks`) run as fused loops instead of chunks (`colearn.kernels`), with the same result.
 """
 
 from __future__ import annotations
