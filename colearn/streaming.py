@@ -96,8 +96,9 @@ def write_like(layout: Layout, tensors: Iterator[tuple[str, Tensor]], out: Binar
 
 
 def _start_writeback(out: BinaryIO, offset: int, size: int) -> None:
-    # Starts writing the bytes just written back to disk, while the next tensor is merged: the kernel's
-    # writeback of dirty pages runs on another core, and the final fsync has less left to do.
+    # Submits the disk writes of the bytes just written and returns (DONTNEED starts the writeback of dirty pages;
+    # pages still being written stay cached): the disk completes them while the next tensor merges, and the
+    # final fsync has less left to do.
     if hasattr(os, "posix_fadvise") and size >= _WRITEBACK_MIN:
         out.flush()
         with suppress(OSError):  # a file system without it: the fsync writes everything, as before
