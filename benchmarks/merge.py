@@ -66,7 +66,11 @@ RANDOM = {"dare_linear", "dare_ties", "della"}
 _RUNNER = """\
 import colearn.cli as c; c.quiet_libraries(); import colearn.merge, colearn.merge_cli
 import json, sys, time
+import os
+if int(os.environ.get("COLEARN_BENCH_WARM_MB", "0")):  # see `measured`
+    import numpy as np; np.ones(int(os.environ["COLEARN_BENCH_WARM_MB"]) << 20, dtype=np.uint8)
 startup_anon = int(next(l for l in open("/proc/self/status") if l.startswith("RssAnon")).split()[1])
+print("started", flush=True)  # the parent samples memory from here on
 wall, cpu = time.perf_counter(), time.process_time()
 {work}
 print(json.dumps({{"work_wall_s": time.perf_counter() - wall, "work_cpu_s": time.process_time() - cpu,
@@ -74,25 +78,21 @@ print(json.dumps({{"work_wall_s": time.perf_counter() - wall, "work_cpu_s": time
 """
 MERGE = _RUNNER.format(work="colearn.merge_cli.main(sys.argv[1:])")
 CEILING = _RUNNER.format(work=textwrap.dedent("""\
-    import torch
     from safetensors import safe_open
-    from colearn.streaming import atomic_file, data_order, read_layout, write_like
+    from colearn.streaming import atomic_file, outputs, read_layout, write_like
     base, partners, out = sys.argv[1], sys.argv[2:-1], sys.argv[-1]
     layout = read_layout(base)
     handles = [safe_open(p, "pt") for p in (base, *partners)]
 
-    def copied():  # every input tensor is read (into one reused buffer); the ancestor's is written
-        buffer = torch.empty(0)
-        for key in data_order(layout):
-            tensors = [h.get_tensor(key) for h in handles]
-            for t in tensors[1:]:
-                if buffer.numel() < t.numel():
-                    buffer = torch.empty(t.numel(), dtype=t.dtype)
-                buffer[: t.numel()].copy_(t.reshape(-1))
-            yield key, tensors[0]
+    def copied(key, base, partners, out, planned):  # what a merge reads and writes, with no arithmetic
+        for partner in partners:
+            partner.sum()  # read, as a merge's pass reads it
+        flat = out[: base.numel()]
+        flat.copy_(base.reshape(-1))  # read, and written where a merge writes its result
+        return flat.view_as(base)
 
     with atomic_file(out) as f:
-        write_like(layout, copied(), f)
+        write_like(layout, outputs(layout, handles[0], handles[1:], copied), f)
 """))
 
 
@@ -120,33 +120,40 @@ def build_checkpoints(workdir: Path, shape: dict[str, int]) -> dict[str, object]
     return {"config": shape, "parameters": params, "model_mb": total / MB, "largest_tensor_mb": largest / MB}
 
 
-def measured(code: str, args: list[str], threads: int) -> dict[str, float]:
+def measured(code: str, args: list[str], threads: int, warm_mb: int = 0) -> dict[str, float]:
     """Runs `python -c code *args`; returns its work phase's wall and CPU time (s) and memory (MB).
 
-    Memory: the child's peak RSS (os.wait4's ru_maxrss), and its private (anonymous) RSS
-    sampled from /proc every 10 ms, peak and above its value after the imports ("work").
+    Memory: the child's resident memory sampled from /proc every 10 ms during its work phase:
+    peak RSS, and private (anonymous) RSS, peak and above its value after the imports ("work").
     RSS also counts the pages of the memory-mapped input files that safetensors has touched;
     those are the page cache, shared and dropped by the kernel at need, so the target is
     checked on the anonymous part.
+
+    With `warm_mb`, the child first touches and frees that much memory, before its work
+    phase: on a VM that hands freed memory back to its host (free page reporting, as here),
+    a page touched again first costs a host fault (~2.5 us a 4 KiB page, ~1.2 s for the
+    512 MB a merge writes), which otherwise decides the timings.  On a machine without it,
+    warming changes nothing.
     """
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1",
-           "TOKENIZERS_PARALLELISM": "false"}
+           "TOKENIZERS_PARALLELISM": "false", "COLEARN_BENCH_WARM_MB": str(warm_mb)}
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         child = subprocess.Popen([sys.executable, "-c", code, *args], cwd=ROOT, env=env, stdout=out, stderr=err)
-        peak_anon = peak_file = 0.0
+        peak_anon = peak_file = peak_rss = 0.0
         while True:
-            pid, status, usage = os.wait4(child.pid, os.WNOHANG)  # this child's own rusage
+            pid, status, _ = os.wait4(child.pid, os.WNOHANG)
             if pid:
                 break
-            anon, file = _rss_parts(child.pid)
-            peak_anon, peak_file = max(peak_anon, anon), max(peak_file, file)
+            if os.fstat(out.fileno()).st_size:  # the work phase has started (after the imports and the warming)
+                anon, file = _rss_parts(child.pid)
+                peak_anon, peak_file, peak_rss = max(peak_anon, anon), max(peak_file, file), max(peak_rss, anon + file)
             time.sleep(0.01)
         child.returncode = os.waitstatus_to_exitcode(status)
         out.seek(0), err.seek(0)
         if child.returncode:
             raise RuntimeError(f"benchmark subprocess failed: {err.read().decode()[-2000:]}")
         work = json.loads(out.read().decode().strip().splitlines()[-1])
-    return {"wall_s": work["work_wall_s"], "cpu_s": work["work_cpu_s"], "peak_rss_mb": usage.ru_maxrss / 1024,
+    return {"wall_s": work["work_wall_s"], "cpu_s": work["work_cpu_s"], "peak_rss_mb": peak_rss,
             "peak_anon_mb": peak_anon, "peak_file_mb": peak_file,
             "work_anon_mb": peak_anon - work["startup_anon_mb"]}
 
@@ -165,16 +172,16 @@ def fresh(output: Path) -> None:
     shutil.rmtree(output, ignore_errors=True) if output.is_dir() else output.unlink(missing_ok=True)
 
 
-def interleaved(runs: int, code: str, args: list[str], ceiling_args: list[str], threads: int, output: Path,
-                ceilings: list[dict[str, float]]) -> dict[str, float]:
+def interleaved(runs: int, code: str, args: list[str], ceiling_args: list[str], threads: int, warm_mb: int,
+                output: Path, ceilings: list[dict[str, float]]) -> dict[str, float]:
     """Returns the fastest (wall) of `runs` runs of `code`, each right after a run of the I/O ceiling, whose results
     go to `ceilings`: the page cache and the disk's write-back then vary alike for both."""
     results = []
     for _ in range(runs):
         fresh(Path(ceiling_args[-1]))
-        ceilings.append(measured(CEILING, ceiling_args, threads))
+        ceilings.append(measured(CEILING, ceiling_args, threads, warm_mb))
         fresh(output)
-        results.append(measured(code, args, threads))
+        results.append(measured(code, args, threads, warm_mb))
     fresh(output)
     return min(results, key=lambda r: r["wall_s"])
 
@@ -188,20 +195,20 @@ def merge_args(workdir: Path, method: str) -> list[str]:
             str(workdir / "a"), str(workdir / "b")]
 
 
-def run(workdir: Path, quick: bool, methods: list[str], repeats: int, threads: int) -> dict[str, object]:
+def run(workdir: Path, quick: bool, methods: list[str], repeats: int, threads: int, warm_mb: int) -> dict[str, object]:
     model = build_checkpoints(workdir, QUICK if quick else FULL)
     print(f"model: {model['parameters'] / 1e6:.1f}M parameters, {model['model_mb']:.0f} MB float32, largest tensor "
           f"{model['largest_tensor_mb']:.0f} MB; workdir {workdir}", flush=True)
     files = [str(workdir / n / "model.safetensors") for n in ("ancestor", "a", "b")]
     ceiling_args = [*files, str(workdir / "ceiling.safetensors")]
     os.sync()  # the inputs' write-back would otherwise compete with the first measurements' writes and fsyncs
-    measured(CEILING, ceiling_args, threads)  # warms the page cache
+    measured(CEILING, ceiling_args, threads, warm_mb)  # warms the page cache
     memory_target = 2 * model["largest_tensor_mb"] + model["model_mb"]
     ceilings: list[dict[str, float]] = []
     rows = []
     for method in methods:
         paired: list[dict[str, float]] = []
-        result = interleaved(repeats, MERGE, merge_args(workdir, method), ceiling_args, threads,
+        result = interleaved(repeats, MERGE, merge_args(workdir, method), ceiling_args, threads, warm_mb,
                              workdir / f"out_{method}", paired)
         ceiling = min(paired, key=lambda r: r["wall_s"])  # under the same conditions as this operator's runs
         ceilings += paired
@@ -244,6 +251,8 @@ def main() -> None:
     p.add_argument("--methods", nargs="+", default=list(RECIPES), choices=list(RECIPES))
     p.add_argument("--repeats", type=int, default=3, help="runs per measurement; the fastest (wall) counts")
     p.add_argument("--threads", type=int, default=1, help="torch threads of each subprocess (OMP_NUM_THREADS)")
+    p.add_argument("--warm-mb", type=int, default=2048,
+                   help="memory each measured process touches and frees before its work phase (0: none; see measured)")
     p.add_argument("--workdir", help="where the temp checkpoints go (default: a new temp dir, removed after)")
     p.add_argument("--out", default=str(RESULTS), help="JSON results file")
     args = p.parse_args()
@@ -255,12 +264,13 @@ def main() -> None:
         sys.exit(f"only {free_gb:.1f} GB free at {workdir}; the benchmark needs ~{need_gb:.1f} GB")
     started = time.perf_counter()
     try:
-        results = run(workdir, args.quick, args.methods, args.repeats, args.threads)
+        results = run(workdir, args.quick, args.methods, args.repeats, args.threads, args.warm_mb)
     finally:
         if not args.workdir:
             shutil.rmtree(workdir, ignore_errors=True)
     results["command"] = " ".join(["python", "benchmarks/merge.py", *sys.argv[1:]])
-    results["machine"] = {"cpus": os.cpu_count(), "threads": args.threads, "load_average": os.getloadavg(),
+    results["machine"] = {"cpus": os.cpu_count(), "threads": args.threads, "warm_mb": args.warm_mb,
+                          "load_average": os.getloadavg(),
                           "torch": torch.__version__, "python": platform.python_version(),
                           "platform": platform.platform(), "free_disk_gb": round(free_gb, 1)}
     results["seconds"] = time.perf_counter() - started

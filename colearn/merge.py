@@ -21,7 +21,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from colearn.operators import MergeError, default_weights, get_method, merge_into, method_params
+from colearn.operators import (RANDOM_METHODS, MergeError, Plan, default_weights, get_method, merge_into,
+                               method_params, plan)
 from colearn.task_vectors import TaskVectors
 
 if TYPE_CHECKING:
@@ -237,7 +238,7 @@ def _shared_buffer(key: str, partners: Sequence[Tensor]) -> Tensor:
 
 
 def merge_tensor(key: str, ancestor: Tensor, partners: Sequence[Tensor], recipe: Recipe,
-                 out: Tensor | None = None) -> Tensor:
+                 out: Tensor | None = None, planned: Plan | None = None) -> Tensor:
     """Returns ancestor + (1 - to_ancestor) * merged task vector for one tensor, in the ancestor's dtype.
 
     The recipe (checked by the caller) applies with its `groups` overrides for the key's
@@ -246,7 +247,8 @@ def merge_tensor(key: str, ancestor: Tensor, partners: Sequence[Tensor], recipe:
     Arithmetic runs in at least float32, one chunk at a time, so the only full-size
     allocation is the result, written into `out` when given (a flat buffer of at least
     ancestor.numel() elements of its dtype, reused by a streaming caller: fresh memory costs a
-    page fault per 4 KiB); non-floating tensors are copied from partner 0.
+    page fault per 4 KiB); non-floating tensors are copied from partner 0.  `planned` is
+    `plan_tensor` of the same arguments, made ahead.
     """
     here = recipe.for_group(layer_group(key))
     for index, partner in enumerate(partners):
@@ -256,15 +258,32 @@ def merge_tensor(key: str, ancestor: Tensor, partners: Sequence[Tensor], recipe:
         return _shared_buffer(key, partners)
     if here.to_ancestor == 1:
         return ancestor.clone()
-    dtype = torch.promote_types(ancestor.dtype, torch.float32)  # bf16/fp16 deltas lose too much
-    tv = TaskVectors([p.reshape(-1) for p in partners], ancestor.reshape(-1), dtype)
-    weights = torch.tensor(here.weights, dtype=dtype, device=ancestor.device)  # (N,)
+    tv, weights = _task_vectors(ancestor, partners, here)
     if out is None or out.numel() < ancestor.numel() or out.dtype != ancestor.dtype:
         out = torch.empty(ancestor.numel(), dtype=ancestor.dtype, device=ancestor.device)  # (n,)
     out = out[: ancestor.numel()]
     merge_into(out, here.method, tv, weights, here.density, tensor_seed(here.seed, key), here.params,
-               step=1 - here.to_ancestor)
+               step=1 - here.to_ancestor, planned=planned)
     return out.view_as(ancestor)
+
+
+def plan_tensor(key: str, ancestor: Tensor, partners: Sequence[Tensor], recipe: Recipe) -> Plan | None:
+    """Returns the operator's plan for one tensor (`colearn.operators.plan`), for `merge_tensor` to apply; a streaming
+    caller makes it on another thread while the previous tensor merges.  None where nothing is worth planning ahead:
+    tensors `merge_tensor` copies, mismatched shapes (it raises), and the random operators, whose plans can hold a
+    whole tensor (DELLA's keep probabilities: two at once would break the memory bound)."""
+    here = recipe.for_group(layer_group(key))
+    if (here.method in RANDOM_METHODS or not ancestor.is_floating_point() or here.to_ancestor == 1
+            or any(p.shape != ancestor.shape for p in partners)):
+        return None
+    tv, weights = _task_vectors(ancestor, partners, here)
+    return plan(here.method, tv, weights, here.density, here.params)
+
+
+def _task_vectors(ancestor: Tensor, partners: Sequence[Tensor], here: Recipe) -> tuple[TaskVectors, Tensor]:
+    dtype = torch.promote_types(ancestor.dtype, torch.float32)  # bf16/fp16 deltas lose too much
+    tv = TaskVectors([p.reshape(-1) for p in partners], ancestor.reshape(-1), dtype)
+    return tv, torch.tensor(here.weights, dtype=dtype, device=ancestor.device)  # (N,)
 
 
 def _shapes(state: Mapping[str, Tensor]) -> dict[str, torch.Size]:

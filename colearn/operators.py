@@ -387,9 +387,6 @@ METHODS: dict[str, Operator] = {
     "model_stock": model_stock,
 }
 RANDOM_METHODS = frozenset({"dare_linear", "dare_ties", "della"})
-# Methods whose large CPU tensors take the fused loops (see `merge_into`): worth loading them up front.  (Task
-# arithmetic takes them only with weights that are not convex.)
-FUSED_METHODS = frozenset({"slerp", "ties", "magnitude_prune", "breadcrumbs", "model_stock", "della"})
 # Methods whose weights act as a sign-elected mean: weight 1 per partner is a full step.
 _SIGN_ELECTED = frozenset({"ties", "dare_ties", "della"})
 
@@ -431,9 +428,11 @@ def seeded_rng(seed: int, device: torch.device) -> Iterator[None]:
         yield
 
 
-def _plan(method: str, tv: TaskVectors, weights: Tensor, density: float, params: dict | None) -> Plan:
-    plan = get_method(method)(tv, weights, density, **(params or {}))
-    return plan if isinstance(plan, Plan) else Plan(plan)
+def plan(method: str, tv: TaskVectors, weights: Tensor, density: float, params: dict | None = None) -> Plan:
+    """Returns how `method` merges the tensor of `tv`: what it needs of the whole tensor (angles, sampled trim
+    brackets, ranks) is computed now, the pass over the elements is left to `merge_into`.  No random draws."""
+    made = get_method(method)(tv, weights, density, **(params or {}))
+    return made if isinstance(made, Plan) else Plan(made)
 
 
 def _run(plan: Plan, tv: TaskVectors) -> Iterator[tuple[slice | Tensor, Tensor | None, Tensor]]:
@@ -451,11 +450,11 @@ def merged_chunks(method: str, tv: TaskVectors, weights: Tensor, density: float,
     caller's RNG state is restored when the iteration ends.
     """
     with seeded_rng(seed, tv.device):
-        yield from _run(_plan(method, tv, weights, density, params), tv)
+        yield from _run(plan(method, tv, weights, density, params), tv)
 
 
 def merge_into(out: Tensor, method: str, tv: TaskVectors, weights: Tensor, density: float, seed: int,
-               params: dict | None = None, step: float = 1.0) -> None:
+               params: dict | None = None, step: float = 1.0, planned: Plan | None = None) -> None:
     """Writes base + step * merged task vector of `method` into the flat `out` (any float dtype; tv has a base).
 
     A merge that is a combination sum_i c_i * delta_i with c_i >= 0 and step * sum_i c_i <= 1
@@ -463,22 +462,23 @@ def merge_into(out: Tensor, method: str, tv: TaskVectors, weights: Tensor, densi
     (1 - step * sum c) * base + sum_i step * c_i * partner_i: a convex combination of the
     models, as exact as the output dtype and with no task vector formed.  Other combinations
     (slerp between far-apart task vectors) and the trimming merges run as fused loops when
-    `colearn.kernels.usable`, else chunk by chunk.
+    `colearn.kernels.usable`, else chunk by chunk.  `planned` is `plan(...)` of the same
+    arguments, when it was made ahead.
     """
     with seeded_rng(seed, tv.device):
-        plan = _plan(method, tv, weights, density, params)
-        scaled = [step * c for c in plan.coefficients or []]
-        if plan.coefficients is not None and min(scaled) >= 0 and sum(scaled) <= 1:
+        made = planned or plan(method, tv, weights, density, params)
+        scaled = [step * c for c in made.coefficients or []]
+        if made.coefficients is not None and min(scaled) >= 0 and sum(scaled) <= 1:
             _convex_into(out, tv, scaled)
             return
         fused = out.dtype == tv.dtype and kernels.usable(out, tv.base, *tv.partners)
-        if plan.coefficients is not None and fused:
+        if made.coefficients is not None and fused:
             kernels.combination(out, tv.base, tv.partners, scaled)
             return
-        if plan.trimmed is not None and fused:
-            _fused_into(out, tv, plan, step)
+        if made.trimmed is not None and fused:
+            _fused_into(out, tv, made, step)
             return
-        _write(out, _run(plan, tv), step)
+        _write(out, _run(made, tv), step)
 
 
 def _write(out: Tensor, merged: Iterator[tuple[slice | Tensor, Tensor | None, Tensor]], step: float) -> None:
@@ -493,19 +493,18 @@ def _write(out: Tensor, merged: Iterator[tuple[slice | Tensor, Tensor | None, Te
 
 def _fused_into(out: Tensor, tv: TaskVectors, plan: Plan, step: float) -> None:
     """Writes base + step * the plan's trimmed merge into `out` with fused passes: the whole tensor at the provisional
-    thresholds, then again where the exact ones could differ (everything, if a bracket missed)."""
+    thresholds, then again where the exact ones keep other values (everything, if a bracket missed)."""
     trimmed = plan.trimmed
     trim = trimmed.trim
     merge = partial(kernels.trimmed_pass, weights=trimmed.weights, rule=trimmed.rule, step=step)
-    found = merge(out, tv.base, tv.partners, keep=trimmed.keep(trim.provisional()), brackets=trim.brackets)
-    trim.record(found.above, found.positions, found.base, [p - found.base for p in found.partners])
+    provisional = trimmed.keep(trim.provisional())
+    found = merge(out, tv.base, tv.partners, keep=provisional, brackets=trim.brackets)
+    trim.record(found)
     exact = trimmed.keep(trim.exact_levels())
     if trim.missed:
         merge(out, tv.base, tv.partners, keep=exact)
-    elif found.positions.numel():
-        fixed = torch.empty_like(found.base)
-        merge(fixed, found.base, found.partners, keep=exact)
-        out[found.positions] = fixed
+    else:
+        kernels.merge_at(out, found, trimmed.weights, trimmed.rule, exact, step, merged_with=provisional)
 
 
 def _convex_into(out: Tensor, tv: TaskVectors, scaled: list[float]) -> None:

@@ -9,9 +9,8 @@ model's size.  The file is written aside, fsynced and renamed into place.  Each 
 tensor's writeback starts as soon as it is written (`posix_fadvise`), so the disk writes
 run while the next tensors merge and the final fsync has little left: in a one-off script
 writing 512 MB in 111 tensors with compute between them, the fsync fell from 0.48-0.58 s
-to 0.01 s and the whole from 2.4-3.1 s to 2.0-2.3 s.  When the merge will run the fused
-loops (`colearn.kernels`), their one-off load (~0.2 s) runs on a thread while the main
-thread maps the inputs' first pages.
+to 0.01 s and the whole from 2.4-3.1 s to 2.0-2.3 s.  The writes run on a thread, so each
+tensor goes to the page cache while the next one merges (on another core).
 """
 
 from __future__ import annotations
@@ -20,19 +19,19 @@ import json
 import mmap
 import os
 import struct
-import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, BinaryIO
 
 import torch
 from safetensors import safe_open
 from torch import Tensor
 
-from colearn import kernels
-from colearn.merge import Recipe, check_same_tensors, merge_tensor
-from colearn.operators import FUSED_METHODS, MergeError
+from colearn.merge import Recipe, check_same_tensors, merge_tensor, plan_tensor
+from colearn.operators import MergeError
 
 PathLike = str | os.PathLike[str]
 _WRITEBACK_MIN = 1 << 20  # bytes: smaller tensors are left to the final fsync
@@ -83,16 +82,30 @@ def write_like(layout: Layout, tensors: Iterator[tuple[str, Tensor]], out: Binar
     """Writes a safetensors file with `layout`'s header from (name, tensor) pairs given in data order.
 
     Each tensor must fill exactly its span (same dtype size and shape as the layout's file).
+    It is written on a thread while the next one is produced (a merge computes while the
+    last tensor goes to the page cache), so a producer may reuse a tensor's memory only two
+    tensors later: when tensor k + 1 is asked for, tensor k - 1 is written.
     """
     out.write(layout.header)
-    for expected, (key, tensor) in zip(data_order(layout), tensors, strict=True):
-        begin, end = layout.spans[key]
-        data = tensor_bytes(tensor)
-        if key != expected or data.nbytes != end - begin:
-            raise MergeError(f"tensor {key!r} ({data.nbytes} bytes) does not fit the output's slot for "
-                             f"{expected!r} ({end - begin} bytes); partners must share the ancestor's architecture")
-        out.write(data)
-        _start_writeback(out, len(layout.header) + begin, data.nbytes)
+    out.flush()
+    with ThreadPoolExecutor(1, thread_name_prefix="colearn-write") as writer:
+        pending: Future | None = None
+        for expected, (key, tensor) in zip(data_order(layout), tensors, strict=True):
+            begin, end = layout.spans[key]
+            data = tensor_bytes(tensor)
+            if key != expected or data.nbytes != end - begin:
+                raise MergeError(f"tensor {key!r} ({data.nbytes} bytes) does not fit the output's slot for "
+                                 f"{expected!r} ({end - begin} bytes); partners must share the ancestor's architecture")
+            if pending is not None:
+                pending.result()  # in order, one at a time: the file is written sequentially
+            pending = writer.submit(_write_at_end, out, data, len(layout.header) + begin)
+        if pending is not None:
+            pending.result()
+
+
+def _write_at_end(out: BinaryIO, data: memoryview, offset: int) -> None:
+    out.write(data)
+    _start_writeback(out, offset, data.nbytes)
 
 
 def _start_writeback(out: BinaryIO, offset: int, size: int) -> None:
@@ -125,35 +138,58 @@ def merge_safetensors_files(
         partners = [stack.enter_context(safe_open(os.fspath(p), framework="pt")) for p in partner_paths]
         check_same_tensors(_header_shapes(ancestor), [_header_shapes(p) for p in partners])
         recipe.check_groups_match(layout.spans)
-        buffers: dict[torch.dtype, Tensor] = {}  # one output buffer per dtype, reused: each tensor is written at once
-        largest = ancestor.get_tensor(max(layout.spans, key=lambda k: layout.spans[k][1] - layout.spans[k][0]))
-        if recipe.method in FUSED_METHODS and kernels.usable(largest.reshape(-1)):  # the merge will run the loops
-            _map_while(kernels.load_in_background(), [ancestor, *partners], data_order(layout))
-
-        def merged() -> Iterator[tuple[str, Tensor]]:
-            for key in data_order(layout):
-                base = ancestor.get_tensor(key)
-                buffer = buffers.get(base.dtype)
-                if buffer is None or buffer.numel() < base.numel():
-                    buffer = buffers[base.dtype] = torch.empty(base.numel(), dtype=base.dtype)
-                yield key, merge_tensor(key, base, [p.get_tensor(key) for p in partners], recipe, out=buffer)
-
         with atomic_file(out_path) as out:
-            write_like(layout, merged(), out)
+            write_like(layout, outputs(layout, ancestor, partners, partial(merge_tensor, recipe=recipe),
+                                       partial(plan_tensor, recipe=recipe)), out)
+
+
+def outputs(layout: Layout, ancestor: Any, partners: Sequence[Any], compute: Callable[..., Tensor],
+            plan: Callable[[str, Tensor, list[Tensor]], Any] | None = None) -> Iterator[tuple[str, Tensor]]:
+    """Yields (key, compute(key, ancestor's tensor, partners' tensors, out=buffer, planned=...)) in data order, for
+    `write_like`: a pipeline over two cores.
+
+    While one tensor is computed, a thread reads the next one's inputs (one byte a page: on
+    a cold cache this is the disk read) and makes its `plan(key, ancestor's, partners')` (an
+    operator's whole-tensor statistics), and the writer thread writes the previous one.  Two
+    output buffers per dtype take turns; the second one's pages are faulted in on the thread
+    meanwhile, since fresh memory costs a fault per 4 KiB page (on a VM, several times more).
+    """
+    keys = data_order(layout)
+    if not keys:
+        return
+
+    def ready(key: str) -> tuple[Tensor, list[Tensor], Any]:
+        base, found = ancestor.get_tensor(key), [p.get_tensor(key) for p in partners]
+        for tensor in (base, *found):
+            _read_pages(tensor)
+        return base, found, plan(key, base, found) if plan else None
+
+    largest = ancestor.get_tensor(max(keys, key=lambda k: layout.spans[k][1] - layout.spans[k][0]))
+    with ThreadPoolExecutor(1, thread_name_prefix="colearn-ahead") as ahead:
+        upcoming = ahead.submit(ready, keys[0])
+        spare = ahead.submit(lambda: torch.empty(largest.numel(), dtype=largest.dtype).zero_())
+        turns: list[dict[torch.dtype, Tensor]] = [{}, {}]
+        for index, key in enumerate(keys):
+            base, found, planned = upcoming.result()
+            if index + 1 < len(keys):
+                upcoming = ahead.submit(ready, keys[index + 1])
+            buffers = turns[index % 2]
+            if index == 1:
+                buffers[largest.dtype] = spare.result()
+            buffer = buffers.get(base.dtype)
+            if buffer is None or buffer.numel() < base.numel():
+                buffer = buffers[base.dtype] = torch.empty(base.numel(), dtype=base.dtype)
+            yield key, compute(key, base, found, out=buffer, planned=planned)
+
+
+def _read_pages(tensor: Tensor) -> None:
+    """Reads one byte of every page of a memory-mapped tensor, so its pages are read and mapped (a torch reduction:
+    it releases the GIL)."""
+    flat = tensor.reshape(-1)
+    if flat.numel():
+        flat.view(torch.uint8)[:: mmap.PAGESIZE].sum()
 
 
 def _header_shapes(handle: Any) -> dict[str, list[int]]:
     """Returns the tensor shapes of an open safetensors file, read from its header without loading data."""
     return {key: handle.get_slice(key).get_shape() for key in handle.keys()}
-
-
-def _map_while(thread: threading.Thread | None, handles: Sequence[Any], keys: Sequence[str]) -> None:
-    """Reads one byte of every page of the tensors, in `keys` order, until `thread` ends: the page faults of mapping
-    the inputs overlap with its work (a reduction releases the GIL), and the pages stay mapped for the merge."""
-    for key in keys:
-        for handle in handles:
-            if thread is None or not thread.is_alive():
-                return
-            tensor = handle.get_tensor(key).reshape(-1)
-            if tensor.numel():
-                tensor.view(torch.uint8)[:: mmap.PAGESIZE].sum()

@@ -22,6 +22,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from colearn import kernels
+from colearn.kernels import Found
 from colearn.task_vectors import TaskVectors, gathered
 
 _SAMPLE = 1 << 16  # at most this many magnitudes are sampled to bracket each threshold
@@ -61,16 +63,25 @@ def stratified_sample(n: int, m: int, device: torch.device) -> Tensor:
     return index.to(device)
 
 
-def _bracket(sample: Tensor, n: int, k: int) -> tuple[float, float]:
+def _sampled_magnitudes(tv: TaskVectors, m: int) -> list[Tensor]:
+    """Returns per task vector its magnitudes at m stratified positions (`stratified_sample`, or the fused loop's)."""
+    if tv.base is not None and tv.base.dtype == tv.dtype and kernels.usable(tv.base, *tv.partners):
+        return kernels.sampled_magnitudes(tv.base, tv.partners, m)
+    return [d.abs() for d in tv.at(stratified_sample(tv.numel, m, tv.device))[1]]
+
+
+def _bracket(sample: Tensor, n: int, k: int) -> tuple[float, float, float]:
+    """Returns (low, guess, high): the k-th largest of n lies in [low, high] but for a chance of ~1e-4, and near the
+    guess (the sample's own k-th largest fraction)."""
     # The k-th largest of n sits near rank (1 - k/n) m among the m samples (0 = smallest); 4 binomial standard
     # deviations either side miss it with probability ~1e-4, and a miss only costs time.
     m = sample.numel()
     p = min(max(k / n, 0.0), 1.0)
     position, margin = (1 - p) * m, 4 * math.sqrt(m * p * (1 - p)) + 4
-    low, high = math.floor(position - margin), math.ceil(position + margin)
-    ranks = [r for r in (low, high) if 0 <= r < m]
+    low, guess, high = math.floor(position - margin), min(max(round(position), 0), m - 1), math.ceil(position + margin)
+    ranks = sorted({r for r in (low, guess, high) if 0 <= r < m})
     values = dict(zip(ranks, _order_statistics(sample, ranks)))
-    return values.get(low, -math.inf), values.get(high, math.inf)
+    return values.get(low, -math.inf), values[guess], values.get(high, math.inf)
 
 
 def _order_statistics(x: Tensor, ranks: list[int]) -> list[float]:
@@ -113,20 +124,25 @@ class MagnitudeTrim:
         self.whole = n <= 4 * m  # small: exact thresholds now, nothing to observe or correct
         if self.whole:
             self.brackets = [[(t, t) for t in _exact_thresholds(tv.whole(i).abs(), ks)] for i in range(count)]
+            self.guesses = [[t for t, _ in row] for row in self.brackets]
         else:
-            samples = [d.abs() for d in tv.at(stratified_sample(n, m, tv.device))[1]]  # N x (m,)
-            self.brackets = [[_bracket(sample, n, k) for k in ks] for sample in samples]
+            samples = _sampled_magnitudes(tv, m)  # N x (m,)
+            found = [[_bracket(sample, n, k) for k in ks] for sample in samples]
+            self.brackets = [[(low, high) for low, _, high in row] for row in found]
+            self.guesses = [[guess for _, guess, _ in row] for row in found]
         self.above = [[0] * len(ks) for _ in range(count)]  # magnitudes > the bracket's top
         # where some task vector's magnitude lies in a bracket: positions, and the base and task vectors there
         self.uncertain: list[tuple[Tensor, Tensor | None, list[Tensor]]] = []
+        self.found: Found | None = None  # what a fused pass collected, when it ran instead of `observe`
         self.missed = False  # whether some bracket missed its threshold (known after `thresholds`)
 
     def levels(self, thresholds: Sequence[Sequence[float]]) -> Levels:
         return [[trim_level(t, self.tv.dtype) for t in row] for row in thresholds]
 
     def provisional(self) -> Levels:
-        """Returns the levels to trim the pass's chunks with: each bracket's top (exact outside the brackets)."""
-        return self.levels([[high for _, high in row] for row in self.brackets])
+        """Returns the levels to trim the pass's chunks with: the sample's guesses, inside the brackets, so that the
+        exact levels keep other values only inside the brackets, and there only between guess and threshold."""
+        return self.levels(self.guesses)
 
     def observe(self, where: slice, deltas: list[Tensor]) -> None:
         """Counts and collects what the thresholds need from one chunk (before it is trimmed)."""
@@ -145,13 +161,12 @@ class MagnitudeTrim:
         self.uncertain.append((local + where.start, None if base is None else gathered(base, local),
                                [gathered(d, local) for d in deltas]))
 
-    def record(self, above: list[list[int]], positions: Tensor, base: Tensor, deltas: list[Tensor]) -> None:
+    def record(self, found: Found) -> None:
         """Takes, instead of `observe` on every chunk, what a pass over the whole tensor counted and collected
         (`colearn.kernels.trimmed_pass`): the magnitudes above each bracket, and where some magnitude lies inside
-        its bracket: the positions, and the base and task vectors there."""
+        its bracket: the positions, and the base and partners there."""
         if not self.whole:
-            self.above = above
-            self.uncertain = [(positions, base, deltas)]
+            self.above, self.found = found.above, found
 
     def exact_levels(self) -> Levels:
         """Returns the `shrink` levels of the exact thresholds (after the pass; see `thresholds`)."""
@@ -164,10 +179,9 @@ class MagnitudeTrim:
         out = []
         for i in range(len(self.tv.partners)):
             row = []
-            magnitudes = torch.cat([deltas[i] for _, _, deltas in self.uncertain]).abs()  # where some bracket holds
             for j, k in enumerate(self.ks):
                 low, high = self.brackets[i][j]
-                found = _within(magnitudes, low, high)
+                found = self._within(i, low, high)
                 rank = k - self.above[i][j]  # the threshold is the rank-th largest inside the bracket
                 if k == 0:
                     row.append(math.inf)
@@ -181,6 +195,12 @@ class MagnitudeTrim:
                     break
             out.append(row)
         return out
+
+    def _within(self, index: int, low: float, high: float) -> Tensor:
+        """Returns the nonzero magnitudes of task vector `index` in [low, high] where some bracket holds."""
+        if self.found is not None:
+            return self.found.within(index, low, high)
+        return _within(torch.cat([deltas[index] for _, _, deltas in self.uncertain]).abs(), low, high)
 
     def corrections(self, merge_at: Callable[[Levels], ChunkMerge]
                     ) -> Iterator[tuple[slice | Tensor, Tensor | None, Tensor]]:
