@@ -10,10 +10,9 @@ operator, `colearn.merge_cli.main([...])` (all of `colearn merge` but the argv d
 for the I/O ceiling, the same streaming writer (`colearn.streaming`: the ancestor's header,
 tensors written in order, fsync, rename) fed with the ancestor's tensors while every
 partner tensor is read into one reused buffer: reading the inputs and writing the output
-with no arithmetic.  The work phase includes numba's one-off load of the fused loops
-(`colearn.kernels`, ~0.2 s a process, on a thread while `colearn.streaming` maps the
-inputs' first pages).  Peak RSS is the child's own (os.wait4's ru_maxrss); private memory is
-sampled from /proc (see `measured`).  Inputs sit in the page cache (they were just
+with no arithmetic, through the same pipeline (`colearn.streaming.outputs`: read ahead,
+compute, write).  Peak RSS, its mapped-file part and private memory are sampled from /proc
+(see `measured`).  Inputs sit in the page cache (they were just
 written), so the ceiling is a warm-cache one.
 
 Targets: the work phase's wall time within 1.5x the ceiling's for the deterministic
