@@ -24,103 +24,70 @@ static inline __attribute__((always_inline)) T NAME(merged)(T x, const T *const 
     return total / (agreeing > 1 ? agreeing : (T)1);
 }
 
-static inline __attribute__((always_inline)) int64_t NAME(pass_impl)(
-    T *restrict out, const T *restrict base, const T *const *p, int64_t n, int np, const T *w, const T *lo,
-    const T *hi, int rule, T step, const T *blo, const T *bhi, int nb, int64_t *above, int64_t *positions,
-    T *values, int64_t capacity) {
-    int32_t flags[BLOCK]; /* per lane of a block: whether some magnitude lies in its bracket (lane-wide) */
-    T floor[MAX_PARTNERS * MAX_BRACKETS];
-    for (int r = 0; r < np * nb; r++) floor[r] = blo[r] > 0 ? blo[r] : TINY;
-    uint32_t lanes[BLOCK];
-    int64_t count = 0;
+static inline __attribute__((always_inline)) void NAME(pass_impl)(T *restrict out, const T *restrict base,
+                                                                  const T *const *p, int64_t n, int np, const T *w,
+                                                                  const T *lo, const T *hi, int rule, T step) {
+    for (int64_t j = 0; j < n; j++) {
+        const T x = base[j];
+        out[j] = x + step * NAME(merged)(x, p, j, np, w, lo, hi, rule);
+    }
+}
+
+#define PASS_CASE(NP, RULE)                                                                                     \
+    case (NP) * 10 + (RULE): NAME(pass_impl)(out, base, p, n, NP, w, lo, hi, RULE, step); return;
+#define PASS_CASES(NP) PASS_CASE(NP, SUM) PASS_CASE(NP, TOTAL) PASS_CASE(NP, FREQUENCY)
+
+CLONES void NAME(trimmed_pass)(T *out, const T *base, const T *const *p, int64_t n, int np, const T *w, const T *lo,
+                               const T *hi, int rule, T step) {
+    switch (np * 10 + rule) { /* as constants, the loops over partners unroll */
+        PASS_CASES(2) PASS_CASES(3)
+    default: NAME(pass_impl)(out, base, p, n, np, w, lo, hi, rule, step);
+    }
+}
+#undef PASS_CASES
+#undef PASS_CASE
+
+static inline __attribute__((always_inline)) void NAME(counts_impl)(const T *restrict base, const T *const *p,
+                                                                    int64_t n, int np, const T *blo, const T *bhi,
+                                                                    int nb, int64_t *above, T *const *inside,
+                                                                    int64_t *found) {
+    T floor[MAX_PARTNERS * MAX_BRACKETS], magnitudes[BLOCK];
+    int32_t flags[BLOCK];
+    for (int r = 0; r < np * nb; r++) floor[r] = blo[r] > 0 ? blo[r] : TINY; /* a magnitude of 0 is never inside */
     for (int64_t start = 0; start < n; start += BLOCK) {
         const int64_t size = n - start < BLOCK ? n - start : BLOCK;
-        int32_t over[MAX_PARTNERS * MAX_BRACKETS] = {0}; /* per partner and bracket: magnitudes above it */
-        for (int64_t l = 0; l < size; l++) {
-            const int64_t j = start + l;
-            const T x = base[j];
-            out[j] = x + step * NAME(merged)(x, p, j, np, w, lo, hi, rule);
-            int32_t inside = 0;
-            for (int i = 0; i < np; i++) {
-                const T m = ABS(p[i][j] - x);
-                for (int k = 0; k < nb; k++) { /* floor > 0: a magnitude of 0 is never inside */
-                    over[i * nb + k] += m > bhi[i * nb + k];
-                    inside |= (m >= floor[i * nb + k]) & (m <= bhi[i * nb + k]);
+        for (int i = 0; i < np; i++) {
+            const T *b = base + start, *q = p[i] + start;
+            for (int64_t l = 0; l < size; l++) magnitudes[l] = ABS(q[l] - b[l]);
+            for (int k = 0; k < nb; k++) {
+                const int r = i * nb + k;
+                const T low = floor[r], high = bhi[r];
+                int32_t over = 0;
+                for (int64_t l = 0; l < size; l++) {
+                    over += magnitudes[l] > high;
+                    flags[l] = (magnitudes[l] >= low) & (magnitudes[l] <= high);
                 }
+                above[r] += over;
+                T *to = inside[r];
+                int64_t c = found[r];
+                for (int64_t l = 0; l < size; l++) { /* a few percent are inside, at random: every lane is written */
+                    to[c] = magnitudes[l];           /* and kept when inside, without a branch */
+                    c += flags[l];
+                }
+                found[r] = c;
             }
-            flags[l] = inside;
-        }
-        if (!nb) continue;
-        for (int r = 0; r < np * nb; r++) above[r] += over[r];
-        uint32_t found = 0;
-        for (int64_t l = 0; l < size; l++) { /* a few percent are flagged, at random: every lane is written */
-            lanes[found] = (uint32_t)l;      /* and kept when flagged, without a branch */
-            found += flags[l];
-        }
-        for (uint32_t f = 0; f < found && count < capacity; f++, count++) {
-            const int64_t j = start + lanes[f];
-            positions[count] = j;
-            values[count] = base[j];
-            for (int i = 0; i < np; i++) values[(int64_t)(i + 1) * capacity + count] = p[i][j];
-        }
-    }
-    return count;
-}
-
-#define PASS_CASE(NP, NB, RULE)                                                                                 \
-    case (NP) * 100 + (NB) * 10 + (RULE):                                                                       \
-        return NAME(pass_impl)(out, base, p, n, NP, w, lo, hi, RULE, step, blo, bhi, NB, above, positions,      \
-                               values, capacity);
-#define PASS_CASES(NP, NB) PASS_CASE(NP, NB, SUM) PASS_CASE(NP, NB, TOTAL) PASS_CASE(NP, NB, FREQUENCY)
-
-CLONES int64_t NAME(trimmed_pass)(T *out, const T *base, const T *const *p, int64_t n, int np, const T *w,
-                                  const T *lo, const T *hi, int rule, T step, const T *blo, const T *bhi, int nb,
-                                  int64_t *above, int64_t *positions, T *values, int64_t capacity) {
-    switch (np * 100 + nb * 10 + rule) { /* as constants, the loops over partners and brackets unroll */
-        PASS_CASES(2, 0) PASS_CASES(2, 1) PASS_CASES(2, 2) PASS_CASES(3, 0) PASS_CASES(3, 1) PASS_CASES(3, 2)
-    default:
-        return NAME(pass_impl)(out, base, p, n, np, w, lo, hi, rule, step, blo, bhi, nb, above, positions, values,
-                               capacity);
-    }
-}
-
-/* Writes base + step * the merge at the collected positions (values: the base's row, then each partner's) where
- * some partner's keep (lo, hi] differs from the one the pass merged with (was_lo, was_hi]. */
-CLONES void NAME(merge_at)(T *out, const int64_t *positions, const T *values, int64_t count, int np, const T *w,
-                           const T *lo, const T *hi, const T *was_lo, const T *was_hi, int rule, T step) {
-    const T *rows[MAX_PARTNERS];
-    for (int i = 0; i < np; i++) rows[i] = values + (int64_t)(i + 1) * count;
-    uint32_t lanes[BLOCK];
-    for (int64_t start = 0; start < count; start += BLOCK) {
-        const int64_t size = count - start < BLOCK ? count - start : BLOCK;
-        uint32_t changed = 0;
-        for (int64_t l = 0; l < size; l++) { /* a few percent change, at random: collected without a branch */
-            const T x = values[start + l];
-            int differs = 0;
-            for (int i = 0; i < np; i++) {
-                const T m = ABS(rows[i][start + l] - x);
-                differs |= ((m > lo[i]) & (m <= hi[i])) != ((m > was_lo[i]) & (m <= was_hi[i]));
-            }
-            lanes[changed] = (uint32_t)l;
-            changed += differs;
-        }
-        for (uint32_t f = 0; f < changed; f++) {
-            const int64_t c = start + lanes[f];
-            const T x = values[c];
-            out[positions[c]] = x + step * NAME(merged)(x, rows, c, np, w, lo, hi, rule);
         }
     }
 }
 
-/* Writes into `out` the nonzero magnitudes |partner - base| in [low, high], and returns how many there are. */
-CLONES int64_t NAME(within)(const T *base, const T *partner, int64_t count, T low, T high, T *out) {
-    int64_t found = 0;
-    for (int64_t c = 0; c < count; c++) { /* every value is written, and kept when inside: no branch */
-        const T m = ABS(partner[c] - base[c]);
-        out[found] = m;
-        found += (m >= low) & (m <= high) & (m != 0);
-    }
-    return found;
+/* For partner i and bracket k (r = i * nb + k): adds to above[r] the number of magnitudes m = |p_i - base| above
+ * bhi[r], and writes the nonzero m in [blo[r], bhi[r]] to inside[r] from index found[r] on, adding their number to
+ * found[r].  Each inside[r] has room for n values after found[r]. */
+CLONES void NAME(counts_portable)(const T *base, const T *const *p, int64_t n, int np, const T *blo, const T *bhi,
+                                  int nb, int64_t *above, T *const *inside, int64_t *found) {
+    if (np == 2 && nb == 1) NAME(counts_impl)(base, p, n, 2, blo, bhi, 1, above, inside, found);
+    else if (np == 2 && nb == 2) NAME(counts_impl)(base, p, n, 2, blo, bhi, 2, above, inside, found);
+    else NAME(counts_impl)(base, p, n, np, blo, bhi, nb, above, inside, found);
 }
 
 /* Writes into out (np x m) the magnitudes |p_i[j] - base[j]| at m sorted positions j, one uniformly at random in

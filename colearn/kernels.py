@@ -29,7 +29,6 @@ import os
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import TypeVar
 
 import numpy as np
@@ -58,11 +57,10 @@ def _library() -> ctypes.CDLL | None:
     i64, i32 = ctypes.c_int64, ctypes.c_int
     for suffix, scalar in (("f32", ctypes.c_float), ("f64", ctypes.c_double)):
         signatures = {
-            "trimmed_pass": (i64, [_P, _P, _P, i64, i32, _P, _P, _P, i32, scalar, _P, _P, i32, _P, _P, _P, i64]),
+            "trimmed_pass": (None, [_P, _P, _P, i64, i32, _P, _P, _P, i32, scalar]),
+            "bracket_counts": (None, [_P, _P, i64, i32, _P, _P, i32, _P, _P, _P]),
             "combination": (None, [_P, _P, _P, i64, i32, _P]),
             "gram": (None, [_P, _P, i64, i32, _P]),
-            "merge_at": (None, [_P, _P, _P, i64, i32, _P, _P, _P, _P, _P, i32, scalar]),
-            "within": (i64, [_P, _P, i64, scalar, scalar, _P]),
             "sampled_magnitudes": (None, [_P, _P, i64, i32, i64, _P]),
             "ascending_ranks": (i32, [_P, _P, _P, _P, i64, i32, _P]),
         }
@@ -182,64 +180,41 @@ def ascending_ranks(magnitudes: Tensor) -> Tensor:
 
 
 def trimmed_pass(out: Tensor, base: Tensor, partners: Sequence[Tensor], weights: Sequence[float], rule: str,
-                 keep: Sequence[tuple[float, float]], step: float,
-                 brackets: Sequence[Sequence[tuple[float, float]]] = ()) -> Found:
-    """Writes base + step * merge of the trimmed task vectors into the flat `out`, and returns what the trims'
-    exact thresholds need (`Found`): where some task vector's magnitude lies in one of its `brackets`.
+                 keep: Sequence[tuple[float, float]], step: float) -> None:
+    """Writes base + step * the merge of the trimmed task vectors into the flat `out` (which must not overlap the
+    inputs), in one pass.
 
     Task vector i keeps the values whose magnitude m has keep[i][0] < m <= keep[i][1].  The
     kept values combine by `rule`: "sum" is sum_i w_i d_i; "total" and "frequency" are the
     TIES disjoint mean (the sign of the sum of the values, or of their signs, ties to +;
-    then sum_i w_i d_i over the agreeing i, divided by their count).  A bracket (low, high)
-    of task vector i counts the magnitudes above `high` and collects those in [low, high].
-    `out` must not overlap the inputs.
+    then sum_i w_i d_i over the agreeing i, divided by their count).
     """
     o, b, ps = out.numpy(), _arrays([base])[0], _arrays(partners)
-    n_partners, n_brackets = len(ps), len(brackets[0]) if brackets else 0
-    low, high = _scalars(o.dtype, [k[0] for k in keep]), _scalars(o.dtype, [k[1] for k in keep])
-    bracket_low, bracket_high = (_scalars(o.dtype, [b[end] for row in brackets for b in row]) for end in (0, 1))
+    low, high = (_scalars(o.dtype, [k[end] for k in keep]) for end in (0, 1))
     run, w = _function("trimmed_pass", o.dtype), _scalars(o.dtype, weights)
-
-    def part(at: slice) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        size = at.stop - at.start if n_brackets else 0
-        above = np.zeros((n_partners, max(n_brackets, 1)), dtype=np.int64)
-        positions = np.empty(size, dtype=np.int64)  # room for every position; only the pages written are memory
-        values = np.empty((n_partners + 1, size), dtype=o.dtype)  # base, then each partner
-        count = run(o[at].ctypes.data, b[at].ctypes.data, _pointers([p[at] for p in ps]), at.stop - at.start,
-                    n_partners, w, low, high, RULES[rule], step, bracket_low, bracket_high, n_brackets,
-                    above.ctypes.data, positions.ctypes.data, values.ctypes.data, size)
-        return above[:, :n_brackets], positions[:count] + at.start, values[:, :count]
-
-    parts = _in_threads(part, o.size)
-    return Found(sum(above for above, _, _ in parts).tolist(), np.concatenate([positions for _, positions, _ in parts]),
-                 np.concatenate([values for _, _, values in parts], axis=1))
+    _in_threads(lambda at: run(o[at].ctypes.data, b[at].ctypes.data, _pointers([p[at] for p in ps]),
+                               at.stop - at.start, len(ps), w, low, high, RULES[rule], step), o.size)
 
 
-def merge_at(out: Tensor, found: Found, weights: Sequence[float], rule: str, keep: Sequence[tuple[float, float]],
-             step: float, merged_with: Sequence[tuple[float, float]]) -> None:
-    """Writes base + step * the merge of `trimmed_pass` (same weights, rule and step) with `keep` into the flat `out`,
-    at the positions `found` collected where `keep` changes what some partner keeps from `merged_with` (the pass's)."""
-    o, values = out.numpy(), found.values
+def bracket_counts(base: Tensor, partners: Sequence[Tensor], brackets: Sequence[Sequence[tuple[float, float]]]
+                   ) -> tuple[list[list[int]], list[list[Tensor]]]:
+    """Returns, per partner i and each of its brackets (low, high), the number of magnitudes |partner_i - base| above
+    high and the nonzero magnitudes in [low, high] (in no particular order), from one pass over the flat tensors."""
+    b, ps = _arrays([base])[0], _arrays(partners)
+    n_brackets = len(brackets[0])
+    low, high = (_scalars(b.dtype, [bracket[end] for row in brackets for bracket in row]) for end in (0, 1))
+    # room for every element: only the pages written (a few percent) become memory
+    inside = [np.empty(b.size, dtype=b.dtype) for _ in range(len(ps) * n_brackets)]
+    run = _function("bracket_counts", b.dtype)
 
-    def ends(keeps: Sequence[tuple[float, float]]) -> list[ctypes.Array]:
-        return [_scalars(o.dtype, [k[end] for k in keeps]) for end in (0, 1)]
+    def part(at: slice) -> tuple[slice, np.ndarray, np.ndarray]:
+        above, found = np.zeros(len(inside), dtype=np.int64), np.zeros(len(inside), dtype=np.int64)
+        run(b[at].ctypes.data, _pointers([p[at] for p in ps]), at.stop - at.start, len(ps), low, high, n_brackets,
+            above.ctypes.data, _pointers([x[at] for x in inside]), found.ctypes.data)
+        return at, above, found
 
-    _function("merge_at", o.dtype)(o.ctypes.data, found.positions.ctypes.data, values.ctypes.data,
-                                   found.positions.size, values.shape[0] - 1, _scalars(o.dtype, weights), *ends(keep),
-                                   *ends(merged_with), RULES[rule], step)
-
-
-@dataclass
-class Found:
-    """What a trimmed pass collected inside the brackets: counts above them, and the positions with their values."""
-
-    above: list[list[int]]  # per task vector and bracket: magnitudes above the bracket
-    positions: np.ndarray  # (c,) int64, ascending positions where some magnitude lies in its bracket
-    values: np.ndarray  # (N + 1, c) contiguous: the base there, then each partner
-
-    def within(self, index: int, low: float, high: float) -> Tensor:
-        """Returns the nonzero magnitudes of task vector `index` in [low, high] among the collected positions."""
-        scratch = np.empty(self.positions.size, dtype=self.values.dtype)
-        count = _function("within", scratch.dtype)(self.values[0].ctypes.data, self.values[index + 1].ctypes.data,
-                                                   self.positions.size, low, high, scratch.ctypes.data)
-        return torch.from_numpy(scratch[:count])
+    parts = _in_threads(part, b.size)
+    above = sum(counts for _, counts, _ in parts).reshape(len(ps), n_brackets).tolist()
+    found = [torch.from_numpy(np.concatenate([x[at.start:at.start + f[r]] for at, _, f in parts]))
+             for r, x in enumerate(inside)]
+    return above, [found[i * n_brackets:(i + 1) * n_brackets] for i in range(len(ps))]

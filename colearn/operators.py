@@ -38,7 +38,6 @@ import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from functools import partial
 
 import numpy as np
 import torch
@@ -475,8 +474,8 @@ def merge_into(out: Tensor, method: str, tv: TaskVectors, weights: Tensor, densi
         if made.coefficients is not None and fused:
             kernels.combination(out, tv.base, tv.partners, scaled)
             return
-        if made.trimmed is not None and fused:
-            _fused_into(out, tv, made, step)
+        if made.trimmed is not None and made.trimmed.trim.known and fused:
+            _fused_into(out, tv, made.trimmed, step)
             return
         _write(out, _run(made, tv), step)
 
@@ -491,20 +490,10 @@ def _write(out: Tensor, merged: Iterator[tuple[slice | Tensor, Tensor | None, Te
             out[where] = torch.add(base, delta, alpha=step)
 
 
-def _fused_into(out: Tensor, tv: TaskVectors, plan: Plan, step: float) -> None:
-    """Writes base + step * the plan's trimmed merge into `out` with fused passes: the whole tensor at the provisional
-    thresholds, then again where the exact ones keep other values (everything, if a bracket missed)."""
-    trimmed = plan.trimmed
-    trim = trimmed.trim
-    merge = partial(kernels.trimmed_pass, weights=trimmed.weights, rule=trimmed.rule, step=step)
-    provisional = trimmed.keep(trim.provisional())
-    found = merge(out, tv.base, tv.partners, keep=provisional, brackets=trim.brackets)
-    trim.record(found)
-    exact = trimmed.keep(trim.exact_levels())
-    if trim.missed:
-        merge(out, tv.base, tv.partners, keep=exact)
-    else:
-        kernels.merge_at(out, found, trimmed.weights, trimmed.rule, exact, step, merged_with=provisional)
+def _fused_into(out: Tensor, tv: TaskVectors, trimmed: Trimmed, step: float) -> None:
+    """Writes base + step * the trimmed merge into `out` in one fused pass, at the exact thresholds found up front."""
+    keep = trimmed.keep(trimmed.trim.exact_levels())
+    kernels.trimmed_pass(out, tv.base, tv.partners, trimmed.weights, trimmed.rule, keep, step)
 
 
 def _convex_into(out: Tensor, tv: TaskVectors, scaled: list[float]) -> None:

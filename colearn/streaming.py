@@ -19,6 +19,7 @@ import json
 import mmap
 import os
 import struct
+from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager, suppress
@@ -79,32 +80,43 @@ def atomic_file(path: PathLike) -> Iterator[BinaryIO]:
 
 
 def write_like(layout: Layout, tensors: Iterator[tuple[str, Tensor]], out: BinaryIO) -> None:
-    """Writes a safetensors file with `layout`'s header from (name, tensor) pairs given in data order.
+    """Writes a safetensors file with `layout`'s header from (name, tensor) pairs, each name of the layout once, in
+    any order (`merge_order`).
 
-    Each tensor must fill exactly its span (same dtype size and shape as the layout's file).
-    It is written on a thread while the next one is produced (a merge computes while the
-    last tensor goes to the page cache), so a producer may reuse a tensor's memory only two
-    tensors later: when tensor k + 1 is asked for, tensor k - 1 is written.
+    Each tensor must fill exactly its span (same dtype size and shape as the layout's file)
+    and goes to its offset.  It is written on a thread while the next one is produced (a
+    merge computes while the last tensor goes to the page cache), so a producer may reuse a
+    tensor's memory only two tensors later: when tensor k + 1 is asked for, tensor k - 1 is
+    written.
     """
     out.write(layout.header)
     out.flush()
+    written: set[str] = set()
     with ThreadPoolExecutor(1, thread_name_prefix="colearn-write") as writer:
         pending: Future | None = None
-        for expected, (key, tensor) in zip(data_order(layout), tensors, strict=True):
-            begin, end = layout.spans[key]
+        for key, tensor in tensors:
+            span = layout.spans.get(key)
             data = tensor_bytes(tensor)
-            if key != expected or data.nbytes != end - begin:
-                raise MergeError(f"tensor {key!r} ({data.nbytes} bytes) does not fit the output's slot for "
-                                 f"{expected!r} ({end - begin} bytes); partners must share the ancestor's architecture")
+            if span is None or key in written or data.nbytes != span[1] - span[0]:
+                slot = "no slot" if span is None else "a slot already written" if key in written else \
+                    f"a slot of {span[1] - span[0]} bytes"
+                raise MergeError(f"tensor {key!r} ({data.nbytes} bytes) has {slot} in the output; partners must "
+                                 f"share the ancestor's architecture")
+            written.add(key)
             if pending is not None:
-                pending.result()  # in order, one at a time: the file is written sequentially
-            pending = writer.submit(_write_at_end, out, data, len(layout.header) + begin)
+                pending.result()  # one at a time: a tensor's writeback starts once it is all written
+            pending = writer.submit(_write_at, out, data, len(layout.header) + span[0])
         if pending is not None:
             pending.result()
+    if len(written) != len(layout.spans):
+        missing = sorted(set(layout.spans) - written)
+        raise MergeError(f"the output lacks {len(missing)} of its layout's tensors, the first {missing[0]!r}")
 
 
-def _write_at_end(out: BinaryIO, data: memoryview, offset: int) -> None:
-    out.write(data)
+def _write_at(out: BinaryIO, data: memoryview, offset: int) -> None:
+    view = data.cast("B")
+    while view.nbytes:  # pwrite may write less than asked
+        view = view[os.pwrite(out.fileno(), view, offset + data.nbytes - view.nbytes):]
     _start_writeback(out, offset, data.nbytes)
 
 
@@ -113,7 +125,6 @@ def _start_writeback(out: BinaryIO, offset: int, size: int) -> None:
     # pages still being written stay cached): the disk completes them while the next tensor merges, and the
     # final fsync has less left to do.
     if hasattr(os, "posix_fadvise") and size >= _WRITEBACK_MIN:
-        out.flush()
         with suppress(OSError):  # a file system without it: the fsync writes everything, as before
             os.posix_fadvise(out.fileno(), offset, size, os.POSIX_FADV_DONTNEED)
 
@@ -121,6 +132,19 @@ def _start_writeback(out: BinaryIO, offset: int, size: int) -> None:
 def data_order(layout: Layout) -> list[str]:
     """Returns the tensor names in the order their bytes lie in the file."""
     return sorted(layout.spans, key=lambda k: layout.spans[k][0])
+
+
+def merge_order(layout: Layout) -> list[str]:
+    """Returns the tensor names in the order a pipeline merges them: the data order, rotated to put the largest
+    tensor in the middle.  While the first tensor is read and merged, and the last one merged and written, the
+    pipeline's other stages wait: those two had better be small (a model's largest tensors, the embeddings and the
+    head, are at one end of the data order)."""
+    keys = data_order(layout)
+    if not keys:
+        return keys
+    largest = max(range(len(keys)), key=lambda i: layout.spans[keys[i]][1] - layout.spans[keys[i]][0])
+    start = (largest - len(keys) // 2) % len(keys)
+    return keys[start:] + keys[:start]
 
 
 def merge_safetensors_files(
@@ -145,16 +169,18 @@ def merge_safetensors_files(
 
 def outputs(layout: Layout, ancestor: Any, partners: Sequence[Any], compute: Callable[..., Tensor],
             plan: Callable[[str, Tensor, list[Tensor]], Any] | None = None) -> Iterator[tuple[str, Tensor]]:
-    """Yields (key, compute(key, ancestor's tensor, partners' tensors, out=buffer, planned=...)) in data order, for
+    """Yields (key, compute(key, ancestor's tensor, partners' tensors, out=buffer, planned=...)) in `merge_order`, for
     `write_like`: a pipeline over two cores.
 
     While one tensor is computed, a thread reads the next one's inputs (one byte a page: on
     a cold cache this is the disk read) and makes its `plan(key, ancestor's, partners')` (an
-    operator's whole-tensor statistics), and the writer thread writes the previous one.  Two
-    output buffers per dtype take turns; the second one's pages are faulted in on the thread
-    meanwhile, since fresh memory costs a fault per 4 KiB page (on a VM, several times more).
+    operator's whole-tensor statistics), and the writer thread writes the previous one.  The
+    thread reads several small tensors ahead, its work per tensor varying more than the
+    merge's.  Two output buffers per dtype take turns; two of the largest tensor's size are
+    faulted in on the thread early on, since fresh memory costs a fault per 4 KiB page (on a
+    VM, several times more), and the turns grow into them at the first large tensors.
     """
-    keys = data_order(layout)
+    keys = merge_order(layout)
     if not keys:
         return
 
@@ -164,21 +190,37 @@ def outputs(layout: Layout, ancestor: Any, partners: Sequence[Any], compute: Cal
             _read_pages(tensor)
         return base, found, plan(key, base, found) if plan else None
 
-    largest = ancestor.get_tensor(max(keys, key=lambda k: layout.spans[k][1] - layout.spans[k][0]))
+    sizes = {k: layout.spans[k][1] - layout.spans[k][0] for k in keys}
+    largest = max(keys, key=sizes.get)
     with ThreadPoolExecutor(1, thread_name_prefix="colearn-ahead") as ahead:
-        upcoming = ahead.submit(ready, keys[0])
-        spare = ahead.submit(lambda: torch.empty(largest.numel(), dtype=largest.dtype).zero_())
+        upcoming: deque[tuple[int, Future]] = deque()  # (bytes, its `ready`) of the next tensors, in order
+        submitted = 0
+
+        def read_ahead() -> None:
+            # Several tensors ahead while they are small (the thread's work varies more than the merge's), but a plan
+            # may be as large as its tensor: at most the largest tensor's bytes beyond the next one.
+            nonlocal submitted
+            while submitted < len(keys) and (len(upcoming) < 2 or sum(b for b, _ in upcoming) - upcoming[0][0]
+                                             + sizes[keys[submitted]] <= sizes[largest]):
+                upcoming.append((sizes[keys[submitted]], ahead.submit(ready, keys[submitted])))
+                submitted += 1
+
+        upcoming.append((sizes[keys[0]], ahead.submit(ready, keys[0])))
+        submitted = 1
+        like = ancestor.get_tensor(largest)  # the output buffers grow into these when they reach the largest tensor
+        spares = [ahead.submit(lambda: torch.empty(like.numel(), dtype=like.dtype).zero_()) for _ in range(2)]
+        read_ahead()
         turns: list[dict[torch.dtype, Tensor]] = [{}, {}]
         for index, key in enumerate(keys):
-            base, found, planned = upcoming.result()
-            if index + 1 < len(keys):
-                upcoming = ahead.submit(ready, keys[index + 1])
+            base, found, planned = upcoming.popleft()[1].result()
+            read_ahead()
             buffers = turns[index % 2]
-            if index == 1:
-                buffers[largest.dtype] = spare.result()
             buffer = buffers.get(base.dtype)
             if buffer is None or buffer.numel() < base.numel():
-                buffer = buffers[base.dtype] = torch.empty(base.numel(), dtype=base.dtype)
+                # a large tensor takes a spare (faulted in while small ones merged); a small one, fresh memory
+                large = spares and base.dtype == like.dtype and 2 * base.numel() > like.numel()
+                buffer = buffers[base.dtype] = spares.pop().result() if large else torch.empty(base.numel(),
+                                                                                               dtype=base.dtype)
             yield key, compute(key, base, found, out=buffer, planned=planned)
 
 

@@ -1,16 +1,18 @@
-"""Magnitude trimming at exact k-th largest thresholds, found in the same pass that merges.
+"""Magnitude trimming at exact k-th largest thresholds, found with one pass that only counts.
 
 TIES, magnitude pruning and Model Breadcrumbs keep each task vector's elements above (and
 below) k-th largest magnitudes of the whole tensor.  peft finds them with a full `topk`
-(~90 ns an element) and a second pass would re-read every input; instead a stratified
-sample of the magnitudes brackets each threshold, the merge pass trims at the bracket's top
-while counting the magnitudes above it and collecting the positions and magnitudes inside
-it, and afterwards the exact threshold follows from those counts, and only the positions
-inside some bracket (a few percent) are merged again.  If a bracket missed its threshold
-(probability ~1e-4), the whole tensor is merged again.  Small tensors are searched whole up
-front.  Comparisons go through `hardshrink` and float sums: torch's comparisons into bool
-tensors cost ~5x an add here.  The pass is either `observe` on every chunk, or one fused loop
-over the whole tensor (`colearn.kernels.trimmed_pass`) whose counts and positions `record` takes.
+(~90 ns an element); here a stratified sample of the magnitudes brackets each threshold,
+and one pass over the tensor counts the magnitudes above each bracket and collects those
+inside it (a few percent), whose order statistic is then the exact threshold.  If a
+bracket missed its threshold (probability ~1e-4), the whole tensor is searched.  Small
+tensors are searched whole.  With the fused loops (`colearn.kernels`) this happens when the
+merge is planned, before its pass: in `colearn merge` on the thread that reads ahead, while
+the previous tensor merges.  Without them, the chunks of the merge pass itself are counted
+(`observe`, trimmed meanwhile at the sample's guesses), and afterwards the positions inside
+some bracket are merged again (`corrections`; every chunk again if a bracket missed).
+Comparisons go through `hardshrink` and float sums: torch's comparisons into bool tensors
+cost ~5x an add here.
 """
 
 from __future__ import annotations
@@ -23,7 +25,6 @@ import torch
 from torch import Tensor
 
 from colearn import kernels
-from colearn.kernels import Found
 from colearn.task_vectors import TaskVectors, gathered
 
 _SAMPLE = 1 << 16  # at most this many magnitudes are sampled to bracket each threshold
@@ -67,9 +68,14 @@ def stratified_sample(n: int, m: int, device: torch.device) -> Tensor:
     return index.to(device)
 
 
+def _fused(tv: TaskVectors) -> bool:
+    """Returns whether the fused loops run on the task vectors' models (`colearn.kernels.usable`)."""
+    return tv.base is not None and tv.base.dtype == tv.dtype and kernels.usable(tv.base, *tv.partners)
+
+
 def _sampled_magnitudes(tv: TaskVectors, m: int) -> list[Tensor]:
     """Returns per task vector its magnitudes at m stratified positions (`stratified_sample`, or the fused loop's)."""
-    if tv.base is not None and tv.base.dtype == tv.dtype and kernels.usable(tv.base, *tv.partners):
+    if _fused(tv):
         return kernels.sampled_magnitudes(tv.base, tv.partners, m)
     return [d.abs() for d in tv.at(stratified_sample(tv.numel, m, tv.device))[1]]
 
@@ -113,44 +119,59 @@ def _exact_thresholds(magnitudes: Tensor, ks: Sequence[int]) -> list[float]:
     return [math.inf if k == 0 else values[n - min(k, n)] for k in ks]
 
 
-class MagnitudeTrim:
-    """The k-th largest magnitudes of each task vector of one tensor, for several k, found during a merge pass.
+def _ranked(k: int, above: int, inside: Tensor, low: float) -> float | None:
+    """Returns the k-th largest magnitude of a tensor from the number of its magnitudes above a bracket and the
+    nonzero ones inside it (inf for k = 0), or None when the bracket missed it."""
+    rank = k - above  # the threshold is the rank-th largest inside the bracket
+    if k == 0:
+        return math.inf
+    if 1 <= rank <= inside.numel():
+        return _order_statistics(inside, [inside.numel() - rank])[0]
+    if rank > inside.numel() and low <= 0:
+        return 0.0  # the k-th largest is one of the zeros: keep everything
+    return None
 
-    Use: `provisional()` levels trim the chunks of the pass, each chunk is first shown to
-    `observe`, and after the pass `thresholds()` are exact and `corrections(merge_at)` yields
+
+class MagnitudeTrim:
+    """The k-th largest magnitudes of each task vector of one tensor, for several k.
+
+    Found up front (`known`) for small tensors and when the fused loops run; otherwise during
+    a merge pass: `provisional()` levels trim the chunks of the pass, each chunk is first shown
+    to `observe`, and after the pass `thresholds()` are exact and `corrections(merge_at)` yields
     the positions to merge again with `merge_at(exact levels)`.
     """
 
     def __init__(self, tv: TaskVectors, ks: Sequence[int]) -> None:
         self.tv, self.ks = tv, list(ks)
         n, count = tv.numel, len(tv.partners)
-        m = min(_SAMPLE, max(n // 64, 4096))
-        self.whole = n <= 4 * m  # small: exact thresholds now, nothing to observe or correct
-        if self.whole:
-            self.brackets = [[(t, t) for t in _exact_thresholds(tv.whole(i).abs(), ks)] for i in range(count)]
-            self.guesses = [[t for t, _ in row] for row in self.brackets]
-        else:
-            samples = _sampled_magnitudes(tv, m)  # N x (m,)
-            found = [[_bracket(sample, n, k) for k in ks] for sample in samples]
-            self.brackets = [[(low, high) for low, _, high in row] for row in found]
-            self.guesses = [[guess for _, guess, _ in row] for row in found]
-        self.above = [[0] * len(ks) for _ in range(count)]  # magnitudes > the bracket's top
+        m = min(_SAMPLE, max(n // 256, 4096))
+        self.above = [[0] * len(ks) for _ in range(count)]  # magnitudes > the bracket's top, counted by `observe`
         # where some task vector's magnitude lies in a bracket: positions, and the base and task vectors there
         self.uncertain: list[tuple[Tensor, Tensor | None, list[Tensor]]] = []
-        self.found: Found | None = None  # what a fused pass collected, when it ran instead of `observe`
         self.missed = False  # whether some bracket missed its threshold (known after `thresholds`)
+        self.exact: list[list[float]] | None = None  # per task vector and k, once known
+        if n <= 4 * m:
+            self.exact = [_exact_thresholds(tv.whole(i).abs(), ks) for i in range(count)]
+        else:
+            found = [[_bracket(sample, n, k) for k in ks] for sample in _sampled_magnitudes(tv, m)]
+            self.brackets = [[(low, high) for low, _, high in row] for row in found]
+            self.guesses = [[guess for _, guess, _ in row] for row in found]
+            if _fused(tv):
+                above, inside = kernels.bracket_counts(tv.base, tv.partners, self.brackets)
+                self.exact = self._from_counts(above, lambda i, j: inside[i][j])
+        self.known = self.exact is not None  # before any pass: nothing to observe or correct
 
     def levels(self, thresholds: Sequence[Sequence[float]]) -> Levels:
         return [[trim_level(t, self.tv.dtype) for t in row] for row in thresholds]
 
     def provisional(self) -> Levels:
-        """Returns the levels to trim the pass's chunks with: the sample's guesses, inside the brackets, so that the
-        exact levels keep other values only inside the brackets, and there only between guess and threshold."""
-        return self.levels(self.guesses)
+        """Returns the levels to trim the pass's chunks with: the exact ones when known, else the sample's guesses,
+        inside the brackets, so that the exact levels keep other values only inside the brackets."""
+        return self.levels(self.exact if self.known else self.guesses)
 
     def observe(self, where: slice, deltas: list[Tensor]) -> None:
         """Counts and collects what the thresholds need from one chunk (before it is trimmed)."""
-        if self.whole:
+        if self.known:
             return
         uncertain = None
         for i, delta in enumerate(deltas):
@@ -165,52 +186,40 @@ class MagnitudeTrim:
         self.uncertain.append((local + where.start, None if base is None else gathered(base, local),
                                [gathered(d, local) for d in deltas]))
 
-    def record(self, found: Found) -> None:
-        """Takes, instead of `observe` on every chunk, what a pass over the whole tensor counted and collected
-        (`colearn.kernels.trimmed_pass`): the magnitudes above each bracket, and where some magnitude lies inside
-        its bracket: the positions, and the base and partners there."""
-        if not self.whole:
-            self.above, self.found = found.above, found
-
     def exact_levels(self) -> Levels:
         """Returns the `shrink` levels of the exact thresholds (after the pass; see `thresholds`)."""
         return self.levels(self.thresholds())
 
     def thresholds(self) -> list[list[float]]:
-        """Returns, per task vector and k, the exact k-th largest magnitude (inf for k = 0), after the pass."""
-        if self.whole:
-            return [[low for low, _ in row] for row in self.brackets]
+        """Returns, per task vector and k, the exact k-th largest magnitude (inf for k = 0): after the pass, unless
+        `known`."""
+        if self.exact is None:
+            self.exact = self._from_counts(self.above, self._within)
+        return self.exact
+
+    def _from_counts(self, above: list[list[int]], inside: Callable[[int, int], Tensor]) -> list[list[float]]:
+        """Returns the thresholds from the counts above each bracket and inside(i, j), the nonzero magnitudes of task
+        vector i inside its bracket j; a task vector with a missed bracket is searched whole (and `missed` set)."""
         out = []
         for i in range(len(self.tv.partners)):
-            row = []
-            for j, k in enumerate(self.ks):
-                low, high = self.brackets[i][j]
-                found = self._within(i, low, high)
-                rank = k - self.above[i][j]  # the threshold is the rank-th largest inside the bracket
-                if k == 0:
-                    row.append(math.inf)
-                elif 1 <= rank <= found.numel():
-                    row.append(_order_statistics(found, [found.numel() - rank])[0])
-                elif rank > found.numel() and self.brackets[i][j][0] <= 0:
-                    row.append(0.0)  # the k-th largest is one of the zeros: keep everything
-                else:  # the bracket missed: search the whole tensor, and merge it all again
-                    self.missed = True
-                    row = _exact_thresholds(self.tv.whole(i).abs(), self.ks)
-                    break
+            row = [_ranked(k, above[i][j], inside(i, j), self.brackets[i][j][0]) for j, k in enumerate(self.ks)]
+            if None in row:
+                self.missed = True
+                row = _exact_thresholds(self.tv.whole(i).abs(), self.ks)
             out.append(row)
         return out
 
-    def _within(self, index: int, low: float, high: float) -> Tensor:
-        """Returns the nonzero magnitudes of task vector `index` in [low, high] where some bracket holds."""
-        if self.found is not None:
-            return self.found.within(index, low, high)
+    def _within(self, index: int, bracket: int) -> Tensor:
+        """Returns the nonzero magnitudes of task vector `index` inside its bracket `bracket`, among those `observe`
+        collected."""
+        low, high = self.brackets[index][bracket]
         return _within(torch.cat([deltas[index] for _, _, deltas in self.uncertain]).abs(), low, high)
 
     def corrections(self, merge_at: Callable[[Levels], ChunkMerge]
                     ) -> Iterator[tuple[slice | Tensor, Tensor | None, Tensor]]:
         """Yields (positions, base there or None, merged task vector there) where the provisional trim may have
-        been wrong: the positions kept by `observe`, or every chunk again if a bracket missed."""
-        if self.whole:
+        been wrong: the positions kept by `observe`, or every chunk again if a bracket missed (none when `known`)."""
+        if self.known:
             return
         merge = merge_at(self.exact_levels())
         if self.missed:

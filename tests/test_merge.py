@@ -286,6 +286,31 @@ def test_fused_cpu_pass_equals_the_chunked_torch_passes(method, density, params,
     assert not torch.equal(fused, ancestor)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])  # float32: AVX-512 where the CPU has it
+def test_bracket_counts_count_above_and_collect_inside_each_bracket(dtype):
+    from colearn import kernels
+
+    generator = torch.Generator().manual_seed(6)
+    n = 600_007  # not a multiple of a vector's lanes; two threads' parts (see kernels._spans)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    base = torch.randn(n, generator=generator, dtype=dtype)
+    partners = [base + torch.randn(n, generator=generator, dtype=dtype) * s for s in (0.1, 0.2, 0.3)]
+    partners[0][::3] = base[::3]  # zeros are never inside, even in a bracket reaching 0
+    brackets = [[(0.0, 0.05), (0.1, 0.12)], [(0.2, 0.21), (0.3, 0.5)], [(0.3, 0.3), (9.0, 10.0)]]
+    try:
+        above, inside = kernels.bracket_counts(base, partners, brackets)
+    finally:
+        torch.set_num_threads(threads)
+    for i, partner in enumerate(partners):
+        magnitude = (partner - base).abs()
+        for j, (low, high) in enumerate(brackets[i]):
+            expected = magnitude[(magnitude >= low) & (magnitude <= high) & (magnitude != 0)]
+            assert above[i][j] == int((magnitude > high).sum())
+            assert torch.equal(inside[i][j].sort().values, expected.sort().values)
+    assert inside[0][0].numel() > 0 and inside[2][1].numel() == 0
+
+
 def test_fused_gram_matrix_equals_the_chunked_one():
     from colearn import kernels
     from colearn.task_vectors import TaskVectors, gram_matrix
@@ -524,6 +549,24 @@ def test_merge_safetensors_files_equals_merge_state_dicts(tmp_path, llama_state)
     with pytest.raises(MergeError, match="partner"):
         merge_safetensors_files(paths[0], paths[1:], str(tmp_path / "never.safetensors"), recipe)
     assert not (tmp_path / "never.safetensors").exists()
+
+
+def test_write_like_takes_any_order_and_names_a_tensor_that_does_not_fit_or_is_missing(tmp_path):
+    from colearn.streaming import merge_order, read_layout, write_like
+
+    state = {"a": torch.arange(3.0), "big": torch.arange(100.0), "c": torch.ones(2), "d": torch.zeros(4)}
+    save_file(state, tmp_path / "in.safetensors")
+    layout = read_layout(tmp_path / "in.safetensors")
+    order = merge_order(layout)
+    assert sorted(order) == sorted(state) and order[len(order) // 2] == "big"  # the largest in the middle
+    with open(tmp_path / "out.safetensors", "wb") as out:
+        write_like(layout, ((k, state[k]) for k in reversed(order)), out)
+    assert all(torch.equal(v, state[k]) for k, v in load_file(tmp_path / "out.safetensors").items())
+    for tensors, message in [([("a", torch.arange(4.0))], "'a' .* a slot of 12 bytes"),
+                             ([("e", torch.ones(1))], "'e' .* no slot"),
+                             ([(k, state[k]) for k in ("a", "big", "c")], "lacks 1 of its layout's tensors, the first 'd'")]:
+        with open(tmp_path / "bad.safetensors", "wb") as out, pytest.raises(MergeError, match=message):
+            write_like(layout, iter(tensors), out)
 
 
 @pytest.mark.parametrize("method", ["ties", "slerp"])
