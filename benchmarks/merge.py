@@ -8,7 +8,7 @@ are written to a temp dir (removed after).  Every measurement is a fresh subproc
 imports what `colearn merge` imports, then runs its work phase and times it itself: for an
 operator, `colearn.merge_cli.main([...])` (all of `colearn merge` but the argv dispatch);
 for the I/O ceiling, the same streaming writer (`colearn.streaming`: the ancestor's header,
-tensors written in order, fsync, rename) fed with the ancestor's tensors while every
+tensors written at their offsets, fsync, rename) fed with the ancestor's tensors while every
 partner tensor is read into one reused buffer: reading the inputs and writing the output
 with no arithmetic, through the same pipeline (`colearn.streaming.outputs`: read ahead,
 compute, write).  Peak RSS, its mapped-file part and private memory are sampled from /proc

@@ -4,12 +4,14 @@ An eager merge runs ~45 separate tensor operations per chunk for TIES (subtract,
 count, elect, agree, sum, divide, ...), each a full pass over memory.  Here each element is
 read once and merged in registers: C loops (`colearn/_kernels.c`) that the compiler
 vectorizes because they have no branches (masks only).  On one core, on 24.6M-element
-arrays in anonymous memory (a one-off script), the TIES merge takes ~1.2 ns an element,
-about what reading its three inputs and writing the output costs (memory-bound), and
-~1.7 ns with the trim's statistics, against ~9 ns eager.  The passes:
+arrays in anonymous memory (one-off scripts), the TIES merge takes ~1.2 ns an element,
+about what reading its three inputs and writing the output costs (memory-bound), against
+~9 ns eager, and counting for its thresholds ~0.9 ns.  The passes:
 
-* `trimmed_pass`: TIES, magnitude pruning and breadcrumbs with provisional thresholds, and
-  the counts and positions `colearn.trimming.MagnitudeTrim` needs to make them exact;
+* `trimmed_pass`: TIES, magnitude pruning and breadcrumbs at given thresholds;
+* `bracket_counts`: what `colearn.trimming.MagnitudeTrim` needs to make its thresholds
+  exact: the magnitudes above each bracket, counted, and those inside it, collected (with
+  AVX-512's compressing stores for float32 where the CPU has them: ~0.9 against ~1.4 ns);
 * `gram`: the dot products between task vectors (slerp's angle, Model Stock's ratio);
 * `combination`: base + a weighted sum of the task vectors, when the weights are not
   convex (slerp's usually are not: their sum exceeds 1 between orthogonal task vectors);
