@@ -219,7 +219,7 @@ def outputs(layout: Layout, ancestor: Any, partners: Sequence[Any], compute: Cal
             buffer = buffers.get(base.dtype)
             if buffer is None or buffer.numel() < base.numel():
                 # a large tensor takes a spare (faulted in while small ones merged); a small one, fresh memory
-                large = spares and base.dtype == like.dtype and 2 * base.numel() > like.numel()
+                large = bool(spares) and base.dtype == like.dtype and 2 * base.numel() > like.numel()
                 buffer = buffers[base.dtype] = spares.pop().result() if large else torch.empty(base.numel(),
                                                                                                dtype=base.dtype)
             yield key, compute(key, base, found, out=buffer, planned=planned)

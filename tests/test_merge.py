@@ -564,6 +564,7 @@ def test_write_like_takes_any_order_and_names_a_tensor_that_does_not_fit_or_is_m
     assert all(torch.equal(v, state[k]) for k, v in load_file(tmp_path / "out.safetensors").items())
     for tensors, message in [([("a", torch.arange(4.0))], "'a' .* a slot of 12 bytes"),
                              ([("e", torch.ones(1))], "'e' .* no slot"),
+                             ([("a", state["a"]), ("a", state["a"])], "'a' .* a slot already written"),
                              ([(k, state[k]) for k in ("a", "big", "c")], "lacks 1 of its layout's tensors, the first 'd'")]:
         with open(tmp_path / "bad.safetensors", "wb") as out, pytest.raises(MergeError, match=message):
             write_like(layout, iter(tensors), out)
