@@ -8,7 +8,7 @@ from __future__ import annotations
 from envs.addition import AdditionEnv
 from envs.errors import EnvConfigError
 from envs.planning import optimal_return, value_table
-from envs.registry import ENV_IDS, register_all, text_env_info
+from envs.registry import ENV_IDS, register_all, text_env_info, text_env_model
 from envs.text import TextEnv
 
 register_all()
@@ -20,5 +20,6 @@ __all__ = [
     "TextEnv",
     "optimal_return",
     "text_env_info",
+    "text_env_model",
     "value_table",
 ]

@@ -102,3 +102,25 @@ def optimal_return(
         )
     values = value_table(P, n_states, n_actions, horizon, gamma)
     return float(initial @ values)
+
+
+def policy_values(
+    continue_probs: np.ndarray,
+    expected_reward: np.ndarray,
+    policy: np.ndarray,
+    horizon: int,
+) -> np.ndarray:
+    """Expected return of a stochastic ``policy`` from every state with ``horizon`` steps left, ``(n_states,)``.
+
+    ``policy[s, a]`` is the probability of action ``a`` in state ``s``; ``continue_probs`` and
+    ``expected_reward`` are ``dense_model``'s arrays (pass an indicator as ``expected_reward`` to get a
+    probability, e.g. of reaching the goal). Exact backward induction, undiscounted.
+    """
+    n_states, n_actions = expected_reward.shape
+    step_reward = (policy * expected_reward).sum(axis=1)  # (n_states,)
+    # (n_states, n_states): the chain the policy induces, without terminated mass
+    chain = np.einsum("sa,sat->st", policy, continue_probs)
+    values = np.zeros(n_states)
+    for _ in range(horizon):
+        values = step_reward + chain @ values
+    return values

@@ -8,6 +8,7 @@ in the registration) so invalid actions count toward truncation.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 from collections.abc import Sequence
 from typing import Any
@@ -17,7 +18,7 @@ from gymnasium.wrappers import TimeLimit
 
 from envs.addition import AdditionEnv
 from envs.errors import EnvConfigError
-from envs.text import TextEnv
+from envs.text import TabularModel, TextEnv
 
 FROZEN_LAKE_ACTIONS = ["left", "down", "right", "up"]
 TAXI_ACTIONS = ["south", "north", "east", "west", "pickup", "dropoff"]
@@ -168,6 +169,25 @@ def text_env_info(env_id: str, /, **kwargs: Any) -> dict[str, Any]:
         _INFO_CACHE[key] = _compute_info(env_id, kwargs)
     # deep copy so callers cannot mutate the cached action_names list
     return copy.deepcopy(_INFO_CACHE[key])
+
+
+_MODEL_CACHE: dict[tuple[str, str], TabularModel | None] = {}
+
+
+def text_env_model(env_id: str, /, **kwargs: Any) -> TabularModel | None:
+    """Return the tabular model of ``gymnasium.make(env_id, **kwargs)`` (states as text, transitions,
+    start distribution, effective time limit), or None when the env has no transition table. Cached."""
+    key = (env_id, json.dumps(kwargs, sort_keys=True, default=repr))
+    if key not in _MODEL_CACHE:
+        env = gym.make(env_id, **kwargs)
+        try:
+            model = env.get_wrapper_attr("tabular_model")()
+        except AttributeError:
+            model = None
+        limit = effective_time_limit(env)
+        env.close()
+        _MODEL_CACHE[key] = dataclasses.replace(model, horizon=limit) if model and limit else model
+    return _MODEL_CACHE[key]
 
 
 def _compute_info(env_id: str, kwargs: dict[str, Any]) -> dict[str, Any]:

@@ -28,16 +28,19 @@ def render_generic(env: gym.Env, obs: Any) -> str:
 
 
 def render_frozen_lake(env: gym.Env, obs: Any) -> str:
-    """Return the map rows joined by newlines with the agent's cell shown as ``P``.
+    """Return the map rows joined by newlines with the agent's cell shown as ``P``, then a line naming it.
 
     The start cell keeps its ``S`` once the agent has left it, e.g. the start
-    observation of the 4x4 map is ``"PFFF\\nFHFH\\nFFFH\\nHFFG"``.
+    observation of the 4x4 map is ``"PFFF\\nFHFH\\nFFFH\\nHFFG\\nP at row 0 col 0"``. The last line is
+    there because a small model learning from reward alone tells states apart by the prompt's last tokens:
+    without it, states whose maps differ only in where ``P`` sits got near-identical policies.
     """
     unwrapped = env.unwrapped
     rows = [[cell.decode() for cell in row] for row in unwrapped.desc]
     ncol = unwrapped.ncol
-    rows[int(obs) // ncol][int(obs) % ncol] = "P"
-    return "\n".join("".join(row) for row in rows)
+    row, col = divmod(int(obs), ncol)
+    rows[row][col] = "P"
+    return "\n".join("".join(r) for r in rows) + f"\nP {_cell_text((row, col))}"
 
 
 def render_taxi(env: gym.Env, obs: Any) -> str:
@@ -45,10 +48,10 @@ def render_taxi(env: gym.Env, obs: Any) -> str:
 
     Cells: ``T`` taxi, ``p`` waiting passenger, ``D`` destination, ``.`` empty
     (priority T > p > D when they share a cell); ``|`` between two cells is a
-    wall, a space is open road. The last line always states where the passenger
-    and destination are, so overlaps stay unambiguous, e.g.
-    ``"passenger at row 0 col 4, destination at row 4 col 3"`` or
-    ``"passenger in taxi, destination at row 0 col 0"``.
+    wall, a space is open road. The last line always states where the taxi, passenger
+    and destination are, so overlaps stay unambiguous (and the state is named at the prompt's end, as in
+    `render_frozen_lake`), e.g. ``"taxi at row 2 col 1, passenger at row 0 col 4, destination at row 4 col 3"``
+    or ``"taxi at row 0 col 0, passenger in taxi, destination at row 0 col 0"``.
     """
     unwrapped = env.unwrapped
     taxi_row, taxi_col, pass_idx, dest_idx = unwrapped.decode(int(obs))
@@ -68,7 +71,8 @@ def render_taxi(env: gym.Env, obs: Any) -> str:
             line += ("|" if wall else " ") + marks.get((r, c), ".")
         lines.append(line)
     where = "in taxi" if in_taxi else _cell_text(locs[pass_idx])
-    lines.append(f"passenger {where}, destination {_cell_text(locs[dest_idx])}")
+    taxi, destination = _cell_text((taxi_row, taxi_col)), _cell_text(locs[dest_idx])
+    lines.append(f"taxi {taxi}, passenger {where}, destination {destination}")
     return "\n".join(lines)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 from collections.abc import Sequence
 from typing import Any, Literal, SupportsFloat
 
@@ -11,6 +12,7 @@ import numpy as np
 from gymnasium import spaces
 
 from envs.errors import EnvConfigError
+from envs.planning import dense_model, policy_values
 from envs.planning import optimal_return as plan_optimal_return
 from envs.render import TEXT_CHARSET, Renderer, renderer_for
 
@@ -156,6 +158,27 @@ class TextEnv(gym.Wrapper):
             self._optimal_cache[horizon] = self._plan(horizon)
         return self._optimal_cache[horizon]
 
+    def tabular_model(self) -> TabularModel | None:
+        """Return the env's states as text with its dense transition model, or None without a ``P`` table."""
+        unwrapped = self.env.unwrapped
+        table = getattr(unwrapped, "P", None)
+        if table is None or not isinstance(self.env.observation_space, spaces.Discrete) or self.horizon is None:
+            return None
+        n_states, n_actions = len(table), int(self.env.action_space.n)
+        continue_probs, expected_reward = dense_model(table, n_states, n_actions)
+        success = np.zeros((n_states, n_actions))
+        for s in range(n_states):
+            for a in range(n_actions):
+                success[s, a] = sum(p for p, _, r, done in table[s][a] if self._is_success(r, done))
+        return TabularModel(
+            observations=[self.render_text(s) for s in range(n_states)],
+            continue_probs=continue_probs,
+            expected_reward=expected_reward,
+            success=success,
+            initial=self._initial_distribution(n_states),
+            horizon=self.horizon,
+        )
+
     def _plan(self, horizon: int | None) -> float | None:
         """Return the planned optimal return for ``horizon`` or None if not plannable."""
         unwrapped = self.env.unwrapped
@@ -179,6 +202,24 @@ class TextEnv(gym.Wrapper):
         one_hot = np.zeros(n_states)
         one_hot[int(start)] = 1.0
         return one_hot
+
+
+@dataclass(frozen=True)
+class TabularModel:
+    """An env with a transition table, enough to score any policy exactly (no sampling noise)."""
+
+    observations: list[str]  # text observation of each state index
+    continue_probs: np.ndarray  # (states, actions, states): next-state probabilities without termination
+    expected_reward: np.ndarray  # (states, actions)
+    success: np.ndarray  # (states, actions): probability that the step ends the episode successfully
+    initial: np.ndarray  # (states,): start-state distribution
+    horizon: int  # the time limit
+
+    def score(self, policy: np.ndarray) -> tuple[float, float]:
+        """Return (expected return, success probability) of ``policy`` (``(states, actions)`` probabilities)."""
+        returns = policy_values(self.continue_probs, self.expected_reward, policy, self.horizon)
+        successes = policy_values(self.continue_probs, self.success, policy, self.horizon)
+        return float(self.initial @ returns), float(self.initial @ successes)
 
 
 def _checked_names(names: Sequence[str], n_actions: int, env_name: str) -> list[str]:

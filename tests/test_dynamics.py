@@ -72,7 +72,8 @@ def test_probe_set_is_fixed_distinct_and_covers_every_env(probe):
     lake, addition = probe[:8], probe[8:]
     assert len(set(lake)) == 8 and all("P" in o for o in lake)
     assert len(addition) == 8 and all("+" in o for o in addition)
-    assert probe_set([LINE], 50) == ["PFG", "SPG"]  # a 1x3 line has two non-terminal states: up to n
+    # a 1x3 line has two non-terminal states: up to n
+    assert probe_set([LINE], 50) == ["PFG\nP at row 0 col 0", "SPG\nP at row 0 col 1"]
 
 
 def test_hidden_states_cover_every_token_whatever_the_padding(base, probe):

@@ -13,7 +13,9 @@ from envs import AdditionEnv, EnvConfigError, TextEnv, optimal_return, text_env_
 from envs.planning import dense_model, value_table
 from envs.registry import make_inner
 
-FROZEN_START = "PFFF\nFHFH\nFFFH\nHFFG"
+FROZEN_START = "PFFF\nFHFH\nFFFH\nHFFG\nP at row 0 col 0"
+RIGHT_OF_START = "SPFF\nFHFH\nFFFH\nHFFG\nP at row 0 col 1"
+BELOW_START = "SFFF\nPHFH\nFFFH\nHFFG\nP at row 1 col 0"
 CLIFF_NAMES = ["up", "right", "down", "left"]
 
 
@@ -95,9 +97,9 @@ def test_frozen_lake_renders_map_with_player():
     obs, _ = env.reset(seed=0)
     assert obs == FROZEN_START
     obs, *_ = env.step("right")
-    assert obs == "SPFF\nFHFH\nFFFH\nHFFG"
+    assert obs == RIGHT_OF_START
     obs, *_ = env.step("down")
-    assert obs == "SFFF\nFPFH\nFFFH\nHFFG"
+    assert obs == "SFFF\nFPFH\nFFFH\nHFFG\nP at row 1 col 1"
 
 
 def test_parse_action_forms():
@@ -282,7 +284,8 @@ def test_taxi_render_and_success():
     assert lines[4][1] == "|" and lines[4][5] == "|"
     pr, pc = taxi.locs[pass_idx]
     dr, dc = taxi.locs[dest_idx]
-    assert lines[5] == f"passenger at row {pr} col {pc}, destination at row {dr} col {dc}"
+    assert lines[5] == (f"taxi at row {row} col {col}, passenger at row {pr} col {pc}, "
+                        f"destination at row {dr} col {dc}")
 
     # drive greedily on the exact values: success only on the final dropoff
     continue_probs, expected_reward = dense_model(taxi.P, 500, 6)
@@ -360,8 +363,7 @@ def test_sync_vector_env():
     obs, _ = env.reset(seed=[0, 1, 2, 3])
     assert obs == (FROZEN_START,) * 4
     obs, rewards, terminated, truncated, infos = env.step(["right", "down", "jump", 2])
-    assert obs == ("SPFF\nFHFH\nFFFH\nHFFG", "SFFF\nPHFH\nFFFH\nHFFG", FROZEN_START,
-                   "SPFF\nFHFH\nFFFH\nHFFG")
+    assert obs == (RIGHT_OF_START, BELOW_START, FROZEN_START, RIGHT_OF_START)
     assert rewards.tolist() == [0.0, 0.0, -1.0, 0.0]
     assert infos["invalid_action"].tolist() == [False, False, True, False]
     assert infos["success"].tolist() == [False] * 4
@@ -369,7 +371,7 @@ def test_sync_vector_env():
     assert env.call("optimal_return") == (1.0,) * 4
 
     obs, _ = env.reset(options={"reset_mask": np.array([True, False, False, True])})
-    assert obs == (FROZEN_START, "SFFF\nPHFH\nFFFH\nHFFG", FROZEN_START, FROZEN_START)
+    assert obs == (FROZEN_START, BELOW_START, FROZEN_START, FROZEN_START)
     env.close()
 
 
@@ -415,7 +417,7 @@ def test_generic_wrapper_options():
         invalid_penalty=-3.0,
     )
     env.reset(seed=0)
-    assert env.step("r")[0] == "SPFF\nFHFH\nFFFH\nHFFG"
+    assert env.step("r")[0] == RIGHT_OF_START
     assert env.step("x")[1] == -3.0
     # the inner env's registered limit (100) is the default
     assert text_env_info("colearn/Text-v0", env_id="FrozenLake-v1",
@@ -442,3 +444,28 @@ def test_success_reward_threshold():
         env.step(action)
     _, reward, terminated, _, info = env.step("right")
     assert reward == 1.0 and terminated and info["success"] is False
+
+
+def test_tabular_model_scores_policies_exactly():
+    model = envs.text_env_model("colearn/FrozenLakeSlippery-v0")
+    n_states, n_actions = model.expected_reward.shape
+    assert model.horizon == 100 and len(model.observations) == n_states == 16
+    assert model.observations[0] == FROZEN_START
+    # the planner's greedy policy scores the planned optimum, and every success is the goal's reward of 1
+    values = value_table(make_lake(is_slippery=True).unwrapped.P, n_states, n_actions, horizon=None, gamma=0.99)
+    q = model.expected_reward + 0.99 * model.continue_probs @ values
+    best_return, best_success = model.score(np.eye(n_actions)[q.argmax(1)])
+    optimum = text_env_info("colearn/FrozenLakeSlippery-v0")["optimal_return"]
+    assert best_return == pytest.approx(best_success) and 0.7 < best_return <= optimum + 1e-9
+    # the uniform policy's exact success probability matches 4,000 simulated episodes (std ~0.002)
+    uniform = np.full((n_states, n_actions), 1 / n_actions)
+    _, exact = model.score(uniform)
+    env, rng, wins = make_lake(is_slippery=True), np.random.default_rng(0), 0
+    for seed in range(4000):
+        env.reset(seed=seed)
+        done = False
+        while not done:
+            _, _, terminated, truncated, info = env.step(["left", "down", "right", "up"][rng.integers(4)])
+            done = terminated or truncated
+        wins += info["success"]
+    assert abs(wins / 4000 - exact) < 0.006, (wins / 4000, exact)

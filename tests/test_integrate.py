@@ -25,8 +25,8 @@ from colearn.policy import legal_action_logprobs
 ACTIONS = ["left", "down", "right", "up"]
 LINE = EnvSpec("colearn/FrozenLake-v0", name="Line", kwargs={"desc": ["SFG"]})  # goal on the right
 MIRROR = EnvSpec("colearn/FrozenLake-v0", name="MirrorLine", kwargs={"desc": ["GFS"]})  # goal on the left
-LINE_OBS = ["PFG", "SPG"]  # every non-terminal observation of each line
-MIRROR_OBS = ["GFP", "GPS"]
+LINE_OBS = ["PFG\nP at row 0 col 0", "SPG\nP at row 0 col 1"]  # every non-terminal observation of each line
+MIRROR_OBS = ["GFP\nP at row 0 col 2", "GPS\nP at row 0 col 1"]
 
 
 def gen(seed: int = 0) -> torch.Generator:
