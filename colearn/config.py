@@ -128,6 +128,9 @@ class RolloutConfig:
             raise ColearnError(f"rollout.vectorization={self.vectorization!r} is unknown; choose sync or async")
 
 
+ADVANTAGES = ("gae", "return_to_go", "episode")
+
+
 @dataclass
 class LearnConfig:
     lr: float = 2e-3  # AdamW learning rate
@@ -140,7 +143,11 @@ class LearnConfig:
     peer_ratio_cap: float = 1.0  # truncation of the importance ratio pi_self / pi_partner on partner steps (SEAC)
     clip_eps: float = 0.2  # PPO clip of the ratio against the behaviour log-probability
     entropy_coef: float = 0.02  # entropy bonus
-    advantage: str = "return_to_go"  # return_to_go (per step, per-observation baseline) | episode (GRPO)
+    advantage: str = "gae"  # gae (value head + GAE) | return_to_go (per-observation Monte-Carlo baseline) |
+    # episode (group-normalized episode return: GRPO)
+    gae_lambda: float = 0.95  # GAE's lambda: 0 bootstraps from the next state's value, 1 is the Monte-Carlo return
+    value_coef: float = 0.5  # weight of the value head's squared error (advantage=gae)
+    normalize_advantages: bool = True  # advantage=gae: scale each round's advantages to mean 0, std 1
     distill_coef: float = 0.5  # weight of distillation (SFT on selected successes); 0 disables it
     distill_from: str = "peer"  # peer | self | both: whose successes to imitate
     distill_select: str = "success"  # success (episodes that reached the goal) | top (top fraction by return)
@@ -153,8 +160,10 @@ class LearnConfig:
             raise ColearnError(f"learn.lr={self.lr} must be a positive finite number (try 1e-3)")
         if self.batch_size < 1 or self.epochs < 0:
             raise ColearnError(f"learn.batch_size={self.batch_size} must be >= 1 and learn.epochs >= 0")
-        if self.advantage not in ("episode", "return_to_go"):
-            raise ColearnError(f"learn.advantage={self.advantage!r} is unknown; choose episode or return_to_go")
+        if self.advantage not in ADVANTAGES:
+            raise ColearnError(f"learn.advantage={self.advantage!r} is unknown; choose one of {', '.join(ADVANTAGES)}")
+        if not 0 <= self.gae_lambda <= 1:
+            raise ColearnError(f"learn.gae_lambda={self.gae_lambda} must be in [0, 1]")
         if self.distill_from not in ("peer", "self", "both"):
             raise ColearnError(f"learn.distill_from={self.distill_from!r} is unknown; choose peer, self or both")
         if self.distill_select not in ("success", "top"):
@@ -224,6 +233,8 @@ class EvalConfig:
     greedy: bool = True  # evaluate the greedy (argmax) policy
     sampled: bool = False  # also evaluate the sampled policy (at rollout.temperature)
     seed: int = 10_000  # evaluation seeds start here (disjoint from training seeds)
+    exact: bool = True  # where the env has a transition table (FrozenLake, Taxi), score a partner's policy by its
+    # exact expected return (dynamic programming over the table, no sampling noise) instead of eval.episodes episodes
 
     def __post_init__(self) -> None:
         if self.episodes < 1:
@@ -244,6 +255,8 @@ class IntegrateConfig:
 class Config:
     seed: int = 0  # master seed: model init, sampling, env resets
     device: str = "cpu"  # cpu | cuda | cuda:N | mps | auto (cuda when available)
+    threads: int = 1  # torch intra-op threads of this run (1: N runs share N cores without oversubscribing);
+    # 0 keeps torch's default, one per core
     run_id: str = ""  # label of the run in step records; defaults to the run directory name
     model: ModelConfig = field(default_factory=ModelConfig)
     env: EnvConfig = field(default_factory=EnvConfig)
@@ -255,6 +268,10 @@ class Config:
     integrate: IntegrateConfig = field(default_factory=IntegrateConfig)
     probe_size: int = 16  # observations per env in the fixed probe set for CKA between partners
     progress: bool = True  # show a progress bar
+
+    def __post_init__(self) -> None:
+        if self.threads < 0:
+            raise ColearnError(f"threads={self.threads} must be >= 0 (0: torch's default, one per core)")
 
 
 def register_configs() -> None:

@@ -5,11 +5,14 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 from colearn.config import EnvSpec, EvalConfig, RolloutConfig
 from colearn.partner import Partner
-from colearn.rollout import EpisodeMeta, collect, env_info
+from colearn.rollout import EpisodeMeta, acting_mode, collect, env_info
+from envs import text_env_model
+from envs.text import TabularModel
 
 
 @dataclass
@@ -20,7 +23,8 @@ class EnvScore:
     success: float  # fraction of episodes that reached the goal
     optimal: float | None  # optimal expected return (value iteration), None when unknown
     normalized: float  # mean_return / optimal (mean_return when the optimum is unknown or not positive)
-    episodes: int
+    episodes: int  # episodes played (0 when scored exactly)
+    exact: bool = False  # scored by dynamic programming over the env's transition table: expected values, no noise
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -39,18 +43,47 @@ def score_of(rows: list[dict[str, Any]], env: EnvSpec, policy: str) -> EnvScore:
 def evaluate(
     partner: Partner, suite: list[EnvSpec], cfg: EvalConfig, rollout: RolloutConfig, venvs: dict | None = None
 ) -> list[EnvScore]:
-    """Returns one score per env and per evaluated policy (greedy and/or sampled), on fixed seeds
-    (the same for every partner and generation, so scores are comparable)."""
+    """Returns one score per env and per evaluated policy (greedy and/or sampled): exact expected values where
+    eval.exact and the env has a transition table and the policy exposes its action distribution, else the mean
+    over episodes on fixed seeds (the same for every partner and generation, so scores are comparable)."""
     policies = [p for p, on in (("greedy", cfg.greedy), ("sampled", cfg.sampled)) if on]
     seeds = [cfg.seed + i for i in range(cfg.episodes)]
     scores = []
     for env in suite:
+        model = tabular_model(env, rollout.mode) if cfg.exact and isinstance(partner, Partner) else None
         for policy in policies:
+            if model is not None:
+                scores.append(exact_score(partner, env, model, policy, rollout.temperature))
+                continue
             generator = torch.Generator().manual_seed(cfg.seed)
             rows = collect(partner, env, seeds, rollout, generator, EpisodeMeta(partner=partner.name),
                            greedy=policy == "greedy", venvs=venvs)
             scores.append(score_of(rows, env, policy))
     return scores
+
+
+def tabular_model(env: EnvSpec, mode: str) -> TabularModel | None:
+    """Returns the env's tabular model when a policy acting in it can be scored exactly (constrained acting
+    over a transition table), else None."""
+    if acting_mode(env, mode) is None:
+        return None
+    return text_env_model(env.id, **env.kwargs)
+
+
+def exact_score(partner: Partner, env: EnvSpec, model: TabularModel, policy: str, temperature: float) -> EnvScore:
+    """Returns the partner's exact score in the env: its action distribution in every state (the argmax for
+    the greedy policy) run through the transition table for the time limit."""
+    legal = env_info(env)["action_names"]
+    logps = partner.action_logprobs(model.observations, legal, temperature).cpu().numpy()  # (states, K)
+    if policy == "greedy":
+        probs = np.eye(len(legal))[logps.argmax(1)]
+    else:
+        probs = np.exp(logps)
+        probs /= probs.sum(1, keepdims=True)
+    mean_return, success = model.score(probs)
+    optimal = env_info(env)["optimal_return"]
+    normalized = mean_return / optimal if optimal and optimal > 0 else mean_return
+    return EnvScore(env.name, policy, mean_return, success, optimal, normalized, 0, exact=True)
 
 
 def normalized_by_env(scores: list[EnvScore]) -> dict[str, float]:

@@ -40,7 +40,6 @@ from colearn.config import EnvSpec, EvalConfig, RolloutConfig
 from colearn.errors import ColearnError
 from colearn.evaluate import evaluate
 from colearn.partner import Actions, Partner
-from colearn.policy import legal_action_logprobs
 
 
 @dataclass
@@ -244,22 +243,20 @@ class Integrated:
 
     @torch.no_grad()
     def act(self, observations: list[str], legal: list[str] | None, greedy: bool, generator: torch.Generator,
-            temperature: float = 1.0, max_new_tokens: int = 8) -> Actions:
-        """Returns one action per observation, chosen by the mode (see the module docstring for log-probs)."""
+            temperature: float = 1.0, max_new_tokens: int = 8, cache: dict | None = None) -> Actions:
+        """Returns one action per observation, chosen by the mode (see the module docstring for log-probs).
+        `cache` holds each member's scored observations while the weights are fixed (`Partner.action_logprobs`)."""
         if not legal:
             return self._act_alone(observations, greedy, generator, temperature, max_new_tokens)
-        logps = [self._member_logprobs(m, observations, legal, temperature) for m in self.members]
+        cache = {} if cache is None else cache
+        logps = [m.action_logprobs(observations, legal, temperature, cache.setdefault(i, {})).cpu()
+                 for i, m in enumerate(self.members)]
         d = self._decide(logps, self.params, self.env, greedy, generator)
         for m in d.decider.tolist():
             self.decisions[m] += 1
         picks, by = d.choice.tolist(), d.decider.tolist()
         ids = [self.members[m].action_ids(legal)[c] for c, m in zip(picks, by)]
         return Actions([legal[c] for c in picks], ids, d.logprob.tolist())
-
-    def _member_logprobs(self, m: Partner, observations: list[str], legal: list[str], temperature: float) -> Tensor:
-        logp = legal_action_logprobs(m.model, m.prompt_ids(observations), m.action_ids(legal),
-                                     m.tokenizer.pad_token_id, temperature)
-        return logp.cpu()  # (batch, K)
 
     def _act_alone(self, observations, greedy, generator, temperature, max_new_tokens) -> Actions:
         """Generate mode: the env's expert (route) or member 0 acts alone."""

@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 
 from colearn.config import LearnConfig
-from colearn.partner import Partner
-from colearn.policy import continuation_stats, entropy_of, last_logits, legal_action_logprobs
+from colearn.partner import Partner, new_value_head
+from colearn.policy import continuation_outputs, continuation_stats, entropy_of, last_outputs, legal_action_logprobs
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +39,7 @@ def group_advantages(returns: torch.Tensor, groups: list[Any], eps: float = 1e-6
 
 
 def step_advantages(rows: list[dict[str, Any]], mode: str) -> list[float]:
-    """Returns one advantage per step record.
+    """Returns one advantage per step record, for the critic-free modes.
 
     mode="episode": every step gets its episode's discounted return normalized within its group
     (episodes with the same partner, env, round and reset seed: GRPO).
@@ -64,6 +64,50 @@ def step_advantages(rows: list[dict[str, Any]], mode: str) -> list[float]:
     adv = returns - baseline
     std = adv.std() if len(adv) > 1 else torch.tensor(0.0)
     return (adv / std).tolist() if std > 1e-8 else [0.0] * len(rows)
+
+
+def gae(rewards: torch.Tensor, values: torch.Tensor, gamma: float, lam: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns (advantages, value targets) of one finished episode by generalized advantage estimation
+    (Schulman et al. 2016), each (steps,). The episode's end, terminal or at the time limit, has value 0:
+    the task is finite-horizon, so no return is left to bootstrap."""
+    next_values = torch.cat([values[1:], values.new_zeros(1)])
+    deltas = rewards + gamma * next_values - values  # (steps,) TD errors
+    adv = torch.zeros_like(deltas)
+    running = 0.0
+    for t in reversed(range(len(deltas))):
+        running = deltas[t] + gamma * lam * running
+        adv[t] = running
+    return adv, adv + values
+
+
+def episode_spans(rows: list[dict[str, Any]]) -> list[range]:
+    """Returns the index range of each episode in `rows` (an episode's steps are contiguous, in order)."""
+    spans, start = [], 0
+    for i in range(1, len(rows) + 1):
+        if i == len(rows) or rows[i]["episode_id"] != rows[start]["episode_id"]:
+            spans.append(range(start, i))
+            start = i
+    return spans
+
+
+def gae_advantages(
+    rows: list[dict[str, Any]], values: torch.Tensor, gamma: float, lam: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns (advantages, value targets) of every step record, (n,), by GAE within each episode."""
+    rewards = torch.tensor([r["reward"] for r in rows], dtype=torch.float64)
+    values = values.double()
+    adv, targets = torch.zeros_like(rewards), torch.zeros_like(rewards)
+    for span in episode_spans(rows):
+        idx = torch.tensor(span)
+        adv[idx], targets[idx] = gae(rewards[idx], values[idx], gamma, lam)
+    return adv, targets
+
+
+def normalized(adv: torch.Tensor) -> torch.Tensor:
+    """Returns the advantages shifted and scaled to mean 0 and std 1 (unchanged when they do not vary)."""
+    if len(adv) < 2 or adv.std() < 1e-8:
+        return adv
+    return (adv - adv.mean()) / adv.std()
 
 
 def clipped_pg_loss(logp: torch.Tensor, behaviour: torch.Tensor, adv: torch.Tensor, clip_eps: float) -> torch.Tensor:
@@ -97,48 +141,103 @@ def row_logprobs(
     the model's distribution over token sequences; both at the behaviour policy's `temperature`, so
     they equal the stored behaviour log-probs for unchanged weights. The token log-likelihood (the
     distillation target) is always at temperature 1."""
+    policy_lp, entropy, token_lp, _ = row_outputs(partner, rows, temperature, values=False)
+    return policy_lp, entropy, token_lp
+
+
+def row_outputs(
+    partner: Partner, rows: list[dict[str, Any]], temperature: float = 1.0, values: bool = False
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Returns `row_logprobs`'s three numbers per row and, with `values`, the value head's state value of each
+    row's prompt, (n,). The model runs once per distinct prompt (or prompt and action): envs repeat states,
+    so a batch has far fewer of them than rows, and the rows sharing one share its outputs and gradients."""
     n = len(rows)
     device = partner.device
-    policy_lp, entropy, token_lp = (torch.zeros(n, device=device) for _ in range(3))
+    policy_lp, entropy, token_lp, value = (torch.zeros(n, device=device) for _ in range(4))
     by_legal: dict[tuple[str, ...], list[int]] = defaultdict(list)
     for i, r in enumerate(rows):
         by_legal[tuple(r["legal_actions"])].append(i)
     pad = partner.tokenizer.pad_token_id
     for legal, idx in by_legal.items():
-        prompts = [list(rows[i]["prompt_ids"]) for i in idx]
-        conts = [list(rows[i]["action_ids"]) for i in idx]
         index = torch.tensor(idx, device=device)
         action_ids = partner.action_ids(list(legal)) if legal else []
         if legal and all(len(a) == 1 for a in action_ids):
-            lp_full, lp_legal = _single_token_logprobs(partner, prompts, action_ids, pad, temperature)
+            distinct, inverse = _distinct([tuple(rows[i]["prompt_ids"]) for i in idx], device)
+            logits, hidden = last_outputs(partner.model, [list(p) for p in distinct], pad, hidden=values)
+            legal_index = torch.tensor([a[0] for a in action_ids], device=device)
+            lp_full = F.log_softmax(logits, -1)[inverse]  # (rows, vocab)
+            lp_legal = F.log_softmax(logits[:, legal_index] / temperature, -1)[inverse]  # (rows, K)
             chosen = torch.tensor([list(legal).index(rows[i]["action"]) for i in idx], device=device)
+            tokens = torch.tensor([rows[i]["action_ids"][0] for i in idx], device=device)
             policy_lp = policy_lp.index_put((index,), lp_legal.gather(1, chosen[:, None]).squeeze(1))
             entropy = entropy.index_put((index,), entropy_of(lp_legal))
-            tokens = torch.tensor([c[0] for c in conts], device=device)
             token_lp = token_lp.index_put((index,), lp_full.gather(1, tokens[:, None]).squeeze(1))
         else:
-            lp, ent = continuation_stats(partner.model, prompts, conts, pad, temperature)
-            policy_lp = policy_lp.index_put((index,), lp)
-            entropy = entropy.index_put((index,), ent)
+            pairs = [(tuple(rows[i]["prompt_ids"]), tuple(rows[i]["action_ids"])) for i in idx]
+            distinct, inverse = _distinct(pairs, device)
+            prompts, conts = [list(p) for p, _ in distinct], [list(c) for _, c in distinct]
+            lp, ent, hidden = continuation_outputs(partner.model, prompts, conts, pad, temperature)
+            policy_lp = policy_lp.index_put((index,), lp[inverse])
+            entropy = entropy.index_put((index,), ent[inverse])
             if temperature != 1.0:
                 lp, _ = continuation_stats(partner.model, prompts, conts, pad)
-            token_lp = token_lp.index_put((index,), lp)
-    return policy_lp, entropy, token_lp
+            token_lp = token_lp.index_put((index,), lp[inverse])
+        if values:
+            value = value.index_put((index,), partner.value_head(hidden).squeeze(-1)[inverse])
+    return policy_lp, entropy, token_lp, value if values else None
 
 
-def _single_token_logprobs(partner: Partner, prompts, action_ids, pad, temperature) -> tuple[torch.Tensor, torch.Tensor]:
-    # one forward pass serves both the full-vocabulary SFT term and the policy over legal actions
-    logits = last_logits(partner.model, prompts, pad)  # (batch, vocab)
-    legal_index = torch.tensor([a[0] for a in action_ids], device=logits.device)
-    return F.log_softmax(logits, -1), F.log_softmax(logits[:, legal_index] / temperature, -1)
+def _distinct(keys: list[Any], device: torch.device) -> tuple[list[Any], torch.Tensor]:
+    """Returns the distinct keys in first-seen order and, per key, the index of its distinct key, (n,)."""
+    position: dict[Any, int] = {}
+    inverse = [position.setdefault(k, len(position)) for k in keys]
+    return list(position), torch.tensor(inverse, device=device)
+
+
+def state_values(partner: Partner, rows: list[dict[str, Any]]) -> torch.Tensor:
+    """Returns the value head's estimate of each row's state, (n,), without gradients."""
+    value_head_for(partner)
+    with torch.no_grad():
+        return row_outputs(partner, rows, values=True)[3].float().cpu()
+
+
+def value_head_for(partner: Partner) -> torch.nn.Linear:
+    """Returns the partner's value head, creating a zero one (value 0 everywhere) on first use."""
+    if partner.value_head is None:
+        partner.value_head = new_value_head(partner.model.config.hidden_size, partner.device)
+    return partner.value_head
 
 
 def optimizer_for(partner: Partner, cfg: LearnConfig) -> torch.optim.Optimizer:
-    """Returns the partner's AdamW optimizer, creating it on first use (its state persists across rounds)."""
+    """Returns the partner's AdamW optimizer, creating it on first use (its state persists across rounds).
+    With learn.advantage=gae it also trains the value head."""
     if partner.optimizer is None:
         params = [p for p in partner.model.parameters() if p.requires_grad]
+        if cfg.advantage == "gae":
+            params += list(value_head_for(partner).parameters())
         partner.optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     return partner.optimizer
+
+
+def training_rows(
+    partner: Partner, own: list[dict[str, Any]], peer: list[dict[str, Any]], distill: list[dict[str, Any]],
+    cfg: LearnConfig, gamma: float,
+) -> list[tuple[str, dict[str, Any], float, float]]:
+    """Returns the round's training items (kind, row, advantage, value target): own and peer steps with their
+    advantages (normalized per kind with learn.normalize_advantages), and the distillation rows."""
+    items = []
+    for kind, rows, coef in (("own", own, cfg.rl_coef), ("peer", peer, cfg.peer_rl_coef)):
+        if not rows or not coef:
+            continue
+        if cfg.advantage == "gae":
+            adv, targets = gae_advantages(rows, state_values(partner, rows), gamma, cfg.gae_lambda)
+            adv = normalized(adv) if cfg.normalize_advantages else adv
+            items += [(kind, r, a, t) for r, a, t in zip(rows, adv.tolist(), targets.tolist())]
+        else:  # critic-free: a step without advantage carries no gradient, so it is left out
+            items += [(kind, r, a, 0.0) for r, a in zip(rows, step_advantages(rows, cfg.advantage)) if a != 0.0]
+    if cfg.distill_coef:
+        items += [("distill", r, 0.0, 0.0) for r in distill]
+    return items
 
 
 def learn(
@@ -150,20 +249,19 @@ def learn(
     seed: int,
     teacher: Partner | None = None,
     temperature: float = 1.0,
+    gamma: float = 1.0,
 ) -> dict[str, float]:
     """Updates the partner in place on its own steps (RL), the partner's steps (importance-weighted RL)
-    and the distillation set (SFT on action tokens); returns the round's training statistics."""
-    own_adv = step_advantages(own, cfg.advantage) if own else []
-    peer_adv = step_advantages(peer, cfg.advantage) if peer else []
-    items = [("own", r, a) for r, a in zip(own, own_adv) if cfg.rl_coef and a != 0.0]
-    items += [("peer", r, a) for r, a in zip(peer, peer_adv) if cfg.peer_rl_coef and a != 0.0]
-    items += [("distill", r, 0.0) for r in distill] if cfg.distill_coef else []
-    stats = {"loss/rl": 0.0, "loss/peer_rl": 0.0, "loss/distill": 0.0, "loss/kl": 0.0, "entropy": 0.0,
-             "learn/updates": 0, "learn/skipped_nonfinite": 0, "learn/rows": len(items),
+    and the distillation set (SFT on action tokens); returns the round's training statistics.
+    `gamma` discounts rewards in GAE (learn.advantage=gae)."""
+    items = training_rows(partner, own, peer, distill, cfg, gamma)
+    stats = {"loss/rl": 0.0, "loss/peer_rl": 0.0, "loss/distill": 0.0, "loss/kl": 0.0, "loss/value": 0.0,
+             "entropy": 0.0, "learn/updates": 0, "learn/skipped_nonfinite": 0, "learn/rows": len(items),
              "learn/distill_rows": len(distill), "learn/reward_std": _reward_std(own)}
     if not items:
         return stats
     optimizer = optimizer_for(partner, cfg)
+    params = [p for group in optimizer.param_groups for p in group["params"]]
     partner.model.train()
     order = random.Random(seed)
     for _ in range(cfg.epochs):
@@ -178,43 +276,50 @@ def learn(
                 continue
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(optimizer.param_groups[0]["params"], cfg.max_grad_norm)
+            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
             optimizer.step()
             stats["learn/updates"] += 1
             for k, v in parts.items():
                 stats[k] += v
     partner.model.eval()
-    for k in ("loss/rl", "loss/peer_rl", "loss/distill", "loss/kl", "entropy"):
+    for k in ("loss/rl", "loss/peer_rl", "loss/distill", "loss/kl", "loss/value", "entropy"):
         stats[k] /= max(stats["learn/updates"], 1)
     return stats
 
 
 def batch_loss(
     partner: Partner,
-    batch: list[tuple[str, dict[str, Any], float]],
+    batch: list[tuple[str, dict[str, Any], float, float]],
     cfg: LearnConfig,
     teacher: Partner | None,
     temperature: float = 1.0,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Returns the mixed loss of one minibatch and its parts (as floats)."""
-    rows = [r for _, r, _ in batch]
-    kinds = [k for k, _, _ in batch]
+    rows = [r for _, r, _, _ in batch]
+    kinds = [k for k, _, _, _ in batch]
     device = partner.device
-    policy_lp, entropy, token_lp = row_logprobs(partner, rows, temperature)
-    adv = torch.tensor([a for _, _, a in batch], device=device, dtype=torch.float32)
+    critic = cfg.advantage == "gae"
+    policy_lp, entropy, token_lp, value = row_outputs(partner, rows, temperature, values=critic)
+    adv = torch.tensor([a for _, _, a, _ in batch], device=device, dtype=torch.float32)
     behaviour = torch.tensor([r["logprob"] for r in rows], device=device, dtype=torch.float32)
     mask = {k: torch.tensor([x == k for x in kinds], device=device) for k in ("own", "peer", "distill")}
     count = {k: m.sum().clamp(min=1) for k, m in mask.items()}  # each term is a mean over its own rows
     rl = (clipped_pg_loss(policy_lp, behaviour, adv, cfg.clip_eps) * mask["own"]).sum() / count["own"]
+    peer_weight = torch.exp(policy_lp.detach() - behaviour).clamp(max=cfg.peer_ratio_cap) * mask["peer"]
     peer_rl = (peer_pg_loss(policy_lp, behaviour, adv, cfg.peer_ratio_cap) * mask["peer"]).sum() / count["peer"]
     distill = -(token_lp * mask["distill"]).sum() / count["distill"]
     acting = mask["own"] | mask["peer"]
     ent = (entropy * acting).sum() / acting.sum().clamp(min=1)
     kl = mutual_kl(partner, teacher, [r for r, m in zip(rows, mask["distill"].tolist()) if m]) / count["distill"]
+    value_loss = torch.zeros((), device=device)
+    if critic:  # the partner's steps count by their importance weight, as in SEAC's critic
+        targets = torch.tensor([t for _, _, _, t in batch], device=device, dtype=torch.float32)
+        weight = mask["own"].float() + peer_weight
+        value_loss = (weight * (value - targets) ** 2).sum() / weight.sum().clamp(min=1e-8) / 2
     loss = cfg.rl_coef * rl + cfg.peer_rl_coef * peer_rl + cfg.distill_coef * distill - cfg.entropy_coef * ent
-    loss = loss + cfg.mutual_kl_coef * kl
-    parts = {k: v.item() for k, v in
-             {"loss/rl": rl, "loss/peer_rl": peer_rl, "loss/distill": distill, "loss/kl": kl, "entropy": ent}.items()}
+    loss = loss + cfg.mutual_kl_coef * kl + cfg.value_coef * value_loss
+    parts = {k: v.item() for k, v in {"loss/rl": rl, "loss/peer_rl": peer_rl, "loss/distill": distill,
+                                      "loss/kl": kl, "loss/value": value_loss, "entropy": ent}.items()}
     return loss, parts
 
 

@@ -7,11 +7,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from colearn.config import ModelConfig
 from colearn.errors import ColearnError
 from colearn.policy import continuation_stats, legal_action_logprobs
+
+
+VALUE_HEAD_FILE = "value_head.safetensors"  # beside the model's own files in a partner directory
 
 
 @dataclass
@@ -29,6 +33,7 @@ class Partner:
     cfg: ModelConfig
     envs: list[str] = field(default_factory=list)  # env names this partner acts in
     optimizer: torch.optim.Optimizer | None = None
+    value_head: torch.nn.Linear | None = None  # state value from the final hidden state (learn.advantage=gae)
     _prompt_cache: dict[str, list[int]] = field(default_factory=dict, repr=False)
     _action_cache: dict[str, list[int]] = field(default_factory=dict, repr=False)
 
@@ -62,23 +67,37 @@ class Partner:
         generator: torch.Generator,
         temperature: float = 1.0,
         max_new_tokens: int = 8,
+        cache: dict | None = None,
     ) -> Actions:
         """Returns one action per observation: sampled from (or the argmax of) the distribution over
-        the legal actions when `legal` is given (constrained mode), else freely generated text."""
-        prompts = self.prompt_ids(observations)
+        the legal actions when `legal` is given (constrained mode), else freely generated text.
+        `cache` (see `action_logprobs`) is kept by the caller for as long as the weights do not change."""
         if legal:
-            return self._act_constrained(prompts, legal, greedy, generator, temperature)
-        return self._act_generate(prompts, greedy, generator, temperature, max_new_tokens)
+            return self._act_constrained(observations, legal, greedy, generator, temperature, cache)
+        return self._act_generate(self.prompt_ids(observations), greedy, generator, temperature, max_new_tokens)
 
-    def _act_constrained(self, prompts, legal, greedy, generator, temperature) -> Actions:
+    @torch.no_grad()
+    def action_logprobs(self, observations: list[str], legal: list[str], temperature: float = 1.0,
+                        cache: dict | None = None, chunk: int = 256) -> torch.Tensor:
+        """Returns log pi(a | observation) over the legal actions, (observations, K).
+
+        Envs repeat observations (the episodes of a group start alike; small maps have few states), so each
+        distinct one is scored once, in chunks of prompts; with `cache` (a dict the caller keeps while the
+        weights are fixed, e.g. for one round's acting) also once across calls."""
+        cache = {} if cache is None else cache
+        key = (tuple(legal), temperature)
+        missing = [o for o in dict.fromkeys(observations) if (o, key) not in cache]
+        if missing:
+            prompts = self.prompt_ids(missing)
+            action_ids, pad = self.action_ids(legal), self.tokenizer.pad_token_id
+            logps = torch.cat([legal_action_logprobs(self.model, prompts[i : i + chunk], action_ids, pad, temperature)
+                               for i in range(0, len(prompts), chunk)])
+            cache.update(((o, key), row) for o, row in zip(missing, logps))
+        return torch.stack([cache[(o, key)] for o in observations])
+
+    def _act_constrained(self, observations, legal, greedy, generator, temperature, cache) -> Actions:
         action_ids = self.action_ids(legal)
-        # envs repeat observations (the episodes of a group start alike; small maps have few states):
-        # score each distinct prompt once, then sample one action per observation
-        row_of: dict[tuple[int, ...], int] = {}
-        rows = torch.tensor([row_of.setdefault(tuple(p), len(row_of)) for p in prompts])
-        distinct = [list(p) for p in row_of]
-        logps = legal_action_logprobs(self.model, distinct, action_ids, self.tokenizer.pad_token_id, temperature)
-        logps = logps[rows.to(logps.device)]
+        logps = self.action_logprobs(observations, legal, temperature, cache)
         if greedy:
             choice = logps.argmax(-1)
         else:
@@ -111,8 +130,9 @@ class Partner:
         return row[: row.index(eos) + 1] if eos in row else row
 
     def clone(self, name: str, envs: list[str] | None = None) -> Partner:
-        """Returns a copy with its own weights and no optimizer state."""
-        return Partner(name, copy.deepcopy(self.model), self.tokenizer, self.cfg, list(envs or self.envs))
+        """Returns a copy with its own weights (and value head) and no optimizer state."""
+        return Partner(name, copy.deepcopy(self.model), self.tokenizer, self.cfg, list(envs or self.envs),
+                       value_head=copy.deepcopy(self.value_head))
 
     def save(self, path: str | Path) -> None:
         """Writes weights, tokenizer and optimizer state into `path` (a Hugging Face model directory)."""
@@ -122,6 +142,8 @@ class Partner:
         self.tokenizer.save_pretrained(path)
         if hasattr(self.model, "peft_config"):  # a LoRA partner: its frozen base goes alongside the adapter
             copy.deepcopy(self.model).unload().save_pretrained(path / "base")
+        if self.value_head is not None:
+            save_file(self.value_head.state_dict(), path / VALUE_HEAD_FILE)
         if self.optimizer is not None:
             torch.save(self.optimizer.state_dict(), path / "optimizer.pt")
 
@@ -144,4 +166,17 @@ class Partner:
             model = PeftModel.from_pretrained(base, path, is_trainable=True)
         else:
             model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, cfg.dtype))
-        return cls(name, model.to(device), tokenizer, cfg)
+        partner = cls(name, model.to(device), tokenizer, cfg)
+        if (path / VALUE_HEAD_FILE).exists():
+            weights = load_file(path / VALUE_HEAD_FILE, device=str(device))
+            partner.value_head = new_value_head(weights["weight"].shape[1], device)
+            partner.value_head.load_state_dict(weights)
+        return partner
+
+
+def new_value_head(hidden_size: int, device: torch.device | str) -> torch.nn.Linear:
+    """Returns a zero-initialized linear value head (every state starts at value 0), float32."""
+    head = torch.nn.Linear(hidden_size, 1, device=device)
+    torch.nn.init.zeros_(head.weight)
+    torch.nn.init.zeros_(head.bias)
+    return head

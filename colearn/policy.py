@@ -27,6 +27,15 @@ def right_padded(seqs: list[list[int]], pad_id: int, device: torch.device) -> tu
 
 def last_logits(model: torch.nn.Module, prompts: list[list[int]], pad_id: int) -> torch.Tensor:
     """Returns the next-token logits after each prompt, (batch, vocab), in float32."""
+    return last_outputs(model, prompts, pad_id, hidden=False)[0]
+
+
+def last_outputs(
+    model: torch.nn.Module, prompts: list[list[int]], pad_id: int, hidden: bool = True
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Returns (next-token logits, final hidden state) at the last token of each prompt, (batch, vocab) and
+    (batch, hidden), in float32 (the hidden state None unless asked): one forward pass serves the policy and a
+    value head."""
     device = next(model.parameters()).device
     lengths = torch.tensor([len(p) for p in prompts])
     longest = int(lengths.max())
@@ -36,17 +45,27 @@ def last_logits(model: torch.nn.Module, prompts: list[list[int]], pad_id: int) -
     mask = mask.long()
     positions = (mask.cumsum(1) - 1).clamp(min=0)  # pads take no position: same numbers as unpadded
     out = model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device),
-                logits_to_keep=1, use_cache=False)  # no KV cache to build: nothing is generated after
-    return out.logits[:, -1].float()
+                logits_to_keep=1, use_cache=False, output_hidden_states=hidden)  # no KV cache: nothing is generated
+    return out.logits[:, -1].float(), out.hidden_states[-1][:, -1].float() if hidden else None
 
 
 def continuation_stats(
     model: torch.nn.Module, prompts: list[list[int]], conts: list[list[int]], pad_id: int, temperature: float = 1.0
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns (log-prob, mean token entropy), each (batch,), of each continuation given its prompt."""
+    logps, entropy, _ = continuation_outputs(model, prompts, conts, pad_id, temperature)
+    return logps, entropy
+
+
+def continuation_outputs(
+    model: torch.nn.Module, prompts: list[list[int]], conts: list[list[int]], pad_id: int, temperature: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns (log-prob, mean token entropy), each (batch,), of each continuation given its prompt, and the
+    final hidden state at each prompt's last token, (batch, hidden) (causal: it has not seen the continuation)."""
     device = next(model.parameters()).device
     ids, mask = right_padded([p + c for p, c in zip(prompts, conts)], pad_id, device)
-    logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float() / temperature  # (batch, len-1, vocab)
+    out = model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+    logits = out.logits[:, :-1].float() / temperature  # (batch, len-1, vocab)
     targets = ids[:, 1:]
     cont_mask = torch.zeros_like(targets, dtype=torch.bool)
     for i, (p, c) in enumerate(zip(prompts, conts)):
@@ -54,7 +73,9 @@ def continuation_stats(
     token_logps = selective_log_softmax(logits, targets) * cont_mask  # (batch, len-1)
     token_ent = entropy_from_logits(logits) * cont_mask
     n = cont_mask.sum(1).clamp(min=1)
-    return token_logps.sum(1), token_ent.sum(1) / n
+    last_prompt = torch.tensor([len(p) - 1 for p in prompts], device=device)
+    hidden = out.hidden_states[-1][torch.arange(len(prompts), device=device), last_prompt].float()  # (batch, hidden)
+    return token_logps.sum(1), token_ent.sum(1) / n, hidden
 
 
 def legal_action_logprobs(

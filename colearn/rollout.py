@@ -87,10 +87,11 @@ def collect(
     steps: list[list[dict[str, Any]]] = [[] for _ in range(n)]
     episodes: list[list[dict[str, Any]]] = []
     obs = reset_slots(venv, {i: seed for i, (_, seed) in slots.items()})
+    cache: dict = {}  # the weights are fixed while the episodes play: each distinct state is scored once
     while slots:
         live = sorted(slots)
         observations = [obs[i] for i in live]
-        acts = partner.act(observations, legal, greedy, generator, cfg.temperature, cfg.max_new_tokens)
+        acts = partner.act(observations, legal, greedy, generator, cfg.temperature, cfg.max_new_tokens, cache)
         prompts = partner.prompt_ids(observations)
         outcomes = step_slots(venv, dict(zip(live, acts.texts)), legal[0] if legal else "")
         reset_seeds: dict[int, int] = {}

@@ -13,8 +13,8 @@ from colearn import loop
 from colearn.config import (Config, EnvConfig, EnvSpec, EvalConfig, LearnConfig, LoopConfig, MergeConfig, PartnerSpec,
                             RolloutConfig)
 from colearn.evaluate import evaluate
-from colearn.learn import (clipped_pg_loss, group_advantages, learn, peer_pg_loss, select_for_distillation,
-                           step_advantages)
+from colearn.learn import (clipped_pg_loss, gae, gae_advantages, group_advantages, learn, normalized, peer_pg_loss,
+                           select_for_distillation, step_advantages)
 from colearn.models import build_ancestor
 from colearn.partner import Partner
 from colearn.rollout import EpisodeMeta, collect
@@ -71,6 +71,27 @@ def test_return_to_go_advantages_use_a_per_state_baseline():
     # returns-to-go: e0 (0.5, 1), e1 (0, 0); baselines s0 = 0.25, s1 = 0.5 -> raw (0.25, 0.5, -0.25, -0.5)
     raw = torch.tensor([0.25, 0.5, -0.25, -0.5], dtype=torch.float64)
     assert adv == pytest.approx((raw / raw.std()).tolist(), abs=1e-6)
+
+
+def test_gae_matches_hand_computation():
+    rewards, values = torch.tensor([0.0, 0.0, 1.0]), torch.tensor([0.5, 0.2, 0.4])
+    adv, targets = gae(rewards, values, gamma=0.9, lam=0.8)
+    # TD errors: 0 + 0.9 * 0.2 - 0.5 = -0.32, 0 + 0.9 * 0.4 - 0.2 = 0.16, 1 + 0 - 0.4 = 0.6 (the end has value 0)
+    # advantages backwards with gamma * lam = 0.72: 0.6, 0.16 + 0.72 * 0.6, -0.32 + 0.72 * 0.592
+    assert adv.tolist() == pytest.approx([0.10624, 0.592, 0.6], abs=1e-6)
+    assert targets.tolist() == pytest.approx([0.60624, 0.792, 1.0], abs=1e-6)
+
+
+def test_gae_restarts_at_each_episode_and_normalizes():
+    rows = rows_of([[0, 1], [0, 0, 0]], seeds=[1, 2])
+    for r, reward in zip(rows, [0, 1, 0, 0, 0]):
+        r["reward"] = reward
+    adv, targets = gae_advantages(rows, torch.zeros(5), gamma=1.0, lam=1.0)
+    assert adv.tolist() == [1.0, 1.0, 0.0, 0.0, 0.0]  # nothing of episode e0's reward leaks into e1
+    assert targets.tolist() == adv.tolist()
+    scaled = normalized(adv)
+    assert scaled.mean().item() == pytest.approx(0.0, abs=1e-9) and scaled.std().item() == pytest.approx(1.0)
+    assert normalized(torch.zeros(3)).tolist() == [0.0, 0.0, 0.0]  # nothing to scale: left as it is
 
 
 def test_clipped_and_peer_losses_match_hand_computation():
@@ -147,6 +168,29 @@ def test_distillation_alone_transfers_a_skill(learned_run, partner_factory):
     learn(student, own=[], peer=[], distill=successes, cfg=cfg, seed=0)
     after = evaluate(student, [spec], ev, rollout)[0].success
     assert after >= before + 0.3, (before, after)
+
+
+def test_the_partners_steps_alone_transfer_a_skill(learned_run, partner_factory):
+    """With distillation off, a student that never acts in the env improves there from a partner's steps,
+    weighted by min(pi_student / pi_partner, cap): the shared-experience policy gradient (SEAC)."""
+    teacher, student = learned_run[0].partners[0], partner_factory(seed=2)
+    spec = SMALL_LAKE
+    # the partner explores at a high temperature, so its episodes both succeed and fail
+    rollout = RolloutConfig(episodes=256, group_size=8, num_envs=64, temperature=6.0)
+    rows = collect(teacher, spec, list(range(256)), rollout, torch.Generator().manual_seed(0),
+                   EpisodeMeta(partner="teacher"))
+    outcomes = {r["episode_id"]: r["success"] for r in rows}
+    assert 0.1 < sum(outcomes.values()) / len(outcomes) < 0.9, sum(outcomes.values()) / len(outcomes)
+    ev = EvalConfig(episodes=64, greedy=True, sampled=True)
+    before = {s.policy: s.success for s in evaluate(student, [spec], ev, RolloutConfig())}
+    # raw advantages: a failed step's is ~0, a success's positive (centred, the many successes of this partner
+    # would turn the few failures into large negative advantages on states the fresh student cannot yet tell apart)
+    cfg = LearnConfig(lr=3e-3, batch_size=4096, epochs=30, rl_coef=0.0, peer_rl_coef=1.0, distill_coef=0.0,
+                      normalize_advantages=False)
+    stats = learn(student, own=[], peer=rows, distill=[], cfg=cfg, seed=0, temperature=1.0, gamma=0.99)
+    assert stats["learn/distill_rows"] == 0 and stats["learn/updates"] == 30
+    after = {s.policy: s.success for s in evaluate(student, [spec], ev, RolloutConfig())}
+    assert after["sampled"] >= before["sampled"] + 0.2 and after["greedy"] == 1.0, (before, after)
 
 
 def test_non_finite_loss_skips_the_update_and_keeps_weights(partner_factory):
