@@ -11,7 +11,7 @@ from typing import Any
 
 
 class Logger:
-    """Appends events to `run_dir/metrics.jsonl` (flushed and fsynced per event) and `run_dir/tb/`."""
+    """Appends events to `run_dir/metrics.jsonl` (flushed per event, made durable by `sync`) and `run_dir/tb/`."""
 
     def __init__(self, run_dir: str | Path, tensorboard: bool = True, purge_step: int | None = None) -> None:
         self.run_dir = Path(run_dir)
@@ -32,12 +32,16 @@ class Logger:
         self._file.write(json.dumps(record, default=_jsonable) + "\n")
         self.lines += 1
         self._file.flush()
-        os.fsync(self._file.fileno())
         if self._tb is not None:
             for key, value in fields.items():
                 if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
                     self._tb.add_scalar(key, value, step)
         return record
+
+    def sync(self) -> None:
+        """Makes every event written so far durable (the loop calls it before each checkpoint)."""
+        self._file.flush()
+        os.fsync(self._file.fileno())
 
     def close(self) -> None:
         self._file.close()

@@ -18,6 +18,9 @@ import os
 import shutil
 import signal
 import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -71,6 +74,16 @@ class Context:
     stop: StopOnSignal | None = None
     probe: list[str] = field(default_factory=list)  # fixed observations on which partners' hidden states are compared
     venvs: dict[tuple[str, int], Any] = field(default_factory=dict)  # vector envs made once per run and reused
+    seconds: dict[str, float] = field(default_factory=dict)  # wall seconds per phase since the last "time" event
+
+    @contextmanager
+    def timed(self, phase: str) -> Iterator[None]:
+        """Adds the wall time of the block to `phase` (logged by `log_times`)."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - start
 
 
 class StopOnSignal:
@@ -140,6 +153,8 @@ def initial_state(cfg: Config) -> LoopState:
 def run(cfg: Config, run_dir: Path, state: LoopState | None = None) -> LoopState:
     """Runs the experiment to its last generation (or until SIGINT/SIGTERM, after a checkpoint);
     returns the final state. Without `state`, continues from the newest intact checkpoint if any."""
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
     state = state or resume_state(cfg, run_dir) or initial_state(cfg)
     ctx = Context(cfg, run_dir, ExperienceStore(run_dir / "experience"), Logger(run_dir, purge_step=state.env_steps),
                   {e.name: e for e in cfg.env.suite})
@@ -177,8 +192,10 @@ def resume_state(cfg: Config, run_dir: Path) -> LoopState | None:
 
 def checkpoint(state: LoopState, ctx: Context) -> None:
     """Writes a round-boundary checkpoint: the loop can resume exactly from here."""
-    save_checkpoint(ctx.run_dir / "checkpoints", state,
-                    {"experience_shards": len(ctx.store.shards), "metrics_lines": ctx.log.lines})
+    with ctx.timed("checkpoint"):
+        ctx.log.sync()  # the metrics lines the checkpoint counts are on disk before it is
+        save_checkpoint(ctx.run_dir / "checkpoints", state,
+                        {"experience_shards": len(ctx.store.shards), "metrics_lines": ctx.log.lines})
 
 
 def run_generation(state: LoopState, ctx: Context, bar: tqdm) -> None:
@@ -186,33 +203,48 @@ def run_generation(state: LoopState, ctx: Context, bar: tqdm) -> None:
     cfg = ctx.cfg
     while state.round < cfg.loop.rounds:
         for i, partner in enumerate(state.partners):
-            ctx.store.append(play(partner, i, state, ctx))
+            rows = play(partner, i, state, ctx)
+            with ctx.timed("store"):
+                ctx.store.append(rows)
         teachers = snapshot_teachers(state.partners, cfg)
         for i, partner in enumerate(state.partners):
             others = [p for p in state.partners if p is not partner] if cfg.loop.exchange else []
             train(partner, i, others, teachers.get(partner.name), state, ctx)
         for partner in state.partners:
             state.last_scores[partner.name] = assess(partner, partner.name, state, ctx)
-        log_dynamics(state, ctx)
+        with ctx.timed("dynamics"):
+            log_dynamics(state, ctx)
         state.round += 1
+        log_times(state, ctx)
         checkpoint(state, ctx)
         bar.update(1)
         bar.set_postfix({p.name: f"{headline(state.last_scores[p.name]):.2f}" for p in state.partners})
         if ctx.stop.requested:
             return
-    assess_integration(state, ctx)
-    child, recipe = breed(state, ctx)
+    with ctx.timed("integrate"):
+        assess_integration(state, ctx)
+    with ctx.timed("breed"):
+        child, recipe = breed(state, ctx)
     if "mixture" in recipe:
         child_scores = assess_mixture(recipe["mixture"], state, ctx)
     else:
         child_scores = assess(child, "offspring", state, ctx)
     state.last_scores["offspring"] = child_scores
     record_lineage(state, ctx, recipe, child_scores)
-    save_generation(state, child, recipe.get("mixture"), ctx)
+    with ctx.timed("save_generation"):
+        save_generation(state, child, recipe.get("mixture"), ctx)
     promote(state, ctx, recipe)
     state.score_history.append(main_scores(state.last_scores))
     next_generation(state, child, recipe, ctx)
+    log_times(state, ctx)
     checkpoint(state, ctx)
+
+
+def log_times(state: LoopState, ctx: Context) -> None:
+    """Logs the wall seconds spent per phase since the last such event (a checkpoint's falls in the next one)."""
+    ctx.log.write("timing", state.env_steps, generation=state.generation, round=state.round,
+                  **{f"time/{k}": round(v, 4) for k, v in ctx.seconds.items()})
+    ctx.seconds.clear()
 
 
 def play(partner: Partner, index: int, state: LoopState, ctx: Context) -> list[dict[str, Any]]:
@@ -225,7 +257,8 @@ def play(partner: Partner, index: int, state: LoopState, ctx: Context) -> list[d
                             cfg.rollout.group_size)
         generator = torch.Generator().manual_seed(seed_for(cfg, 2, *path))
         meta = EpisodeMeta(cfg.run_id or ctx.run_dir.name, state.generation, state.round, partner.name)
-        rows += collect(partner, ctx.suite[name], seeds, cfg.rollout, generator, meta, venvs=ctx.venvs)
+        with ctx.timed("act"):
+            rows += collect(partner, ctx.suite[name], seeds, cfg.rollout, generator, meta, venvs=ctx.venvs)
     state.env_steps += len(rows)
     return rows
 
@@ -246,15 +279,17 @@ def train(
     """One learning phase of one partner on this round's experience, logged."""
     cfg = ctx.cfg
     here = {"generation": state.generation, "round": state.round}
-    own = ctx.store.select(partner=partner.name, **here)
-    peer = [r for o in others for r in ctx.store.select(partner=o.name, **here)]
+    with ctx.timed("store"):
+        own = ctx.store.select(partner=partner.name, **here)
+        peer = [r for o in others for r in ctx.store.select(partner=o.name, **here)]
     sources = {"peer": peer, "self": own, "both": own + peer}[cfg.learn.distill_from]
     distill = select_for_distillation(sources, cfg.learn.distill_select, cfg.learn.distill_top_fraction)
     if cfg.learn.distill_coef and not distill:
         ctx.log.write("distill_skipped", state.env_steps, partner=partner.name, **here,
                       reason=f"no {cfg.learn.distill_select} episodes from {cfg.learn.distill_from} this round")
-    stats = learn(partner, own, peer, distill, cfg.learn, seed_for(cfg, 3, state.generation, state.round, index),
-                  teacher, cfg.rollout.temperature)
+    with ctx.timed("learn"):
+        stats = learn(partner, own, peer, distill, cfg.learn, seed_for(cfg, 3, state.generation, state.round, index),
+                      teacher, cfg.rollout.temperature, cfg.rollout.gamma)
     from_peer = [r for r in distill if r["partner"] != partner.name]
     stats["distill/from_peer_share"] = len(from_peer) / len(distill) if distill else 0.0
     # how the imitated peer actions fared: the mean return of the episodes they came from
@@ -281,7 +316,8 @@ def warn_on_collapse(partner: Partner, stats: dict[str, float], cfg: Config, ctx
 
 def assess(partner: Partner, label: str, state: LoopState, ctx: Context) -> list[EnvScore]:
     """Evaluates a policy on every env of the experiment and logs each score against the ceiling."""
-    scores = evaluate(partner, list(ctx.suite.values()), ctx.cfg.eval, ctx.cfg.rollout, ctx.venvs)
+    with ctx.timed("eval"):
+        scores = evaluate(partner, list(ctx.suite.values()), ctx.cfg.eval, ctx.cfg.rollout, ctx.venvs)
     log_scores(scores, partner.envs, label, state, ctx)
     return scores
 

@@ -30,9 +30,11 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
 
 
 def events(run_dir: Path) -> list[tuple]:
-    """The run's metrics without wall-clock times (which differ between runs by nature)."""
+    """The run's metrics without wall-clock times (which differ between runs by nature): each event's `time`,
+    and the per-phase seconds of the timing events."""
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [tuple(sorted((k, json.dumps(v)) for k, v in r.items() if k != "time")) for r in rows]
+    return [tuple(sorted((k, json.dumps(v)) for k, v in r.items() if k != "time" and not k.startswith("time/")))
+            for r in rows]
 
 
 def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 240) -> None:
@@ -130,7 +132,7 @@ def test_export_writes_a_model_that_loads_and_generates(uninterrupted, tmp_path)
     card = (out / "README.md").read_text()
     assert "## Lineage" in card and "## Recipe" in card and "Lake" in card
     model, tokenizer = AutoModelForCausalLM.from_pretrained(out), AutoTokenizer.from_pretrained(out)
-    ids = tokenizer("PFFF\nFHFH\nFFFH\nHFFG\nAction:", return_tensors="pt").input_ids
+    ids = tokenizer("PFFF\nFHFH\nFFFH\nHFFG\nP at row 0 col 0\nAction:", return_tensors="pt").input_ids
     generated = model.generate(ids, max_new_tokens=2, do_sample=False)
     assert generated.shape[1] == ids.shape[1] + 2
     deployed = json.loads((uninterrupted / "deployed.json").read_text())
