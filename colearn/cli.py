@@ -73,10 +73,17 @@ class user_errors:
             return False
         print(f"colearn: error: {error}", file=sys.stderr)
         if self.run_dir is not None and self.run_dir.is_dir():
-            ours = [p for p in self.run_dir.iterdir() if p.name != ".hydra" and not p.name.endswith(".log")]
-            if not ours:
-                shutil.rmtree(self.run_dir, ignore_errors=True)
+            self._remove_if_unused(self.run_dir)
         sys.exit(2)
+
+    @staticmethod
+    def _remove_if_unused(run_dir: Path) -> None:
+        from colearn.runlock import LOCK_FILE, holder
+
+        ours = [p for p in run_dir.iterdir() if p.name not in (".hydra", LOCK_FILE) and not p.name.endswith(".log")]
+        # a directory another process holds is its run, however little it has written yet
+        if not ours and holder(run_dir) is None:
+            shutil.rmtree(run_dir, ignore_errors=True)
 
 
 def quiet_libraries() -> None:
@@ -89,13 +96,30 @@ def quiet_libraries() -> None:
     transformers.utils.logging.set_verbosity_error()
 
 
+def refuse_occupied_run_dir(argv: list[str]) -> None:
+    """Stops with one line when `hydra.run.dir=DIR` names a directory another run holds: checked before Hydra
+    starts, because Hydra rewrites DIR/.hydra/config.yaml before the run's own lock is taken."""
+    from colearn.runlock import holder, in_use_message
+
+    if any(a in ("--cfg", "-c", "--help", "-h", "--hydra-help", "--info", "-i") for a in argv):
+        return  # Hydra only prints: nothing is written into the directory
+    for arg in argv:
+        key, _, value = arg.lstrip("+").partition("=")
+        pid = holder(Path(value)) if key == "hydra.run.dir" and value else None
+        if pid is not None:
+            print(f"colearn: error: {in_use_message(Path(value), pid)}", file=sys.stderr)
+            sys.exit(2)
+
+
 def hydra_entry() -> None:
     import hydra
 
     from colearn.config import register_configs
 
+    refuse_occupied_run_dir(sys.argv[1:])
     register_configs()
     hydra.main(version_base=None, config_path=CONF_DIR, config_name="config")(run_experiment)()
+
 
 
 # subcommand -> "module:function" taking the remaining argv; imported only when used

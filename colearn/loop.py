@@ -43,6 +43,7 @@ from colearn.models import build_ancestor, resolve_device
 from colearn.offspring import make_offspring
 from colearn.partner import Partner
 from colearn.rollout import EpisodeMeta, collect, env_info, group_seeds
+from colearn.runlock import RunLock
 
 log = logging.getLogger(__name__)
 
@@ -152,7 +153,15 @@ def initial_state(cfg: Config) -> LoopState:
 
 def run(cfg: Config, run_dir: Path, state: LoopState | None = None) -> LoopState:
     """Runs the experiment to its last generation (or until SIGINT/SIGTERM, after a checkpoint);
-    returns the final state. Without `state`, continues from the newest intact checkpoint if any."""
+    returns the final state. Without `state`, continues from the newest intact checkpoint if any. The run
+    directory is held throughout: another process running or resuming in it stops with ColearnError."""
+    run_dir = Path(run_dir).resolve()  # the run_id of the step records is its name, even given as '.'
+    with RunLock(run_dir):
+        return run_held(cfg, run_dir, state)
+
+
+def run_held(cfg: Config, run_dir: Path, state: LoopState | None) -> LoopState:
+    """`run`, once the run directory is held."""
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     state = state or resume_state(cfg, run_dir) or initial_state(cfg)

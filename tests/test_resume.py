@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -71,6 +72,29 @@ def test_killed_and_resumed_run_equals_the_uninterrupted_one(uninterrupted, tmp_
     steps = [(r["episode_id"], r["step"]) for r in ExperienceStore(run_dir / "experience").table().to_pylist()]
     expected = [(r["episode_id"], r["step"]) for r in ExperienceStore(uninterrupted / "experience").table().to_pylist()]
     assert len(steps) == len(set(steps)) and steps == expected  # none missing, none doubled
+
+
+def test_runs_started_at_once_in_one_directory_leave_it_to_the_first(uninterrupted, tmp_path):
+    """Two `colearn resume` and a `colearn hydra.run.dir=` into one run directory: whichever takes it first
+    runs to the end as if alone; the others stop with one line naming its pid and touch nothing."""
+    run_dir = tmp_path / "run"
+    (run_dir / ".hydra").mkdir(parents=True)
+    shutil.copy(uninterrupted / ".hydra" / "config.yaml", run_dir / ".hydra" / "config.yaml")
+    commands = [[*CLI, "resume", str(run_dir)], [*CLI, "resume", str(run_dir)],
+                [*CLI, f"hydra.run.dir={run_dir}", *TINY]]
+    procs = [subprocess.Popen(c, env=ENV, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+             for c in commands]
+    errors = [p.communicate(timeout=600)[1] for p in procs]
+    codes = [p.returncode for p in procs]
+    assert sorted(codes) == [0, 2, 2], errors
+    winner = procs[codes.index(0)]
+    for code, err in zip(codes, errors):
+        if code:
+            assert err.strip().splitlines() == [err.strip()] and f"in use by process {winner.pid}" in err, err
+    assert events(run_dir) == events(uninterrupted)
+    steps = [(r["episode_id"], r["step"]) for r in ExperienceStore(run_dir / "experience").table().to_pylist()]
+    expected = [(r["episode_id"], r["step"]) for r in ExperienceStore(uninterrupted / "experience").table().to_pylist()]
+    assert steps == expected
 
 
 def test_sigterm_writes_a_checkpoint_and_exits_cleanly(tmp_path):

@@ -1,0 +1,72 @@
+"""One process at a time in a run directory: an OS file lock on RUN/.lock holding the owner's pid.
+
+The lock is `flock` on an open file, so the kernel drops it when the process ends however it ends (a killed
+run never leaves a stale lock behind); the pid in the file only names the holder in the refusal.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+from pathlib import Path
+from types import TracebackType
+
+from colearn.errors import ColearnError
+
+LOCK_FILE = ".lock"
+
+
+class RunLock:
+    """Holds `run_dir` for the block; entering raises ColearnError naming the holder when another process has it."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.run_dir = Path(run_dir)
+        self._fd: int | None = None
+
+    def __enter__(self) -> RunLock:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        # O_CLOEXEC: a program this run starts must not inherit the lock and keep it after the run ends
+        fd = os.open(self.run_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _read_pid(fd)
+            os.close(fd)
+            raise ColearnError(in_use_message(self.run_dir, holder)) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._fd = fd
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing the last descriptor releases the lock
+            self._fd = None
+
+
+def holder(run_dir: Path) -> int | None:
+    """Returns the pid holding `run_dir` (0 when it is held but the pid is not written yet), None when it is free."""
+    path = Path(run_dir) / LOCK_FILE
+    if not path.is_file():
+        return None
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return _read_pid(fd)
+    finally:
+        os.close(fd)
+    return None
+
+
+def in_use_message(run_dir: Path, pid: int | None) -> str:
+    who = f"process {pid}" if pid else "another process"
+    return (f"run directory {str(run_dir)!r} is in use by {who}; wait for it to end (or stop it) "
+            "before running or resuming in it")
+
+
+def _read_pid(fd: int) -> int:
+    # the holder writes its pid right after locking: an empty file is a holder that has not written it yet
+    text = os.pread(fd, 32, 0).decode(errors="replace").strip()
+    return int(text) if text.isdigit() else 0
