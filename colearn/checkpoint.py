@@ -3,6 +3,10 @@
 A checkpoint directory is written aside (`*.tmp`), fsynced, then renamed into place, so a crash
 leaves either the previous checkpoint or the new one. MANIFEST.json holds a SHA-256 per file;
 loading verifies it and falls back to the newest checkpoint that is intact.
+
+A generation directory (checkpoints/gen_NNNN) also gets the state.json of the round checkpoint written at
+that generation's end, as resume.json: with no round checkpoint intact, the run continues from the newest
+generation directory that has one and loads (`latest_generation`).
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from colearn.partner import Partner
 
 log = logging.getLogger(__name__)
 KEEP = 2  # round checkpoints kept besides the newest generation ones
+RESUME_FILE = "resume.json"  # in a generation directory: the loop state at the start of the next generation
 
 
 def checkpoint_name(generation: int, round_: int) -> str:
@@ -106,22 +111,107 @@ def latest_intact(root: Path) -> Path | None:
 
 def load_checkpoint(path: Path, cfg: Config) -> tuple[dict[str, Any], list[Partner], Partner]:
     """Returns (state metadata, partners with optimizer state, ancestor) stored at `path`."""
-    from colearn.learn import optimizer_for
     from colearn.models import resolve_device
 
     if not is_intact(path):
         raise ColearnError(f"checkpoint {str(path)!r} is damaged; delete it to resume from an older one")
     meta = json.loads((path / "state.json").read_text(encoding="utf-8"))
     device = resolve_device(cfg.device)
-    partners = []
-    for spec in meta["partners"]:
-        d = path / "partners" / spec["name"]
-        p = Partner.load(d, spec["name"], cfg.model, device)
-        p.envs = list(spec["envs"])
-        if (d / "optimizer.pt").exists():
-            optimizer_for(p, cfg.learn).load_state_dict(torch.load(d / "optimizer.pt", map_location=device))
-        partners.append(p)
-    ancestor = Partner.load(path / "ancestor", "ancestor", cfg.model, device)
+    partners = [load_partner(path / "partners" / spec["name"], spec, cfg, device) for spec in meta["partners"]]
+    ancestor = in_fresh_memory(Partner.load(path / "ancestor", "ancestor", cfg.model, device))
+    return restored(meta), partners, ancestor
+
+
+def load_partner(path: Path, spec: dict[str, Any], cfg: Config, device: torch.device,
+                 optimizer: bool = True) -> Partner:
+    """Returns the partner `spec` ({name, envs}) with the weights at `path`, and with `optimizer` its
+    optimizer state when `path` holds one."""
+    from colearn.learn import optimizer_for
+
+    partner = in_fresh_memory(Partner.load(path, spec["name"], cfg.model, device))
+    partner.envs = list(spec["envs"])
+    if optimizer and (path / "optimizer.pt").exists():
+        state = torch.load(path / "optimizer.pt", map_location=device, weights_only=True)
+        optimizer_for(partner, cfg.learn).load_state_dict(state)
+    return partner
+
+
+def in_fresh_memory(partner: Partner) -> Partner:
+    """Returns the partner with its weights copied into memory of their own. Loaded weights can sit at any
+    offset in the file's mapping, and for some shapes BLAS sums in another order when a tensor is not 64-byte
+    aligned: a resumed run must compute exactly what the uninterrupted one did with its weights in memory."""
+    with torch.no_grad():
+        for p in partner.model.parameters():
+            p.data = p.data.clone()
+    return partner
+
+
+def restored(meta: dict[str, Any]) -> dict[str, Any]:
+    """Sets torch's global RNG from a checkpoint's metadata and returns the metadata with its scores typed."""
     torch.set_rng_state(torch.tensor(meta["torch_rng"], dtype=torch.uint8))
     meta["last_scores"] = {k: [EnvScore(**s) for s in v] for k, v in meta["last_scores"].items()}
-    return meta, partners, ancestor
+    return meta
+
+
+def mark_resumable(generation_dir: Path, checkpoint: Path) -> None:
+    """Copies the state.json of `checkpoint` (written at the end of the generation saved in `generation_dir`)
+    into that directory as resume.json, written aside and renamed into place."""
+    if not generation_dir.is_dir():  # pruned (loop.keep_generations)
+        return
+    tmp = generation_dir / (RESUME_FILE + ".tmp")
+    shutil.copyfile(checkpoint / "state.json", tmp)
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, generation_dir / RESUME_FILE)
+
+
+Loaded = tuple[dict[str, Any], list[Partner], Partner]  # (state metadata, partners, ancestor)
+
+
+def latest_generation(root: Path, cfg: Config) -> tuple[Path, Loaded, str] | None:
+    """Returns (path, what `load_generation` returns, a note for the user) of the newest generation directory
+    under `root` that can seed a resume, logging each one it skips; None when there is none."""
+    for d in sorted((d for d in root.glob("gen_*") if d.is_dir() and not d.name.endswith(".tmp")), reverse=True):
+        if not (d / RESUME_FILE).is_file():
+            log.warning("generation directory %s has no %s; trying an older one", d, RESUME_FILE)
+            continue
+        try:
+            loaded = load_generation(d, cfg)
+        except Exception as e:  # noqa: BLE001 - whatever stops this one loading, an older one may not have
+            log.warning("generation directory %s does not load (%s); trying an older one", d, e)
+            print(f"colearn: generation directory {d.name} does not load; falling back to an older one")
+            continue
+        return d, loaded, generation_note(d, loaded[0])
+    return None
+
+
+def load_generation(path: Path, cfg: Config) -> Loaded:
+    """Returns (state metadata, partners, ancestor) at the start of the generation after the one saved at
+    `path`, as the loop's `next_generation` made them: the offspring's copies, or with a copy_best recipe
+    and several partners the partners going on (with their optimizer state where the directory kept it)."""
+    from colearn.mixture import is_mixture
+    from colearn.models import resolve_device
+
+    meta = json.loads((path / RESUME_FILE).read_text(encoding="utf-8"))
+    recipe = meta["lineage"][-1]["recipe"]
+    device = resolve_device(cfg.device)
+    child = path / "offspring"
+    if is_mixture(child):  # the loop seeds the next generation with the best partner's copy
+        child = path / recipe["source"]
+    going_on = recipe["method"] == "copy_best" and len(meta["partners"]) > 1
+    partners = [load_partner(path / spec["name"] if going_on else child, spec, cfg, device, optimizer=going_on)
+                for spec in meta["partners"]]
+    ancestor = in_fresh_memory(Partner.load(child, "ancestor", cfg.model, device))
+    return restored(meta), partners, ancestor
+
+
+def generation_note(path: Path, meta: dict[str, Any]) -> str:
+    """Says that no round checkpoint was intact, and when the partners go on without their optimizer state."""
+    recipe = meta["lineage"][-1]["recipe"]
+    note = "; no round checkpoint was intact"
+    lost = recipe["method"] == "copy_best" and len(meta["partners"]) > 1 and not all(
+        (path / spec["name"] / "optimizer.pt").exists() for spec in meta["partners"])
+    if lost:
+        note += ("; the partners' optimizer state was not kept there (loop.keep_generations), so they go on "
+                 "with fresh optimizers and the run will differ from an uninterrupted one")
+    return note

@@ -29,9 +29,10 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from colearn.checkpoint import latest_intact, load_checkpoint, save_checkpoint
+from colearn.checkpoint import latest_generation, latest_intact, load_checkpoint, mark_resumable, save_checkpoint
 from colearn.config import Config, EnvSpec
 from colearn.dynamics import forgetting, main_scores, pair_metrics, probe_set, transfer
+from colearn.errors import ColearnError
 from colearn.evaluate import EnvScore, evaluate, headline, normalized_by_env
 from colearn.evolve import return_scorer
 from colearn.integrate import ModeParams, evaluate_modes
@@ -151,20 +152,21 @@ def initial_state(cfg: Config) -> LoopState:
     return LoopState(generation=0, round=0, ancestor=ancestor, partners=partners)
 
 
-def run(cfg: Config, run_dir: Path, state: LoopState | None = None) -> LoopState:
+def run(cfg: Config, run_dir: Path, state: LoopState | None = None, restart: bool = False) -> LoopState:
     """Runs the experiment to its last generation (or until SIGINT/SIGTERM, after a checkpoint);
-    returns the final state. Without `state`, continues from the newest intact checkpoint if any. The run
-    directory is held throughout: another process running or resuming in it stops with ColearnError."""
+    returns the final state. Without `state`, continues from the newest intact checkpoint if any (see
+    `resume_state`; `restart` lets a run with none start over). The run directory is held throughout:
+    another process running or resuming in it stops with ColearnError."""
     run_dir = Path(run_dir).resolve()  # the run_id of the step records is its name, even given as '.'
     with RunLock(run_dir):
-        return run_held(cfg, run_dir, state)
+        return run_held(cfg, run_dir, state, restart)
 
 
-def run_held(cfg: Config, run_dir: Path, state: LoopState | None) -> LoopState:
+def run_held(cfg: Config, run_dir: Path, state: LoopState | None, restart: bool) -> LoopState:
     """`run`, once the run directory is held."""
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    state = state or resume_state(cfg, run_dir) or initial_state(cfg)
+    state = state or resume_state(cfg, run_dir, restart) or initial_state(cfg)
     ctx = Context(cfg, run_dir, ExperienceStore(run_dir / "experience"), Logger(run_dir, purge_step=state.env_steps),
                   {e.name: e for e in cfg.env.suite})
     total = cfg.loop.generations * cfg.loop.rounds
@@ -183,28 +185,57 @@ def run_held(cfg: Config, run_dir: Path, state: LoopState | None) -> LoopState:
     return state
 
 
-def resume_state(cfg: Config, run_dir: Path) -> LoopState | None:
-    """Returns the state of the newest intact checkpoint in the run dir, with the experience store and
-    metrics.jsonl cut back to what that checkpoint had seen (so resumed rounds are neither lost nor doubled)."""
+def resume_state(cfg: Config, run_dir: Path, restart: bool = False) -> LoopState | None:
+    """Returns the state of the newest intact round checkpoint in the run dir, else of the newest intact
+    generation directory, with the experience store and metrics.jsonl cut back to what it had seen (so
+    resumed rounds are neither lost nor doubled). With neither, returns None (start afresh) when the run has
+    written nothing yet or `restart` is given (its metrics and experience are then dropped), and otherwise
+    raises ColearnError: nothing is deleted that no checkpoint can replace."""
     root = run_dir / "checkpoints"
     path = latest_intact(root) if root.is_dir() else None
-    if path is None:  # killed before its first checkpoint: start over, dropping what the attempt wrote
-        ExperienceStore(run_dir / "experience").truncate(0)
-        truncate_metrics(run_dir, 0)
-        return None
-    meta, partners, ancestor = load_checkpoint(path, cfg)
+    if path is not None:
+        meta, partners, ancestor = load_checkpoint(path, cfg)
+        note = ""
+    else:
+        found = latest_generation(root, cfg) if root.is_dir() else None
+        if found is None:
+            return start_over(run_dir, restart)
+        path, (meta, partners, ancestor), note = found
+    log.info("continuing from %s", path)
+    print(f"colearn: continuing from {path.relative_to(run_dir)} (generation {meta['generation']}, "
+          f"round {meta['round']}){note}")
     ExperienceStore(run_dir / "experience").truncate(meta["experience_shards"])
     truncate_metrics(run_dir, meta["metrics_lines"])
     return LoopState(meta["generation"], meta["round"], ancestor, partners, meta["env_steps"], meta["lineage"],
                      meta["last_scores"], meta["score_history"])
 
 
+def start_over(run_dir: Path, restart: bool) -> None:
+    """Clears what a run with no intact checkpoint wrote, when that is nothing or `restart` asks for it."""
+    store = ExperienceStore(run_dir / "experience")
+    metrics = run_dir / "metrics.jsonl"
+    written = bool(store.shards) or (metrics.exists() and metrics.stat().st_size > 0)
+    if written and not restart:
+        raise ColearnError(f"run directory {str(run_dir)!r} has metrics or experience but no intact round or "
+                           "generation checkpoint to continue from; nothing was deleted. To discard them and start "
+                           f"over: colearn resume {run_dir} --restart")
+    if written:
+        print(f"colearn: no intact checkpoint in {run_dir}; --restart: discarding its metrics and experience")
+    store.truncate(0)
+    truncate_metrics(run_dir, 0)
+    # damaged round checkpoints would outrank the new run's by name when the newest are kept
+    for damaged in (run_dir / "checkpoints").glob("round_g*"):
+        shutil.rmtree(damaged, ignore_errors=True)
+
+
 def checkpoint(state: LoopState, ctx: Context) -> None:
     """Writes a round-boundary checkpoint: the loop can resume exactly from here."""
     with ctx.timed("checkpoint"):
         ctx.log.sync()  # the metrics lines the checkpoint counts are on disk before it is
-        save_checkpoint(ctx.run_dir / "checkpoints", state,
-                        {"experience_shards": len(ctx.store.shards), "metrics_lines": ctx.log.lines})
+        path = save_checkpoint(ctx.run_dir / "checkpoints", state,
+                               {"experience_shards": len(ctx.store.shards), "metrics_lines": ctx.log.lines})
+        if state.round == 0 and state.generation > 0:  # a generation's end: its directory can seed a resume
+            mark_resumable(ctx.run_dir / "checkpoints" / f"gen_{state.generation - 1:04d}", path)
 
 
 def run_generation(state: LoopState, ctx: Context, bar: tqdm) -> None:

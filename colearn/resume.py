@@ -1,4 +1,4 @@
-"""`colearn resume RUN_DIR`: continue a run from its newest intact checkpoint."""
+"""`colearn resume RUN_DIR [--restart]`: continue a run from its newest intact checkpoint."""
 
 from __future__ import annotations
 
@@ -24,12 +24,15 @@ def run_config(run_dir: Path):
 def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(prog="colearn resume", description=__doc__)
     parser.add_argument("run_dir", type=Path, help="a run directory (outputs/<date>/<time>)")
+    parser.add_argument("--restart", action="store_true",
+                        help="when no round or generation checkpoint is intact, discard the run's metrics and "
+                             "experience and start over (without it, such a resume stops and deletes nothing)")
     args = parser.parse_args(argv)
     from colearn import loop
     from colearn.summary import summary_table
 
     cfg = run_config(args.run_dir)
-    state = loop.run(cfg, args.run_dir)
+    state = loop.run(cfg, args.run_dir, restart=args.restart)
     report_end(state, args.run_dir, summary_table)
 
 

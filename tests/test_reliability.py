@@ -67,6 +67,52 @@ def test_a_held_run_directory_refuses_a_second_holder(tmp_path):
         pass
 
 
+# --- resume deletes nothing it cannot replace -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("merge,keep", [("linear", 0), ("none", 2)], ids=["merged", "partners_go_on"])
+def test_resume_without_round_checkpoints_continues_from_the_newest_generation(tmp_path, capsys, merge, keep):
+    cfg = two_generations(merge, keep)
+    straight = tmp_path / "straight"
+    loop.run(cfg, straight)
+    run_dir = tmp_path / "run"
+    shutil.copytree(straight, run_dir)
+    # as if killed during generation 1 with every round checkpoint lost: gen_0000 is the newest survivor
+    for d in [*run_dir.glob("checkpoints/round_*"), run_dir / "checkpoints" / "gen_0001"]:
+        shutil.rmtree(d)
+    capsys.readouterr()
+
+    state = loop.resume_state(cfg, run_dir)
+    assert (state.generation, state.round) == (1, 0)
+    assert "continuing from checkpoints/gen_0000" in capsys.readouterr().out
+    meta = json.loads((straight / "checkpoints" / "gen_0000" / "resume.json").read_text())
+    assert events(run_dir) == events(straight)[:meta["metrics_lines"]]
+    assert steps(run_dir) == steps(straight)[:len(steps(run_dir))]
+    assert len(ExperienceStore(run_dir / "experience").shards) == meta["experience_shards"]
+
+    loop.run(cfg, run_dir)
+    assert events(run_dir) == events(straight)
+    assert steps(run_dir) == steps(straight)
+    a, b = (weights(d / "checkpoints" / "gen_0001" / "offspring") for d in (straight, run_dir))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_with_no_checkpoint_at_all_refuses_and_deletes_nothing(finished, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(finished, run_dir)
+    shutil.rmtree(run_dir / "checkpoints")
+    metrics = (run_dir / "metrics.jsonl").read_bytes()
+    shards = sorted(p.name for p in (run_dir / "experience").iterdir())
+
+    with pytest.raises(ColearnError, match="--restart"):
+        loop.run(two_generations(), run_dir)
+    assert (run_dir / "metrics.jsonl").read_bytes() == metrics
+    assert sorted(p.name for p in (run_dir / "experience").iterdir()) == shards
+
+    assert loop.resume_state(two_generations(), run_dir, restart=True) is None  # asked for: start over
+    assert (run_dir / "metrics.jsonl").read_text() == "" and not ExperienceStore(run_dir / "experience").shards
+
+
 # --- run_id, signals ----------------------------------------------------------------------------------------
 
 
