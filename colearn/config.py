@@ -221,6 +221,7 @@ class LoopConfig:
     rounds: int = 3  # rounds per generation (each: act, learn, evaluate)
     exchange: bool = True  # partners see each other's experience (off: independent partners)
     keep_generations: int = 0  # generation checkpoints kept (newest, plus the deployed one); 0 keeps all
+    # (the partners' optimizer state only in the kept newest: none at 0; round checkpoints always have it)
 
     def __post_init__(self) -> None:
         if self.generations < 1 or self.rounds < 1:

@@ -12,6 +12,7 @@ generation (a mixture has no single set of weights to copy into the partners).
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import logging
 import os
@@ -446,12 +447,13 @@ def write_json_atomic(path: Path, data: Any) -> None:
 
 def save_generation(state: LoopState, child: Partner, mixture: dict[str, str] | None, ctx: Context) -> None:
     """Writes checkpoints/gen_NNNN/{partners, ancestor, offspring} as Hugging Face directories, atomically;
-    a mixture offspring ({env: partner}) as a mixture directory of the partners (`colearn.mixture`)."""
+    a mixture offspring ({env: partner}) as a mixture directory of the partners (`colearn.mixture`). The
+    partners' optimizer state goes along only with loop.keep_generations > 0 (see `prune_generations`)."""
     final = ctx.run_dir / "checkpoints" / f"gen_{state.generation:04d}"
     tmp = final.with_name(final.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     for p in [*state.partners, state.ancestor]:
-        p.save(tmp / p.name)
+        (p if ctx.cfg.loop.keep_generations > 0 else dataclasses.replace(p, optimizer=None)).save(tmp / p.name)
     if mixture:
         save_mixture(state.partners, mixture, tmp / child.name)
     else:
@@ -462,8 +464,8 @@ def save_generation(state: LoopState, child: Partner, mixture: dict[str, str] | 
 
 
 def prune_generations(run_dir: Path, keep: int) -> None:
-    """Deletes generation checkpoints beyond the newest `keep` (never the deployed one), so a long run's
-    directory grows only by its experience and logs."""
+    """Deletes generation checkpoints beyond the newest `keep` (never the deployed one, though its optimizer
+    state goes), so a long run's directory grows only by its experience and logs."""
     if keep <= 0:
         return
     deployed = run_dir / "deployed.json"
@@ -472,6 +474,8 @@ def prune_generations(run_dir: Path, keep: int) -> None:
     for d in generations[:-keep]:
         if d.name != protected:
             shutil.rmtree(d, ignore_errors=True)
+        for optimizer_state in d.glob("*/optimizer.pt"):
+            optimizer_state.unlink(missing_ok=True)
 
 
 def promote(state: LoopState, ctx: Context, recipe: dict[str, Any]) -> None:

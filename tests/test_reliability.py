@@ -113,6 +113,14 @@ def test_resume_with_no_checkpoint_at_all_refuses_and_deletes_nothing(finished, 
     assert (run_dir / "metrics.jsonl").read_text() == "" and not ExperienceStore(run_dir / "experience").shards
 
 
+def test_optimizer_state_is_kept_in_round_checkpoints_not_generation_ones(finished, tmp_path):
+    assert not list(finished.glob("checkpoints/gen_*/*/optimizer.pt"))
+    assert list(finished.glob("checkpoints/round_*/partners/*/optimizer.pt"))
+    loop.run(two_generations("none", keep_generations=1), tmp_path)  # the newest one keeps it, when asked
+    kept = {p.parent.parent.name for p in tmp_path.glob("checkpoints/gen_*/*/optimizer.pt")}
+    assert kept == {"gen_0001"}  # gen_0000 is gone, or (deployed) kept without its optimizer state
+
+
 # --- run_id, signals ----------------------------------------------------------------------------------------
 
 
