@@ -135,13 +135,15 @@ ADVANTAGES = ("gae", "return_to_go", "episode")
 class LearnConfig:
     lr: float = 2e-3  # AdamW learning rate
     weight_decay: float = 0.0  # AdamW weight decay
-    batch_size: int = 128  # step records per gradient step
+    batch_size: int = 128  # step records per gradient step (those sharing state, action and advantage sign run once)
     epochs: int = 4  # passes over a round's data
     max_grad_norm: float = 1.0  # gradient clipping
     rl_coef: float = 1.0  # weight of the policy-gradient loss on own steps (0 disables RL)
     peer_rl_coef: float = 0.5  # weight of the importance-weighted policy-gradient loss on the partner's steps
     peer_ratio_cap: float = 1.0  # truncation of the importance ratio pi_self / pi_partner on partner steps (SEAC)
     clip_eps: float = 0.2  # PPO clip of the ratio against the behaviour log-probability
+    target_kl: float = 0.0  # end the round's updates once the estimated KL(behaviour || policy) on own steps
+    # exceeds this (checked before each step, as in Stable-Baselines3's PPO); 0 never stops early
     entropy_coef: float = 0.02  # entropy bonus
     advantage: str = "gae"  # gae (value head + GAE) | return_to_go (per-observation Monte-Carlo baseline) |
     # episode (group-normalized episode return: GRPO)

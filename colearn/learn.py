@@ -13,6 +13,7 @@ import logging
 import math
 import random
 from collections import defaultdict
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -124,12 +125,30 @@ def peer_pg_loss(logp: torch.Tensor, peer_behaviour: torch.Tensor, adv: torch.Te
 
 
 def select_for_distillation(rows: list[dict[str, Any]], how: str, top_fraction: float) -> list[dict[str, Any]]:
-    """Returns the steps worth imitating: of successful episodes, or of the top fraction by episode return."""
+    """Returns the steps worth imitating: of successful episodes, or of the top fraction by episode return,
+    each episode without its loops (`loop_free`)."""
     if how == "success":
-        return [r for r in rows if r["success"] and not r["invalid"]]
-    returns = sorted({(r["episode_id"], r["episode_return"]) for r in rows}, key=lambda x: -x[1])
-    keep = {e for e, _ in returns[: max(1, math.ceil(len(returns) * top_fraction))]}
-    return [r for r in rows if r["episode_id"] in keep and not r["invalid"]]
+        keep = {r["episode_id"] for r in rows if r["success"]}
+    else:
+        returns = sorted({(r["episode_id"], r["episode_return"]) for r in rows}, key=lambda x: -x[1])
+        keep = {e for e, _ in returns[: max(1, math.ceil(len(returns) * top_fraction))]}
+    chosen = [r for r in rows if r["episode_id"] in keep]
+    return [r for span in episode_spans(chosen) for r in loop_free([chosen[i] for i in span]) if not r["invalid"]]
+
+
+def loop_free(episode: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Returns the episode's steps with every cycle cut out: when an observation comes back, the steps taken since
+    its first visit are dropped. A successful episode of a sampling policy wanders (bumps into walls, goes back
+    and forth); imitating those steps teaches the wandering, and a greedy policy that learned it loops forever."""
+    path: list[dict[str, Any]] = []
+    seen: dict[str, int] = {}
+    for r in episode:
+        if r["observation"] in seen:
+            del path[seen[r["observation"]]:]
+            seen = {p["observation"]: i for i, p in enumerate(path)}
+        seen[r["observation"]] = len(path)
+        path.append(r)
+    return path
 
 
 def row_logprobs(
@@ -219,12 +238,47 @@ def optimizer_for(partner: Partner, cfg: LearnConfig) -> torch.optim.Optimizer:
     return partner.optimizer
 
 
+@dataclass
+class Item:
+    """One training record: a step, or the steps of one kind that share prompt, action, behaviour log-prob and
+    the sign of their advantage, merged into one (see `merged`)."""
+
+    kind: str  # own | peer | distill
+    row: dict[str, Any]  # the first step's record
+    adv: float  # the steps' summed advantage
+    target: float = 0.0  # the steps' mean value target
+    count: int = 1  # steps merged
+    spread: float = 0.0  # sum of the squared deviations of the steps' value targets from `target`
+
+
+def merged(items: list[Item]) -> list[Item]:
+    """Returns the items with those of one kind, prompt, action, behaviour log-prob and advantage sign merged, in
+    first-seen order. Exact, not an approximation: PPO's clipped term is a * min(r, clip(r)) for a > 0 and
+    a * max(r, clip(r)) for a < 0, linear in a, as are the SEAC and distillation terms, so such steps sum to one
+    term with the summed advantage; their value loss sum (v - t_i)^2 is count * (v - mean t)^2 + spread. Envs
+    repeat (state, action) pairs, so a round's thousands of steps become a few hundred items."""
+    groups: dict[tuple, list[Item]] = defaultdict(list)
+    for it in items:
+        r = it.row
+        key = (it.kind, tuple(r["prompt_ids"]), tuple(r["action_ids"]), r["logprob"], (it.adv > 0) - (it.adv < 0))
+        groups[key].append(it)
+    out = []
+    for group in groups.values():
+        if len(group) == 1:
+            out.append(group[0])
+            continue
+        mean = sum(it.target for it in group) / len(group)
+        spread = sum((it.target - mean) ** 2 + it.spread for it in group)
+        out.append(Item(group[0].kind, group[0].row, sum(it.adv for it in group), mean, len(group), spread))
+    return out
+
+
 def training_rows(
     partner: Partner, own: list[dict[str, Any]], peer: list[dict[str, Any]], distill: list[dict[str, Any]],
     cfg: LearnConfig, gamma: float,
-) -> list[tuple[str, dict[str, Any], float, float]]:
-    """Returns the round's training items (kind, row, advantage, value target): own and peer steps with their
-    advantages (normalized per kind with learn.normalize_advantages), and the distillation rows."""
+) -> list[Item]:
+    """Returns the round's training steps, one item each: own and peer steps with their advantages (normalized per
+    kind with learn.normalize_advantages) and value targets, and the distillation rows."""
     items = []
     for kind, rows, coef in (("own", own, cfg.rl_coef), ("peer", peer, cfg.peer_rl_coef)):
         if not rows or not coef:
@@ -232,11 +286,11 @@ def training_rows(
         if cfg.advantage == "gae":
             adv, targets = gae_advantages(rows, state_values(partner, rows), gamma, cfg.gae_lambda)
             adv = normalized(adv) if cfg.normalize_advantages else adv
-            items += [(kind, r, a, t) for r, a, t in zip(rows, adv.tolist(), targets.tolist())]
+            items += [Item(kind, r, a, t) for r, a, t in zip(rows, adv.tolist(), targets.tolist())]
         else:  # critic-free: a step without advantage carries no gradient, so it is left out
-            items += [(kind, r, a, 0.0) for r, a in zip(rows, step_advantages(rows, cfg.advantage)) if a != 0.0]
+            items += [Item(kind, r, a) for r, a in zip(rows, step_advantages(rows, cfg.advantage)) if a != 0.0]
     if cfg.distill_coef:
-        items += [("distill", r, 0.0, 0.0) for r in distill]
+        items += [Item("distill", r, 0.0) for r in distill]
     return items
 
 
@@ -256,7 +310,8 @@ def learn(
     `gamma` discounts rewards in GAE (learn.advantage=gae)."""
     items = training_rows(partner, own, peer, distill, cfg, gamma)
     stats = {"loss/rl": 0.0, "loss/peer_rl": 0.0, "loss/distill": 0.0, "loss/kl": 0.0, "loss/value": 0.0,
-             "entropy": 0.0, "learn/updates": 0, "learn/skipped_nonfinite": 0, "learn/rows": len(items),
+             "entropy": 0.0, "learn/approx_kl": 0.0, "learn/updates": 0, "learn/skipped_nonfinite": 0,
+             "learn/rows": len(items),
              "learn/distill_rows": len(distill), "learn/reward_std": _reward_std(own)}
     if not items:
         return stats
@@ -264,11 +319,16 @@ def learn(
     params = [p for group in optimizer.param_groups for p in group["params"]]
     partner.model.train()
     order = random.Random(seed)
+    whole = [merged(items)] if cfg.batch_size >= len(items) else None  # one batch: merge once, no order to shuffle
     for _ in range(cfg.epochs):
-        order.shuffle(items)
-        for start in range(0, len(items), cfg.batch_size):
-            batch = items[start : start + cfg.batch_size]
+        if whole is None:
+            order.shuffle(items)
+        batches = whole or (merged(items[i : i + cfg.batch_size]) for i in range(0, len(items), cfg.batch_size))
+        for batch in batches:
             loss, parts = batch_loss(partner, batch, cfg, teacher, temperature)
+            if cfg.target_kl and parts["learn/approx_kl"] > cfg.target_kl:
+                stats["learn/stopped_at_kl"] = parts["learn/approx_kl"]  # the policy moved far enough this round
+                break
             if not torch.isfinite(loss):
                 stats["learn/skipped_nonfinite"] += 1
                 log.warning("partner %s: non-finite loss %s, update skipped", partner.name, loss.item())
@@ -281,65 +341,84 @@ def learn(
             stats["learn/updates"] += 1
             for k, v in parts.items():
                 stats[k] += v
+        if "learn/stopped_at_kl" in stats:
+            break
     partner.model.eval()
-    for k in ("loss/rl", "loss/peer_rl", "loss/distill", "loss/kl", "loss/value", "entropy"):
+    for k in ("loss/rl", "loss/peer_rl", "loss/distill", "loss/kl", "loss/value", "entropy", "learn/approx_kl"):
         stats[k] /= max(stats["learn/updates"], 1)
     return stats
 
 
 def batch_loss(
     partner: Partner,
-    batch: list[tuple[str, dict[str, Any], float, float]],
+    batch: list[Item],
     cfg: LearnConfig,
     teacher: Partner | None,
     temperature: float = 1.0,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """Returns the mixed loss of one minibatch and its parts (as floats)."""
-    rows = [r for _, r, _, _ in batch]
-    kinds = [k for k, _, _, _ in batch]
+    """Returns the mixed loss of one minibatch and its parts (as floats); each term is a mean over its steps."""
+    rows = [it.row for it in batch]
     device = partner.device
     critic = cfg.advantage == "gae"
     policy_lp, entropy, token_lp, value = row_outputs(partner, rows, temperature, values=critic)
-    adv = torch.tensor([a for _, _, a, _ in batch], device=device, dtype=torch.float32)
+    adv = torch.tensor([it.adv for it in batch], device=device, dtype=torch.float32)
+    n = torch.tensor([it.count for it in batch], device=device, dtype=torch.float32)  # steps per item
     behaviour = torch.tensor([r["logprob"] for r in rows], device=device, dtype=torch.float32)
-    mask = {k: torch.tensor([x == k for x in kinds], device=device) for k in ("own", "peer", "distill")}
-    count = {k: m.sum().clamp(min=1) for k, m in mask.items()}  # each term is a mean over its own rows
-    rl = (clipped_pg_loss(policy_lp, behaviour, adv, cfg.clip_eps) * mask["own"]).sum() / count["own"]
+    mask = {k: torch.tensor([it.kind == k for it in batch], device=device) for k in ("own", "peer", "distill")}
+    steps = {k: (n * m).sum().clamp(min=1) for k, m in mask.items()}
+    rl = (clipped_pg_loss(policy_lp, behaviour, adv, cfg.clip_eps) * mask["own"]).sum() / steps["own"]
     peer_weight = torch.exp(policy_lp.detach() - behaviour).clamp(max=cfg.peer_ratio_cap) * mask["peer"]
-    peer_rl = (peer_pg_loss(policy_lp, behaviour, adv, cfg.peer_ratio_cap) * mask["peer"]).sum() / count["peer"]
-    distill = -(token_lp * mask["distill"]).sum() / count["distill"]
-    acting = mask["own"] | mask["peer"]
+    peer_rl = (peer_pg_loss(policy_lp, behaviour, adv, cfg.peer_ratio_cap) * mask["peer"]).sum() / steps["peer"]
+    distill = -(token_lp * n * mask["distill"]).sum() / steps["distill"]
+    acting = (mask["own"] | mask["peer"]) * n
     ent = (entropy * acting).sum() / acting.sum().clamp(min=1)
-    kl = mutual_kl(partner, teacher, [r for r, m in zip(rows, mask["distill"].tolist()) if m]) / count["distill"]
+    distilled = mask["distill"].tolist()
+    kl = mutual_kl(partner, teacher, [r for r, m in zip(rows, distilled) if m],
+                   [it.count for it, m in zip(batch, distilled) if m]) / steps["distill"]
     value_loss = torch.zeros((), device=device)
     if critic:  # the partner's steps count by their importance weight, as in SEAC's critic
-        targets = torch.tensor([t for _, _, _, t in batch], device=device, dtype=torch.float32)
-        weight = mask["own"].float() + peer_weight
-        value_loss = (weight * (value - targets) ** 2).sum() / weight.sum().clamp(min=1e-8) / 2
+        targets = torch.tensor([it.target for it in batch], device=device, dtype=torch.float32)
+        spread = torch.tensor([it.spread for it in batch], device=device, dtype=torch.float32)
+        weight = mask["own"].float() + peer_weight  # per step
+        value_loss = (weight * (n * (value - targets) ** 2 + spread)).sum() / (weight * n).sum().clamp(min=1e-8) / 2
     loss = cfg.rl_coef * rl + cfg.peer_rl_coef * peer_rl + cfg.distill_coef * distill - cfg.entropy_coef * ent
     loss = loss + cfg.mutual_kl_coef * kl + cfg.value_coef * value_loss
+    own_kl = approx_kl(policy_lp.detach(), behaviour, mask["own"] * n)
     parts = {k: v.item() for k, v in {"loss/rl": rl, "loss/peer_rl": peer_rl, "loss/distill": distill,
-                                      "loss/kl": kl, "loss/value": value_loss, "entropy": ent}.items()}
+                                      "loss/kl": kl, "loss/value": value_loss, "entropy": ent,
+                                      "learn/approx_kl": own_kl}.items()}
     return loss, parts
 
 
-def mutual_kl(partner: Partner, teacher: Partner | None, rows: list[dict[str, Any]]) -> torch.Tensor:
-    """Returns the summed KL(teacher || partner) over the legal actions of constrained rows (0 without a teacher)."""
-    rows = [r for r in rows if r["legal_actions"]]
-    if teacher is None or not rows:
+def approx_kl(logp: torch.Tensor, behaviour: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Returns the weighted mean estimate of KL(behaviour || policy) over the rows, (r - 1) - log r with
+    r = pi / pi_behaviour (Schulman's k3: unbiased, never negative); 0 when every weight is 0."""
+    log_ratio = logp - behaviour
+    total = weight.sum()
+    if not total:
+        return torch.zeros((), device=logp.device)
+    return ((log_ratio.exp() - 1 - log_ratio) * weight).sum() / total
+
+
+def mutual_kl(partner: Partner, teacher: Partner | None, rows: list[dict[str, Any]], weights: list[int]) -> torch.Tensor:
+    """Returns the weighted sum of KL(teacher || partner) over the legal actions of the constrained rows
+    (0 without a teacher); a row's weight is the number of steps it stands for."""
+    if teacher is None:
         return torch.zeros((), device=partner.device)
     total = torch.zeros((), device=partner.device)
-    by_legal: dict[tuple[str, ...], list[dict[str, Any]]] = defaultdict(list)
-    for r in rows:
-        by_legal[tuple(r["legal_actions"])].append(r)
+    by_legal: dict[tuple[str, ...], list[tuple[dict[str, Any], int]]] = defaultdict(list)
+    for r, w in zip(rows, weights):
+        if r["legal_actions"]:
+            by_legal[tuple(r["legal_actions"])].append((r, w))
     for legal, group in by_legal.items():
-        prompts = [list(r["prompt_ids"]) for r in group]
+        prompts = [list(r["prompt_ids"]) for r, _ in group]
+        weight = torch.tensor([w for _, w in group], device=partner.device, dtype=torch.float32)
         mine = legal_action_logprobs(partner.model, prompts, partner.action_ids(list(legal)),
                                      partner.tokenizer.pad_token_id)
         with torch.no_grad():
             theirs = legal_action_logprobs(teacher.model, prompts, teacher.action_ids(list(legal)),
                                            teacher.tokenizer.pad_token_id)
-        total = total + (theirs.exp() * (theirs - mine)).sum()
+        total = total + ((theirs.exp() * (theirs - mine)).sum(-1) * weight).sum()
     return total
 
 

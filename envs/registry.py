@@ -18,6 +18,7 @@ from gymnasium.wrappers import TimeLimit
 
 from envs.addition import AdditionEnv
 from envs.errors import EnvConfigError
+from envs.render import render_frozen_lake_map
 from envs.text import TabularModel, TextEnv
 
 FROZEN_LAKE_ACTIONS = ["left", "down", "right", "up"]
@@ -52,11 +53,13 @@ def make_frozen_lake(
     is_slippery: bool = False,
     invalid_penalty: float = -1.0,
     horizon: int | None = None,
+    position_line: bool = True,
     **env_kwargs: Any,
 ) -> TextEnv:
-    """Return a text FrozenLake (actions ``left down right up``)."""
+    """Return a text FrozenLake (actions ``left down right up``); ``position_line=False`` shows only the map."""
     inner = make_inner("FrozenLake-v1", map_name=map_name, is_slippery=is_slippery, **env_kwargs)
-    return TextEnv(inner, FROZEN_LAKE_ACTIONS, invalid_penalty=invalid_penalty, horizon=horizon)
+    renderer = None if position_line else render_frozen_lake_map
+    return TextEnv(inner, FROZEN_LAKE_ACTIONS, invalid_penalty=invalid_penalty, horizon=horizon, renderer=renderer)
 
 
 def make_taxi(

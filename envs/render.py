@@ -35,12 +35,17 @@ def render_frozen_lake(env: gym.Env, obs: Any) -> str:
     there because a small model learning from reward alone tells states apart by the prompt's last tokens:
     without it, states whose maps differ only in where ``P`` sits got near-identical policies.
     """
+    row, col = divmod(int(obs), env.unwrapped.ncol)
+    return render_frozen_lake_map(env, obs) + f"\nP {_cell_text((row, col))}"
+
+
+def render_frozen_lake_map(env: gym.Env, obs: Any) -> str:
+    """Return only the map rows with the agent's cell shown as ``P`` (``render_frozen_lake`` without its last line)."""
     unwrapped = env.unwrapped
     rows = [[cell.decode() for cell in row] for row in unwrapped.desc]
-    ncol = unwrapped.ncol
-    row, col = divmod(int(obs), ncol)
+    row, col = divmod(int(obs), unwrapped.ncol)
     rows[row][col] = "P"
-    return "\n".join("".join(r) for r in rows) + f"\nP {_cell_text((row, col))}"
+    return "\n".join("".join(r) for r in rows)
 
 
 def render_taxi(env: gym.Env, obs: Any) -> str:

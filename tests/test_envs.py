@@ -469,3 +469,8 @@ def test_tabular_model_scores_policies_exactly():
             done = terminated or truncated
         wins += info["success"]
     assert abs(wins / 4000 - exact) < 0.006, (wins / 4000, exact)
+
+
+def test_frozen_lake_without_position_line_shows_only_the_map():
+    obs, _ = make_lake(position_line=False).reset(seed=0)
+    assert obs == FROZEN_START.rsplit("\n", 1)[0]

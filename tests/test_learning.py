@@ -13,8 +13,8 @@ from colearn import loop
 from colearn.config import (Config, EnvConfig, EnvSpec, EvalConfig, LearnConfig, LoopConfig, MergeConfig, PartnerSpec,
                             RolloutConfig)
 from colearn.evaluate import evaluate
-from colearn.learn import (clipped_pg_loss, gae, gae_advantages, group_advantages, learn, normalized, peer_pg_loss,
-                           select_for_distillation, step_advantages)
+from colearn.learn import (Item, approx_kl, batch_loss, clipped_pg_loss, gae, gae_advantages, group_advantages, learn,
+                           merged, normalized, peer_pg_loss, select_for_distillation, step_advantages, value_head_for)
 from colearn.models import build_ancestor
 from colearn.partner import Partner
 from colearn.rollout import EpisodeMeta, collect
@@ -94,6 +94,16 @@ def test_gae_restarts_at_each_episode_and_normalizes():
     assert normalized(torch.zeros(3)).tolist() == [0.0, 0.0, 0.0]  # nothing to scale: left as it is
 
 
+def test_approx_kl_matches_hand_computation():
+    logp, behaviour = torch.tensor([math.log(0.5), math.log(0.2), 0.0]), torch.tensor([math.log(0.25)] * 3)
+    # r = 2 and 0.8 on the two own rows: (r - 1) - log r = 1 - log 2 and -0.2 - log 0.8; the third row is masked
+    expected = ((1 - math.log(2)) + (-0.2 - math.log(0.8))) / 2
+    assert approx_kl(logp, behaviour, torch.tensor([1.0, 1.0, 0.0])).item() == pytest.approx(expected, abs=1e-6)
+    assert approx_kl(logp, behaviour, torch.tensor([0.0] * 3)).item() == 0.0
+    weighted = (3 * (1 - math.log(2)) + (-0.2 - math.log(0.8))) / 4  # a row standing for 3 steps counts 3 times
+    assert approx_kl(logp, behaviour, torch.tensor([3.0, 1.0, 0.0])).item() == pytest.approx(weighted, abs=1e-6)
+
+
 def test_clipped_and_peer_losses_match_hand_computation():
     logp = torch.tensor([math.log(0.6), math.log(0.6)], requires_grad=True)
     behaviour = torch.tensor([math.log(0.4), math.log(0.4)])
@@ -111,6 +121,15 @@ def test_selection_keeps_successes_or_the_top_fraction():
     rows = rows_of([[0, 1], [0, 0], [0, 0, 0]], seeds=[1, 1, 1])
     assert {r["episode_id"] for r in select_for_distillation(rows, "success", 0.5)} == {"e0"}
     assert {r["episode_id"] for r in select_for_distillation(rows, "top", 1 / 3)} == {"e0"}
+
+
+def test_distillation_imitates_successful_paths_without_their_loops():
+    rows = rows_of([[0, 0, 0, 0, 1], [0, 0]], seeds=[1, 1])
+    for r, obs in zip(rows, ["A", "B", "A", "C", "D", "A", "B"]):  # episode e0 goes A B A C D: A-B-A is a loop
+        r["observation"] = obs
+    kept = select_for_distillation(rows, "success", 1.0)
+    assert [(r["episode_id"], r["observation"], r["step"]) for r in kept] == [("e0", "A", 2), ("e0", "C", 3),
+                                                                             ("e0", "D", 4)]
 
 
 def small_config(seed: int, generations: int, rounds: int, **learn) -> Config:
@@ -191,6 +210,36 @@ def test_the_partners_steps_alone_transfer_a_skill(learned_run, partner_factory)
     assert stats["learn/distill_rows"] == 0 and stats["learn/updates"] == 30
     after = {s.policy: s.success for s in evaluate(student, [spec], ev, RolloutConfig())}
     assert after["sampled"] >= before["sampled"] + 0.2 and after["greedy"] == 1.0, (before, after)
+
+
+def test_merged_items_give_the_loss_and_gradient_of_their_steps(partner_factory):
+    """Steps that share kind, prompt, action, behaviour log-prob and advantage sign train as one item: the loss
+    and every gradient are those of the steps one by one."""
+    partner = partner_factory(seed=4)
+    rows = collect(partner, SMALL_LAKE, list(range(32)), RolloutConfig(episodes=32, group_size=4, num_envs=32),
+                   torch.Generator().manual_seed(0), EpisodeMeta(partner="A"))
+    gen = torch.Generator().manual_seed(1)
+    adv, targets = torch.randn(2, len(rows), generator=gen).tolist()
+    steps = [Item(kind, r, a, t) for kind in ("own", "peer") for r, a, t in zip(rows, adv, targets)]
+    steps += [Item("distill", r, 0.0) for r in rows[:20]]
+    items = merged(steps)
+    assert len(items) < len(steps) / 3 and sum(it.count for it in items) == len(steps)
+    cfg = LearnConfig(advantage="gae", distill_coef=0.5, entropy_coef=0.1, value_coef=0.5)
+    value_head_for(partner)
+
+    def loss_and_grads(batch):
+        partner.model.zero_grad()
+        partner.value_head.zero_grad()
+        loss, parts = batch_loss(partner, batch, cfg, teacher=None)
+        loss.backward()
+        params = [*partner.model.parameters(), *partner.value_head.parameters()]
+        return loss.item(), parts, [p.grad.clone() for p in params if p.grad is not None]
+
+    loss, parts, grads = loss_and_grads(steps)
+    loss_merged, parts_merged, grads_merged = loss_and_grads(items)
+    assert loss_merged == pytest.approx(loss, abs=1e-5)
+    assert parts_merged == pytest.approx(parts, abs=1e-5)
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(grads, grads_merged))
 
 
 def test_non_finite_loss_skips_the_update_and_keeps_weights(partner_factory):
