@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -16,16 +17,25 @@ from colearn.mixture import UNMAPPED, is_mixture, read_manifest
 
 
 def chosen_generation(run_dir: Path, generation: int | None) -> int:
-    """Returns the generation to export: the one asked for, else the deployed one, else the newest."""
+    """Returns the generation to export: the one asked for, else the deployed one (deployed.json). With
+    neither, raises ColearnError naming the generations there are: no offspring passed the promotion gate,
+    so which one to ship is the user's call."""
     if generation is not None:
         return generation
     deployed = run_dir / "deployed.json"
     if deployed.is_file():
         return int(json.loads(deployed.read_text(encoding="utf-8"))["generation"])
-    gens = sorted(run_dir.glob("checkpoints/gen_*/offspring"))
+    gens = [int(d.parent.name.removeprefix("gen_")) for d in sorted(run_dir.glob("checkpoints/gen_*/offspring"))]
     if not gens:
         raise ColearnError(f"{str(run_dir)!r} has no checkpoints/gen_*/offspring; has a generation finished?")
-    return int(gens[-1].parent.name.removeprefix("gen_"))
+    raise ColearnError(f"{str(run_dir)!r} has no deployed.json (no offspring passed the promotion gate); pick one "
+                       f"with --generation N (saved: {', '.join(map(str, gens))})")
+
+
+def check_output(out: Path) -> None:
+    """Raises ColearnError when `out` exists and is not an empty directory: export never overwrites files."""
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ColearnError(f"OUT {str(out)!r} already exists and is not an empty directory; choose a new one")
 
 
 def lineage_lines(node: dict[str, Any] | None) -> list[str]:
@@ -88,23 +98,28 @@ def loading_lines(manifest: dict[str, Any], out: Path, run_dir: Path) -> list[st
 
 
 def copy_with_card(source: Path, out: Path, card: str) -> None:
-    """Copies the checkpoint at `source` to `out` without optimizer state, with `card` as README.md,
-    written aside and renamed into place."""
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(source, tmp, ignore=shutil.ignore_patterns("optimizer.pt"))  # at every depth
-    (tmp / "README.md").write_text(card, encoding="utf-8")
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
+    """Copies the checkpoint at `source` to `out` (absent or an empty directory) without optimizer state, with
+    `card` as README.md, written aside (in a fresh hidden directory beside `out`) and renamed into place."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent)) / "export"
+    try:
+        shutil.copytree(source, tmp, ignore=shutil.ignore_patterns("optimizer.pt"))  # at every depth
+        (tmp / "README.md").write_text(card, encoding="utf-8")
+        if out.exists():
+            out.rmdir()  # empty (check_output): removing it cannot lose a file
+        tmp.rename(out)
+    finally:
+        shutil.rmtree(tmp.parent, ignore_errors=True)
 
 
 def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(prog="colearn export", description=__doc__)
     parser.add_argument("run_dir", type=Path)
     parser.add_argument("out", type=Path)
-    parser.add_argument("--generation", type=int, default=None, help="default: the deployed generation")
+    parser.add_argument("--generation", type=int, default=None,
+                        help="default: the deployed generation (deployed.json); needed when there is none")
     args = parser.parse_args(argv)
+    check_output(args.out)
     gen = chosen_generation(args.run_dir, args.generation)
     source = args.run_dir / "checkpoints" / f"gen_{gen:04d}" / "offspring"
     if not source.is_dir():

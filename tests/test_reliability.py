@@ -121,6 +121,43 @@ def test_optimizer_state_is_kept_in_round_checkpoints_not_generation_ones(finish
     assert kept == {"gen_0001"}  # gen_0000 is gone, or (deployed) kept without its optimizer state
 
 
+# --- export overwrites nothing ---------------------------------------------------------------------------
+
+
+def fake_run(root: Path, deployed: bool = True) -> Path:
+    """A run directory with one generation's offspring (export only copies it) and, optionally, deployed.json."""
+    run_dir = root / "run"
+    offspring = run_dir / "checkpoints" / "gen_0000" / "offspring"
+    offspring.mkdir(parents=True)
+    (offspring / "config.json").write_text("{}")
+    if deployed:
+        (run_dir / "deployed.json").write_text(json.dumps({"generation": 0}))
+    return run_dir
+
+
+def test_export_refuses_a_non_empty_out_and_leaves_it_as_it_was(tmp_path):
+    from colearn import export
+
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("my notes")
+    with pytest.raises(ColearnError, match="not an empty directory"):
+        export.main([str(fake_run(tmp_path)), str(out)])
+    assert [p.name for p in out.iterdir()] == ["notes.txt"] and (out / "notes.txt").read_text() == "my notes"
+
+
+def test_export_without_a_deployed_generation_asks_for_one(tmp_path):
+    from colearn import export
+
+    run_dir = fake_run(tmp_path, deployed=False)
+    with pytest.raises(ColearnError, match="--generation"):
+        export.main([str(run_dir), str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()
+    export.main([str(run_dir), str(tmp_path / "out"), "--generation", "0"])
+    assert (tmp_path / "out" / "README.md").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "run"]  # nothing left aside
+
+
 # --- run_id, signals ----------------------------------------------------------------------------------------
 
 
