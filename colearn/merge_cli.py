@@ -265,8 +265,11 @@ def _vocab(path: Path) -> dict[int, str] | None:
         return None
     from transformers import AutoTokenizer
 
+    from colearn.models import refuse_custom_code
+
+    refuse_custom_code(path, "checkpoint")
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
     except (OSError, ValueError, TypeError) as e:
         raise ColearnError(f"checkpoint {str(path)!r} has tokenizer files that do not load: {e}".splitlines()[0])
     return {token_id: token for token, token_id in tokenizer.get_vocab().items()}
@@ -433,13 +436,16 @@ def candidate_partner(inputs: Inputs) -> Any:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from colearn.config import ModelConfig
+    from colearn.models import refuse_custom_code
     from colearn.partner import Partner
 
     source = tokenizer_source([inputs.base, *inputs.partners, inputs.model.path])
     if source is None:
         raise ColearnError("--search needs a tokenizer to act with; none of the inputs has tokenizer files")
-    model = AutoModelForCausalLM.from_pretrained(inputs.model.path).eval()
-    tokenizer = AutoTokenizer.from_pretrained(source)
+    for path in (inputs.model.path, source):
+        refuse_custom_code(path, "checkpoint")
+    model = AutoModelForCausalLM.from_pretrained(inputs.model.path, trust_remote_code=False).eval()
+    tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=False)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return Partner("candidate", model, tokenizer, ModelConfig(source=str(inputs.model.path)))

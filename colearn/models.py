@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import string
 from pathlib import Path
 
@@ -76,6 +77,19 @@ def build_tiny_model(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, seed:
     return model.to(getattr(torch, cfg.dtype))
 
 
+def refuse_custom_code(path: Path, role: str) -> None:
+    """Raises ColearnError when the model directory's config or tokenizer config maps to its own Python code
+    (`auto_map`): loading it would run that code, and colearn never runs code from a model directory."""
+    for name in ("config.json", "tokenizer_config.json"):
+        try:
+            config = json.loads((Path(path) / name).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue  # absent or unreadable: the loader itself reports what is missing
+        if isinstance(config, dict) and config.get("auto_map"):
+            raise ColearnError(f"{role} {str(path)!r} needs its own Python code ({name} has auto_map), which "
+                               "colearn never runs; use a model whose architecture transformers ships")
+
+
 def load_pretrained(path: str, dtype: str = "float32") -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Returns the model and tokenizer of a local Hugging Face model directory."""
     p = Path(path).expanduser()
@@ -86,15 +100,16 @@ def load_pretrained(path: str, dtype: str = "float32") -> tuple[PreTrainedModel,
     if is_mixture(p):  # a mixture offspring (merge.fallback=mixture) holds several models, not one
         raise ColearnError(f"model.source={path!r} is a colearn mixture, not one model; start from one of its "
                            f"members: model.source={path}/members/<name>")
+    refuse_custom_code(p, "model.source")
     try:
-        tokenizer = AutoTokenizer.from_pretrained(p)
+        tokenizer = AutoTokenizer.from_pretrained(p, trust_remote_code=False)
     except (OSError, ValueError, TypeError) as e:
         raise ColearnError(
             f"model.source={path!r} has no loadable tokenizer ({type(e).__name__}); save one there with "
             "tokenizer.save_pretrained(dir)"
         ) from e
     try:
-        model = AutoModelForCausalLM.from_pretrained(p, dtype=getattr(torch, dtype))
+        model = AutoModelForCausalLM.from_pretrained(p, dtype=getattr(torch, dtype), trust_remote_code=False)
     except (OSError, ValueError) as e:
         raise ColearnError(f"model.source={path!r} has no loadable causal LM weights: {e}".splitlines()[0]) from e
     if tokenizer.pad_token is None:

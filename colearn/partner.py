@@ -12,6 +12,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 
 from colearn.config import ModelConfig
 from colearn.errors import ColearnError
+from colearn.models import refuse_custom_code
 from colearn.policy import continuation_stats, legal_action_logprobs
 
 
@@ -158,14 +159,17 @@ class Partner:
                                "partner; load it with colearn.mixture.load_mixture(path, cfg, device)")
         if not (path / "config.json").exists() and not (path / "adapter_config.json").exists():
             raise ColearnError(f"checkpoint {str(path)!r} has no config.json; is it a colearn/HF model directory?")
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        refuse_custom_code(path, "checkpoint")
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
         if (path / "adapter_config.json").exists():
             from peft import PeftModel
 
-            base = AutoModelForCausalLM.from_pretrained(path / "base", dtype=getattr(torch, cfg.dtype))
+            refuse_custom_code(path / "base", "checkpoint")
+            base = AutoModelForCausalLM.from_pretrained(path / "base", dtype=getattr(torch, cfg.dtype),
+                                                        trust_remote_code=False)
             model = PeftModel.from_pretrained(base, path, is_trainable=True)
         else:
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, cfg.dtype))
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, cfg.dtype), trust_remote_code=False)
         partner = cls(name, model.to(device), tokenizer, cfg)
         if (path / VALUE_HEAD_FILE).exists():
             weights = load_file(path / VALUE_HEAD_FILE, device=str(device))

@@ -158,6 +158,43 @@ def test_export_without_a_deployed_generation_asks_for_one(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "run"]  # nothing left aside
 
 
+# --- no code from a model directory runs ------------------------------------------------------------------
+
+
+@pytest.fixture
+def custom_code_dir(tmp_path, tokenizer) -> Path:
+    """A model directory whose config maps to its own Python code, which would leave a marker if it ran."""
+    d = tmp_path / "custom"
+    tokenizer.save_pretrained(d)
+    marker = tmp_path / "code_ran"
+    (d / "configuration_evil.py").write_text(
+        f"from pathlib import Path\nPath({str(marker)!r}).write_text('ran')\n"
+        "from transformers import PretrainedConfig\n\n\nclass EvilConfig(PretrainedConfig):\n"
+        "    model_type = 'evil'\n")
+    (d / "config.json").write_text(json.dumps({
+        "model_type": "evil", "architectures": ["EvilForCausalLM"],
+        "auto_map": {"AutoConfig": "configuration_evil.EvilConfig",
+                     "AutoModelForCausalLM": "configuration_evil.EvilConfig"}}))
+    return d
+
+
+@pytest.mark.parametrize("loader", ["load_pretrained", "partner_load"])
+def test_a_model_dir_needing_its_own_code_is_refused_without_asking(custom_code_dir, monkeypatch, loader):
+    from colearn.config import ModelConfig
+    from colearn.models import load_pretrained
+    from colearn.partner import Partner
+
+    asked = []
+    monkeypatch.setattr(builtins, "input", lambda *a: asked.append(a) or "y")  # a user who would say yes
+    with pytest.raises(ColearnError, match="auto_map"):
+        if loader == "load_pretrained":
+            load_pretrained(str(custom_code_dir))
+        else:
+            Partner.load(custom_code_dir, "A", ModelConfig(source=str(custom_code_dir)))
+    assert not asked
+    assert not (custom_code_dir.parent / "code_ran").exists()
+
+
 # --- run_id, signals ----------------------------------------------------------------------------------------
 
 
