@@ -113,13 +113,34 @@ def refuse_occupied_run_dir(argv: list[str]) -> None:
 
 def hydra_entry() -> None:
     import hydra
+    from hydra.errors import CompactHydraException
 
     from colearn.config import register_configs
 
     refuse_occupied_run_dir(sys.argv[1:])
     register_configs()
-    hydra.main(version_base=None, config_path=CONF_DIR, config_name="config")(run_experiment)()
+    wants_traces = os.environ.get("HYDRA_FULL_ERROR") == "1"
+    os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra raises its errors instead of printing them in many lines
+    try:
+        hydra.main(version_base=None, config_path=CONF_DIR, config_name="config")(run_experiment)()
+    except CompactHydraException as e:  # a bad override or config option: the user's to fix
+        if wants_traces:
+            raise
+        print(f"colearn: error: {hydra_error_line(e)}", file=sys.stderr)
+        sys.exit(2)
 
+
+def hydra_error_line(error: Exception) -> str:
+    """Returns one line for a Hydra composition error: the option asked for and the valid ones, or the override
+    and why its value does not fit."""
+    from hydra.errors import MissingConfigException
+
+    if isinstance(error, MissingConfigException) and error.missing_cfg_file and error.options:
+        group, _, name = error.missing_cfg_file.rpartition("/")
+        return f"{group}={name} is not an option; choose one of: {', '.join(sorted(error.options))}"
+    first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    cause = str(error.__cause__).strip().splitlines() if error.__cause__ is not None else []
+    return f"{first.rstrip('.')}: {cause[0]}" if cause else first
 
 
 # subcommand -> "module:function" taking the remaining argv; imported only when used

@@ -18,6 +18,7 @@ import logging
 import os
 import shutil
 import signal
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -91,9 +92,10 @@ class Context:
 
 class StopOnSignal:
     """Within its block, SIGINT and SIGTERM ask the loop to stop at the next round boundary (after its
-    checkpoint) instead of killing it mid-write; a second signal stops at once."""
+    checkpoint) instead of killing it mid-write; a second signal stops at once, saying how to resume."""
 
-    def __init__(self) -> None:
+    def __init__(self, run_dir: Path | None = None) -> None:
+        self.run_dir = run_dir
         self.requested: str | None = None
         self._previous: dict[int, Any] = {}
 
@@ -105,7 +107,11 @@ class StopOnSignal:
 
     def _handle(self, signum: int, frame: Any) -> None:
         if self.requested:
-            raise KeyboardInterrupt
+            where = f" with: colearn resume {self.run_dir}" if self.run_dir else ""
+            print(f"colearn: stopped at once by a second {signal.Signals(signum).name}; resume from the last "
+                  f"checkpoint{where}", file=sys.stderr, flush=True)
+            # SystemExit, not KeyboardInterrupt: no traceback, and `with` blocks (the run lock) still unwind
+            raise SystemExit(128 + signum)
         self.requested = signal.Signals(signum).name
         log.warning("%s received: stopping after the current round's checkpoint", self.requested)
 
@@ -171,7 +177,7 @@ def run_held(cfg: Config, run_dir: Path, state: LoopState | None, restart: bool)
     ctx = Context(cfg, run_dir, ExperienceStore(run_dir / "experience"), Logger(run_dir, purge_step=state.env_steps),
                   {e.name: e for e in cfg.env.suite})
     total = cfg.loop.generations * cfg.loop.rounds
-    with StopOnSignal() as stop, tqdm(total=total, initial=state.generation * cfg.loop.rounds + state.round,
+    with StopOnSignal(run_dir) as stop, tqdm(total=total, initial=state.generation * cfg.loop.rounds + state.round,
                                       disable=not cfg.progress, desc="colearn", unit="round") as bar:
         ctx.stop = stop
         ctx.probe = probe_set(cfg.env.suite, cfg.probe_size, cfg.seed)

@@ -98,6 +98,7 @@ CLI_BAD = {
     "missing_model_dir": (["model.source=/nonexistent"], "model.source"),
     "negative_lr": (["learn.lr=-1"], "learn.lr"),
     "bogus_mode": (["rollout.mode=bogus"], "rollout.mode"),
+    "unknown_merge": (["merge=foo"], "merge=foo"),
 }
 
 _cli_jobs: dict = {}

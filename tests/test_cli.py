@@ -19,6 +19,7 @@ BAD = {
     "missing_model_dir": "model.source",
     "negative_lr": "learn.lr",
     "bogus_mode": "rollout.mode",
+    "unknown_merge": "choose one of: breadcrumbs,",  # a Hydra option: one line naming the valid ones
 }
 
 
@@ -94,6 +95,7 @@ def test_bad_input_is_one_error_line(cli_runs, case):
 def test_type_mismatch_names_the_field(cli_runs):
     code, out, err, run_dir = cli_runs["rounds_abc"]
     assert code != 0
+    assert err.strip().splitlines() == [err.strip()] and err.startswith("colearn: error:"), err
     assert "loop.rounds" in err
     assert "Traceback" not in err
     assert not run_dir.exists() or [p.name for p in run_dir.iterdir()] in ([], [".hydra"])

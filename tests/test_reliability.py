@@ -206,3 +206,13 @@ def test_resume_from_inside_the_run_dir_keeps_its_name_as_run_id(tmp_path, monke
     assert {r["run_id"] for r in ExperienceStore(run_dir / "experience").table().to_pylist()} == {"myrun"}
 
 
+def test_a_second_signal_stops_at_once_with_one_line(capsys):
+    with loop.StopOnSignal(Path("RUN")) as stop:
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert stop.requested == "SIGTERM"
+        with pytest.raises(SystemExit) as stopped:
+            os.kill(os.getpid(), signal.SIGTERM)
+    assert stopped.value.code == 128 + signal.SIGTERM
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["colearn: stopped at once by a second SIGTERM; resume from the last checkpoint with: "
+                   "colearn resume RUN"]
