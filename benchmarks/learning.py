@@ -1,28 +1,28 @@
-"""Learning benchmark: every experiment preset on one env suite, several seeds, the same env-step budget.
+"""Learning benchmark, Q2 and Q3: two specialists against one generalist, and merging alone.
 
-    python benchmarks/learning.py                       # 6 presets x 3 seeds, runs in /tmp/bench_learning
-    python benchmarks/learning.py --seeds 5             # more seeds
+    python benchmarks/learning.py                       # 5 presets x 5 seeds, runs in /tmp/bench_learning
+    python benchmarks/learning.py --seeds 3 --presets full pooled
     python benchmarks/learning.py --quick               # a smaller budget (a smoke test, not a measurement)
     python benchmarks/learning.py --aggregate-only DIR  # re-aggregate finished run dirs under DIR
 
-Suite (conf/env/bench_suite.yaml): deterministic FrozenLake 4x4 (Lake), slippery FrozenLake 4x4
-(SlipperyLake) and one-digit addition (Addition1, generate mode: it has no action names). Partner A
-acts in Lake and Addition1, partner B in SlipperyLake; the `pooled` preset is one partner acting in all
-three (conf/experiment/pooled_bench.yaml), so every preset plays each env rollout.episodes times per
-round: the same environment-step budget.
+Suite: the default run's (conf/env/two_lakes.yaml): partner A acts on `Lake` (FrozenLake 4x4), B on
+`MirrorLake` (the map mirrored, goal bottom-left), at the default budget (4 generations x 4 rounds x 128
+episodes per partner). `pooled` is one partner acting on both maps: the same number of env steps in all.
+Q1 (two partners sharing one hard task) is benchmarks/solo.py's `pair_*` variants.
 
 Each run is a separate subprocess (this script with --worker, OMP_NUM_THREADS=1), `--jobs` at a time,
 in its own run dir `<runs>/<preset>_s<seed>`; a run dir holding `bench.json` is finished and is reused.
 
-Measured per run, from metrics.jsonl:
-  * the "system" score of an env at an eval point = the best greedy normalized return over every policy
-    evaluated at that point (the partners after the round; at a generation's end also its offspring);
-    steps to 90% = env steps (`step` of the eval event) at the first eval point where it is >= 0.9,
-    "never" when the budget ran out first;
-  * final normalized return per env, greedy and sampled: the system score at the last eval point
-    (also the final offspring's own score, in the JSON);
-  * merge gain per generation: `merge/gain` (offspring minus best parent, mean over envs, greedy) and
-    `merge/gain/<env>`. Presets with merge=none "breed" by copying the best partner (gain ~ 0 by design).
+Measured per run, from metrics.jsonl (greedy scores are exact: eval.exact):
+  * Q2, one model for both maps: env steps (all partners together) at the first eval point where one
+    policy (a partner or the offspring) scores >= 0.9 of the optimum greedily on every env, "never" when the
+    budget ran out; the final offspring's greedy score per env.
+  * Q3, what a merge keeps: per generation and env, the offspring's greedy score over the score of the parent
+    that acts on that env ("retention", target >= 0.9); merge gain (`merge/gain`: offspring minus the best
+    parent, mean over envs, target >= 0 in >= 80% of generations); the compatibility measured before the merge
+    (CKA, cosine, sign conflicts), and how well each separates merges that lost from those that did not.
+  * the "system" score of an env (the best greedy score over the policies evaluated at an eval point) and its
+    steps to 90%, as before.
 Aggregates: mean and 95% Student-t interval over seeds (colearn.report.t_interval).
 """
 
@@ -41,13 +41,15 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
-PRESETS = ["full", "independent", "sharing_only", "merging_only", "self_imitation", "pooled"]
-EXPERIMENT = {"pooled": "pooled_bench"}  # pooled.yaml hardcodes the two_lakes env names
-ENVS = ["Lake", "SlipperyLake", "Addition1"]
+PRESETS = ["full", "independent", "sharing_only", "merging_only", "pooled"]
+ENVS = ["Lake", "MirrorLake"]
+OWNER = {"Lake": "A", "MirrorLake": "B"}  # the partner that acts on each env
 THRESHOLD = 0.9
-# sized so that 6 presets x 3 seeds take ~30 min, 2 runs at a time on a 2-core CPU
-BUDGET = ["loop.generations=3", "loop.rounds=4", "rollout.episodes=128", "rollout.num_envs=128",
-          "eval.episodes=16", "eval.greedy=true", "eval.sampled=true"]
+RETENTION = 0.9
+COMPAT = ["cka", "cosine", "sign_conflict"]
+# the default run's budget; integration modes only evaluate, so they are left out
+BUDGET = ["loop.generations=4", "loop.rounds=4", "rollout.episodes=128", "rollout.num_envs=128",
+          "eval.greedy=true", "eval.sampled=true", "integrate.modes=[]"]
 QUICK = ["loop.generations=1", "loop.rounds=2", "rollout.episodes=16", "rollout.num_envs=16",
          "eval.episodes=4", "eval.greedy=true", "eval.sampled=true"]
 
@@ -55,8 +57,7 @@ QUICK = ["loop.generations=1", "loop.rounds=2", "rollout.episodes=16", "rollout.
 # -- one run (a subprocess) -----------------------------------------------------------------------------
 
 def overrides_for(preset: str, seed: int, budget: list[str]) -> list[str]:
-    return ["env=bench_suite", f"experiment={EXPERIMENT.get(preset, preset)}", f"seed={seed}", *budget,
-            "progress=false"]
+    return [f"experiment={preset}", f"seed={seed}", *budget, "progress=false"]
 
 
 def worker(run_dir: Path, preset: str, seed: int, overrides: list[str]) -> None:
@@ -122,6 +123,37 @@ def eval_points(events: list[dict[str, Any]], policy: str) -> list[tuple[int, di
     return sorted(points.items())
 
 
+def one_model_steps(events: list[dict[str, Any]]) -> int | None:
+    """Returns the env steps at the first eval point where one policy is >= THRESHOLD greedily on every env."""
+    scores: dict[tuple[int, str], dict[str, float]] = {}
+    for e in events:
+        if e.get("event") == "eval" and e["policy"] == "greedy" and e["partner"] != "ancestor":
+            scores.setdefault((e["step"], e["partner"]), {})[e["env"]] = e["normalized"]
+    done = [step for (step, _), v in scores.items() if all(v.get(env, -math.inf) >= THRESHOLD for env in ENVS)]
+    return min(done, default=None)
+
+
+def merges_of(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Returns per generation: merge outcome and gain, compatibility before it, and per env the offspring's
+    greedy score over its owner's (the parent acting on it) at that generation's end."""
+    greedy: dict[tuple[int, str, str], float] = {}  # (generation, partner, env) -> last greedy score
+    for e in events:
+        if e.get("event") == "eval" and e["policy"] == "greedy":
+            greedy[(e["generation"], e["partner"], e["env"])] = e["normalized"]
+    out = []
+    for m in sorted((e for e in events if e.get("event") == "merge"), key=lambda e: e["generation"]):
+        g = m["generation"]
+        retention = {}
+        for env in ENVS:
+            owner, child = greedy.get((g, OWNER[env], env)), greedy.get((g, "offspring", env))
+            retention[env] = child / owner if owner and child is not None else None
+        out.append({"generation": g, "method": m.get("method"), "outcome": m.get("outcome"),
+                    "promoted": m.get("promoted"), "gain": m.get("merge/gain"),
+                    "gain_env": {env: m.get(f"merge/gain/{env}") for env in ENVS}, "retention": retention,
+                    "compat": {c: m.get(f"merge/compat/{c}") for c in COMPAT}})
+    return out
+
+
 def measure(run_dir: Path) -> dict[str, Any]:
     from colearn.logger import read_metrics
 
@@ -134,18 +166,15 @@ def measure(run_dir: Path) -> dict[str, Any]:
     last_gen = max(e["generation"] for e in events if e.get("event") == "eval")
     offspring = {f"{e['policy']}/{e['env']}": e["normalized"] for e in events
                  if e.get("event") == "eval" and e["partner"] == "offspring" and e["generation"] == last_gen}
-    merges = sorted((e for e in events if e.get("event") == "merge"), key=lambda e: e["generation"])
     return {
         **{k: info[k] for k in ("preset", "seed", "wall_s", "env_steps")},
         "run_dir": str(run_dir),
         "steps_to_90": steps_to,
+        "one_model_steps": one_model_steps(events),
         "final_greedy": greedy[-1][1],
         "final_sampled": sampled[-1][1] if sampled else {},
         "final_offspring": offspring,
-        "merge_gain": [e.get("merge/gain") for e in merges],
-        "merge_gain_env": [{env: e.get(f"merge/gain/{env}") for env in ENVS} for e in merges],
-        "merge_outcome": [{"method": e.get("method"), "outcome": e.get("outcome"), "promoted": e.get("promoted")}
-                          for e in merges],
+        "merges": merges_of(events),
         "curve": [{"step": s, **v} for s, v in greedy],
     }
 
@@ -166,24 +195,38 @@ def aggregate(runs: list[dict[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for preset in [p for p in PRESETS if any(r["preset"] == p for r in runs)]:
         rs = [r for r in runs if r["preset"] == preset]
-        budget = max(r["env_steps"] for r in rs)
-        agg: dict[str, Any] = {"seeds": [r["seed"] for r in rs], "env_steps_budget": budget,
-                               "steps_to_90": {}, "steps_to_90_censored": {}, "final_greedy": {},
-                               "final_sampled": {}, "merge_gain": [], "merge_gain_env": []}
+        agg: dict[str, Any] = {"seeds": [r["seed"] for r in rs], "env_steps_budget": max(r["env_steps"] for r in rs),
+                               "steps_to_90": {}, "final_greedy": {}, "final_sampled": {}, "final_offspring": {}}
+        reached = [r["one_model_steps"] for r in rs if r["one_model_steps"] is not None]
+        agg["one_model_steps"] = {**interval(reached), "reached": len(reached), "runs": len(rs)}
         for env in ENVS:
-            reached = [r["steps_to_90"][env] for r in rs if r["steps_to_90"][env] is not None]
-            agg["steps_to_90"][env] = {**interval(reached), "reached": len(reached), "runs": len(rs)}
-            # "never" counted as the run's whole budget: a lower bound on the true mean
-            agg["steps_to_90_censored"][env] = interval(
-                [r["steps_to_90"][env] if r["steps_to_90"][env] is not None else r["env_steps"] for r in rs])
+            hit = [r["steps_to_90"][env] for r in rs if r["steps_to_90"][env] is not None]
+            agg["steps_to_90"][env] = {**interval(hit), "reached": len(hit), "runs": len(rs)}
             agg["final_greedy"][env] = interval([r["final_greedy"].get(env) for r in rs])
             agg["final_sampled"][env] = interval([r["final_sampled"].get(env) for r in rs])
-        for g in range(max(len(r["merge_gain"]) for r in rs)):
-            agg["merge_gain"].append(interval([r["merge_gain"][g] for r in rs if g < len(r["merge_gain"])]))
-            agg["merge_gain_env"].append({env: interval([r["merge_gain_env"][g][env] for r in rs
-                                                         if g < len(r["merge_gain_env"])]) for env in ENVS})
+            agg["final_offspring"][env] = interval([r["final_offspring"].get(f"greedy/{env}") for r in rs])
+        merges = [m for r in rs for m in r["merges"]]
+        if any(m["outcome"] != "copy_best" and m["method"] != "none" for m in merges):
+            agg["merges"] = merge_summary(merges)
         out[preset] = agg
     return out
+
+
+def merge_summary(merges: list[dict[str, Any]]) -> dict[str, Any]:
+    """Returns Q3's numbers over every generation of every seed: retention, gain >= 0, and per compatibility
+    measure the mean before merges that lost (gain < 0) and before the others."""
+    retained = [m["retention"][env] for m in merges for env in ENVS if m["retention"][env] is not None]
+    gains = [m["gain"] for m in merges if m["gain"] is not None]
+    lost = [m for m in merges if m["gain"] is not None and m["gain"] < 0]
+    kept = [m for m in merges if m["gain"] is not None and m["gain"] >= 0]
+    predict = {c: {"before_loss": interval([m["compat"][c] for m in lost if m["compat"][c] is not None]),
+                   "before_no_loss": interval([m["compat"][c] for m in kept if m["compat"][c] is not None])}
+               for c in COMPAT}
+    return {"generations": len(merges), "outcomes": {o: sum(m["outcome"] == o for m in merges)
+                                                      for o in sorted({m["outcome"] for m in merges})},
+            "retention": interval(retained), "retention_ge_target": sum(x >= RETENTION for x in retained),
+            "retention_count": len(retained), "gain": interval(gains), "gain_ge_0": sum(g >= 0 for g in gains),
+            "gain_count": len(gains), "compat_before": predict}
 
 
 def fmt(x: dict[str, Any], digits: int = 2, scale: float = 1.0) -> str:
@@ -193,58 +236,69 @@ def fmt(x: dict[str, Any], digits: int = 2, scale: float = 1.0) -> str:
     return f"{x['mean'] / scale:.{digits}f}{hw}"
 
 
-def goal_check(agg: dict[str, Any], runs: list[dict[str, Any]]) -> dict[str, Any]:
-    """Goal: full needs <= half the env steps of the best baseline (per env, censored means: "never"
-    counts as the budget, so a baseline that never reaches 90% is credited with its whole budget, a
-    lower bound), and merges never lose to the best parent by more than noise (the 95% interval of the
-    mean gain reaches 0 in every generation; the worst single merge's per-env loss is reported next to the
-    evaluation's binomial noise, sd of one env's normalized score ~ 0.5 / sqrt(eval.episodes) / optimal)."""
-    if "full" not in agg:
-        return {}
-    steps = {}
-    for env in ENVS:
-        full = agg["full"]["steps_to_90_censored"][env]["mean"]
-        base = {p: a["steps_to_90_censored"][env]["mean"] for p, a in agg.items() if p != "full"}
-        best = min(base, key=base.get) if base else None
-        steps[env] = {"full": full, "full_reached": agg["full"]["steps_to_90"][env]["reached"],
-                      "best_baseline": best, "best_baseline_steps": base.get(best),
-                      "best_baseline_reached": agg[best]["steps_to_90"][env]["reached"] if best else None,
-                      "ratio": full / base[best] if best and base[best] else None,
-                      "holds": bool(best and agg["full"]["steps_to_90"][env]["reached"]
-                                    and full <= 0.5 * base[best])}
-    gains = agg["full"]["merge_gain"]
-    merge_ok = all(g["mean"] is not None and g["mean"] + (g["ci95"] or 0) >= 0 for g in gains)
-    worst = {p: min((g for r in runs if r["preset"] == p for gen in r["merge_gain_env"] for g in gen.values()
-                     if g is not None), default=None) for p in ("full", "merging_only")}
-    return {"steps": steps, "merge_gain_ci_reaches_0": merge_ok, "worst_single_merge_gain_per_env": worst}
+def steps_cell(s: dict[str, Any]) -> str:
+    if s["reached"] == 0:
+        return f"never (0/{s['runs']})"
+    return f"{fmt(s, 1, 1000)} ({s['reached']}/{s['runs']})"
+
+
+def goal_check(agg: dict[str, Any]) -> dict[str, Any]:
+    """Q2: the offspring of `full` (and of `merging_only`) >= 0.9 on every env at no more env steps than `pooled`
+    needs for one model to get there (means over the seeds that reached it; all seeds must reach it).
+    Q3: `merging_only`'s offspring keeps >= 90% of each owner's score and its merge gain is >= 0 in >= 80% of
+    generations."""
+    goal: dict[str, Any] = {}
+    pooled = agg.get("pooled", {}).get("one_model_steps")
+    for preset in ("full", "merging_only"):
+        a = agg.get(preset)
+        if not a or not pooled:
+            continue
+        mine = a["one_model_steps"]
+        every = mine["reached"] == mine["runs"]
+        goal[f"q2_{preset}"] = {"steps": mine["mean"], "pooled_steps": pooled["mean"], "all_seeds": every,
+                                "holds": bool(every and pooled["reached"] and mine["mean"] <= pooled["mean"])}
+    m = agg.get("merging_only", {}).get("merges")
+    if m:
+        goal["q3"] = {"retention_share": m["retention_ge_target"] / max(m["retention_count"], 1),
+                      "gain_ge_0_share": m["gain_ge_0"] / max(m["gain_count"], 1),
+                      "holds": m["retention_ge_target"] == m["retention_count"] and
+                      m["gain_ge_0"] >= 0.8 * m["gain_count"]}
+    return goal
 
 
 def table(agg: dict[str, Any], runs: list[dict[str, Any]]) -> str:
-    gens = max(len(a["merge_gain"]) for a in agg.values())
-    lines = ["Steps to 90% of optimal: best greedy normalized return over partners and offspring at each eval "
-             "point; thousands of env steps, mean ± 95% t-interval over the runs that reached it (reached/runs). "
-             "Final: same system score at the last eval point. Merge gain: offspring − best parent (greedy, "
-             "mean over envs); merge=none presets copy the best partner.",
-             "", "| preset | budget (k steps) | " + " | ".join(f"{e} steps→90%" for e in ENVS) + " | "
-             + " | ".join(f"{e} final greedy / sampled" for e in ENVS) + " | "
-             + " | ".join(f"merge gain gen{g}" for g in range(gens)) + " |",
-             "|" + "---|" * (2 + 2 * len(ENVS) + gens)]
+    lines = ["One model ≥ 0.9 on both maps: thousands of env steps (all partners) at the first eval point where one "
+             "policy (a partner or the offspring) scores ≥ 0.9 of the optimum greedily on every env; mean ± 95% "
+             "t-interval over the seeds that reached it (reached/runs). Per-env steps: the best policy per env. "
+             "Final offspring: the last generation's offspring, greedy.",
+             "", "| preset | budget (k steps) | one model, both maps | " + " | ".join(f"{e} steps→90%" for e in ENVS)
+             + " | " + " | ".join(f"{e} final offspring" for e in ENVS) + " |",
+             "|" + "---|" * (3 + 2 * len(ENVS))]
     for preset, a in agg.items():
-        cells = [preset, f"{a['env_steps_budget'] / 1000:.1f}"]
-        for env in ENVS:
-            s = a["steps_to_90"][env]
-            cells.append("never (0/%d)" % s["runs"] if s["reached"] == 0
-                         else f"{fmt(s, 1, 1000)} ({s['reached']}/{s['runs']})")
-        for env in ENVS:
-            cells.append(f"{fmt(a['final_greedy'][env])} / {fmt(a['final_sampled'][env])}")
-        for g in range(gens):
-            cells.append(fmt(a["merge_gain"][g], 3) if g < len(a["merge_gain"]) else "—")
+        cells = [preset, f"{a['env_steps_budget'] / 1000:.1f}", steps_cell(a["one_model_steps"])]
+        cells += [steps_cell(a["steps_to_90"][env]) for env in ENVS]
+        cells += [fmt(a["final_offspring"][env]) for env in ENVS]
         lines.append("| " + " | ".join(cells) + " |")
-    per_run = ["", "Per-run merge gain (offspring − best parent, mean over envs, greedy) by generation:", ""]
+    merged = {p: a["merges"] for p, a in agg.items() if "merges" in a}
+    if merged:
+        lines += ["", "Merges (every generation of every seed): retention = offspring / the parent acting on the env "
+                  "(greedy); gain = offspring − best parent (mean over envs); compatibility before merges that lost "
+                  "(gain < 0) and before the others.", "",
+                  "| preset | generations | outcomes | retention mean | retention ≥ 0.9 | gain mean | gain ≥ 0 | "
+                  + " | ".join(f"{c} before loss / no loss" for c in COMPAT) + " |", "|" + "---|" * (7 + len(COMPAT))]
+        for preset, m in merged.items():
+            outcomes = ", ".join(f"{k} {v}" for k, v in m["outcomes"].items())
+            cells = [preset, str(m["generations"]), outcomes, fmt(m["retention"]),
+                     f"{m['retention_ge_target']}/{m['retention_count']}", fmt(m["gain"], 3),
+                     f"{m['gain_ge_0']}/{m['gain_count']}"]
+            cells += [f"{fmt(m['compat_before'][c]['before_loss'])} / {fmt(m['compat_before'][c]['before_no_loss'])}"
+                      for c in COMPAT]
+            lines.append("| " + " | ".join(cells) + " |")
+    per_run = ["", "Per-run merge gain by generation (outcome):", ""]
     for r in runs:
-        outcome = ",".join(f"{o['method']}:{o['outcome']}" for o in r["merge_outcome"])
-        per_run.append(f"- {r['preset']} s{r['seed']}: " + ", ".join(f"{g:+.3f}" for g in r["merge_gain"])
-                       + f" ({outcome})")
+        if r["merges"] and r["preset"] in merged:
+            per_run.append(f"- {r['preset']} s{r['seed']}: " + ", ".join(
+                f"{m['gain']:+.3f} ({m['outcome']})" for m in r["merges"] if m["gain"] is not None))
     return "\n".join(lines + per_run)
 
 
@@ -293,7 +347,7 @@ def report(runs_dir: Path, out: Path, command: str, wall_s: float | None, budget
         sys.exit(f"no finished runs (bench.json) under {runs_dir}")
     agg = aggregate(runs)
     text = table(agg, runs)
-    goal = goal_check(agg, runs)
+    goal = goal_check(agg)
     print(text)
     print("\nGoal check:", json.dumps(goal, indent=1))
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -106,7 +106,7 @@ class RolloutConfig:
     mode: str = "auto"  # constrained | generate | auto (constrained where the env has action names)
     temperature: float = 1.0  # sampling temperature of the behaviour policy
     max_new_tokens: int = 8  # generate mode: longest action
-    gamma: float = 1.0  # discount of the return_to_go stored in each step record
+    gamma: float = 1.0  # discount of the return_to_go stored in each step record and of GAE (learn.advantage=gae)
     vectorization: str = "sync"  # sync | async (gymnasium vector env)
 
     def __post_init__(self) -> None:
@@ -129,14 +129,16 @@ class RolloutConfig:
 
 
 ADVANTAGES = ("gae", "return_to_go", "episode")
+ADVANTAGE_NORMS = ("std", "mean_std", "none")
 
 
 @dataclass
 class LearnConfig:
-    lr: float = 2e-3  # AdamW learning rate
+    lr: float = 5e-4  # AdamW learning rate
     weight_decay: float = 0.0  # AdamW weight decay
-    batch_size: int = 128  # step records per gradient step (those sharing state, action and advantage sign run once)
-    epochs: int = 4  # passes over a round's data
+    batch_size: int = 4096  # step records per gradient step (those sharing state, action and advantage sign
+    # run once, so one batch of a whole round is cheap on envs that repeat states)
+    epochs: int = 40  # passes over a round's data
     max_grad_norm: float = 1.0  # gradient clipping
     rl_coef: float = 1.0  # weight of the policy-gradient loss on own steps (0 disables RL)
     peer_rl_coef: float = 0.5  # weight of the importance-weighted policy-gradient loss on the partner's steps
@@ -144,12 +146,13 @@ class LearnConfig:
     clip_eps: float = 0.2  # PPO clip of the ratio against the behaviour log-probability
     target_kl: float = 0.0  # end the round's updates once the estimated KL(behaviour || policy) on own steps
     # exceeds this (checked before each step, as in Stable-Baselines3's PPO); 0 never stops early
-    entropy_coef: float = 0.02  # entropy bonus
+    entropy_coef: float = 0.005  # entropy bonus
     advantage: str = "gae"  # gae (value head + GAE) | return_to_go (per-observation Monte-Carlo baseline) |
     # episode (group-normalized episode return: GRPO)
     gae_lambda: float = 0.95  # GAE's lambda: 0 bootstraps from the next state's value, 1 is the Monte-Carlo return
     value_coef: float = 0.5  # weight of the value head's squared error (advantage=gae)
-    normalize_advantages: bool = True  # advantage=gae: scale each round's advantages to mean 0, std 1
+    advantage_norm: str = "std"  # advantage=gae, per kind and round: std (divide by the std, keeping each sign) |
+    # mean_std (also subtract the mean, as PPO implementations do) | none
     distill_coef: float = 0.5  # weight of distillation (SFT on selected successes); 0 disables it
     distill_from: str = "peer"  # peer | self | both: whose successes to imitate
     distill_select: str = "success"  # success (episodes that reached the goal) | top (top fraction by return)
@@ -164,6 +167,9 @@ class LearnConfig:
             raise ColearnError(f"learn.batch_size={self.batch_size} must be >= 1 and learn.epochs >= 0")
         if self.advantage not in ADVANTAGES:
             raise ColearnError(f"learn.advantage={self.advantage!r} is unknown; choose one of {', '.join(ADVANTAGES)}")
+        if self.advantage_norm not in ADVANTAGE_NORMS:
+            raise ColearnError(f"learn.advantage_norm={self.advantage_norm!r} is unknown; "
+                               f"choose one of {', '.join(ADVANTAGE_NORMS)}")
         if not 0 <= self.gae_lambda <= 1:
             raise ColearnError(f"learn.gae_lambda={self.gae_lambda} must be in [0, 1]")
         if self.distill_from not in ("peer", "self", "both"):

@@ -104,11 +104,14 @@ def gae_advantages(
     return adv, targets
 
 
-def normalized(adv: torch.Tensor) -> torch.Tensor:
-    """Returns the advantages shifted and scaled to mean 0 and std 1 (unchanged when they do not vary)."""
-    if len(adv) < 2 or adv.std() < 1e-8:
+def normalized(adv: torch.Tensor, how: str = "mean_std") -> torch.Tensor:
+    """Returns the advantages divided by their std ("std"), also shifted to mean 0 first ("mean_std"), or as they
+    are ("none"); unchanged when they do not vary. Dividing keeps each advantage's sign, so a round where most
+    steps succeed still reinforces them; centering turns the rare failures of such a round into large negative
+    advantages (docs/learning.md)."""
+    if how == "none" or len(adv) < 2 or adv.std() < 1e-8:
         return adv
-    return (adv - adv.mean()) / adv.std()
+    return (adv - adv.mean()) / adv.std() if how == "mean_std" else adv / adv.std()
 
 
 def clipped_pg_loss(logp: torch.Tensor, behaviour: torch.Tensor, adv: torch.Tensor, clip_eps: float) -> torch.Tensor:
@@ -278,14 +281,14 @@ def training_rows(
     cfg: LearnConfig, gamma: float,
 ) -> list[Item]:
     """Returns the round's training steps, one item each: own and peer steps with their advantages (normalized per
-    kind with learn.normalize_advantages) and value targets, and the distillation rows."""
+    kind by learn.advantage_norm) and value targets, and the distillation rows."""
     items = []
     for kind, rows, coef in (("own", own, cfg.rl_coef), ("peer", peer, cfg.peer_rl_coef)):
         if not rows or not coef:
             continue
         if cfg.advantage == "gae":
             adv, targets = gae_advantages(rows, state_values(partner, rows), gamma, cfg.gae_lambda)
-            adv = normalized(adv) if cfg.normalize_advantages else adv
+            adv = normalized(adv, cfg.advantage_norm)
             items += [Item(kind, r, a, t) for r, a, t in zip(rows, adv.tolist(), targets.tolist())]
         else:  # critic-free: a step without advantage carries no gradient, so it is left out
             items += [Item(kind, r, a) for r, a in zip(rows, step_advantages(rows, cfg.advantage)) if a != 0.0]

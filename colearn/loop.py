@@ -351,7 +351,7 @@ def train(
 def warn_on_collapse(partner: Partner, stats: dict[str, float], cfg: Config, ctx: Context, state: LoopState) -> None:
     """Logs a warning when the partner's rewards stopped varying or its policy stopped exploring."""
     problems = []
-    if stats["learn/reward_std"] == 0.0:
+    if stats["learn/reward_std"] == 0.0 and cfg.learn.advantage == "episode":
         problems.append("reward variance is 0 (every episode scored the same: no group-relative signal)")
     if stats["learn/updates"] and stats["entropy"] < cfg.learn.collapse_entropy:
         problems.append(f"policy entropy {stats['entropy']:.3f} < learn.collapse_entropy")
