@@ -283,3 +283,25 @@ def test_incompatible_partners_fall_back_to_a_routed_mixture(tmp_path):
     events = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     routed = [e for e in events if e["event"] == "eval" and e["partner"] == "offspring"]
     assert {e["env"] for e in routed} == {"Small", "Line"}
+
+
+def test_two_specialists_sharing_and_merging_give_one_generalist(tmp_path):
+    """Q2 in small: A acts only on a line whose goal is on the right, B only on its mirror; after one generation
+    of sharing and a merge the offspring solves both lines, while without sharing or merging (`independent`)
+    the best partner, which is what that preset keeps, solves at most its own."""
+    line = EnvSpec(LAKE_ID, name="Line", kwargs={"desc": ["SFFG"]})
+    mirror = EnvSpec(LAKE_ID, name="Mirror", kwargs={"desc": ["GFFS"]})
+
+    def final_scores(exchange: bool, method: str, run_dir) -> dict[str, float]:
+        cfg = small_config(seed=0, generations=1, rounds=3)
+        cfg.env = EnvConfig(suite=[line, mirror], partners=[PartnerSpec("A", ["Line"]), PartnerSpec("B", ["Mirror"])])
+        cfg.learn = LearnConfig(lr=1e-3)
+        cfg.rollout = RolloutConfig(episodes=32, group_size=8, num_envs=32, gamma=0.99)
+        cfg.loop.exchange, cfg.merge = exchange, MergeConfig(method=method)
+        state = loop.run(cfg, run_dir)
+        return {s.env: s.normalized for s in state.last_scores["offspring"] if s.policy == "greedy"}
+
+    together = final_scores(True, "linear", tmp_path / "full")
+    apart = final_scores(False, "none", tmp_path / "independent")
+    assert min(together.values()) >= 0.9, together
+    assert min(apart.values()) < 0.9, apart
