@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import time
 from pathlib import Path
 from types import TracebackType
 
@@ -36,7 +37,14 @@ class RunLock:
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         self._fd = fd
+        # a forked child (rollout.vectorization=async workers) would share the lock and keep it after the run dies
+        os.register_at_fork(after_in_child=self._drop_in_child)
         return self
+
+    def _drop_in_child(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # the child's copy only: the parent still holds the lock
+            self._fd = None
 
     def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
                  tb: TracebackType | None) -> None:
@@ -67,6 +75,21 @@ def in_use_message(run_dir: Path, pid: int | None) -> str:
 
 
 def _read_pid(fd: int) -> int:
-    # the holder writes its pid right after locking: an empty file is a holder that has not written it yet
-    text = os.pread(fd, 32, 0).decode(errors="replace").strip()
-    return int(text) if text.isdigit() else 0
+    # the holder writes its pid right after locking: until then the file is empty or names the previous holder,
+    # which has ended, so wait a moment for a live one
+    for _ in range(50):
+        text = os.pread(fd, 32, 0).decode(errors="replace").strip()
+        if text.isdigit() and _alive(int(text)):
+            return int(text)
+        time.sleep(0.02)
+    return 0
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, as another user's
+        return True
+    return True

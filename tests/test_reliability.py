@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import signal
+import time
 from pathlib import Path
 
 import pytest
@@ -22,7 +23,7 @@ from colearn import loop
 from colearn.config import Config, MergeConfig
 from colearn.errors import ColearnError
 from colearn.experience import ExperienceStore
-from colearn.runlock import RunLock
+from colearn.runlock import RunLock, holder
 from tests.test_resume import tiny_config
 
 
@@ -64,6 +65,23 @@ def test_a_held_run_directory_refuses_a_second_holder(tmp_path):
             loop.run(two_generations(), tmp_path)
     assert not (tmp_path / "metrics.jsonl").exists()  # refused before writing anything
     with RunLock(tmp_path):  # released when the holder's block ended
+        pass
+
+
+def test_the_lock_dies_with_its_process_even_when_a_forked_child_lives_on(tmp_path):
+    pid = os.fork()
+    if pid == 0:  # a run: holds the directory, forks a worker (rollout.vectorization=async) and is killed
+        try:
+            RunLock(tmp_path).__enter__()
+            if os.fork() == 0:
+                time.sleep(3)  # outlives the run
+                os._exit(0)
+            os.kill(os.getpid(), signal.SIGKILL)
+        finally:
+            os._exit(1)
+    os.waitpid(pid, 0)
+    assert holder(tmp_path) is None
+    with RunLock(tmp_path):
         pass
 
 
