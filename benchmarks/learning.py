@@ -206,7 +206,7 @@ def aggregate(runs: list[dict[str, Any]]) -> dict[str, Any]:
             agg["final_sampled"][env] = interval([r["final_sampled"].get(env) for r in rs])
             agg["final_offspring"][env] = interval([r["final_offspring"].get(f"greedy/{env}") for r in rs])
         merges = [m for r in rs for m in r["merges"]]
-        if any(m["outcome"] != "copy_best" and m["method"] != "none" for m in merges):
+        if any(m["outcome"] != "copy" for m in merges):  # presets with merge=none only copy the best partner
             agg["merges"] = merge_summary(merges)
         out[preset] = agg
     return out
