@@ -35,9 +35,15 @@ def score_of(rows: list[dict[str, Any]], env: EnvSpec, policy: str) -> EnvScore:
     finals = [r for r in rows if r["done"]]
     mean_return = sum(r["episode_return"] for r in finals) / max(len(finals), 1)
     success = sum(r["success"] for r in finals) / max(len(finals), 1)
+    return env_score(env, policy, mean_return, success, len(finals))
+
+
+def env_score(env: EnvSpec, policy: str, mean_return: float, success: float, episodes: int,
+              exact: bool = False) -> EnvScore:
+    """Returns the score of a policy's mean return and success in the env, against the env's optimum."""
     optimal = env_info(env)["optimal_return"]
     normalized = mean_return / optimal if optimal and optimal > 0 else mean_return
-    return EnvScore(env.name, policy, mean_return, success, optimal, normalized, len(finals))
+    return EnvScore(env.name, policy, mean_return, success, optimal, normalized, episodes, exact)
 
 
 def evaluate(
@@ -81,9 +87,7 @@ def exact_score(partner: Partner, env: EnvSpec, model: TabularModel, policy: str
         probs = np.exp(logps)
         probs /= probs.sum(1, keepdims=True)
     mean_return, success = model.score(probs)
-    optimal = env_info(env)["optimal_return"]
-    normalized = mean_return / optimal if optimal and optimal > 0 else mean_return
-    return EnvScore(env.name, policy, mean_return, success, optimal, normalized, 0, exact=True)
+    return env_score(env, policy, mean_return, success, 0, exact=True)
 
 
 def normalized_by_env(scores: list[EnvScore]) -> dict[str, float]:

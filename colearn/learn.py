@@ -198,7 +198,7 @@ def row_outputs(
             pairs = [(tuple(rows[i]["prompt_ids"]), tuple(rows[i]["action_ids"])) for i in idx]
             distinct, inverse = _distinct(pairs, device)
             prompts, conts = [list(p) for p, _ in distinct], [list(c) for _, c in distinct]
-            lp, ent, hidden = continuation_outputs(partner.model, prompts, conts, pad, temperature)
+            lp, ent, hidden = continuation_outputs(partner.model, prompts, conts, pad, temperature, hidden=values)
             policy_lp = policy_lp.index_put((index,), lp[inverse])
             entropy = entropy.index_put((index,), ent[inverse])
             if temperature != 1.0:
@@ -270,9 +270,10 @@ def merged(items: list[Item]) -> list[Item]:
         if len(group) == 1:
             out.append(group[0])
             continue
-        mean = sum(it.target for it in group) / len(group)
-        spread = sum((it.target - mean) ** 2 + it.spread for it in group)
-        out.append(Item(group[0].kind, group[0].row, sum(it.adv for it in group), mean, len(group), spread))
+        count = sum(it.count for it in group)
+        mean = sum(it.count * it.target for it in group) / count
+        spread = sum(it.spread + it.count * (it.target - mean) ** 2 for it in group)
+        out.append(Item(group[0].kind, group[0].row, sum(it.adv for it in group), mean, count, spread))
     return out
 
 

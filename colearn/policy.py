@@ -53,18 +53,20 @@ def continuation_stats(
     model: torch.nn.Module, prompts: list[list[int]], conts: list[list[int]], pad_id: int, temperature: float = 1.0
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns (log-prob, mean token entropy), each (batch,), of each continuation given its prompt."""
-    logps, entropy, _ = continuation_outputs(model, prompts, conts, pad_id, temperature)
+    logps, entropy, _ = continuation_outputs(model, prompts, conts, pad_id, temperature, hidden=False)
     return logps, entropy
 
 
 def continuation_outputs(
-    model: torch.nn.Module, prompts: list[list[int]], conts: list[list[int]], pad_id: int, temperature: float = 1.0
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    model: torch.nn.Module, prompts: list[list[int]], conts: list[list[int]], pad_id: int, temperature: float = 1.0,
+    hidden: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Returns (log-prob, mean token entropy), each (batch,), of each continuation given its prompt, and the
-    final hidden state at each prompt's last token, (batch, hidden) (causal: it has not seen the continuation)."""
+    final hidden state at each prompt's last token, (batch, hidden) (causal: it has not seen the continuation;
+    None unless asked)."""
     device = next(model.parameters()).device
     ids, mask = right_padded([p + c for p, c in zip(prompts, conts)], pad_id, device)
-    out = model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+    out = model(input_ids=ids, attention_mask=mask, output_hidden_states=hidden)
     logits = out.logits[:, :-1].float() / temperature  # (batch, len-1, vocab)
     targets = ids[:, 1:]
     cont_mask = torch.zeros_like(targets, dtype=torch.bool)
@@ -73,9 +75,11 @@ def continuation_outputs(
     token_logps = selective_log_softmax(logits, targets) * cont_mask  # (batch, len-1)
     token_ent = entropy_from_logits(logits) * cont_mask
     n = cont_mask.sum(1).clamp(min=1)
+    if not hidden:
+        return token_logps.sum(1), token_ent.sum(1) / n, None
     last_prompt = torch.tensor([len(p) - 1 for p in prompts], device=device)
-    hidden = out.hidden_states[-1][torch.arange(len(prompts), device=device), last_prompt].float()  # (batch, hidden)
-    return token_logps.sum(1), token_ent.sum(1) / n, hidden
+    states = out.hidden_states[-1][torch.arange(len(prompts), device=device), last_prompt].float()  # (batch, hidden)
+    return token_logps.sum(1), token_ent.sum(1) / n, states
 
 
 def legal_action_logprobs(

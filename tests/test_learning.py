@@ -226,6 +226,14 @@ def test_merged_items_give_the_loss_and_gradient_of_their_steps(partner_factory)
     steps += [Item("distill", r, 0.0) for r in rows[:20]]
     items = merged(steps)
     assert len(items) < len(steps) / 3 and sum(it.count for it in items) == len(steps)
+    # merging what was merged in two halves gives the same items as merging once
+    half = len(steps) // 2
+    twice = {(it.kind, tuple(it.row["prompt_ids"]), it.row["action"], it.adv > 0): it
+             for it in merged(merged(steps[:half]) + merged(steps[half:]))}
+    for it in items:
+        again = twice[(it.kind, tuple(it.row["prompt_ids"]), it.row["action"], it.adv > 0)]
+        assert again.count == it.count
+        assert (again.adv, again.target, again.spread) == pytest.approx((it.adv, it.target, it.spread), abs=1e-9)
     cfg = LearnConfig(advantage="gae", distill_coef=0.5, entropy_coef=0.1, value_coef=0.5)
     value_head_for(partner)
 
