@@ -30,7 +30,7 @@ DEFAULT_MAX_EPISODE_STEPS = 100
 def make_inner(env_id: str, **env_kwargs: Any) -> gym.Env:
     """Return ``gymnasium.make(env_id)`` without a TimeLimit or env checker.
 
-    Raises EnvConfigError if ``env_id`` is not registered.
+    Raises EnvConfigError if ``env_id`` cannot be made (unknown, or a deprecated version).
     """
     inner_spec = _registered_spec(env_id)
     # max_episode_steps=-1 is gymnasium's switch for "no TimeLimit" (None keeps the spec's)
@@ -38,13 +38,13 @@ def make_inner(env_id: str, **env_kwargs: Any) -> gym.Env:
 
 
 def _registered_spec(env_id: str) -> gym.envs.registration.EnvSpec:
-    """Return the spec of ``env_id``; raise EnvConfigError if it is not registered."""
+    """Return the spec of ``env_id``; raise EnvConfigError with gymnasium's reason if it cannot be made."""
     try:
         return gym.spec(env_id)
     except gym.error.Error as error:
+        # gymnasium's own message names the fix (e.g. "v3 ... is deprecated. Please use `Taxi-v4` instead.")
         raise EnvConfigError(
-            f"env_id={env_id!r} is not a registered gymnasium environment; "
-            "see gymnasium.pprint_registry()"
+            f"env_id={env_id!r}: {error} (gymnasium.pprint_registry() lists the registered ids)"
         ) from error
 
 
@@ -54,16 +54,18 @@ def make_frozen_lake(
     invalid_penalty: float = -1.0,
     horizon: int | None = None,
     position_line: bool = True,
+    render_mode: str | None = None,
     **env_kwargs: Any,
 ) -> TextEnv:
     """Return a text FrozenLake (actions ``left down right up``); ``position_line=False`` shows only the map."""
     inner = make_inner("FrozenLake-v1", map_name=map_name, is_slippery=is_slippery, **env_kwargs)
     renderer = None if position_line else render_frozen_lake_map
-    return TextEnv(inner, FROZEN_LAKE_ACTIONS, invalid_penalty=invalid_penalty, horizon=horizon, renderer=renderer)
+    return TextEnv(inner, FROZEN_LAKE_ACTIONS, invalid_penalty=invalid_penalty, horizon=horizon, renderer=renderer,
+                   render_mode=render_mode)
 
 
 def make_taxi(
-    invalid_penalty: float = -1.0, horizon: int | None = None, **env_kwargs: Any
+    invalid_penalty: float = -1.0, horizon: int | None = None, render_mode: str | None = None, **env_kwargs: Any
 ) -> TextEnv:
     """Return a text Taxi-v4; success means a correct dropoff (reward 20)."""
     inner = make_inner("Taxi-v4", **env_kwargs)
@@ -73,6 +75,7 @@ def make_taxi(
         invalid_penalty=invalid_penalty,
         success_reward=TAXI_SUCCESS_REWARD,
         horizon=horizon,
+        render_mode=render_mode,
     )
 
 
@@ -88,6 +91,7 @@ def make_text_env(
     invalid_penalty: float = -1.0,
     success_reward: float | None = None,
     max_episode_steps: int | None = None,
+    render_mode: str | None = None,
 ) -> gym.Env:
     """Return ``TimeLimit(TextEnv(gymnasium.make(env_id)))`` for any discrete-action env.
 
@@ -106,6 +110,7 @@ def make_text_env(
         invalid_penalty=invalid_penalty,
         success_reward=success_reward,
         horizon=max_episode_steps,
+        render_mode=render_mode,
     )
     return TimeLimit(text_env, max_episode_steps)
 
@@ -130,7 +135,8 @@ _REGISTRATIONS: dict[str, tuple[str, int | None, dict[str, Any]]] = {
         "make_frozen_lake", 200, {"map_name": "8x8", "is_slippery": True, "horizon": 200}
     ),
     "colearn/Taxi-v0": ("make_taxi", 200, {"horizon": 200}),
-    "colearn/Addition-v0": ("make_addition", 1, {"digits": 2}),
+    # one answer ends the episode (terminated), so no TimeLimit: it would also report truncation on that step
+    "colearn/Addition-v0": ("make_addition", None, {"digits": 2}),
     # the limit depends on env_id, so make_text_env applies it itself
     "colearn/Text-v0": ("make_text_env", None, {}),
 }
@@ -163,7 +169,8 @@ def text_env_info(env_id: str, /, **kwargs: Any) -> dict[str, Any]:
 
     ``action_names`` is None for free-form envs (Addition); ``optimal_return``
     is None when the env has no transition table; ``max_episode_steps`` is the
-    effective (smallest) time limit, which is also the planning horizon. The
+    effective (smallest) time limit, which is also the planning horizon (None
+    without one: Addition ends every episode after one answer). The
     env is made once per (id, kwargs) and the result cached. ``env_id`` is
     positional-only so ``colearn/Text-v0``'s own ``env_id`` kwarg can pass through.
     """

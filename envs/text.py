@@ -20,14 +20,20 @@ OBS_MAX_LENGTH = 4096
 ACTION_MAX_LENGTH = 64
 
 
-class TextEnv(gym.Wrapper):
+class TextEnv(gym.Wrapper, gym.utils.RecordConstructorArgs):
     """Text observations (rendered state) and text actions (one of ``action_names``).
 
     An action that does not parse never steps the inner env and never raises:
     the observation repeats, the reward is ``invalid_penalty`` and
     ``info["invalid_action"]`` is True. Apply the time limit *outside* this
     wrapper so invalid actions still count toward truncation.
+
+    The constructor's arguments are recorded (``RecordConstructorArgs``), so
+    ``gymnasium.make(env.spec)`` rebuilds the env and gymnasium's checker accepts
+    it. ``render_mode="ansi"`` makes ``render()`` return the text observation.
     """
+
+    metadata: dict[str, Any] = {"render_modes": ["ansi"], "render_fps": 4}
 
     def __init__(
         self,
@@ -38,10 +44,25 @@ class TextEnv(gym.Wrapper):
         success_reward: float | None = None,
         *,
         horizon: int | None = None,
+        render_mode: str | None = None,
     ) -> None:
         """Wrap ``env``; ``horizon`` is the outer time limit, used by ``optimal_return``."""
+        # render_mode is left out: gymnasium passes it to the entry point (spec.kwargs), and check_env remakes
+        # the env with each render mode, which must not change the recorded wrapper
+        gym.utils.RecordConstructorArgs.__init__(
+            self, action_names=action_names, invalid_penalty=invalid_penalty, renderer=renderer,
+            success_reward=success_reward, horizon=horizon,
+        )
         super().__init__(env)
-        self._env_name = env.spec.id if env.spec is not None else type(env.unwrapped).__name__
+        # env.unwrapped.spec, not env.spec: a wrapper caches its spec on first read, and gymnasium.make
+        # stamps the colearn id on the unwrapped env only after this constructor returns
+        spec = env.unwrapped.spec
+        self._env_name = spec.id if spec is not None else type(env.unwrapped).__name__
+        if render_mode not in (None, *self.metadata["render_modes"]):
+            raise EnvConfigError(
+                f"render_mode={render_mode!r} is not supported by text envs; use 'ansi' (the text observation) or None"
+            )
+        self._render_mode = render_mode
         self._check_spaces(env)
         self.action_names: list[str] = _checked_names(
             action_names, env.action_space.n, self._env_name
@@ -92,6 +113,15 @@ class TextEnv(gym.Wrapper):
             return self._lookup[text]
         words = text.split()
         return self._lookup.get(words[0]) if words else None
+
+    @property
+    def render_mode(self) -> str | None:
+        """Return ``"ansi"`` or None (set at construction)."""
+        return self._render_mode
+
+    def render(self) -> str | None:
+        """Return the current text observation in ``"ansi"`` mode (None before the first reset), else None."""
+        return self._last_text if self._render_mode == "ansi" else None
 
     def render_text(self, obs: Any) -> str:
         """Return the text rendering of a raw inner observation."""

@@ -7,16 +7,18 @@ import warnings
 import gymnasium as gym
 import numpy as np
 import pytest
+from gymnasium.utils.env_checker import check_env
 
 import envs
 from envs import AdditionEnv, EnvConfigError, TextEnv, optimal_return, text_env_info
 from envs.planning import dense_model, value_table
-from envs.registry import make_inner
+from envs.registry import effective_time_limit, make_inner
 
 FROZEN_START = "PFFF\nFHFH\nFFFH\nHFFG\nP at row 0 col 0"
 RIGHT_OF_START = "SPFF\nFHFH\nFFFH\nHFFG\nP at row 0 col 1"
 BELOW_START = "SFFF\nPHFH\nFFFH\nHFFG\nP at row 1 col 0"
 CLIFF_NAMES = ["up", "right", "down", "left"]
+TAXI_NAMES = ["south", "north", "east", "west", "pickup", "dropoff"]
 
 
 def make_lake(**kwargs) -> gym.Env:
@@ -60,10 +62,49 @@ def test_registered_time_limits():
         "colearn/FrozenLake8x8-v0": 200,
         "colearn/FrozenLake8x8Slippery-v0": 200,
         "colearn/Taxi-v0": 200,
-        "colearn/Addition-v0": 1,
+        "colearn/Addition-v0": None,  # one answer terminates the episode
     }
     for env_id, steps in expected.items():
         assert gym.make(env_id).spec.max_episode_steps == steps, env_id
+
+
+WRAPPED_IDS = [(env_id, {}) for env_id in envs.ENV_IDS if env_id != "colearn/Text-v0"] + [
+    ("colearn/Text-v0", {"env_id": "CliffWalking-v1", "action_names": CLIFF_NAMES}),
+    ("colearn/Text-v0", {"env_id": "Taxi-v4", "action_names": TAXI_NAMES}),
+    ("colearn/Text-v0", {"env_id": "FrozenLake-v1", "action_names": ["left", "down", "right", "up"]}),
+]
+
+
+@pytest.mark.parametrize(("env_id", "kwargs"), WRAPPED_IDS)
+def test_gymnasium_env_checker_accepts(env_id, kwargs):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # any complaint of the checker fails the test, except
+        warnings.filterwarnings("ignore", message=".*different from the unwrapped version")  # that it is wrapped
+        check_env(gym.make(env_id, **kwargs))
+
+
+@pytest.mark.parametrize(("env_id", "kwargs"), WRAPPED_IDS)
+def test_spec_has_colearn_id_and_remakes_the_env(env_id, kwargs):
+    env = gym.make(env_id, **kwargs)
+    assert env.spec.id == env_id and env.spec.kwargs == {**gym.spec(env_id).kwargs, **kwargs}
+    again = gym.make(env.spec)
+    assert again.spec == env.spec
+    assert effective_time_limit(again) == effective_time_limit(env)
+    names = env.get_wrapper_attr("action_names")
+    actions = (names or ["7"]) * 3
+    trajectories = []
+    for made in (env, again):
+        obs, _ = made.reset(seed=3)
+        trajectories.append([obs] + [made.step(a)[:2] for a in actions])
+    assert trajectories[0] == trajectories[1]
+
+
+def test_ansi_render_is_the_text_observation():
+    env = make_lake(render_mode="ansi")
+    obs, _ = env.reset(seed=0)
+    assert env.render() == obs == FROZEN_START
+    with pytest.raises(EnvConfigError, match="render_mode='human'"):
+        make_lake(render_mode="human")
 
 
 def test_make_emits_no_warnings():
@@ -183,8 +224,16 @@ def test_non_discrete_action_space_rejected():
 
 
 def test_unknown_env_id():
-    with pytest.raises(EnvConfigError, match="env_id='Foo-v0' is not a registered"):
+    with pytest.raises(EnvConfigError, match="env_id='Foo-v0': Environment `Foo` doesn't exist"):
         gym.make("colearn/Text-v0", env_id="Foo-v0", action_names=["a"])
+
+
+def test_deprecated_env_id_names_the_version_to_use():
+    with pytest.raises(EnvConfigError) as error:
+        gym.make("colearn/Text-v0", env_id="Taxi-v3", action_names=TAXI_NAMES)
+    message = str(error.value)
+    assert message.startswith("env_id='Taxi-v3': ") and "Please use `Taxi-v4` instead" in message
+    assert "\n" not in message
 
 
 def test_env_config_error_is_value_error():
@@ -263,7 +312,7 @@ def test_text_env_info():
     assert text_env_info("colearn/Addition-v0") == {
         "action_names": None,
         "optimal_return": 1.0,
-        "max_episode_steps": 1,
+        "max_episode_steps": None,  # no time limit: every answer terminates the episode
     }
 
 
@@ -324,8 +373,8 @@ def test_addition_rewards():
     assert env.get_wrapper_attr("answer")() == answer
     _, reward, terminated, truncated, info = env.step(f" {answer}\n")
     assert (reward, terminated, info["success"], info["invalid_action"]) == (1.0, True, True, False)
-    # max_episode_steps=1: the TimeLimit also reports truncation on the only step
-    assert truncated is True
+    # no TimeLimit: the answer ends the episode by termination alone
+    assert truncated is False
 
     env.reset(seed=5)
     _, reward, _, _, info = env.step(str(int(answer) + 1))
