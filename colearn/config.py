@@ -6,12 +6,41 @@ Every field is documented once, here, where it is declared.
 from __future__ import annotations
 
 import math
+import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
 
 from colearn.errors import ColearnError
+
+# The closed sets of names a field may take. Registries that live above config.py (colearn.operators.METHODS,
+# colearn.integrate.MODES) hold the same names; tests/test_configs.py checks that they agree.
+DTYPES = ("float32", "bfloat16", "float16")
+DEVICES = ("cpu", "cuda", "cuda:N", "mps", "auto")
+ROLLOUT_MODES = ("auto", "constrained", "generate")
+VECTORIZATIONS = ("sync", "async")
+ADVANTAGES = ("gae", "return_to_go", "episode")
+ADVANTAGE_NORMS = ("std", "mean_std", "none")
+DISTILL_SOURCES = ("peer", "self", "both")
+DISTILL_SELECTIONS = ("success", "top")
+MERGE_OPERATORS = ("linear", "task_arithmetic", "slerp", "ties", "dare_linear", "dare_ties", "magnitude_prune",
+                   "della", "breadcrumbs", "model_stock")
+MERGE_METHODS = (*MERGE_OPERATORS, "none", "evolve")  # none: keep the best partner; evolve: CMA-ES over an operator
+COMPAT_METRICS = ("cka", "cosine")
+FALLBACKS = ("best", "mixture")
+LORA_OFFSPRING = ("fold", "adapter")
+INTEGRATE_MODES = ("route", "route_confidence", "ensemble", "check_and_control", "consultative")
+ENSEMBLE_AVERAGES = ("probs", "logprobs")
+
+
+def check_one_of(name: str, value: Any, choices: Iterable[str]) -> None:
+    """Raises ColearnError unless `value` is one of `choices`; the one-line message names the field and lists
+    the valid names."""
+    choices = tuple(choices)
+    if value not in choices:
+        raise ColearnError(f"{name}: {value!r} is not one of {', '.join(choices)}")
 
 
 @dataclass
@@ -27,15 +56,15 @@ class ModelConfig:
     lora_rank: int = 0  # 0 trains full weights; >0 wraps the model in a LoRA adapter of this rank (peft)
     lora_alpha: float = 16.0  # LoRA scaling numerator (scaling = alpha / rank)
     lora_targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])  # module names
-    dtype: str = "float32"  # torch dtype of the weights: float32, bfloat16, float16
+    dtype: str = "float32"  # torch dtype of the weights: one of DTYPES
 
     def __post_init__(self) -> None:
         if self.lora_rank < 0:
             raise ColearnError(f"model.lora_rank={self.lora_rank} must be >= 0 (0 disables LoRA)")
         if self.source == "tiny" and self.hidden_size % self.num_heads:
-            raise ColearnError(f"model.hidden_size={self.hidden_size} must be divisible by model.num_heads={self.num_heads}")
-        if self.dtype not in ("float32", "bfloat16", "float16"):
-            raise ColearnError(f"model.dtype={self.dtype!r} is unknown; choose float32, bfloat16 or float16")
+            raise ColearnError(f"model.hidden_size={self.hidden_size} must be divisible by "
+                               f"model.num_heads={self.num_heads}")
+        check_one_of("model.dtype", self.dtype, DTYPES)
 
 
 @dataclass
@@ -110,8 +139,8 @@ class RolloutConfig:
     vectorization: str = "sync"  # sync | async (gymnasium vector env)
 
     def __post_init__(self) -> None:
-        if self.mode not in ("auto", "constrained", "generate"):
-            raise ColearnError(f"rollout.mode={self.mode!r} is unknown; choose auto, constrained or generate")
+        check_one_of("rollout.mode", self.mode, ROLLOUT_MODES)
+        check_one_of("rollout.vectorization", self.vectorization, VECTORIZATIONS)
         if self.episodes < 1 or self.group_size < 1 or self.num_envs < 1:
             raise ColearnError("rollout.episodes, rollout.group_size and rollout.num_envs must be >= 1")
         if self.episodes % self.group_size:
@@ -124,12 +153,6 @@ class RolloutConfig:
             raise ColearnError(f"rollout.max_new_tokens={self.max_new_tokens} must be >= 1")
         if not 0 <= self.gamma <= 1:
             raise ColearnError(f"rollout.gamma={self.gamma} must be in [0, 1]")
-        if self.vectorization not in ("sync", "async"):
-            raise ColearnError(f"rollout.vectorization={self.vectorization!r} is unknown; choose sync or async")
-
-
-ADVANTAGES = ("gae", "return_to_go", "episode")
-ADVANTAGE_NORMS = ("std", "mean_std", "none")
 
 
 @dataclass
@@ -165,17 +188,12 @@ class LearnConfig:
             raise ColearnError(f"learn.lr={self.lr} must be a positive finite number (try 1e-3)")
         if self.batch_size < 1 or self.epochs < 0:
             raise ColearnError(f"learn.batch_size={self.batch_size} must be >= 1 and learn.epochs >= 0")
-        if self.advantage not in ADVANTAGES:
-            raise ColearnError(f"learn.advantage={self.advantage!r} is unknown; choose one of {', '.join(ADVANTAGES)}")
-        if self.advantage_norm not in ADVANTAGE_NORMS:
-            raise ColearnError(f"learn.advantage_norm={self.advantage_norm!r} is unknown; "
-                               f"choose one of {', '.join(ADVANTAGE_NORMS)}")
+        check_one_of("learn.advantage", self.advantage, ADVANTAGES)
+        check_one_of("learn.advantage_norm", self.advantage_norm, ADVANTAGE_NORMS)
+        check_one_of("learn.distill_from", self.distill_from, DISTILL_SOURCES)
+        check_one_of("learn.distill_select", self.distill_select, DISTILL_SELECTIONS)
         if not 0 <= self.gae_lambda <= 1:
             raise ColearnError(f"learn.gae_lambda={self.gae_lambda} must be in [0, 1]")
-        if self.distill_from not in ("peer", "self", "both"):
-            raise ColearnError(f"learn.distill_from={self.distill_from!r} is unknown; choose peer, self or both")
-        if self.distill_select not in ("success", "top"):
-            raise ColearnError(f"learn.distill_select={self.distill_select!r} is unknown; choose success or top")
         if not 0 < self.distill_top_fraction <= 1:
             raise ColearnError(f"learn.distill_top_fraction={self.distill_top_fraction} must be in (0, 1]")
         if self.max_grad_norm <= 0 or self.clip_eps <= 0 or self.peer_ratio_cap <= 0:
@@ -184,14 +202,16 @@ class LearnConfig:
 
 @dataclass
 class MergeConfig:
-    method: str = "linear"  # one of colearn.operators.METHODS, "none" (keep the best partner), or "evolve" (CMA-ES)
+    method: str = "linear"  # one of MERGE_METHODS: an operator, "none" (keep the best partner) or "evolve" (CMA-ES)
     weights: list[float] = field(default_factory=list)  # per partner; empty means equal weights
     density: float = 1.0  # fraction of each task vector kept (TIES/DARE/DELLA/breadcrumbs/magnitude_prune)
     to_ancestor: float = 0.0  # 0 keeps the merge, 1 returns the ancestor (WARP's interpolation toward init)
     params: dict[str, Any] = field(default_factory=dict)  # extra method parameters (e.g. gamma, epsilon)
-    groups: dict[str, Any] = field(default_factory=dict)  # per layer group overrides, e.g. {"block*.mlp": {density: 0.5}}
+    groups: dict[str, Any] = field(default_factory=dict)  # per layer group overrides,
+    # e.g. {"block*.mlp": {density: 0.5}}
     seed: int = 0  # seed of random operators (DARE, DELLA) and of the CMA-ES search
-    base_method: str = "ties"  # method=evolve: the operator whose per-group weights (and density) CMA-ES searches
+    base_method: str = "ties"  # method=evolve: the operator (one of MERGE_OPERATORS) whose per-group weights
+    # (and density) CMA-ES searches
     search_budget: int = 24  # method=evolve: candidates scored on the search episodes (the uniform one included)
     search_sigma: float = 0.5  # method=evolve: CMA-ES initial step size, in logit units of the squashed parameters
     search_max_weight: float = 1.5  # method=evolve: searched weights lie in [0, this]; densities in [0.05, 1]
@@ -205,20 +225,17 @@ class MergeConfig:
     # or keep it as an "adapter" on the unchanged base (truncated SVD to the partners' rank, error logged)
 
     def __post_init__(self) -> None:
-        if self.lora_offspring not in ("fold", "adapter"):
-            raise ColearnError(f"merge.lora_offspring={self.lora_offspring!r} is unknown; choose fold or adapter")
+        check_one_of("merge.method", self.method, MERGE_METHODS)
+        check_one_of("merge.base_method", self.base_method, MERGE_OPERATORS)
+        check_one_of("merge.compat_metric", self.compat_metric, COMPAT_METRICS)
+        check_one_of("merge.fallback", self.fallback, FALLBACKS)
+        check_one_of("merge.lora_offspring", self.lora_offspring, LORA_OFFSPRING)
         if not 0 < self.density <= 1:
             raise ColearnError(f"merge.density={self.density} must be in (0, 1]")
         if not 0 <= self.to_ancestor <= 1:
             raise ColearnError(f"merge.to_ancestor={self.to_ancestor} must be in [0, 1]")
-        if self.base_method in ("evolve", "none"):
-            raise ColearnError(f"merge.base_method={self.base_method!r} must be a merge operator, e.g. ties or linear")
         if self.search_budget < 1 or not self.search_sigma > 0 or not self.search_max_weight > 0:
             raise ColearnError("merge.search_budget must be >= 1, merge.search_sigma and merge.search_max_weight > 0")
-        if self.compat_metric not in ("cka", "cosine"):
-            raise ColearnError(f"merge.compat_metric={self.compat_metric!r} is unknown; choose cka or cosine")
-        if self.fallback not in ("best", "mixture"):
-            raise ColearnError(f"merge.fallback={self.fallback!r} is unknown; choose best or mixture")
         if not self.gate_tolerance >= 0:
             raise ColearnError(f"merge.gate_tolerance={self.gate_tolerance} must be >= 0")
 
@@ -254,16 +271,21 @@ class EvalConfig:
 
 @dataclass
 class IntegrateConfig:
-    modes: list[str] = field(default_factory=list)  # integration modes of the pair evaluated each generation (integrate.MODES)
+    modes: list[str] = field(default_factory=list)  # integration modes (INTEGRATE_MODES) evaluated each generation
     average: str = "probs"  # ensemble: average "probs" or "logprobs" (renormalized product of experts)
     threshold: float = 0.1  # check_and_control: the checker vetoes proposals it gives less probability than this
     top_k: int = 2  # consultative: legal actions the proposer offers the chooser
+
+    def __post_init__(self) -> None:
+        for mode in self.modes:
+            check_one_of("integrate.modes", mode, INTEGRATE_MODES)
+        check_one_of("integrate.average", self.average, ENSEMBLE_AVERAGES)
 
 
 @dataclass
 class Config:
     seed: int = 0  # master seed: model init, sampling, env resets
-    device: str = "cpu"  # cpu | cuda | cuda:N | mps | auto (cuda when available)
+    device: str = "cpu"  # one of DEVICES: cpu | cuda | cuda:N | mps | auto (cuda, then mps, when available)
     threads: int = 1  # torch intra-op threads of this run (1: N runs share N cores without oversubscribing);
     # 0 keeps torch's default, one per core
     run_id: str = ""  # label of the run in step records; defaults to the run directory name
@@ -279,6 +301,8 @@ class Config:
     progress: bool = True  # show a progress bar
 
     def __post_init__(self) -> None:
+        if not re.fullmatch(r"cpu|cuda(:\d+)?|mps|auto", self.device):
+            raise ColearnError(f"device: {self.device!r} is not one of {', '.join(DEVICES)}")
         if self.threads < 0:
             raise ColearnError(f"threads={self.threads} must be >= 0 (0: torch's default, one per core)")
 

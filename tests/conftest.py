@@ -99,6 +99,8 @@ CLI_BAD = {
     "negative_lr": (["learn.lr=-1"], "learn.lr"),
     "bogus_mode": (["rollout.mode=bogus"], "rollout.mode"),
     "unknown_merge": (["merge=foo"], "merge=foo"),
+    "unknown_merge_method": (["merge.method=tie"], "merge.method: 'tie' is not one of linear,"),
+    "unknown_integrate_mode": (["integrate.modes=[route,vote]"], "integrate.modes: 'vote' is not one of route,"),
 }
 
 _cli_jobs: dict = {}

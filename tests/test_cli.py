@@ -20,6 +20,10 @@ BAD = {
     "negative_lr": "learn.lr",
     "bogus_mode": "rollout.mode",
     "unknown_merge": "choose one of: breadcrumbs,",  # a Hydra option: one line naming the valid ones
+    # a value outside a closed set: rejected at composition, before a model is built or a generation is played
+    # (a run that got that far would leave metrics and checkpoints in its run dir)
+    "unknown_merge_method": "merge.method: 'tie' is not one of linear, task_arithmetic,",
+    "unknown_integrate_mode": "integrate.modes: 'vote' is not one of route, route_confidence,",
 }
 
 

@@ -8,9 +8,10 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 
-from colearn import loop
+from colearn import config, loop
 from colearn.cli import CONF_DIR, to_config, validate
 from colearn.config import register_configs
+from colearn.errors import ColearnError
 
 CONF = Path(CONF_DIR)
 GROUPS = {g: sorted(p.stem for p in (CONF / g).glob("*.yaml")) for g in ("model", "env", "learn", "merge")}
@@ -38,6 +39,49 @@ def test_every_group_option_composes_and_checks(group, option):
     validate(cfg)
     if group == "merge":
         assert cfg.merge.method == ("none" if option == "none" else option)
+
+
+CLOSED_SETS = [  # (override, field, the value as the error quotes it, the valid names in order)
+    ("merge.method=tie", "merge.method", "'tie'", config.MERGE_METHODS),
+    ("merge.base_method=evolve", "merge.base_method", "'evolve'", config.MERGE_OPERATORS),
+    ("merge.fallback=average", "merge.fallback", "'average'", config.FALLBACKS),
+    ("merge.compat_metric=cca", "merge.compat_metric", "'cca'", config.COMPAT_METRICS),
+    ("merge.lora_offspring=both", "merge.lora_offspring", "'both'", config.LORA_OFFSPRING),
+    ("integrate.modes=[route,vote]", "integrate.modes", "'vote'", config.INTEGRATE_MODES),
+    ("integrate.average=median", "integrate.average", "'median'", config.ENSEMBLE_AVERAGES),
+    ("learn.advantage=td", "learn.advantage", "'td'", config.ADVANTAGES),
+    ("learn.advantage_norm=minmax", "learn.advantage_norm", "'minmax'", config.ADVANTAGE_NORMS),
+    ("learn.distill_from=teacher", "learn.distill_from", "'teacher'", config.DISTILL_SOURCES),
+    ("learn.distill_select=best", "learn.distill_select", "'best'", config.DISTILL_SELECTIONS),
+    ("rollout.mode=free", "rollout.mode", "'free'", config.ROLLOUT_MODES),
+    ("rollout.vectorization=threads", "rollout.vectorization", "'threads'", config.VECTORIZATIONS),
+    ("model.dtype=float64", "model.dtype", "'float64'", config.DTYPES),
+    ("device=gpu", "device", "'gpu'", config.DEVICES),
+    ("device=cuda:x", "device", "'cuda:x'", config.DEVICES),
+]
+
+
+@pytest.mark.parametrize("override,field,value,names", CLOSED_SETS, ids=[c[0] for c in CLOSED_SETS])
+def test_a_value_outside_a_closed_set_fails_at_composition_naming_the_valid_ones(override, field, value, names):
+    # composition alone (Hydra + the dataclass checks) rejects it: no env, model or run is touched
+    with pytest.raises(ColearnError) as error:
+        composed([override])
+    assert str(error.value) == f"{field}: {value} is not one of {', '.join(names)}"
+
+
+def test_closed_sets_name_what_the_registries_hold():
+    from colearn.integrate import MODES
+    from colearn.operators import METHODS
+
+    assert set(config.MERGE_OPERATORS) == set(METHODS)
+    assert set(config.INTEGRATE_MODES) == set(MODES)
+    assert set(config.MERGE_METHODS) - set(METHODS) == {"none", "evolve"}
+    assert set(GROUPS["merge"]) <= set(config.MERGE_METHODS)
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda", "cuda:1", "mps", "auto"])
+def test_every_documented_device_passes_composition(device):
+    assert composed([f"device={device}"]).device == device
 
 
 @pytest.mark.parametrize("preset", PRESETS)
