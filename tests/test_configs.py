@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
@@ -10,7 +11,7 @@ from hydra import compose, initialize_config_dir
 
 from colearn import config, loop
 from colearn.cli import CONF_DIR, to_config, validate
-from colearn.config import register_configs
+from colearn.config import MergeConfig, register_configs
 from colearn.errors import ColearnError
 
 CONF = Path(CONF_DIR)
@@ -82,6 +83,28 @@ def test_closed_sets_name_what_the_registries_hold():
 @pytest.mark.parametrize("device", ["cpu", "cuda", "cuda:1", "mps", "auto"])
 def test_every_documented_device_passes_composition(device):
     assert composed([f"device={device}"]).device == device
+
+
+@functools.cache
+def merge_option(option: str) -> MergeConfig:
+    return composed([f"merge={option}"]).merge
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_a_merge_option_given_with_a_preset_is_the_merge_that_runs(preset):
+    # a preset selects its merge with `override /merge: ...`, so `-m experiment=full merge=ties,slerp` sweeps
+    # merges; a preset setting merge values instead would run linear merges with TIES's density
+    for option in GROUPS["merge"]:
+        assert composed([f"experiment={preset}", f"merge={option}"]).merge == merge_option(option)
+
+
+def test_full_merges_with_ties_when_asked_and_with_its_own_merge_otherwise():
+    ties = composed(["experiment=full", "merge=ties"]).merge
+    assert (ties.method, ties.density) == ("ties", 0.5)
+    alone = composed(["experiment=full"])
+    assert alone.merge == merge_option("linear") and alone.loop.exchange
+    assert composed(["experiment=merging_only"]).merge.method == "linear"
+    assert composed(["experiment=independent", "merge=slerp"]).merge.method == "slerp"
 
 
 @pytest.mark.parametrize("preset", PRESETS)
