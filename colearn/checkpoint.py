@@ -52,8 +52,8 @@ def save_checkpoint(root: Path, state: Any, extra: dict[str, Any]) -> Path:
     tmp = final.with_name(final.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     for p in state.partners:
-        p.save(tmp / "partners" / p.name)
-    state.ancestor.save(tmp / "ancestor")
+        p.save(tmp / "partners" / p.name, home=final / "partners" / p.name)
+    state.ancestor.save(tmp / "ancestor", home=final / "ancestor")
     meta = {
         "generation": state.generation, "round": state.round, "env_steps": state.env_steps,
         "partners": [{"name": p.name, "envs": p.envs} for p in state.partners],

@@ -1,7 +1,10 @@
 """`colearn export RUN_DIR [--generation N] OUT`: a deployable Hugging Face directory with a model card.
 
-An offspring that is a mixture (merge.fallback=mixture, see `colearn.mixture`) is exported as that mixture
-directory: mixture.json and one Hugging Face directory per member, with a card giving the routing table."""
+The card says the prompt format, how to act with the model in Python, and its scores. A LoRA offspring is its
+adapter beside `base/` (the frozen base model), and its adapter_config.json names OUT/base by absolute path, so
+`AutoPeftModelForCausalLM.from_pretrained(OUT)` loads it offline. An offspring that is a mixture
+(merge.fallback=mixture, see `colearn.mixture`) is exported as that mixture directory: mixture.json and one
+Hugging Face directory per member, with a card giving the routing table."""
 
 from __future__ import annotations
 
@@ -12,8 +15,12 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from colearn.config import Config
 from colearn.errors import ColearnError
+from colearn.logger import read_metrics
 from colearn.mixture import UNMAPPED, is_mixture, read_manifest
+from colearn.partner import ADAPTER_CONFIG, BASE_DIR, point_adapter_at_base
+from colearn.resume import run_config
 
 
 def chosen_generation(run_dir: Path, generation: int | None) -> int:
@@ -39,12 +46,13 @@ def check_output(out: Path) -> None:
 
 
 def lineage_lines(node: dict[str, Any] | None) -> list[str]:
-    """Returns the card's lineage, scores per env and recipe sections (markdown lines)."""
+    """Returns the card's lineage, scores per env against the parents and recipe sections (markdown lines)."""
     if node is None:
         return ["No lineage record was found for this generation."]
     lines = ["## Lineage", "", f"- parents: {', '.join(node['parents'])}", f"- ancestor: {node['ancestor']}",
-             f"- environment steps so far: {node.get('env_steps')}", "", "## Scores (normalized return; 1.0 = optimal)",
-             "", "| env | offspring | " + " | ".join(node["parent_scores"]) + " |",
+             f"- environment steps so far: {node.get('env_steps')}", "",
+             "## Against its parents (normalized return; 1.0 = optimal)", "",
+             "| env | offspring | " + " | ".join(node["parent_scores"]) + " |",
              "|---|---|" + "---|" * len(node["parent_scores"])]
     for env, score in node["scores"].items():
         parents = " | ".join(f"{ps.get(env, float('nan')):.3f}" for ps in node["parent_scores"].values())
@@ -52,17 +60,107 @@ def lineage_lines(node: dict[str, Any] | None) -> list[str]:
     return lines + ["", "## Recipe", "", "```json", json.dumps(node["recipe"], indent=2, default=str), "```"]
 
 
-def model_card(node: dict[str, Any] | None, generation: int, run_dir: Path) -> str:
-    """Returns the README.md of the exported model: lineage, scores per env, the recipe that made it."""
-    lines = ["---", "library_name: transformers", "tags: [colearn]", "---", "",
+def offspring_scores(run_dir: Path, generation: int) -> list[dict[str, Any]]:
+    """Returns the offspring's evaluation at `generation`: its "eval" events in metrics.jsonl, the last one per
+    (env, policy), in the order first logged."""
+    if not (run_dir / "metrics.jsonl").is_file():
+        return []
+    latest = {(e["env"], e["policy"]): e for e in read_metrics(run_dir)
+              if e.get("event") == "eval" and e.get("partner") == "offspring" and e.get("generation") == generation}
+    return list(latest.values())
+
+
+def scores_lines(scores: list[dict[str, Any]]) -> list[str]:
+    """Returns the card's section on the model's own scores: return, success, optimum per env and policy."""
+    if not scores:
+        return ["## Scores", "", "The run's metrics.jsonl has no evaluation of this offspring.", ""]
+    lines = ["## Scores", "", "| env | policy | mean return | success | optimum | normalized | episodes |",
+             "|---|---|---|---|---|---|---|"]
+    for s in scores:
+        optimum = "unknown" if s.get("optimal") is None else f"{s['optimal']:.3f}"
+        episodes = "exact" if s.get("exact") else s.get("episodes", "?")
+        lines.append(f"| {s['env']} | {s['policy']} | {s['mean_return']:.3f} | {s['success']:.3f} | {optimum} | "
+                     f"{s['normalized']:.3f} | {episodes} |")
+    return lines + ["", "greedy takes the most probable action, sampled draws it from the policy; normalized is the "
+                    "mean return over the optimum (value iteration over the env's transition table); episodes "
+                    "\"exact\" is the expected value computed over that table, no sampling.", ""]
+
+
+def prompt_lines(cfg: Config) -> list[str]:
+    """Returns the card's prompt format section: the template, an example prompt and each env's actions."""
+    import gymnasium as gym
+
+    import envs  # noqa: F401 - registers the colearn/... ids
+    from colearn.rollout import acting_mode
+
+    suite = cfg.env.suite
+    first = gym.make(suite[0].id, **suite[0].kwargs)
+    example = cfg.model.prompt_template.format(obs=first.reset(seed=cfg.eval.seed)[0])
+    first.close()
+    lines = ["## Prompt format", "", f"A prompt is the env's text observation in the template "
+             f"`{cfg.model.prompt_template!r}` (a Python format string with `obs`); the action continues it as "
+             f"`{cfg.model.action_prefix!r}` followed by the action's text. A prompt in {suite[0].name}:", "",
+             "```", example, "```", "", "| env | gymnasium id | kwargs | actions |", "|---|---|---|---|"]
+    for spec in suite:
+        legal = acting_mode(spec, cfg.rollout.mode)
+        actions = ", ".join(legal) if legal else f"free text (generated, at most {cfg.rollout.max_new_tokens} tokens)"
+        lines.append(f"| {spec.name} | {spec.id} | {json.dumps(spec.kwargs) if spec.kwargs else ''} | {actions} |")
+    return lines + ["", "With action names the policy scores each one as a continuation of the prompt and takes the "
+                    "most probable (greedy) or samples one at the run's temperature "
+                    f"({cfg.rollout.temperature}).", ""]
+
+
+def acting_lines(cfg: Config, out: Path, lora: bool) -> list[str]:
+    """Returns the card's section on loading the model and acting with it in the run's first env."""
+    from colearn.rollout import acting_mode
+
+    where, spec = str(out.resolve()), cfg.env.suite[0]
+    model_cfg = (f"ModelConfig(prompt_template={cfg.model.prompt_template!r}, action_prefix={cfg.model.action_prefix!r}"
+                 f", dtype={cfg.model.dtype!r})")
+    legal = acting_mode(spec, cfg.rollout.mode)
+    make_args = "".join(f", {k}={v!r}" for k, v in spec.kwargs.items())
+    code = ["import gymnasium as gym", "import torch", "", "import envs  # colearn's text envs: registers colearn/...",
+            "from colearn.config import ModelConfig", "from colearn.partner import Partner", "",
+            f"policy = Partner.load({where!r}, 'offspring', {model_cfg})",
+            f"env = gym.make({spec.id!r}{make_args})",
+            f"legal = {legal!r}  # None: the model writes its action as free text",
+            "observation, _ = env.reset(seed=0)", "done = False", "while not done:",
+            "    action = policy.act([observation], legal, greedy=True, generator=torch.Generator(),",
+            f"                        max_new_tokens={cfg.rollout.max_new_tokens}).texts[0]",
+            "    observation, reward, terminated, truncated, _ = env.step(action)",
+            "    done = terminated or truncated"]
+    loader = "peft's AutoPeftModelForCausalLM" if lora else "transformers' AutoModelForCausalLM"
+    lines = ["## Acting", "", "```python", *code, "```", "",
+             f"Without colearn's acting code, {loader}.from_pretrained({where!r}) loads the model and "
+             "AutoTokenizer.from_pretrained the tokenizer; build prompts as above."]
+    if lora:
+        lines += ["", f"This is a LoRA adapter on the frozen base model in `{BASE_DIR}/`; adapter_config.json names "
+                  f"`{where}/{BASE_DIR}` by absolute path. Once this directory has moved to DIR, peft's call needs "
+                  "the base named: `PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(DIR + "
+                  f'"/{BASE_DIR}"), DIR)`; `Partner.load(DIR, ...)` finds `{BASE_DIR}/` by itself.']
+    return lines + [""]
+
+
+def model_card(node: dict[str, Any] | None, generation: int, run_dir: Path, cfg: Config | None,
+               scores: list[dict[str, Any]], out: Path, lora: bool) -> str:
+    """Returns the README.md of the exported model: prompt format, how to act, its scores, then lineage, scores
+    against its parents and the recipe that made it. Without the run's config (`cfg` None) the prompt and acting
+    sections say so."""
+    library = "peft" if lora else "transformers"
+    tags = "[colearn, lora]" if lora else "[colearn]"
+    lines = ["---", f"library_name: {library}", f"tags: {tags}", "---", "",
              f"# colearn offspring, generation {generation}", "", f"Exported from run `{run_dir}`.", ""]
-    return "\n".join(lines + lineage_lines(node)) + "\n"
+    if cfg is None:
+        lines += ["The run has no .hydra/config.yaml, so its prompt format is unknown here.", ""]
+    else:
+        lines += prompt_lines(cfg) + acting_lines(cfg, out, lora)
+    return "\n".join(lines + scores_lines(scores) + lineage_lines(node)) + "\n"
 
 
 def mixture_card(node: dict[str, Any] | None, generation: int, run_dir: Path, manifest: dict[str, Any],
-                 out: Path) -> str:
+                 out: Path, scores: list[dict[str, Any]]) -> str:
     """Returns the README.md of an exported mixture: what it is, its routing table (env -> member), how to
-    load it, then lineage, scores and recipe as for one model."""
+    load it, its scores, then lineage and recipe as for one model."""
     reason = (node or {}).get("recipe", {}).get("reason")
     why = f"merge.fallback=mixture: {reason}" if reason else "merge.fallback=mixture"
     lines = ["---", "library_name: transformers", "tags: [colearn, mixture]", "---", "",
@@ -71,8 +169,8 @@ def mixture_card(node: dict[str, Any] | None, generation: int, run_dir: Path, ma
              f"This offspring is not one model. The partners were not averaged ({why}); they are kept side by "
              "side and each env is routed to the member best on it. `mixture.json` holds the routing table; each "
              "member is a Hugging Face directory under `members/<name>/`.", ""]
-    lines += routing_lines(manifest) + loading_lines(manifest, out, run_dir) + lineage_lines(node)
-    return "\n".join(lines) + "\n"
+    lines += routing_lines(manifest) + loading_lines(manifest, out, run_dir) + scores_lines(scores)
+    return "\n".join(lines + lineage_lines(node)) + "\n"
 
 
 def routing_lines(manifest: dict[str, Any]) -> list[str]:
@@ -99,11 +197,16 @@ def loading_lines(manifest: dict[str, Any], out: Path, run_dir: Path) -> list[st
 
 def copy_with_card(source: Path, out: Path, card: str) -> None:
     """Copies the checkpoint at `source` to `out` (absent or an empty directory) without optimizer state, with
-    `card` as README.md, written aside (in a fresh hidden directory beside `out`) and renamed into place."""
+    `card` as README.md, written aside (in a fresh hidden directory beside `out`) and renamed into place. Each
+    LoRA directory in it (the model, or a mixture's members) gets its adapter config pointed at its own base/
+    under `out`."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent)) / "export"
     try:
         shutil.copytree(source, tmp, ignore=shutil.ignore_patterns("optimizer.pt"))  # at every depth
+        for config in tmp.rglob(ADAPTER_CONFIG):
+            if (config.parent / BASE_DIR).is_dir():
+                point_adapter_at_base(config.parent, out / config.parent.relative_to(tmp))
         (tmp / "README.md").write_text(card, encoding="utf-8")
         if out.exists():
             out.rmdir()  # empty (check_output): removing it cannot lose a file
@@ -127,12 +230,16 @@ def main(argv: list[str]) -> None:
     lineage_path = args.run_dir / "lineage.json"
     lineage = json.loads(lineage_path.read_text(encoding="utf-8")) if lineage_path.is_file() else []
     node = next((n for n in lineage if n["generation"] == gen), None)
+    scores = offspring_scores(args.run_dir, gen)
     if is_mixture(source):
         manifest = read_manifest(source)
-        copy_with_card(source, args.out, mixture_card(node, gen, args.run_dir, manifest, args.out))
+        copy_with_card(source, args.out, mixture_card(node, gen, args.run_dir, manifest, args.out, scores))
         routes = ", ".join(f"{env} -> {member}" for env, member in manifest["env_map"].items())
         print(f"exported generation {gen} to {args.out}: a mixture of {', '.join(manifest['members'])} "
               f"routed by env ({routes}); load it with colearn.mixture.load_mixture")
         return
-    copy_with_card(source, args.out, model_card(node, gen, args.run_dir))
-    print(f"exported generation {gen} to {args.out}")
+    cfg = run_config(args.run_dir) if (args.run_dir / ".hydra" / "config.yaml").is_file() else None
+    lora = (source / ADAPTER_CONFIG).is_file()
+    copy_with_card(source, args.out, model_card(node, gen, args.run_dir, cfg, scores, args.out, lora))
+    how = "AutoPeftModelForCausalLM" if lora else "AutoModelForCausalLM"
+    print(f"exported generation {gen} to {args.out}; load it with {how}.from_pretrained (README.md says how to act)")

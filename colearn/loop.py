@@ -385,7 +385,7 @@ def log_scores(scores: list[EnvScore], own_envs: list[str], label: str, state: L
         ctx.log.write(
             "eval", state.env_steps, generation=state.generation, round=state.round, partner=label, env=s.env,
             policy=s.policy, own_env=s.env in own_envs, mean_return=s.mean_return, success=s.success,
-            optimal=s.optimal, normalized=s.normalized,
+            optimal=s.optimal, normalized=s.normalized, episodes=s.episodes, exact=s.exact,
             **{f"return/{s.policy}/{label}/{s.env}": s.mean_return, f"normalized/{s.policy}/{label}/{s.env}":
                s.normalized},
         )
@@ -459,11 +459,12 @@ def save_generation(state: LoopState, child: Partner, mixture: dict[str, str] | 
     tmp = final.with_name(final.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     for p in [*state.partners, state.ancestor]:
-        (p if ctx.cfg.loop.keep_generations > 0 else dataclasses.replace(p, optimizer=None)).save(tmp / p.name)
+        kept = p if ctx.cfg.loop.keep_generations > 0 else dataclasses.replace(p, optimizer=None)
+        kept.save(tmp / p.name, home=final / p.name)
     if mixture:
-        save_mixture(state.partners, mixture, tmp / child.name)
+        save_mixture(state.partners, mixture, tmp / child.name, home=final / child.name)
     else:
-        child.save(tmp / child.name)
+        child.save(tmp / child.name, home=final / child.name)
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     prune_generations(ctx.run_dir, ctx.cfg.loop.keep_generations)

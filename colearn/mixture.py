@@ -56,18 +56,22 @@ def member_dir(path: Path, name: str) -> Path:
     return path / "members" / name
 
 
-def save_mixture(members: Sequence[Partner], env_map: Mapping[str, str], path: str | Path) -> None:
+def save_mixture(members: Sequence[Partner], env_map: Mapping[str, str], path: str | Path,
+                 home: str | Path | None = None) -> None:
     """Writes the members routed by `env_map` ({env: member name}) as a mixture directory at `path`.
 
     Members are saved without optimizer state: a mixture is an offspring to deploy, not a training state.
-    Like `Partner.save`, this writes in place; callers that need atomicity write to a temporary dir."""
+    Like `Partner.save`, this writes in place; callers that need atomicity write to a temporary dir and pass
+    the final place as `home` (where LoRA members' adapter configs say their base models are)."""
     path = Path(path)
+    home = path if home is None else Path(home)
     names = [m.name for m in members]
     if len(set(names)) != len(names):
         raise ColearnError(f"mixture members must have distinct names, got {names}; rename the partners")
     route_params(names, env_map)  # every env routes to a member
     for m in members:
-        Partner(m.name, m.model, m.tokenizer, m.cfg, list(m.envs)).save(member_dir(path, m.name))
+        Partner(m.name, m.model, m.tokenizer, m.cfg, list(m.envs)).save(member_dir(path, m.name),
+                                                                         home=member_dir(home, m.name))
     manifest = {"format": FORMAT, "version": VERSION, "mode": "route", "members": names, "env_map": dict(env_map),
                 "unmapped_envs": UNMAPPED}
     (path / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")

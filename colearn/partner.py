@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,6 +18,8 @@ from colearn.policy import continuation_stats, legal_action_logprobs
 
 
 VALUE_HEAD_FILE = "value_head.safetensors"  # beside the model's own files in a partner directory
+BASE_DIR = "base"  # in a LoRA partner's directory: the frozen base model the adapter applies to
+ADAPTER_CONFIG = "adapter_config.json"  # peft's
 
 
 @dataclass
@@ -135,14 +138,20 @@ class Partner:
         return Partner(name, copy.deepcopy(self.model), self.tokenizer, self.cfg, list(envs or self.envs),
                        value_head=copy.deepcopy(self.value_head))
 
-    def save(self, path: str | Path) -> None:
-        """Writes weights, tokenizer and optimizer state into `path` (a Hugging Face model directory)."""
+    def save(self, path: str | Path, home: str | Path | None = None) -> None:
+        """Writes weights, tokenizer and optimizer state into `path` (a Hugging Face model directory).
+
+        A LoRA partner is written as its adapter beside `base/`, the frozen base model; adapter_config.json names
+        that base by its absolute path where the directory will live, `home` (default `path`: a caller that
+        writes aside and renames into place passes the final place), so AutoPeftModelForCausalLM loads it."""
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         self.model.save_pretrained(path)
         self.tokenizer.save_pretrained(path)
         if hasattr(self.model, "peft_config"):  # a LoRA partner: its frozen base goes alongside the adapter
-            copy.deepcopy(self.model).unload().save_pretrained(path / "base")
+            copy.deepcopy(self.model).unload().save_pretrained(path / BASE_DIR)
+            point_adapter_at_base(path, path if home is None else Path(home))
+            (path / "README.md").write_text(adapter_card(self.name, self.cfg), encoding="utf-8")  # not peft's stub
         if self.value_head is not None:
             save_file(self.value_head.state_dict(), path / VALUE_HEAD_FILE)
         if self.optimizer is not None:
@@ -164,8 +173,9 @@ class Partner:
         if (path / "adapter_config.json").exists():
             from peft import PeftModel
 
-            refuse_custom_code(path / "base", "checkpoint")
-            base = AutoModelForCausalLM.from_pretrained(path / "base", dtype=getattr(torch, cfg.dtype),
+            # base/ beside the adapter, not adapter_config.json's absolute path: that one is stale once moved
+            refuse_custom_code(path / BASE_DIR, "checkpoint")
+            base = AutoModelForCausalLM.from_pretrained(path / BASE_DIR, dtype=getattr(torch, cfg.dtype),
                                                         trust_remote_code=False)
             model = PeftModel.from_pretrained(base, path, is_trainable=True)
         else:
@@ -184,3 +194,32 @@ def new_value_head(hidden_size: int, device: torch.device | str) -> torch.nn.Lin
     torch.nn.init.zeros_(head.weight)
     torch.nn.init.zeros_(head.bias)
     return head
+
+
+def point_adapter_at_base(directory: Path, home: Path) -> None:
+    """Sets `base_model_name_or_path` in the adapter_config.json of the LoRA directory `directory` to the absolute
+    path of `home/base`, where its base model lives once the directory is at `home`.
+
+    Absolute, because peft and transformers resolve a relative path against the working directory, not the
+    adapter's; so moving the directory makes the path stale, and loading then needs `base/` named explicitly."""
+    config_path = directory / ADAPTER_CONFIG
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    config["base_model_name_or_path"] = str(Path(home).resolve() / BASE_DIR)
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def adapter_card(name: str, cfg: ModelConfig) -> str:
+    """Returns the README.md of a LoRA partner directory: what it holds, its prompt format and how to load it."""
+    return "\n".join([
+        "---", "library_name: peft", "tags: [colearn, lora]", "---", "",
+        f"# colearn partner {name}", "",
+        f"A LoRA adapter (peft) on the frozen base model in `{BASE_DIR}/`. A prompt is the observation text put into "
+        f"the template {cfg.prompt_template!r} (a Python format string with `obs`); an action continues the prompt "
+        f"as {cfg.action_prefix!r} followed by the action's name.", "",
+        "```python", "from peft import AutoPeftModelForCausalLM", "from transformers import AutoTokenizer", "",
+        "model = AutoPeftModelForCausalLM.from_pretrained(DIR)  # DIR: this directory",
+        "tokenizer = AutoTokenizer.from_pretrained(DIR)", "```", "",
+        f"adapter_config.json names `{BASE_DIR}/` by its absolute path where the directory was written. Once it has "
+        f"moved, name the base yourself: `PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(DIR + "
+        f'"/{BASE_DIR}"), DIR)`.', "",
+    ])
