@@ -3,10 +3,10 @@
 A task vector is partner - ancestor (Ilharco et al. 2023, "Editing Models with Task
 Arithmetic").  An operator is planned once per tensor and then applied chunk by chunk:
 ``METHODS[name](tv, weights, density, **params)`` reads what it needs of the whole tensor
-(angles, ranks) from `TaskVectors` and returns a `Plan`: a `ChunkMerge` applied to every
-flat chunk in order, and for the magnitude-trimming operators exact values at the few
-positions their one-pass trim had to guess (`colearn.trimming`).  The result does not
-depend on the chunk size except for the random draws of DARE and DELLA (fixed by the seed).
+(angles, trim thresholds, ranks) from `TaskVectors` and returns a `Plan`, whose `ChunkMerge`
+is applied to every flat chunk in order.  The result does not depend on the chunk size except
+for the random draws of DARE and DELLA (fixed by the seed).  Every operator is torch code that
+runs on its inputs' device.
 
 How `weights` act depends on the method, as in the papers and in peft:
 
@@ -19,15 +19,13 @@ How `weights` act depends on the method, as in the papers and in peft:
 So weights ``[0.5, 0.5]`` average two partners under the first two conventions,
 while the sign-elected methods need ``[1, 1]`` for the same step size.
 
-peft's `merge_utils` is the reference: DARE's random drop is peft's own, and the other
-operators compute what peft's functions compute (tests compare them on random tensors) in
-fewer passes, because a merge should cost little more than reading its inputs.  Magnitude
-trimming (TIES, magnitude_prune, breadcrumbs) keeps the elements at or above an exact k-th
-largest magnitude instead of peft's full `topk` (~20x slower on large tensors): the same
-set wherever magnitudes don't tie at the threshold.  A `ChunkMerge` may overwrite the chunks
-it is given.  On the CPU, the trimming operators (their `Plan.trimmed`) and the combinations
-that are not convex (`merge_into`), the Gram matrix (`gram_matrix`) and DELLA's ranks
-(`ascending_ranks`) run as fused loops instead of chunks (`colearn.kernels`), with the same result.
+peft's `merge_utils` is the reference: DARE is peft's own functions applied to each chunk,
+and the other operators compute what peft's functions compute (tests compare them on random
+tensors) in fewer passes, because a merge should cost little more than reading its inputs.
+Magnitude trimming (TIES, magnitude_prune, breadcrumbs) keeps the elements at or above an
+exact k-th largest magnitude (`colearn.trimming`) instead of peft's whole-tensor `topk`: the
+same set wherever magnitudes don't tie at the threshold.  A `ChunkMerge` may overwrite the
+chunks it is given.
 """
 
 from __future__ import annotations
@@ -39,18 +37,17 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from peft.utils import merge_utils
 from torch import Tensor
 
-from colearn import kernels
 from colearn.errors import ColearnError
 from colearn.task_vectors import CHUNK, TINY_NORM, TaskVectors, cosines, gram_matrix
-from colearn.trimming import ChunkMerge, Levels, MagnitudeTrim, shrink
+from colearn.trimming import ChunkMerge, Levels, magnitude_thresholds, shrink, shrink_levels, stratified_sample
 
 _COLINEAR_COS = 0.9995  # above this |cos| slerp's sin(omega) ~ 0 (as in mergekit)
 _SIGN_METHODS = ("total", "frequency")
+_SORT_PART = 1 << 21  # DELLA sorts a tensor's magnitudes in value ranges of about this many elements
 
 
 class MergeError(ColearnError, ValueError):
@@ -58,69 +55,60 @@ class MergeError(ColearnError, ValueError):
 
 
 @dataclass
-class Trimmed:
-    """A magnitude-trimming merge in the terms of the fused pass (`colearn.kernels.trimmed_pass`)."""
-
-    trim: MagnitudeTrim
-    weights: list[float]
-    rule: str  # how the kept values combine: "sum", or the TIES sign election "total" / "frequency"
-
-    def keep(self, levels: Levels) -> list[tuple[float, float]]:
-        """Returns per task vector the magnitudes (low, high] it keeps at these `shrink` levels: above the last
-        level, and with two thresholds (breadcrumbs) not above the first; a None level is -inf, as in `shrink`."""
-        def level(value: float | None) -> float:
-            return -math.inf if value is None else value
-
-        return [(level(row[-1]), level(row[0]) if len(row) == 2 else math.inf) for row in levels]
-
-
-@dataclass
 class Plan:
-    """How an operator merges one tensor: every chunk in order, then exact values at a few positions."""
+    """How an operator merges one tensor: `merge` applied to every chunk in order."""
 
     merge: ChunkMerge
-    # yields (positions, base there, merged task vector there) replacing what `merge` gave at those positions
-    corrections: Callable[[], Iterator[tuple[slice | Tensor, Tensor | None, Tensor]]] | None = None
     coefficients: list[float] | None = None  # when the merge is sum_i c_i * delta_i (see `merge_into`)
-    trimmed: Trimmed | None = None  # when the merge can run as one fused pass (see `merge_into`)
 
 
 def della_keep_probabilities(delta: Tensor, density: float, epsilon: float) -> Tensor:
     """Returns DELLA's per-element keep probabilities (Deep et al. 2024, MagPrune).
 
-    Linear in the element's magnitude rank within the tensor: the smallest magnitude gets
-    density - epsilon/2 and the largest density + epsilon/2, so the mean stays `density`.
-    The window narrows near 0 and 1 so that every probability stays in [0, 1].
+    Linear in the element's magnitude rank within the tensor (ties ranked by position): the
+    smallest magnitude gets density - epsilon/2 and the largest density + epsilon/2, so the
+    mean stays `density`.  The window narrows near 0 and 1 so that every probability stays in
+    [0, 1].
     """
-    return _keep_from_ranks(ascending_ranks(delta.abs().flatten()), delta.dtype, density, epsilon).view_as(delta)
+    return _keep_probabilities(delta.abs().flatten(), density, epsilon).view_as(delta)
 
 
-def ascending_ranks(x: Tensor) -> Tensor:
-    """Returns each element's rank in the stable ascending order of a 1-D tensor of magnitudes, which it may overwrite
-    (a radix sort on the CPU, `colearn.kernels.ascending_ranks`; else torch's argsort, inverted)."""
-    if kernels.usable(x) and x.numel() < 2**31:
-        return kernels.ascending_ranks(x)
-    if x.device.type == "cpu":  # numpy's argsort: a third of torch's extra memory
-        order = torch.from_numpy(np.argsort(x.numpy(), kind="stable"))
-    else:
-        order = x.argsort(stable=True)
-    ranks = torch.empty_like(order)
-    for start in range(0, order.numel(), CHUNK):  # in slices: no full-size arange
-        where = order[start : start + CHUNK]
-        ranks[where] = torch.arange(start, start + where.numel(), device=order.device)
-    return ranks
-
-
-def _keep_from_ranks(ranks: Tensor, dtype: torch.dtype, density: float, epsilon: float) -> Tensor:
-    """Returns the keep probabilities of the elements whose magnitude ranks (smallest 0) are `ranks`."""
-    n = ranks.numel()
+def _keep_probabilities(magnitudes: Tensor, density: float, epsilon: float) -> Tensor:
+    """Returns the keep probabilities of a 1-D tensor of magnitudes (see `della_keep_probabilities`)."""
+    n = magnitudes.numel()
     half = min(epsilon / 2, 1.0 - density, density) if n > 1 else 0.0
-    keep = torch.empty(n, dtype=dtype, device=ranks.device)  # (n,)
     step = 2 * half / max(n - 1, 1)
-    for start in range(0, n, CHUNK):  # in slices: no float64 full-size temporary
-        where = slice(start, min(start + CHUNK, n))
-        keep[where] = (density - half + step * ranks[where].double()).to(dtype)
+    keep = torch.empty_like(magnitudes)  # (n,)
+    rank = 0
+    for positions in ascending_order(magnitudes):
+        for start in range(0, positions.numel(), CHUNK):  # in slices: no float64 full-size temporary
+            where = positions[start : start + CHUNK]
+            ranks = torch.arange(rank, rank + where.numel(), dtype=torch.float64, device=keep.device)
+            keep[where] = (density - half + step * ranks).to(keep.dtype)
+            rank += where.numel()
     return keep
+
+
+def ascending_order(x: Tensor) -> Iterator[Tensor]:
+    """Yields the positions of a 1-D tensor in stable ascending order (NaN last), in parts.
+
+    The values are cut at quantiles of a sample into ranges of about `_SORT_PART` elements,
+    each gathered and sorted on its own: a sort's indices and buffers take several times its
+    input, so a part's sort is all the extra memory at any time.
+    """
+    n = x.numel()
+    parts = -(-n // _SORT_PART)
+    if parts <= 1:
+        yield x.argsort(stable=True)
+        return
+    sample = x.index_select(0, stratified_sample(n, 64 * parts, x.device)).sort().values  # (64 parts,)
+    cuts = sample[64::64].tolist()  # parts - 1 ascending values
+    for low, high in zip([None, *cuts], [*cuts, None]):
+        if low is not None and low == high:
+            continue  # an empty range: the values equal to a repeated cut go to the next range that starts there
+        inside = x < high if low is None else ~(x < low) if high is None else (x >= low) & (x < high)
+        positions = inside.nonzero().squeeze(1)  # ascending, so equal values keep their order
+        yield positions[x.index_select(0, positions).argsort(stable=True)]
 
 
 # --------------------------------------------------------------------------- chunk helpers
@@ -159,17 +147,17 @@ def _sign_elected_mean(deltas: list[Tensor], weights: Sequence[float], majority_
     The sign with the larger total mass (or count, "frequency") wins, ties going to +; each
     partner's weighted value counts where its sign agrees, and the sum is divided by the
     number of agreeing partners.  This is peft's calculate_majority_sign_mask + disjoint_merge
-    (tests compare the two) in float arithmetic: peft's bool and int64 masks cost 5x more.
+    (tests compare the two) in float arithmetic: peft's bool and int64 masks cost ~4x more.
     """
-    votes = deltas[0].sign() if majority_sign_method == "frequency" else deltas[0].clone()  # (c,)
-    for delta in deltas[1:]:
-        votes.add_(delta.sign() if majority_sign_method == "frequency" else delta)
+    terms = [d.sign() for d in deltas] if majority_sign_method == "frequency" else deltas
+    votes = terms[0] + terms[1] if len(terms) > 1 else terms[0].clone()  # (c,)
+    for term in terms[2:]:
+        votes.add_(term)
     majority = votes.sign_().add_(0.5).sign_()  # (c,) +1 where votes >= 0, else -1
     total = count = None
     for delta, weight in zip(deltas, weights):
-        aligned = delta.mul_(majority)  # (c,) |delta| where it agrees, -|delta| where not, 0 where pruned
-        agrees = aligned.sign().clamp_(min=0)  # (c,) 1 where it agrees, else 0
-        aligned.clamp_(min=0)
+        aligned = delta.mul_(majority).clamp_(min=0)  # (c,) |delta| where its sign agrees, else 0 (or pruned)
+        agrees = aligned.sign()  # (c,) 1 where it agrees, else 0
         total = aligned.mul_(weight) if total is None else total.add_(aligned, alpha=weight)
         count = agrees if count is None else count.add_(agrees)
     return total.mul_(majority).div_(count.clamp_(min=1))
@@ -178,7 +166,7 @@ def _sign_elected_mean(deltas: list[Tensor], weights: Sequence[float], majority_
 def _weighted_sum(weights: Sequence[float]) -> ChunkMerge:
     """Returns the chunk merge sum_i w_i * delta_i (peft's task_arithmetic, in place on the chunks)."""
 
-    def merge(where: slice | Tensor, deltas: list[Tensor]) -> Tensor:
+    def merge(where: slice, deltas: list[Tensor]) -> Tensor:
         total = deltas[0].mul_(weights[0])
         for delta, weight in zip(deltas[1:], weights[1:]):
             total.add_(delta, alpha=weight)
@@ -197,19 +185,10 @@ def _trimmed(deltas: list[Tensor], levels: Levels) -> list[Tensor]:
     return [shrink(d, row[0]) for d, row in zip(deltas, levels)]
 
 
-def _trimmed_plan(tv: TaskVectors, ks: list[int], merge_at: Callable[[Levels], ChunkMerge], weights: Tensor,
-                  rule: str) -> Plan:
-    """Returns the plan of an operator that trims each task vector at its k-th largest magnitudes (`ks`) and
-    merges with `merge_at(levels)`: provisional levels during the pass, exact ones where those could differ.
-    `weights` and `rule` say the same merge to the fused pass (`Trimmed`)."""
-    trim = MagnitudeTrim(tv, ks)
-    provisional = merge_at(trim.provisional())
-
-    def merge(where: slice | Tensor, deltas: list[Tensor]) -> Tensor:
-        trim.observe(where, deltas)
-        return provisional(where, deltas)
-
-    return Plan(merge, lambda: trim.corrections(merge_at), trimmed=Trimmed(trim, weights.tolist(), rule))
+def _trimmed_plan(tv: TaskVectors, ks: list[int], merge_at: Callable[[Levels], ChunkMerge]) -> Plan:
+    """Returns the plan of an operator that trims each task vector at its exact k-th largest magnitudes (`ks`,
+    found now by `magnitude_thresholds`) and merges with `merge_at(levels)`."""
+    return Plan(merge_at(shrink_levels(magnitude_thresholds(tv, ks), tv.dtype)))
 
 
 # --------------------------------------------------------------------------- operators
@@ -259,7 +238,7 @@ def ties(tv: TaskVectors, weights: Tensor, density: float, majority_sign_method:
     if density >= 1:
         return Plan(merge_at([[None]] * len(tv.partners)))
     k = int(density * tv.numel)  # as peft's magnitude pruning: floor
-    return _trimmed_plan(tv, [k], merge_at, weights, majority_sign_method)
+    return _trimmed_plan(tv, [k], merge_at)
 
 
 def magnitude_prune(tv: TaskVectors, weights: Tensor, density: float) -> Plan:
@@ -271,13 +250,13 @@ def magnitude_prune(tv: TaskVectors, weights: Tensor, density: float) -> Plan:
 
     if density >= 1:
         return Plan(weighted_sum)
-    return _trimmed_plan(tv, [int(density * tv.numel)], merge_at, weights, "sum")
+    return _trimmed_plan(tv, [int(density * tv.numel)], merge_at)
 
 
 def dare_linear(tv: TaskVectors, weights: Tensor, density: float) -> ChunkMerge:
     """DARE (Yu et al. 2024): drop at rate 1-density, rescale by 1/density, weighted sum (peft)."""
 
-    def merge(where: slice | Tensor, deltas: list[Tensor]) -> Tensor:
+    def merge(where: slice, deltas: list[Tensor]) -> Tensor:
         with _full_density_is_fine():
             return merge_utils.dare_linear(deltas, weights, density)
 
@@ -288,7 +267,7 @@ def dare_ties(tv: TaskVectors, weights: Tensor, density: float, majority_sign_me
     """DARE-TIES (Yu et al. 2024): DARE's random drop and rescale, then TIES sign election (peft)."""
     _check_sign_method(majority_sign_method)
 
-    def merge(where: slice | Tensor, deltas: list[Tensor]) -> Tensor:
+    def merge(where: slice, deltas: list[Tensor]) -> Tensor:
         with _full_density_is_fine():
             return merge_utils.dare_ties(deltas, weights, density, majority_sign_method)
 
@@ -305,11 +284,7 @@ def della(
             f"merge.params.epsilon={epsilon!r} must be in [0, 1] (the width of DELLA's drop-probability window)"
         )
     _check_sign_method(majority_sign_method)
-    keeps = []  # N x (n,)
-    for i in range(len(tv.partners)):
-        ranks = ascending_ranks(tv.whole(i).abs_())  # the magnitudes are freed as soon as they are ranked
-        keeps.append(_keep_from_ranks(ranks, tv.dtype, density, epsilon))
-        del ranks  # before the next sort: a large tensor's sort needs several times its size
+    keeps = [_keep_probabilities(tv.whole(i).abs_(), density, epsilon) for i in range(len(tv.partners))]  # N x (n,)
 
     def merge(where: slice, deltas: list[Tensor]) -> Tensor:
         pruned = []
@@ -334,7 +309,7 @@ def breadcrumbs(tv: TaskVectors, weights: Tensor, density: float, gamma: float =
     weighted_sum = _weighted_sum(weights.tolist())
 
     def merge_at(levels: Levels) -> ChunkMerge:
-        def merge(where: slice | Tensor, deltas: list[Tensor]) -> Tensor:
+        def merge(where: slice, deltas: list[Tensor]) -> Tensor:
             kept = []
             for delta, (top, bottom) in zip(deltas, levels):
                 window = shrink(delta, bottom)  # |x| >= the (n_top + n_keep)-th largest
@@ -343,7 +318,7 @@ def breadcrumbs(tv: TaskVectors, weights: Tensor, density: float, gamma: float =
 
         return merge
 
-    return _trimmed_plan(tv, [n_top, n_top + n_keep], merge_at, weights, "sum")
+    return _trimmed_plan(tv, [n_top, n_top + n_keep], merge_at)
 
 
 def model_stock_ratio(gram: Tensor) -> float:
@@ -428,22 +403,21 @@ def seeded_rng(seed: int, device: torch.device) -> Iterator[None]:
 
 
 def plan(method: str, tv: TaskVectors, weights: Tensor, density: float, params: dict | None = None) -> Plan:
-    """Returns how `method` merges the tensor of `tv`: what it needs of the whole tensor (angles, sampled trim
-    brackets, ranks) is computed now, the pass over the elements is left to `merge_into`.  No random draws."""
+    """Returns how `method` merges the tensor of `tv`: what it needs of the whole tensor (angles, trim thresholds,
+    ranks) is computed now, the pass over the elements is left to `merge_into`.  No random draws."""
     made = get_method(method)(tv, weights, density, **(params or {}))
     return made if isinstance(made, Plan) else Plan(made)
 
 
-def _run(plan: Plan, tv: TaskVectors) -> Iterator[tuple[slice | Tensor, Tensor | None, Tensor]]:
+def _run(plan: Plan, tv: TaskVectors) -> Iterator[tuple[slice, Tensor | None, Tensor]]:
     for where, base, deltas in tv.chunks():
         yield where, base, plan.merge(where, deltas)
-    yield from plan.corrections() if plan.corrections else ()
 
 
 def merged_chunks(method: str, tv: TaskVectors, weights: Tensor, density: float, seed: int,
-                  params: dict | None = None) -> Iterator[tuple[slice | Tensor, Tensor | None, Tensor]]:
-    """Yields (where, base there or None, merged task vector there) of `method` over the tensor: every chunk in
-    order, then the operator's corrections (index tensors whose values replace the earlier ones).
+                  params: dict | None = None) -> Iterator[tuple[slice, Tensor | None, Tensor]]:
+    """Yields (where, base there or None, merged task vector there) of `method` over the tensor, chunk by chunk in
+    order.
 
     Random draws come from the global RNG seeded with `seed` for the whole tensor; the
     caller's RNG state is restored when the iteration ends.
@@ -459,10 +433,8 @@ def merge_into(out: Tensor, method: str, tv: TaskVectors, weights: Tensor, densi
     A merge that is a combination sum_i c_i * delta_i with c_i >= 0 and step * sum_i c_i <= 1
     (linear, slerp, model_stock, task_arithmetic with such weights) is computed as
     (1 - step * sum c) * base + sum_i step * c_i * partner_i: a convex combination of the
-    models, as exact as the output dtype and with no task vector formed.  Other combinations
-    (slerp between far-apart task vectors) and the trimming merges run as fused loops when
-    `colearn.kernels.usable`, else chunk by chunk.  `planned` is `plan(...)` of the same
-    arguments, when it was made ahead.
+    models, as exact as the output dtype and with no task vector formed.  Every other merge
+    runs chunk by chunk.  `planned` is `plan(...)` of the same arguments, when it was made ahead.
     """
     with seeded_rng(seed, tv.device):
         made = planned or plan(method, tv, weights, density, params)
@@ -470,30 +442,11 @@ def merge_into(out: Tensor, method: str, tv: TaskVectors, weights: Tensor, densi
         if made.coefficients is not None and min(scaled) >= 0 and sum(scaled) <= 1:
             _convex_into(out, tv, scaled)
             return
-        fused = out.dtype == tv.dtype and kernels.usable(out, tv.base, *tv.partners)
-        if made.coefficients is not None and fused:
-            kernels.combination(out, tv.base, tv.partners, scaled)
-            return
-        if made.trimmed is not None and made.trimmed.trim.known and fused:
-            _fused_into(out, tv, made.trimmed, step)
-            return
-        _write(out, _run(made, tv), step)
-
-
-def _write(out: Tensor, merged: Iterator[tuple[slice | Tensor, Tensor | None, Tensor]], step: float) -> None:
-    """Writes base + step * merged task vector at each (where, base, merged) into `out`, leaving the base as it is
-    (at a slice it is a view of the ancestor)."""
-    for where, base, delta in merged:
-        if isinstance(where, slice) and out.dtype == base.dtype:
-            torch.add(base, delta, alpha=step, out=out[where])
-        else:  # another dtype, or an operator's corrections at scattered positions
-            out[where] = torch.add(base, delta, alpha=step)
-
-
-def _fused_into(out: Tensor, tv: TaskVectors, trimmed: Trimmed, step: float) -> None:
-    """Writes base + step * the trimmed merge into `out` in one fused pass, at the exact thresholds found up front."""
-    keep = trimmed.keep(trimmed.trim.exact_levels())
-    kernels.trimmed_pass(out, tv.base, tv.partners, trimmed.weights, trimmed.rule, keep, step)
+        for where, base, delta in _run(made, tv):  # the base at a slice is a view of the ancestor: left as it is
+            if out.dtype == base.dtype:
+                torch.add(base, delta, alpha=step, out=out[where])
+            else:
+                out[where] = torch.add(base, delta, alpha=step)
 
 
 def _convex_into(out: Tensor, tv: TaskVectors, scaled: list[float]) -> None:
@@ -501,7 +454,8 @@ def _convex_into(out: Tensor, tv: TaskVectors, scaled: list[float]) -> None:
     own = 1.0 - sum(scaled)
     for start in range(0, tv.numel, tv.chunk_size):
         where = slice(start, min(start + tv.chunk_size, tv.numel))
-        target = out[where] if out.dtype == tv.dtype else torch.empty(where.stop - start, dtype=tv.dtype)
+        same = out.dtype == tv.dtype
+        target = out[where] if same else torch.empty(where.stop - start, dtype=tv.dtype, device=out.device)
         torch.mul(tv.partners[0][where], scaled[0], out=target)
         for partner, k in zip(tv.partners[1:], scaled[1:]):
             target.add_(partner[where], alpha=k)
@@ -519,5 +473,5 @@ def merge_task_vectors(method: str, deltas: Sequence[Tensor], weights: Sequence[
     weight_tensor = torch.as_tensor(weights, dtype=dtype, device=tv.device)  # (N,)
     out = torch.empty(tv.numel, dtype=dtype, device=tv.device)  # (n,)
     for where, _, merged in merged_chunks(method, tv, weight_tensor, density, seed, params):
-        out[where] = merged  # corrections come after the chunks they correct
+        out[where] = merged
     return out.view_as(deltas[0])

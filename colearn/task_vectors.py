@@ -1,7 +1,8 @@
 """Task vectors (partner - ancestor; Ilharco et al. 2023) of one tensor, visited chunk by chunk.
 
 Chunks keep every temporary of a merge in cache and let a checkpoint stream through memory one
-tensor at a time; nothing here materializes all N task vectors of a tensor at once.
+tensor at a time; nothing here materializes all N task vectors of a tensor at once.  Everything
+runs on the tensors' own device.
 """
 
 from __future__ import annotations
@@ -11,8 +12,6 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
-
-from colearn import kernels
 
 CHUNK = 1 << 17  # elements per chunk: 512 KiB of float32, so a chunk's temporaries stay in cache
 TINY_NORM = 1e-8  # below this norm a task vector has no direction
@@ -41,51 +40,37 @@ class TaskVectors:
             where = slice(start, min(start + self.chunk_size, self.numel))
             yield where, *self.at(where)
 
-    def base_at(self, where: slice | Tensor) -> Tensor | None:
-        """Returns the base at a slice or an index tensor, in `dtype` (None without a base)."""
-        return None if self.base is None else _picked(self.base, where).to(self.dtype)
-
     def at(self, where: slice | Tensor) -> tuple[Tensor | None, list[Tensor]]:
-        """Returns the base chunk (or None) and the N task vectors at a slice or an index tensor."""
-        if self.base is None:  # a copy: operators trim chunks in place
+        """Returns the base (or None) and the N task vectors at a slice or an index tensor, as tensors of their own
+        (operators overwrite them) except the base at a slice, a view when it has the arithmetic dtype."""
+        if self.base is None:
             return None, [_picked(p, where).to(self.dtype, copy=True) for p in self.partners]
-        base = self.base_at(where)  # (c,)
+        base = _picked(self.base, where).to(self.dtype)  # (c,)
         return base, [_picked(p, where).to(self.dtype) - base for p in self.partners]
 
     def whole(self, index: int) -> Tensor:
-        """Returns task vector `index` materialized (for the operators that sort a whole tensor)."""
+        """Returns task vector `index` materialized (for DELLA, which ranks a whole tensor's magnitudes)."""
         if self.base is None:
-            return self.partners[index].to(self.dtype)
+            return self.partners[index].to(self.dtype, copy=True)
         return self.partners[index].to(self.dtype) - self.base.to(self.dtype)
 
 
-def gathered(x: Tensor, index: Tensor) -> Tensor:
-    """Returns x[index] for a 1-D tensor, as a copy (numpy's take on the CPU: torch's indexing costs ~10x here)."""
-    if x.device.type == "cpu" and x.dtype != torch.bfloat16:  # numpy has no bfloat16
-        return torch.from_numpy(x.detach().numpy().take(index.numpy()))
-    return x[index]
-
-
 def _picked(x: Tensor, where: slice | Tensor) -> Tensor:
-    return x[where] if isinstance(where, slice) else gathered(x, where)
+    return x[where] if isinstance(where, slice) else x.index_select(0, where)
 
 
 def gram_matrix(tv: TaskVectors) -> Tensor:
-    """Returns the (N, N) float64 matrix of dot products between the task vectors.
+    """Returns the (N, N) float64 matrix of dot products between the task vectors (on the CPU).
 
-    Fused in one pass on the CPU (`colearn.kernels.gram`: float64 sums of blocks); otherwise
-    each chunk's products are float32 sums of at most `chunk_size` terms, added up in float64.
+    Each chunk's products are sums of at most `chunk_size` terms in the arithmetic dtype,
+    added up in float64.
     """
-    if tv.base is not None and tv.base.dtype == tv.dtype and kernels.usable(tv.base, *tv.partners):
-        return kernels.gram(tv.base, tv.partners)
-    gram = torch.zeros(len(tv.partners), len(tv.partners), dtype=torch.float64)
-    for start in range(0, tv.numel, tv.chunk_size):
-        where = slice(start, min(start + tv.chunk_size, tv.numel))
-        stacked = torch.stack([p[where] for p in tv.partners]).to(tv.dtype)  # (N, c)
-        if tv.base is not None:
-            stacked.sub_(tv.base[where].to(tv.dtype))
-        gram += (stacked @ stacked.T).double().cpu()
-    return gram
+    count = len(tv.partners)
+    gram = torch.zeros(count, count, dtype=torch.float64, device=tv.device)
+    for _, _, deltas in tv.chunks():
+        stacked = torch.stack(deltas)  # (N, c)
+        gram += (stacked @ stacked.T).double()
+    return gram.cpu()
 
 
 def cosines(gram: Tensor) -> Tensor:

@@ -180,21 +180,20 @@ def test_model_stock_interpolates_between_ancestor_and_average():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_radix_ranks_equal_numpy_stable_argsort(dtype):
-    # DELLA's ranks (colearn.kernels.ascending_ranks) against numpy's stable argsort, with ties, zeros and a NaN
-    from colearn import kernels
-    from colearn.operators import ascending_ranks
+@pytest.mark.parametrize("part", [1 << 21, 20_000])  # one sort, or value ranges sorted one at a time
+def test_ascending_order_equals_numpy_stable_argsort(dtype, part, monkeypatch):
+    # DELLA's magnitude order (colearn.operators.ascending_order), with ties, zeros (repeated cut values) and a NaN
+    import colearn.operators
+    from colearn.operators import ascending_order
 
+    monkeypatch.setattr(colearn.operators, "_SORT_PART", part)
     generator = torch.Generator().manual_seed(6)
     magnitudes = torch.randn(300_007, generator=generator, dtype=dtype).abs()
     magnitudes[::7], magnitudes[::11], magnitudes[5] = 0.0, 0.5, math.nan
-    assert kernels.usable(magnitudes)
-    order = np.argsort(magnitudes.numpy(), kind="stable")
-    expected = np.empty_like(order)
-    expected[order] = np.arange(order.size)
-    assert np.array_equal(ascending_ranks(magnitudes.clone()).numpy(), expected)
-    with kernels.disabled():
-        assert np.array_equal(ascending_ranks(magnitudes.clone()).numpy(), expected)
+    parts = list(ascending_order(magnitudes))
+    assert (len(parts) > 10) == (part < magnitudes.numel())
+    expected = np.argsort(magnitudes.numpy(), kind="stable")
+    assert np.array_equal(torch.cat(parts).numpy(), expected)
 
 
 def test_della_keep_probabilities_by_hand_and_unbiased():
@@ -241,7 +240,7 @@ def test_a_missed_bracket_still_gives_the_exact_trim(method, monkeypatch):
     generator = torch.Generator().manual_seed(3)
     deltas = [torch.randn(300_000, generator=generator) for _ in range(2)]
     right = op(method)(deltas, w(1.0, 1.0), 0.4, 0)
-    monkeypatch.setattr(colearn.trimming, "_bracket", lambda sample, n, k: (5.0, 5.5, 6.0))  # above every |x| ~ N(0,1)
+    monkeypatch.setattr(colearn.trimming, "_bracket", lambda sample, n, k: (5.0, 6.0))  # above every |x| ~ N(0,1)
     assert torch.allclose(op(method)(deltas, w(1.0, 1.0), 0.4, 0), right, atol=1e-6)
     if method == "ties":
         from peft.utils import merge_utils
@@ -249,83 +248,134 @@ def test_a_missed_bracket_still_gives_the_exact_trim(method, monkeypatch):
         assert torch.allclose(right, merge_utils.ties(deltas, w(1.0, 1.0), 0.4), atol=1e-6)
 
 
-FUSED_CASES = [
+def breadcrumbs_by_sorting(delta: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
+    """Model Breadcrumbs by a full sort: the delta where its magnitude ranks below the top gamma and within the
+    next density fraction (by hand, for tensors whose magnitudes don't tie)."""
+    n = delta.numel()
+    n_top = round(gamma * n)
+    n_keep = min(round(density * n), n - n_top)
+    order = delta.abs().argsort(descending=True)
+    mask = torch.zeros(n, dtype=torch.bool)
+    mask[order[n_top : n_top + n_keep]] = True
+    return delta * mask
+
+
+LARGE_CASES = [
     ("ties", 0.3, {}), ("ties", 0.7, {"majority_sign_method": "frequency"}), ("magnitude_prune", 0.5, {}),
     ("breadcrumbs", 0.6, {"gamma": 0.05}), ("model_stock", 1.0, {}), ("task_arithmetic", 1.0, {}),
 ]
 
 
-@pytest.mark.parametrize(("method", "density", "params"), FUSED_CASES)
-@pytest.mark.parametrize("missed", [False, True])
-def test_fused_cpu_pass_equals_the_chunked_torch_passes(method, density, params, missed, monkeypatch):
-    # The C pass (colearn.kernels) against the eager chunks it replaces, through merge_tensor, with a step
-    # toward the ancestor, unequal weights, three partners and exact zeros; and with every bracket forced wrong.
-    import colearn.trimming
-    from colearn import kernels
+def reference_merge(method: str, deltas: list[torch.Tensor], weights: list[float], density: float,
+                    params: dict) -> torch.Tensor:
+    """The merged task vector by peft's merge_utils on whole tensors, or by hand where peft has no such method."""
+    from peft.utils import merge_utils
 
-    assert kernels.available, "the C extension colearn._kernels must be built: the fused pass must be tested"
+    w_ = torch.tensor(weights)
+    if method == "ties":
+        return merge_utils.ties(deltas, w_, density, params.get("majority_sign_method", "total"))
+    if method == "magnitude_prune":
+        return merge_utils.magnitude_prune(deltas, w_, density)
+    if method == "task_arithmetic":
+        return merge_utils.task_arithmetic(deltas, w_)
+    if method == "breadcrumbs":
+        return sum(wi * breadcrumbs_by_sorting(d, density, params["gamma"]) for wi, d in zip(weights, deltas))
+    assert method == "model_stock"
+    stacked = torch.stack(deltas).double()
+    ratio = model_stock_ratio(stacked @ stacked.T)
+    return (ratio * (w_.double() / w_.sum()) @ stacked).float()
+
+
+@pytest.mark.parametrize(("method", "density", "params"), LARGE_CASES)
+@pytest.mark.parametrize("missed", [False, True])
+def test_large_tensor_merges_equal_peft_or_a_hand_computation(method, density, params, missed, monkeypatch):
+    # Through merge_tensor on a tensor large enough for sampled trim brackets and many chunks, with a step toward
+    # the ancestor, unequal weights, three partners and exact zeros; and with every bracket forced wrong.
+    import colearn.trimming
+
     n = 300_003
     generator = torch.Generator().manual_seed(4)
-    ancestor = torch.randn(n, generator=generator)
-    partners = [ancestor + scale * torch.randn(n, generator=generator) for scale in (0.01, 0.003, 0.02)]
+    # Integers plus multiples of 2**-e below 1: every partner - ancestor is exact in float32 and the magnitudes of a
+    # task vector are distinct, so peft's top-k and a threshold keep the same elements.
+    ancestor = torch.randint(-8, 8, (n,), generator=generator).float()
+    partners = []
+    for exponent in (20, 21, 19):
+        magnitudes = (torch.randperm(n, generator=generator) + 1).float() * 2.0**-exponent
+        signs = torch.randint(0, 2, (n,), generator=generator).float() * 2 - 1
+        partners.append(ancestor + signs * magnitudes)
     partners[1][::5] = ancestor[::5]  # a partner that left some weights unchanged
-    assert kernels.usable(ancestor, *partners)
     if missed:
-        monkeypatch.setattr(colearn.trimming, "_bracket", lambda sample, n, k: (5.0, 5.5, 6.0))
-    # weights summing past 1 for ties (a full step) and task_arithmetic (not convex: the fused combination)
+        monkeypatch.setattr(colearn.trimming, "_bracket", lambda sample, n, k: (5.0, 6.0))
+    # weights summing past 1 for ties (a full step) and task_arithmetic (not a convex combination of the models)
     weights = [1.0, 0.6, 1.4] if method in ("ties", "task_arithmetic") else [0.3, 0.2, 0.5]
-    recipe = Recipe(method, weights, density, to_ancestor=0.25,
-                    params=params)
+    recipe = Recipe(method, weights, density, to_ancestor=0.25, params=params)
     unchanged = [t.clone() for t in (ancestor, *partners)]
-    fused = merge_tensor("w", ancestor, partners, recipe)
+    merged = merge_tensor("w", ancestor, partners, recipe)
     assert all(torch.equal(a, b) for a, b in zip(unchanged, (ancestor, *partners)))  # inputs are read, never written
-    with kernels.disabled():
-        eager = merge_tensor("w", ancestor, partners, recipe)
-    diff = (fused - eager).abs()
+    expected = ancestor + 0.75 * reference_merge(method, [p - ancestor for p in partners], weights, density, params)
+    diff = (merged - expected).abs()
     assert float(diff.max()) <= 1e-6, (float(diff.max()), int((diff > 1e-6).sum()))
-    assert not torch.equal(fused, ancestor)
+    assert not torch.equal(merged, ancestor)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])  # float32: AVX-512 where the CPU has it
-def test_bracket_counts_count_above_and_collect_inside_each_bracket(dtype):
-    from colearn import kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_count_pass_counts_above_and_collects_inside_each_bracket(dtype):
+    from colearn.task_vectors import TaskVectors
+    from colearn.trimming import _count_pass
 
     generator = torch.Generator().manual_seed(6)
-    n = 600_007  # not a multiple of a vector's lanes; two threads' parts (see kernels._spans)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
+    n = 600_007  # not a multiple of the chunk size
     base = torch.randn(n, generator=generator, dtype=dtype)
     partners = [base + torch.randn(n, generator=generator, dtype=dtype) * s for s in (0.1, 0.2, 0.3)]
     partners[0][::3] = base[::3]  # zeros are never inside, even in a bracket reaching 0
     brackets = [[(0.0, 0.05), (0.1, 0.12)], [(0.2, 0.21), (0.3, 0.5)], [(0.3, 0.3), (9.0, 10.0)]]
-    try:
-        above, inside = kernels.bracket_counts(base, partners, brackets)
-    finally:
-        torch.set_num_threads(threads)
+    above, inside = _count_pass(TaskVectors(partners, base, dtype), brackets)
     for i, partner in enumerate(partners):
         magnitude = (partner - base).abs()
         for j, (low, high) in enumerate(brackets[i]):
             expected = magnitude[(magnitude >= low) & (magnitude <= high) & (magnitude != 0)]
-            assert above[i][j] == int((magnitude > high).sum())
+            assert int(above[i, j]) == int((magnitude > high).sum())
             assert torch.equal(inside[i][j].sort().values, expected.sort().values)
     assert inside[0][0].numel() > 0 and inside[2][1].numel() == 0
 
 
-def test_fused_gram_matrix_equals_the_chunked_one():
-    from colearn import kernels
+@pytest.mark.parametrize("chunk_size", [4096, 1 << 17])
+def test_gram_matrix_equals_float64_dot_products(chunk_size):
     from colearn.task_vectors import TaskVectors, gram_matrix
 
     generator = torch.Generator().manual_seed(5)
     base = torch.randn(300_001, generator=generator)
-    tv = TaskVectors([base + torch.randn(300_001, generator=generator) * s for s in (0.1, 0.2)], base, torch.float32)
-    assert kernels.usable(tv.base, *tv.partners)
-    fused = gram_matrix(tv)
-    with kernels.disabled():
-        eager = gram_matrix(tv)
-    stacked = torch.stack([p.double() - base.double() for p in tv.partners])
-    exact = stacked @ stacked.T
-    assert torch.allclose(fused, exact, rtol=1e-6, atol=0)  # float64 sums: every entry to 1e-6 of itself
-    assert torch.allclose(eager, exact, rtol=0, atol=1e-5 * float(exact.diagonal().max()))
+    partners = [base + torch.randn(300_001, generator=generator) * s for s in (0.1, 0.2)]
+    gram = gram_matrix(TaskVectors(partners, base, torch.float32, chunk_size=chunk_size))
+    stacked = torch.stack([p.double() - base.double() for p in partners])
+    exact = stacked @ stacked.T  # the float32 differences, summed in float64
+    assert torch.allclose(gram, exact, rtol=0, atol=1e-5 * float(exact.diagonal().max()))  # float32 chunk sums
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_a_merge_runs_on_its_inputs_device_with_the_cpu_code(method):
+    # One implementation: on a GPU the merge stays there and equals the CPU's (random operators draw from the GPU's
+    # generator, so they are compared with themselves)
+    from colearn.operators import RANDOM_METHODS
+
+    generator = torch.Generator().manual_seed(8)
+    ancestor = torch.randn(300_007, generator=generator)
+    partners = [ancestor + 0.01 * torch.randn(300_007, generator=generator) for _ in range(2)]
+    params = {"gamma": 0.05} if method == "breadcrumbs" else {}
+    recipe = Recipe(method, default_weights(method, 2), 0.4, params=params, seed=1)
+    on_gpu = merge_tensor("w", ancestor.cuda(), [p.cuda() for p in partners], recipe)
+    assert on_gpu.device.type == "cuda"
+    if method in RANDOM_METHODS:
+        assert torch.equal(on_gpu, merge_tensor("w", ancestor.cuda(), [p.cuda() for p in partners], recipe))
+    else:
+        assert torch.allclose(on_gpu.cpu(), merge_tensor("w", ancestor, partners, recipe), rtol=0, atol=1e-6)
+    if method == "ties":
+        from peft.utils import merge_utils
+
+        deltas = [p.cuda() - ancestor.cuda() for p in partners]
+        expected = ancestor.cuda() + merge_utils.ties(deltas, torch.ones(2, device="cuda"), 0.4)
+        assert torch.allclose(on_gpu, expected, rtol=0, atol=1e-6)
 
 
 def test_sign_election_tie_goes_to_plus_as_in_peft():
@@ -340,12 +390,16 @@ def test_magnitude_thresholds_are_exact_k_th_largest():
     generator = torch.Generator().manual_seed(1)
     heavy = torch.distributions.StudentT(1.5).sample((400_000,))  # heavy tails
     ties_ = torch.randint(0, 5, (400_000,), generator=generator).float()  # five distinct magnitudes
+    base = torch.randn(400_000, generator=generator)
+    unchanged = base + torch.randn(400_000, generator=generator) * (torch.rand(400_000, generator=generator) < 0.3)
     ks = [0, 1, 1000, 200_000, 399_999, 400_000]
-    got = magnitude_thresholds(TaskVectors([heavy, ties_], None, torch.float32, chunk_size=4096), ks)
-    for i, tensor in enumerate((heavy, ties_)):
-        ordered = tensor.abs().sort(descending=True).values
-        expected = [math.inf] + [float(ordered[k - 1]) for k in ks[1:]]
-        assert got[i].tolist() == expected
+    cases = [(TaskVectors([heavy, ties_], None, torch.float32, chunk_size=4096), [heavy, ties_]),
+             (TaskVectors([unchanged], base, torch.float32), [unchanged - base])]  # 70% of it zeros
+    for tv, deltas in cases:
+        got = magnitude_thresholds(tv, ks)
+        for i, tensor in enumerate(deltas):
+            ordered = tensor.abs().sort(descending=True).values
+            assert got[i] == [math.inf] + [float(ordered[k - 1]) for k in ks[1:]]
 
 
 @pytest.mark.parametrize("method", sorted(METHODS))
@@ -571,14 +625,11 @@ def test_write_like_takes_any_order_and_names_a_tensor_that_does_not_fit_or_is_m
 
 
 @pytest.mark.parametrize("method", ["ties", "slerp"])
-def test_streamed_merge_of_large_tensors_runs_the_loops_and_equals_the_in_memory_one(tmp_path, method):
-    # Tensors large enough for the loops of colearn.kernels
-    from colearn import kernels
-
+def test_streamed_merge_of_large_tensors_equals_the_in_memory_one(tmp_path, method):
+    # A tensor large enough for sampled trim brackets and many chunks, planned on the read-ahead thread
     generator = torch.Generator().manual_seed(7)
     ancestor = {"model.embed_tokens.weight": torch.randn(600, 500, generator=generator), "lm_head.bias": torch.ones(7)}
     partners = [{k: v + 0.01 * torch.randn(v.shape, generator=generator) for k, v in ancestor.items()} for _ in "ab"]
-    assert kernels.usable(ancestor["model.embed_tokens.weight"].reshape(-1))
     paths = [str(tmp_path / f"{name}.safetensors") for name in ("ancestor", "p0", "p1")]
     for path, state in zip(paths, [ancestor, *partners]):
         save_file(state, path, metadata={"format": "pt"})
@@ -586,7 +637,13 @@ def test_streamed_merge_of_large_tensors_runs_the_loops_and_equals_the_in_memory
     merge_safetensors_files(paths[0], paths[1:], str(tmp_path / "child.safetensors"), recipe)
     loaded, expected = load_file(tmp_path / "child.safetensors"), merge_state_dicts(ancestor, partners, recipe)
     assert all(torch.equal(loaded[k], expected[k]) for k in expected)
-    assert not torch.equal(loaded["model.embed_tokens.weight"], ancestor["model.embed_tokens.weight"])
+    key = "model.embed_tokens.weight"
+    assert not torch.equal(loaded[key], ancestor[key])
+    if method == "ties":
+        from peft.utils import merge_utils
+
+        deltas = [p[key] - ancestor[key] for p in partners]
+        assert torch.allclose(loaded[key], ancestor[key] + merge_utils.ties(deltas, w(1, 1), 0.4), atol=1e-6)
 
 
 # --------------------------------------------------------------------------- LoRA
