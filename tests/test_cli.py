@@ -154,3 +154,14 @@ def test_bad_values_are_rejected_before_the_run(overrides, field):
         checked_config(overrides)
 
 
+def test_a_bad_env_argument_stops_the_run_with_one_line_naming_it(capsys):
+    # envs raise EnvConfigError, not ColearnError: the CLI must still print it as the user's mistake
+    from colearn.cli import user_errors
+
+    overrides = ["env=addition", "env.suite=[{id: colearn/Addition-v0, name: Addition1, kwargs: {digits: 0}}]"]
+    with pytest.raises(SystemExit) as stop, user_errors():
+        checked_config(overrides)
+    assert stop.value.code == 2
+    assert capsys.readouterr().err == "colearn: error: env.digits must be an int >= 1, got 0\n"
+
+

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,7 @@ from colearn import config, loop
 from colearn.cli import CONF_DIR, to_config, validate
 from colearn.config import MergeConfig, register_configs
 from colearn.errors import ColearnError
+from colearn.experience import ExperienceStore
 
 CONF = Path(CONF_DIR)
 GROUPS = {g: sorted(p.stem for p in (CONF / g).glob("*.yaml")) for g in ("model", "env", "learn", "merge")}
@@ -115,17 +117,30 @@ def test_every_experiment_preset_runs_end_to_end(preset, tmp_path):
     lineage = json.loads((tmp_path / "lineage.json").read_text())
     assert [n["generation"] for n in lineage] == [0, 1]
     assert state.generation == 2 and "offspring" in state.last_scores
-    merged = {n["recipe"]["method"] for n in lineage}
+    recipes = [n["recipe"] for n in lineage]
     if cfg.merge.method == "none" or len(cfg.env.partners) == 1:
-        assert merged == {"copy_best"}
+        assert [(r["method"], r["outcome"]) for r in recipes] == [("copy_best", "copy")] * 2
     else:
-        assert merged <= {cfg.merge.method, "copy_best"}  # copy_best only when the gate refused the merge
+        # every generation merged with the configured method, or tried it and the gate refused the offspring
+        tried = [r if r["outcome"] == "merged" else r["attempted"] for r in recipes]
+        assert [(t["method"], t["density"]) for t in tried] == [(cfg.merge.method, cfg.merge.density)] * 2
+        assert all(r["gate"]["passed"] == (r["outcome"] == "merged") for r in recipes)
     events = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     learn = [e for e in events if e["event"] == "learn"]
-    peer_rows = sum(v for e in learn for k, v in e.items() if k.startswith("learn/rows/"))
-    assert learn and peer_rows >= 0
-    if not cfg.loop.exchange:
-        assert all(v == 0.0 for e in learn for k, v in e.items() if k.startswith("loss/peer_rl/"))
+    assert len(learn) == len(cfg.env.partners) * cfg.loop.generations * cfg.loop.rounds
+    # each partner trained on its own steps, the other's steps exactly when it sees them, and its distillation set
+    rows = ExperienceStore(tmp_path / "experience").select()
+    steps = Counter((r["generation"], r["round"], r["partner"]) for r in rows)
+    sees_peer = cfg.loop.exchange and bool(cfg.learn.peer_rl_coef)
+    assert cfg.learn.advantage == "gae"  # GAE keeps every step; the critic-free advantages drop those at 0
+    for e in learn:
+        name, here = e["partner"], (e["generation"], e["round"])
+        peer = sum(n for (g, r, p), n in steps.items() if (g, r) == here and p != name)
+        expected = (steps[(*here, name)] * bool(cfg.learn.rl_coef) + peer * sees_peer
+                    + e[f"learn/distill_rows/{name}"] * bool(cfg.learn.distill_coef))
+        assert e[f"learn/rows/{name}"] == expected and steps[(*here, name)] > 0
+        if not cfg.loop.exchange:
+            assert e[f"loss/peer_rl/{name}"] == 0.0
 
 
 def test_lora_partners_can_keep_the_offspring_as_an_adapter_on_the_unchanged_base(tmp_path):

@@ -236,10 +236,6 @@ def test_deprecated_env_id_names_the_version_to_use():
     assert "\n" not in message
 
 
-def test_env_config_error_is_value_error():
-    assert issubclass(EnvConfigError, ValueError)
-
-
 # --- planning -----------------------------------------------------------------
 
 
