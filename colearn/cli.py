@@ -6,9 +6,12 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
 
@@ -51,8 +54,32 @@ def run_experiment(dcfg) -> None:
     with user_errors(run_dir):
         cfg = to_config(dcfg)
         validate(cfg)
-        state = loop.run(cfg, run_dir)
+        with logs_above_bars():
+            state = loop.run(cfg, run_dir)
     report_end(state, run_dir, summary_table)
+
+
+@contextmanager
+def logs_above_bars() -> Iterator[None]:
+    """Within the block, log records and Python warnings print on lines of their own above the progress bars
+    (through `tqdm.write`) instead of onto a bar's line; with no logging configured (no Hydra: `colearn
+    resume`), warnings get a console handler to print through."""
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    root = logging.getLogger()
+    console = None
+    if not root.handlers:
+        console = logging.StreamHandler()
+        console.setFormatter(logging.Formatter("[%(name)s][%(levelname)s] - %(message)s"))
+        root.addHandler(console)
+    logging.captureWarnings(True)
+    try:
+        with logging_redirect_tqdm():
+            yield
+    finally:
+        logging.captureWarnings(False)
+        if console is not None:
+            root.removeHandler(console)
 
 
 class user_errors:

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from colearn.config import EnvSpec, EvalConfig, MergeConfig, RolloutConfig
 from colearn.merge import Recipe, group_names, merge_state_dicts
@@ -142,13 +143,14 @@ def search(
     """Returns the best recipe CMA-ES finds within merge.search_budget fitness evaluations.
 
     Evaluation 0 scores the configured recipe (`start_recipe`); the rest are CMA-ES candidates
-    around it (step size merge.search_sigma, seeded by merge.seed).  Each evaluation is logged
-    and appended to the curve as {evaluation, fitness, best (so far)}.
+    around it (step size merge.search_sigma, seeded by merge.seed).  Each evaluation is appended
+    to the curve as {evaluation, fitness, best (so far)} and moves a progress bar (shown on a terminal).
     """
     start = start_recipe(cfg, len(partners))
     space = search_space(list(ancestor), start.method, len(partners), cfg.search_max_weight)
     curve: list[dict[str, float]] = []
     best = (-math.inf, start)
+    bar = tqdm(total=cfg.search_budget, desc="merge search", unit="candidate", leave=False, disable=None)
 
     def scored(recipe: Recipe) -> float:
         nonlocal best
@@ -156,20 +158,23 @@ def search(
         if value > best[0]:
             best = (value, recipe)
         curve.append({"evaluation": len(curve), "fitness": value, "best": best[0]})
-        log.info("merge search %d/%d: fitness %.4f (best %.4f)", len(curve), cfg.search_budget, value, best[0])
+        log.debug("merge search %d/%d: fitness %.4f (best %.4f)", len(curve), cfg.search_budget, value, best[0])
+        bar.set_postfix(best=f"{best[0]:.3f}", refresh=False)
+        bar.update(1)
         return value
 
-    uniform = scored(start)
-    rng = np.random.default_rng(cfg.seed)
-    options = {"seed": np.nan, "randn": lambda *shape: rng.standard_normal(shape), "verbose": -9,
-               "popsize": _population_size(space.dim, cfg.search_budget)}
-    with _numpy_global_rng_kept():
-        es = _strategy(initial_point(space, start), cfg.search_sigma, options)
-        while len(curve) < cfg.search_budget:
-            points = es.ask()[: cfg.search_budget - len(curve)]
-            losses = [-scored(recipe_at(space, x, start)) for x in points]  # cma minimizes
-            if len(points) == es.popsize:
-                es.tell(points, losses)
+    with bar:
+        uniform = scored(start)
+        rng = np.random.default_rng(cfg.seed)
+        options = {"seed": np.nan, "randn": lambda *shape: rng.standard_normal(shape), "verbose": -9,
+                   "popsize": _population_size(space.dim, cfg.search_budget)}
+        with _numpy_global_rng_kept():
+            es = _strategy(initial_point(space, start), cfg.search_sigma, options)
+            while len(curve) < cfg.search_budget:
+                points = es.ask()[: cfg.search_budget - len(curve)]
+                losses = [-scored(recipe_at(space, x, start)) for x in points]  # cma minimizes
+                if len(points) == es.popsize:
+                    es.tell(points, losses)
     return SearchResult(best[1], best[0], uniform, curve)
 
 

@@ -279,7 +279,8 @@ def evaluate_modes(members: list[Partner], suite: list[EnvSpec], modes: list[str
     """Returns one record per (mode, env, evaluated policy) of the members integrated under each mode,
     evaluated by `evaluate.evaluate` on its fixed seeds: fields mode, members, env, policy, mean_return,
     success, optimal, normalized, episodes, the namespaced `integrate/<policy>/<mode>/<env>` (normalized
-    return) and `integrate/share/<mode>/<member>` (fraction of that mode's decisions each member made).
+    return) and, on each mode's first record, `integrate/share/<mode>/<member>` (fraction of that mode's
+    decisions each member made).
 
     Each env is evaluated with the policy told its name, so `route` sends it to its expert (`env_map`,
     by default each env's first member acting in it). Pair-only modes (check_and_control, consultative)
@@ -293,7 +294,7 @@ def evaluate_modes(members: list[Partner], suite: list[EnvSpec], modes: list[str
         scores = [s for spec in suite for s in evaluate(policy.in_env(spec.name), [spec], eval_cfg, rollout_cfg)]
         total = max(sum(policy.decisions), 1)
         shares = {f"integrate/share/{mode}/{m.name}": n / total for m, n in zip(members, policy.decisions)}
-        for s in scores:
+        for i, s in enumerate(scores):  # the shares are the mode's, not an env's: on its first record only
             records.append({"mode": mode, "members": [m.name for m in members], **s.as_dict(),
-                            f"integrate/{s.policy}/{mode}/{s.env}": s.normalized, **shares})
+                            f"integrate/{s.policy}/{mode}/{s.env}": s.normalized, **(shares if i == 0 else {})})
     return records

@@ -1,4 +1,9 @@
-"""Metrics: one JSON object per event in metrics.jsonl, the same scalars in TensorBoard."""
+"""Metrics: one JSON object per event in metrics.jsonl; its namespaced scalars also in TensorBoard.
+
+TensorBoard gets only numeric fields whose name is namespaced (`return/greedy/A/Lake`, `merge/gain`): each
+names one series (one policy, partner, env), so a tag has one point per step. Flat fields (`generation`,
+`mean_return`, `env`) describe the event in metrics.jsonl and would mix every series under one tag.
+"""
 
 from __future__ import annotations
 
@@ -27,15 +32,14 @@ class Logger:
             self._tb = SummaryWriter(str(self.run_dir / "tb"), purge_step=purge_step or None)
 
     def write(self, event: str, step: int, **fields: Any) -> dict[str, Any]:
-        """Writes one event; numeric fields (namespaced like `return/A/FrozenLake`) also go to TensorBoard."""
+        """Writes one event; its numeric namespaced fields (see `tensorboard_scalars`) also go to TensorBoard."""
         record = {"event": event, "step": step, "time": round(time.time(), 3), **fields}
         self._file.write(json.dumps(record, default=_jsonable) + "\n")
         self.lines += 1
         self._file.flush()
         if self._tb is not None:
-            for key, value in fields.items():
-                if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
-                    self._tb.add_scalar(key, value, step)
+            for key, value in tensorboard_scalars(fields).items():
+                self._tb.add_scalar(key, value, step)
         return record
 
     def sync(self) -> None:
@@ -47,6 +51,12 @@ class Logger:
         self._file.close()
         if self._tb is not None:
             self._tb.close()
+
+
+def tensorboard_scalars(fields: dict[str, Any]) -> dict[str, float]:
+    """Returns the fields of an event that TensorBoard gets: finite numbers whose key is namespaced."""
+    return {key: value for key, value in fields.items() if "/" in key and isinstance(value, (int, float))
+            and not isinstance(value, bool) and math.isfinite(value)}
 
 
 def _jsonable(value: Any) -> Any:

@@ -79,10 +79,17 @@ class Context:
     probe: list[str] = field(default_factory=list)  # fixed observations on which partners' hidden states are compared
     venvs: dict[tuple[str, int], Any] = field(default_factory=dict)  # vector envs made once per run and reused
     seconds: dict[str, float] = field(default_factory=dict)  # wall seconds per phase since the last "time" event
+    bar: tqdm | None = None  # the run's progress bar: it names the phase the run is in
+
+    def show(self, phase: str) -> None:
+        """Names the phase the run is in on its progress bar (which moves only once a round)."""
+        if self.bar is not None:
+            self.bar.set_description(f"colearn: {phase}")
 
     @contextmanager
     def timed(self, phase: str) -> Iterator[None]:
-        """Adds the wall time of the block to `phase` (logged by `log_times`)."""
+        """Adds the wall time of the block to `phase` (logged by `log_times`) and shows the phase."""
+        self.show(phase)
         start = time.perf_counter()
         try:
             yield
@@ -179,12 +186,13 @@ def run_held(cfg: Config, run_dir: Path, state: LoopState | None, restart: bool)
     total = cfg.loop.generations * cfg.loop.rounds
     with StopOnSignal(run_dir) as stop, tqdm(total=total, initial=state.generation * cfg.loop.rounds + state.round,
                                       disable=not cfg.progress, desc="colearn", unit="round") as bar:
-        ctx.stop = stop
+        ctx.stop, ctx.bar = stop, bar
         ctx.probe = probe_set(cfg.env.suite, cfg.probe_size, cfg.seed)
         if (state.generation, state.round, state.env_steps) == (0, 0, 0):
             state.last_scores["ancestor"] = assess(state.ancestor, "ancestor", state, ctx)  # chance level
         while state.generation < cfg.loop.generations and not stop.requested:
             run_generation(state, ctx, bar)
+        bar.set_description("colearn")
     state.stopped_by = stop.requested
     for venv in ctx.venvs.values():
         venv.close()
@@ -262,7 +270,8 @@ def run_generation(state: LoopState, ctx: Context, bar: tqdm) -> None:
         with ctx.timed("dynamics"):
             log_dynamics(state, ctx)
         state.round += 1
-        log_times(state, ctx)
+        if state.round < cfg.loop.rounds:  # a generation's last round is timed with its end: one event a step
+            log_times(state, ctx)
         checkpoint(state, ctx)
         bar.update(1)
         bar.set_postfix({p.name: f"{headline(state.last_scores[p.name]):.2f}" for p in state.partners})
@@ -406,9 +415,11 @@ def assess_integration(state: LoopState, ctx: Context) -> None:
     if not icfg.modes or len(state.partners) < 2:
         return
     params = ModeParams(icfg.average, icfg.threshold, icfg.top_k)
-    for record in evaluate_modes(state.partners, list(ctx.suite.values()), list(icfg.modes), ctx.cfg.eval,
-                                 ctx.cfg.rollout, params):
-        ctx.log.write("integrate", state.env_steps, generation=state.generation, **record)
+    for mode in icfg.modes:
+        ctx.show(f"integrate ({mode})")
+        for record in evaluate_modes(state.partners, list(ctx.suite.values()), [mode], ctx.cfg.eval,
+                                     ctx.cfg.rollout, params):
+            ctx.log.write("integrate", state.env_steps, generation=state.generation, **record)
 
 
 def breed(state: LoopState, ctx: Context) -> tuple[Partner, dict[str, Any]]:

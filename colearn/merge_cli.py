@@ -409,6 +409,8 @@ def searched_config(inputs: Inputs, cfg: MergeConfig, args: argparse.Namespace) 
             raise ColearnError(f"--search cannot load the merged tensors into the base's model class: {e}") from e
         return float(scorer(candidate))
 
+    print(f"search: {cfg.search_budget} candidates on {', '.join(args.env)} ({args.episodes} episodes per env "
+          "each), then the best and the uniform recipe on held-out episodes", flush=True)
     result = search(ancestor, states, lambda state: scored(state, on_search), cfg)
     uniform = scored(merge_state_dicts(ancestor, states, start_recipe(cfg, len(states))), on_heldout)
     best = scored(merge_state_dicts(ancestor, states, result.recipe), on_heldout)

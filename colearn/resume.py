@@ -29,10 +29,12 @@ def main(argv: list[str]) -> None:
                              "experience and start over (without it, such a resume stops and deletes nothing)")
     args = parser.parse_args(argv)
     from colearn import loop
+    from colearn.cli import logs_above_bars
     from colearn.summary import summary_table
 
     cfg = run_config(args.run_dir)
-    state = loop.run(cfg, args.run_dir, restart=args.restart)
+    with logs_above_bars():
+        state = loop.run(cfg, args.run_dir, restart=args.restart)
     report_end(state, args.run_dir, summary_table)
 
 
