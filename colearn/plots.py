@@ -3,12 +3,14 @@ and returning a matplotlib Figure, or None when the run has nothing to show for 
 
 Conventions shared by every figure: one color per policy owner (partners in order, then offspring and
 the integration modes), greedy evaluation as solid lines, sampled as dotted, the optimal return as a
-grey dashed line at 1 (returns are normalized by the env's optimal return).
+grey dashed line at 1 (returns are normalized by the env's optimal return). Where one panel holds several
+envs of a partner, each env has its own line style and marker (`ENV_STYLES`).
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
+from dataclasses import dataclass, field
 from typing import Any
 
 import matplotlib
@@ -23,7 +25,9 @@ Event = dict[str, Any]
 PALETTE = ["#1f77b4", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#bcbd22", "#7f7f7f"]
 FIXED = {"offspring": "#2ca02c", "ancestor": "#7f7f7f"}
 ENV_COLORS = ["#17becf", "#9467bd", "#bcbd22", "#e377c2", "#8c564b"]  # envs: apart from the partners' colors
+ENV_STYLES = [("-", "o"), ("--", "s"), ("-.", "^"), (":", "D"), ((0, (5, 1, 1, 1, 1, 1)), "v")]  # (line, marker)
 CEILING = dict(color="0.45", linestyle="--", linewidth=1.2)
+REJECTED = "#d62728"  # a merge the promotion gate refused
 plt.rcParams.update({"figure.dpi": 100, "axes.spines.top": False, "axes.spines.right": False,
                      "axes.titleweight": "bold", "font.size": 10})
 
@@ -117,28 +121,89 @@ def legend_right(fig: Figure, ax) -> None:
     fig.tight_layout()
 
 
+@dataclass
+class MergeGain:
+    """What one generation's merge gained: the merged model's normalized return minus its better parent's."""
+
+    generation: int
+    method: str  # the merge operator (for a merge the gate refused: the one it refused)
+    status: str  # "promoted", "ungated" (merge.gate off), "rejected" (by the gate) or "not merged"
+    by_env: dict[str, float] = field(default_factory=dict)  # per env on the evaluation seeds: merged offspring only
+    validation: float | None = None  # the gate's measure: mean over envs on its validation episodes
+    note: str = ""  # why there was no merge
+
+
+def merge_gains(events: list[Event]) -> list[MergeGain]:
+    """Returns each merge event's gain. A promoted or ungated merge is the offspring, so its per-env gains are
+    the offspring's; a merge the gate refused has only the gate's validation gain (the offspring then is a
+    fallback, whose gain is not the merge's); a generation that never merged (incompatible partners, merging
+    off) has none."""
+    out = []
+    for e in of(events, "merge"):
+        recipe = e.get("recipe") if isinstance(e.get("recipe"), dict) else {}
+        gate = recipe.get("gate") or {}
+        checked = isinstance(gate.get("offspring"), (int, float)) and isinstance(gate.get("best_parent"), (int, float))
+        validation = gate["offspring"] - gate["best_parent"] if checked else None
+        by_env = {k.removeprefix("merge/gain/"): v for k, v in e.items() if k.startswith("merge/gain/")}
+        outcome = recipe.get("outcome", "merged" if e.get("promoted", True) else "fallback")
+        if "attempted" in recipe:
+            attempted = recipe["attempted"]
+            out.append(MergeGain(e["generation"], attempted.get("method", "?"), "rejected", validation=validation))
+        elif outcome == "merged":
+            status = "promoted" if checked else "ungated"
+            out.append(MergeGain(e["generation"], str(e.get("method", "?")), status, by_env, validation))
+        else:
+            note = "partners incompatible" if outcome == "fallback" else "merging off"
+            out.append(MergeGain(e["generation"], str(e.get("method", "")), "not merged", note=note))
+    return out
+
+
 def merge_gain_figure(events: list[Event]) -> Figure | None:
-    """Merge gain per generation: the offspring's normalized return minus its better parent's, per env."""
-    merges = of(events, "merge")
-    if not merges:
+    """Merge gain per generation: the merged model's normalized return minus its better parent's, per env on the
+    evaluation seeds for a merge that became the offspring, and the gate's gain (mean over envs, validation
+    episodes) for every gated merge, red and hatched where the gate refused it."""
+    gains = merge_gains(events)
+    if not gains:
         return None
-    envs = [k.removeprefix("merge/gain/") for k in merges[0] if k.startswith("merge/gain/")]
-    fig, ax = plt.subplots(figsize=(min(max(4.5, 1.2 * len(merges) * len(envs) + 2), 10.5), 3.2))
-    width = 0.8 / max(len(envs), 1)
-    colors = ENV_COLORS
+    envs = list(dict.fromkeys(env for g in gains for env in g.by_env))
+    slots = len(envs) + any(g.validation is not None for g in gains)
+    fig, ax = plt.subplots(figsize=(min(max(4.5, 1.0 * len(gains) * slots + 2.5), 10.5), 3.4))
+    width = 0.8 / max(slots, 1)
+    offset = lambda j: (j - (slots - 1) / 2) * width  # noqa: E731 - x offset of slot j within a generation
     for j, env in enumerate(envs):
-        xs = [i + (j - (len(envs) - 1) / 2) * width for i in range(len(merges))]
-        ys = [m.get(f"merge/gain/{env}", 0.0) for m in merges]
-        bars = ax.bar(xs, ys, width * 0.95, color=colors[j % len(colors)], label=env)
-        ax.bar_label(bars, fmt="%+.2f", fontsize=8, padding=2)
+        here = [(i, g.by_env[env]) for i, g in enumerate(gains) if env in g.by_env]
+        if here:
+            bars = ax.bar([i + offset(j) for i, _ in here], [v for _, v in here], width * 0.95,
+                          color=ENV_COLORS[j % len(ENV_COLORS)], label=env)
+            ax.bar_label(bars, gain_labels([v for _, v in here]), fontsize=8, padding=2)
+    for status, style in (("promoted", dict(color="0.45", label="all envs, gate's validation episodes")),
+                          ("rejected", dict(color="white", edgecolor=REJECTED, hatch="//", linewidth=1.2,
+                                            label="merge the gate rejected (validation episodes)"))):
+        here = [(i, g.validation) for i, g in enumerate(gains) if g.status == status and g.validation is not None]
+        if here:
+            bars = ax.bar([i + offset(slots - 1) for i, _ in here], [v for _, v in here], width * 0.95, **style)
+            ax.bar_label(bars, gain_labels([v for _, v in here]), fontsize=8, padding=2,
+                         color=REJECTED if status == "rejected" else "k")
+    for i, g in enumerate(gains):
+        if g.status == "not merged":
+            ax.text(i, 0, f"no merge\n({g.note})", ha="center", va="bottom", fontsize=8, color="0.4")
     ax.axhline(0, color="0.3", linewidth=0.8)
-    ax.set_xticks(range(len(merges)), [f"gen {m['generation']}\n{m.get('method', '')}" for m in merges])
-    ax.set_ylabel("offspring − best parent\n(normalized return)")
+    ax.set_xticks(range(len(gains)), [f"gen {g.generation}\n{g.method}" + ("\nrejected" if g.status == "rejected"
+                                                                            else "") for g in gains])
+    for tick, g in zip(ax.get_xticklabels(), gains):
+        if g.status == "rejected":
+            tick.set_color(REJECTED)
+    ax.set_ylabel("merged − best parent\n(normalized return)")
     ax.set_title("Merge gain per generation (above 0: the merge beat both parents)")
     lo, hi = ax.get_ylim()
     ax.set_ylim(min(lo, -0.1) * 1.2, max(hi, 0.1) * 1.2)  # a zero gain reads as zero, not as noise at 1e-17
     legend_right(fig, ax)
     return fig
+
+
+def gain_labels(values: list[float]) -> list[str]:
+    """Returns bar labels: signed to two decimals, a bare 0 for no gain (neighbouring bars' labels fit)."""
+    return [f"{v:+.2f}" if round(v, 2) else "0" for v in values]
 
 
 COMPAT_PANELS = [
@@ -186,77 +251,6 @@ def compat_line(pair: str, colors: dict[str, str]) -> tuple[str, str]:
     if b in ("", "ancestor"):
         return f"{a} ~ ancestor", colors.get(a, "0.5")
     return f"{a} ~ {b}", "black"
-
-
-def score_color(score: float | None) -> str:
-    """Box color of a lineage node: red (0) through yellow to green (optimal), white when unknown."""
-    if score is None:
-        return "white"
-    r, g, b, _ = plt.cm.RdYlGn(0.1 + 0.8 * max(0.0, min(1.0, score)))
-    return (0.55 + 0.45 * r, 0.55 + 0.45 * g, 0.55 + 0.45 * b)  # pastel, so labels stay readable
-
-
-def mean_or_none(scores: dict[str, float]) -> float | None:
-    return sum(scores.values()) / len(scores) if scores else None
-
-
-def score_lines(scores: dict[str, float], gains: dict[str, float] | None = None) -> str:
-    return "\n".join(f"{env} {v:.2f}" + (f" ({gains[env]:+.2f})" if gains and env in gains else "")
-                     for env, v in scores.items())
-
-
-def lineage_figure(lineage: list[dict[str, Any]]) -> Figure | None:
-    """The lineage tree, generations left to right: ancestor -> partners -> offspring (the next ancestor),
-    each box labelled with its normalized return per env (offspring: and its merge gain)."""
-    if not lineage:
-        return None
-    parents = max(len(n.get("parents", [])) for n in lineage)
-    fig, ax = plt.subplots(figsize=(min(2.2 * (2 * len(lineage) + 1), 11.5), 0.6 + 1.1 * max(parents, 2)))
-    ax.set_axis_off()
-    ax.set_xlim(-0.5, 2 * len(lineage) + 0.5)
-    ax.set_ylim(-(parents - 1) / 2 - 0.6, (parents - 1) / 2 + 0.6)
-    box = lambda x, y, text, score: ax.text(  # noqa: E731 - one-line local helper
-        x, y, text, ha="center", va="center", fontsize=8.5,
-        bbox=dict(boxstyle="round,pad=0.45", facecolor=score_color(score), edgecolor="0.35"))
-    previous = box(0, 0, "ancestor\ngen 0", None)
-    for g, node in enumerate(lineage):
-        kids = []
-        for i, pid in enumerate(node.get("parents", [])):
-            name = pid.split("/")[-1]
-            scores = node.get("parent_scores", {}).get(name, {})
-            y = (parents - 1) / 2 - i
-            kids.append(box(2 * g + 1, y, f"{name} · gen {node['generation']}\n{score_lines(scores)}",
-                            mean_or_none(scores)))
-            arrow(ax, previous, kids[-1])
-        method, scores = how_made(node.get("recipe", {})), node.get("scores", {})
-        child = box(2 * g + 2, 0, f"offspring · gen {node['generation']}\n{method}\n"
-                    f"{score_lines(scores, node.get('merge_gain'))}", mean_or_none(scores))
-        for k in kids:
-            arrow(ax, k, child)
-        previous = child
-    ax.set_title("Lineage (box color: mean normalized return, red 0 → green optimal; "
-                 "offspring: merge gain in brackets)", fontsize=10)
-    fig.tight_layout()
-    return fig
-
-
-def how_made(recipe: dict[str, Any]) -> str:
-    """Returns one line saying how an offspring was made: the merge method, or whose copy it is and why,
-    and a failed promotion gate."""
-    method = recipe.get("method", "?")
-    made = f"copy of {recipe['source']}" if method == "copy_best" and "source" in recipe else method
-    if recipe.get("outcome") not in (None, "merged", "copy"):
-        made += f" ({recipe['outcome']})"
-    if recipe.get("gate", {}).get("passed") is False:
-        made += ", gate failed"
-    return made
-
-
-def arrow(ax, source, target) -> None:
-    """Draws an arrow from the right edge of one box to the left edge of another."""
-    ax.annotate("", xy=(0, 0.5), xycoords=target.get_bbox_patch(), xytext=(1, 0.5),
-                textcoords=source.get_bbox_patch(),
-                arrowprops=dict(arrowstyle="-|>", color="0.35", shrinkA=2, shrinkB=2, lw=1.1))
 
 
 def modes_figure(events: list[Event]) -> Figure | None:
@@ -333,7 +327,7 @@ def sweep_figure(curves: dict[str, dict[str, list[tuple[float, float, float]]]],
 
 def transfer_figure(events: list[Event]) -> Figure | None:
     """Two panels from `dynamics` events: return on never-visited envs (transfer) and forgetting, one line
-    per partner and env."""
+    per partner (its color) and env (its line style and marker)."""
     panels = [("transfer/unseen_return/", "return on envs never acted in"), ("forgetting/", "forgetting")]
     series: dict[str, list[tuple[int, float]]] = defaultdict(list)
     for e in of(events, "dynamics"):
@@ -343,12 +337,18 @@ def transfer_figure(events: list[Event]) -> Figure | None:
     if not series:
         return None
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.2), squeeze=False)
-    colors = colors_for(sorted({k.split("/")[-2] for k in series}))
+    owners = sorted({k.split("/")[-2] for k in series})
+    colors = colors_for(owners)
+    envs = sorted({k.split("/")[-1] for k in series})
+    # earlier owners drawn wider, so identical curves (e.g. both partners at 1 after a merge) stay visible
+    widths = {o: 1.2 + 1.8 * (len(owners) - 1 - i) / max(len(owners) - 1, 1) for i, o in enumerate(owners)}
     for ax, (prefix, title) in zip(axes.flat, panels):
         for key in sorted(k for k in series if k.startswith(prefix)):
             partner, env = key.split("/")[-2:]
+            line, marker = ENV_STYLES[envs.index(env) % len(ENV_STYLES)]
             xs, ys = zip(*series[key])
-            ax.plot(xs, ys, marker="o", markersize=3, color=colors.get(partner, "0.5"), label=f"{partner} on {env}")
+            ax.plot(xs, ys, linestyle=line, marker=marker, markersize=3 + widths[partner], linewidth=widths[partner],
+                    color=colors.get(partner, "0.5"), label=f"{partner} on {env}")
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("environment steps")
         ax.set_ylabel("normalized return")

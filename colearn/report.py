@@ -1,13 +1,15 @@
 """Reports a person looks at first: `colearn report RUN_DIR` and `colearn compare SWEEP_DIR`.
 
-Each writes one self-contained HTML page (inline CSS, PNGs next to it referenced by relative path:
-nothing is fetched from the network) built from what the run left on disk: metrics.jsonl,
-lineage.json and Hydra's .hydra/{config,overrides}.yaml.
+Each writes one self-contained HTML page (inline CSS, its figures embedded as PNG data URIs: the page
+can be moved or mailed alone, and nothing is fetched from the network), and each figure also as a PNG
+beside it, built from what the run left on disk: metrics.jsonl, lineage.json and Hydra's
+.hydra/{config,overrides}.yaml.
 """
 
 from __future__ import annotations
 
 import argparse
+import base64
 import html
 import json
 import math
@@ -19,6 +21,7 @@ import yaml
 
 from colearn import plots
 from colearn.errors import ColearnError
+from colearn.lineage_plot import lineage_figure
 from colearn.logger import read_metrics
 
 Event = dict[str, Any]
@@ -115,11 +118,14 @@ SECTIONS: list[tuple[str, str, Callable[[Run], Any], str, str | None]] = [
      "Evaluation on fixed seeds after every round. Solid: greedy policy, dotted: sampled; stars: each "
      "generation's offspring; dashed: the optimal return (value iteration); grey verticals: merges.",
      "no eval events"),
-    ("lineage", "Lineage", lambda r: plots.lineage_figure(r.lineage),
+    ("lineage", "Lineage", lambda r: lineage_figure(r.lineage),
      "Each generation's partners start as copies of the ancestor and are merged into the offspring, which "
      "becomes the next ancestor. Scores: normalized greedy return per env.", "no lineage.json yet"),
     ("merge_gain", "Merge gain", lambda r: plots.merge_gain_figure(r.events),
-     "Offspring's normalized return minus the better parent's, per env and generation.", "no merge events"),
+     "The merged model's normalized return minus its better parent's. Colored bars: per env on the evaluation "
+     "seeds, for a merge that became the offspring. Grey: the promotion gate's measure, mean over envs on its "
+     "validation episodes; red hatched: a merge the gate rejected (the offspring was then a fallback, so its "
+     "loss is the merge's, not the offspring's).", "no merge events"),
     ("search", "Merge recipe search", lambda r: plots.search_figure(searches_of(r.lineage)),
      "CMA-ES over the merge recipe (merge=evolve), per generation: every candidate's fitness, the best so far "
      "and the uniform recipe it started from. Fitness on the search episodes is optimistic, since the winner "
@@ -135,7 +141,8 @@ SECTIONS: list[tuple[str, str, Callable[[Run], Any], str, str | None]] = [
     ("learning_from", "Who learns what from whom", lambda r: plots.transfer_figure(r.events),
      "Left: each partner's normalized greedy return on envs it never acted in (learned only from its "
      "partner's experience and the merges). Right: forgetting, each partner's best-so-far minus current "
-     "return per env (above 0: something learned earlier was lost, e.g. when a curriculum moved on).",
+     "return per env (above 0: something learned earlier was lost, e.g. when a curriculum moved on). "
+     "Color: the partner; line style and marker: the env.",
      "no dynamics events in this run"),
 ]
 
@@ -165,8 +172,8 @@ def write_report(run_dir: str | Path) -> Path:
             if missing is not None:
                 parts.append(f'<h2>{heading}</h2><p class="note">Not available: {missing}.</p>')
             continue
-        save_png(fig, run.path / f"report_{stem}.png")
-        parts.append(f'<h2>{heading}</h2><p class="cap">{caption}</p><img src="report_{stem}.png" alt="{heading}">')
+        image = embedded_png(fig, run.path / f"report_{stem}.png", heading)
+        parts.append(f'<h2>{heading}</h2><p class="cap">{caption}</p>{image}')
     parts.append(warnings_html(run.events))
     out = run.path / "report.html"
     out.write_text(page(f"colearn run {run.path.name}", parts), encoding="utf-8")
@@ -176,6 +183,14 @@ def write_report(run_dir: str | Path) -> Path:
 def save_png(fig, path: Path) -> None:
     fig.savefig(path, dpi=100, bbox_inches="tight", facecolor="white")
     plots.plt.close(fig)
+
+
+def embedded_png(fig, path: Path, alt: str) -> str:
+    """Saves the figure as the PNG `path` and returns an <img> holding that PNG as a data URI (its id: the
+    file's stem), so the page shows it without the file."""
+    save_png(fig, path)
+    data = base64.b64encode(path.read_bytes()).decode("ascii")
+    return f'<img id="{html.escape(path.stem)}" alt="{html.escape(alt)}" src="data:image/png;base64,{data}">'
 
 
 def page(title: str, parts: list[str]) -> str:
@@ -339,17 +354,26 @@ def preset_curves(runs: list[Run]) -> dict[str, list[tuple[float, float, float]]
     return out
 
 
-def compare_table_html(groups: dict[str, list[Run]], owners: Callable[[str], bool]) -> str:
-    """Returns a table: one row per preset, one column per env (and their mean), each cell the mean over
-    seeds of the final normalized return ± the 95% t-interval half-width."""
+Stats = dict[str, dict[str, tuple[float, float]]]  # {preset: {column: (mean, 95% half-width)}}
+
+
+def preset_stats(groups: dict[str, list[Run]], owners: Callable[[str], bool]) -> tuple[list[str], Stats]:
+    """Returns the columns (each env, then "mean over envs") and, per preset, each column's mean over seeds
+    of the final normalized return with the 95% t-interval half-width (NaN with one seed)."""
     finals = {label: [final_of(r, owners) for r in runs] for label, runs in groups.items()}
     envs = list(dict.fromkeys(env for fs in finals.values() for f in fs for env in f))
     for fs in finals.values():
         for f in fs:
             f["mean over envs"] = sum(f[e] for e in envs if e in f) / max(sum(e in f for e in envs), 1)
     cols = envs + ["mean over envs"]
-    stats = {label: {c: t_interval([f[c] for f in fs if c in f]) for c in cols if any(c in f for f in fs)}
-             for label, fs in finals.items()}
+    return cols, {label: {c: t_interval([f[c] for f in fs if c in f]) for c in cols if any(c in f for f in fs)}
+                  for label, fs in finals.items()}
+
+
+def compare_table_html(groups: dict[str, list[Run]], owners: Callable[[str], bool]) -> str:
+    """Returns a table: one row per preset, one column per env (and their mean), each cell the mean over
+    seeds of the final normalized return ± the 95% t-interval half-width."""
+    cols, stats = preset_stats(groups, owners)
     best = {c: best_of([s[c][0] for s in stats.values() if c in s]) for c in cols}
     head = "".join(f"<th>{html.escape(c)}</th>" for c in cols)
     rows = []
@@ -357,6 +381,28 @@ def compare_table_html(groups: dict[str, list[Run]], owners: Callable[[str], boo
         cells = "".join(interval_cell(s.get(c), best[c]) for c in cols)
         rows.append(f"<tr><td>{html.escape(label)}</td><td>{len(groups[label])}</td>{cells}</tr>")
     return f"<table><tr><th>preset</th><th>seeds</th>{head}</tr>{''.join(rows)}</table>"
+
+
+def compare_table_text(groups: dict[str, list[Run]], owners: Callable[[str], bool]) -> str:
+    """Returns `compare_table_html`'s table in fixed-width text: each cell `mean ± half-width` (`± –` with
+    one seed, `–` where the preset has no score)."""
+    cols, stats = preset_stats(groups, owners)
+    cell = {label: [text_cell(s.get(c)) for c in cols] for label, s in stats.items()}
+    first = max(len("preset"), *(len(label) for label in stats))
+    widths = [max(len(c), *(len(cells[i]) for cells in cell.values())) for i, c in enumerate(cols)]
+    header = f"{'preset':<{first}}  seeds" + "".join(f"  {c:>{w}}" for c, w in zip(cols, widths))
+    lines = [header, "-" * len(header)]
+    for label, cells in cell.items():
+        values = "".join(f"  {v:>{w}}" for v, w in zip(cells, widths))
+        lines.append(f"{label:<{first}}  {len(groups[label]):>5}{values}")
+    return "\n".join(lines)
+
+
+def text_cell(stat: tuple[float, float] | None) -> str:
+    if stat is None:
+        return "–"
+    mean, half = stat
+    return f"{mean:.2f} ± " + ("–" if math.isnan(half) else f"{half:.2f}")
 
 
 def interval_cell(stat: tuple[float, float] | None, best: float | None) -> str:
@@ -368,10 +414,11 @@ def interval_cell(stat: tuple[float, float] | None, best: float | None) -> str:
     return f"<td{cls}>{mean:.2f} {band}</td>"
 
 
-def write_compare(sweep_dir: str | Path) -> Path:
-    """Writes SWEEP_DIR/compare.html and compare_returns.png; returns the HTML path."""
+def write_compare(sweep_dir: str | Path, groups: dict[str, list[Run]] | None = None) -> Path:
+    """Writes SWEEP_DIR/compare.html (and compare_returns.png) for the sweep's runs grouped by preset
+    (`preset_groups`, unless given); returns the HTML path."""
     path = Path(sweep_dir)
-    groups = preset_groups(load_sweep(path))
+    groups = groups or preset_groups(load_sweep(path))
     shared = sorted(set.intersection(*(set(r.overrides) for rs in groups.values() for r in rs)))
     parts = [f"<h1>colearn sweep <code>{html.escape(path.name)}</code></h1>",
              f'<p class="sub">{html.escape(str(path.resolve()))}<br>{sum(map(len, groups.values()))} runs; '
@@ -385,19 +432,24 @@ def write_compare(sweep_dir: str | Path) -> Path:
     evals = [e for rs in groups.values() for r in rs for e in plots.of(r.events, "eval")]
     fig = plots.sweep_figure(curves, plots.has_ceiling(evals))
     if fig is not None:
-        save_png(fig, path / "compare_returns.png")
         parts += ["<h2>Return against environment steps</h2><p class='cap'>Partners' mean normalized return "
                   "per preset; band: 95% t-interval over seeds.</p>",
-                  '<img src="compare_returns.png" alt="return against environment steps">']
+                  embedded_png(fig, path / "compare_returns.png", "return against environment steps")]
     out = path / "compare.html"
     out.write_text(page(f"colearn sweep {path.name}", parts), encoding="utf-8")
     return out
 
 
 def compare_main(argv: list[str]) -> None:
-    """`colearn compare SWEEP_DIR`: writes SWEEP_DIR/compare.html."""
+    """`colearn compare SWEEP_DIR`: prints the presets' final scores and writes SWEEP_DIR/compare.html."""
     parser = argparse.ArgumentParser(prog="colearn compare",
                                      description="Compare the presets of a Hydra multirun: SWEEP_DIR/compare.html.")
     parser.add_argument("sweep_dir", help="a multirun directory (one subdirectory per run)")
     args = parser.parse_args(argv)
-    print(f"compare: {write_compare(args.sweep_dir)}")
+    groups = preset_groups(load_sweep(args.sweep_dir))
+    out = write_compare(args.sweep_dir, groups)
+    print("final offspring: normalized return, mean over seeds ± 95% interval half-width")
+    print(compare_table_text(groups, lambda owner: owner == "offspring"))
+    print("\nfinal partners: mean over partners of their last evaluation")
+    print(compare_table_text(groups, lambda owner: owner not in plots.FIXED))
+    print(f"\ncompare: {out}")

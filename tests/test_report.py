@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import base64
+import itertools
 import json
 import re
 import shutil
+from collections import defaultdict
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -16,9 +19,10 @@ from colearn.config import Config, EnvConfig, EnvSpec, EvalConfig, LoopConfig, M
 from colearn.dynamics import pair_metrics, probe_set
 from colearn.errors import ColearnError
 from colearn.integrate import evaluate_modes
+from colearn.lineage_plot import MAX_WIDTH, lineage_figure, lineage_layout
 from colearn.logger import Logger, read_metrics
 from colearn.loop import LoopState, run
-from colearn.plots import search_figure
+from colearn.plots import merge_gain_figure, merge_gains, search_figure, transfer_figure
 from colearn.report import searches_of, t_interval, t_quantile, write_compare, write_report
 
 SUITE = [EnvSpec("colearn/FrozenLake-v0", name="Line", kwargs={"desc": ["SFG"]}),
@@ -69,7 +73,8 @@ def full_run(finished, tmp_path_factory) -> Path:
 
 
 def images_of(html: str) -> list[str]:
-    return re.findall(r'<img src="([^"]+)"', html)
+    """Returns the file each embedded image of a page was saved as (its id names it)."""
+    return [f"{stem}.png" for stem in re.findall(r'<img id="([^"]+)"', html)]
 
 
 def test_report_of_a_full_run_shows_every_plot_offline(full_run):
@@ -79,6 +84,19 @@ def test_report_of_a_full_run_shows_every_plot_offline(full_run):
         data = (full_run / name).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5_000, name
     assert "http://" not in html and "https://" not in html and "<script" not in html and "<link" not in html
+
+
+def test_report_embeds_its_images_and_can_be_moved_alone(full_run, tmp_path):
+    html = write_report(full_run).read_text()
+    sources = re.findall(r'<img [^>]*src="([^"]*)"', html)
+    assert len(sources) == len(PLOTS) and "url(" not in html
+    for name, source in zip(images_of(html), sources):
+        prefix = "data:image/png;base64,"
+        assert source.startswith(prefix), source[:40]  # no file reference, relative or absolute
+        assert base64.b64decode(source.removeprefix(prefix)) == (full_run / name).read_bytes()
+    moved = tmp_path / "report.html"
+    shutil.copy(full_run / "report.html", moved)  # alone, without the PNGs
+    assert re.findall(r'src="(?!data:)', moved.read_text()) == []
 
 
 def test_report_table_holds_the_final_scores(full_run):
@@ -119,7 +137,7 @@ def test_t_interval_matches_student_t():
     assert t_interval([0.5])[1] != t_interval([0.5])[1]  # NaN: one seed has no interval
 
 
-def test_compare_groups_presets_and_seeds(plain_run, tmp_path):
+def test_compare_groups_presets_and_seeds(plain_run, tmp_path, capsys):
     """Four copies of the real run as a sweep; each gets a last offspring score on Line chosen by hand."""
     finals = {("full", 0): 0.5, ("full", 1): 0.7, ("independent", 0): 0.2, ("independent", 1): 0.2}
     for i, ((preset, seed), value) in enumerate(finals.items()):
@@ -141,6 +159,15 @@ def test_compare_groups_presets_and_seeds(plain_run, tmp_path):
     assert "loop.generations=2" in html  # shared overrides are listed once, not in the preset names
     assert images_of(html) == ["compare_returns.png"]
     assert (tmp_path / "compare_returns.png").read_bytes()[:4] == b"\x89PNG"
+    # the console gets the same numbers as a table, the offspring's first
+    printed = capsys.readouterr().out
+    table = printed.split("final offspring")[1].split("final partners")[0].splitlines()
+    header = next(line for line in table if line.startswith("preset"))
+    assert header.split() == ["preset", "seeds", "Line", "MirrorLine", "mean", "over", "envs"]
+    cells = {line.split()[0]: line.split()[1:] for line in table if line.startswith(("full", "independent"))}
+    assert cells["full"][:4] == ["2", "0.60", "±", f"{12.706 * 0.1:.2f}"]
+    assert cells["independent"][:4] == ["2", "0.20", "±", "0.00"]
+    assert printed.rstrip().endswith(f"compare: {tmp_path / 'compare.html'}")
 
 
 # A merge search by hand: fitness per evaluation (0: the uniform recipe), held-out re-scores of uniform and winner.
@@ -206,3 +233,84 @@ def test_report_of_a_searched_run_plots_the_search(plain_run, tmp_path):
     image = Image.open(run_dir / "report_search.png")
     assert image.format == "PNG" and image.width > 400 and image.height > 200
     assert len(image.convert("RGB").getcolors(maxcolors=100_000)) > 20  # drawn on, not a blank canvas
+
+
+# -- the figures' data ----------------------------------------------------------------------------------
+
+
+def five_generations(lineage: list[dict]) -> list[dict]:
+    """The real run's lineage stretched to five generations, with the longest labels a node can have: a
+    gate-failed fallback's recipe and long env names."""
+    nodes = []
+    for g in range(5):
+        node = json.loads(json.dumps(lineage[g % len(lineage)]).replace("MirrorLine", "MirrorLineWithALongName"))
+        node["generation"] = g
+        node["parents"] = [f"gen{g}/{p.split('/')[-1]}" for p in node["parents"]]
+        if g == 2:
+            node["recipe"] = {"method": "copy_best", "source": "A", "outcome": "fallback",
+                              "gate": {"passed": False, "offspring": 0.1, "best_parent": 0.6}}
+        nodes.append(node)
+    return nodes
+
+
+def overlap(a, b, margin: float = 0.05) -> bool:
+    return (a.left < b.right + margin and b.left < a.right + margin
+            and a.bottom < b.top + margin and b.bottom < a.top + margin)
+
+
+def test_lineage_of_five_generations_lays_out_boxes_that_neither_overlap_nor_clip(plain_run):
+    lineage = five_generations(json.loads((plain_run / "lineage.json").read_text()))
+    layout = lineage_layout(lineage)
+    keys = [b.key for b in layout.boxes]
+    assert len(keys) == len(set(keys))
+    assert {f"gen{g}/{who}" for g in range(5) for who in ("A", "B", "offspring")} | {"gen0/ancestor"} <= set(keys)
+    assert [(a, b) for a, b in itertools.combinations(layout.boxes, 2) if overlap(a, b)] == []
+    assert all(0 <= b.left and b.right <= layout.width and 0 <= b.bottom and b.top <= layout.height
+               for b in layout.boxes)
+    assert layout.width <= MAX_WIDTH  # five generations wrap onto rows instead of shrinking on the page
+    for g in range(5):  # each partner descends from its generation's ancestor and into its offspring
+        assert (f"gen{g}/A", f"gen{g}/offspring") in layout.arrows
+        assert any(target == f"gen{g}/A" and source in (f"gen{g}/ancestor", f"gen{g - 1}/offspring")
+                   for source, target in layout.arrows)
+    # the measured text fits its box once drawn
+    fig = lineage_figure(lineage)
+    fig.canvas.draw()
+    inches = fig.dpi_scale_trans.inverted()
+    for text in (t for t in fig.axes[0].texts if t.get_gid()):
+        box, drawn = layout.box(text.get_gid()), text.get_window_extent().transformed(inches)
+        assert box.left <= drawn.x0 and drawn.x1 <= box.right and box.bottom <= drawn.y0 and drawn.y1 <= box.top, \
+            text.get_gid()
+    plt.close(fig)
+
+
+def test_a_merge_the_gate_rejected_shows_its_own_loss(plain_run, tmp_path):
+    events = read_metrics(plain_run)
+    merges = [e for e in events if e["event"] == "merge"]
+    rejected = merges[0]
+    rejected.update(method="copy_best", outcome="fallback", promoted=False,
+                    recipe={"method": "copy_best", "source": "A", "outcome": "fallback",
+                            "gate": {"offspring": 0.25, "best_parent": 0.75, "passed": False},
+                            "attempted": {"method": "ties", "density": 0.5}},
+                    **{f"merge/gain/{env}": 0.0 for env in ("Line", "MirrorLine")})  # the fallback copy's
+    gains = merge_gains(events)
+    assert (gains[0].status, gains[0].method, gains[0].validation, gains[0].by_env) == ("rejected", "ties", -0.5, {})
+    fig = merge_gain_figure(events)
+    ax = fig.axes[0]
+    heights = [round(p.get_height(), 6) for p in ax.patches]
+    assert -0.5 in heights  # the merge's loss is drawn, not the fallback's +0.00
+    hatched = [p for p in ax.patches if p.get_hatch()]
+    assert [round(p.get_height(), 6) for p in hatched] == [-0.5]
+    assert "rejected" in ax.get_xticklabels()[0].get_text() and "ties" in ax.get_xticklabels()[0].get_text()
+    plt.close(fig)
+
+
+def test_transfer_panels_tell_a_partners_envs_apart(plain_run):
+    fig = transfer_figure(read_metrics(plain_run))
+    for ax in fig.axes:
+        styles = defaultdict(list)  # owner -> (line style, marker) of each of its lines
+        for line in ax.lines:
+            if " on " in line.get_label():
+                styles[line.get_label().split(" on ")[0]].append((str(line.get_linestyle()), line.get_marker()))
+        assert all(len(set(s)) == len(s) for s in styles.values()), styles
+    assert len(styles["A"]) == 2  # forgetting: A on both envs, each its own style
+    plt.close(fig)

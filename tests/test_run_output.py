@@ -136,7 +136,10 @@ def test_merge_search_moves_a_bar_per_candidate(monkeypatch):
     torch.manual_seed(0)
     ancestor = {"model.layers.0.mlp.up_proj.weight": torch.zeros(4, 4), "lm_head.weight": torch.zeros(3, 4)}
     partners = [{k: torch.randn(v.shape) for k, v in ancestor.items()} for _ in range(2)]
-    fitness = lambda state: -float(state["lm_head.weight"].abs().sum())  # noqa: E731
+
+    def fitness(state: dict) -> float:
+        return -float(state["lm_head.weight"].abs().sum())
+
     colearn.evolve.search(ancestor, partners, fitness, MergeConfig(method="evolve", search_budget=7))
     assert len(bars) == 1 and bars[0].total == 7 and bars[0].n == 7
     assert [c for c in RecordingBar.calls if c[0] == "update"] == [("update", 1)] * 7
