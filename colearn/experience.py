@@ -25,6 +25,7 @@ FEATURES = datasets.Features(
         "observation": datasets.Value("string"),
         "action": datasets.Value("string"),
         "legal_actions": datasets.Sequence(datasets.Value("string")),
+        "action_charset": datasets.Value("string"),  # generate mode: the characters the answer was held to
         "prompt_ids": datasets.Sequence(datasets.Value("int32")),
         "action_ids": datasets.Sequence(datasets.Value("int32")),
         "logprob": datasets.Value("float32"),

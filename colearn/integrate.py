@@ -243,11 +243,12 @@ class Integrated:
 
     @torch.no_grad()
     def act(self, observations: list[str], legal: list[str] | None, greedy: bool, generator: torch.Generator,
-            temperature: float = 1.0, max_new_tokens: int = 8, cache: dict | None = None) -> Actions:
+            temperature: float = 1.0, max_new_tokens: int = 8, cache: dict | None = None,
+            charset: str | None = None) -> Actions:
         """Returns one action per observation, chosen by the mode (see the module docstring for log-probs).
         `cache` holds each member's scored observations while the weights are fixed (`Partner.action_logprobs`)."""
         if not legal:
-            return self._act_alone(observations, greedy, generator, temperature, max_new_tokens)
+            return self._act_alone(observations, greedy, generator, temperature, max_new_tokens, charset)
         cache = {} if cache is None else cache
         logps = [m.action_logprobs(observations, legal, temperature, cache.setdefault(i, {})).cpu()
                  for i, m in enumerate(self.members)]
@@ -258,11 +259,12 @@ class Integrated:
         ids = [self.members[m].action_ids(legal)[c] for c, m in zip(picks, by)]
         return Actions([legal[c] for c in picks], ids, d.logprob.tolist())
 
-    def _act_alone(self, observations, greedy, generator, temperature, max_new_tokens) -> Actions:
+    def _act_alone(self, observations, greedy, generator, temperature, max_new_tokens, charset) -> Actions:
         """Generate mode: the env's expert (route) or member 0 acts alone."""
         index = self.params.env_map.get(self.env, 0) if self.mode == "route" and self.env else 0
         self.decisions[index] += len(observations)
-        return self.members[index].act(observations, None, greedy, generator, temperature, max_new_tokens)
+        return self.members[index].act(observations, None, greedy, generator, temperature, max_new_tokens,
+                                       charset=charset)
 
 
 def env_map_of(members: list[Partner]) -> dict[str, int]:

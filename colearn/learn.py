@@ -176,11 +176,11 @@ def row_outputs(
     n = len(rows)
     device = partner.device
     policy_lp, entropy, token_lp, value = (torch.zeros(n, device=device) for _ in range(4))
-    by_legal: dict[tuple[str, ...], list[int]] = defaultdict(list)
+    by_legal: dict[tuple[tuple[str, ...], str], list[int]] = defaultdict(list)
     for i, r in enumerate(rows):
-        by_legal[tuple(r["legal_actions"])].append(i)
+        by_legal[(tuple(r["legal_actions"]), r.get("action_charset", ""))].append(i)
     pad = partner.tokenizer.pad_token_id
-    for legal, idx in by_legal.items():
+    for (legal, charset), idx in by_legal.items():
         index = torch.tensor(idx, device=device)
         action_ids = partner.action_ids(list(legal)) if legal else []
         if legal and all(len(a) == 1 for a in action_ids):
@@ -198,11 +198,12 @@ def row_outputs(
             pairs = [(tuple(rows[i]["prompt_ids"]), tuple(rows[i]["action_ids"])) for i in idx]
             distinct, inverse = _distinct(pairs, device)
             prompts, conts = [list(p) for p, _ in distinct], [list(c) for _, c in distinct]
-            lp, ent, hidden = continuation_outputs(partner.model, prompts, conts, pad, temperature, hidden=values)
+            allowed = partner.answer_ids(charset)
+            lp, ent, hidden = continuation_outputs(partner.model, prompts, conts, pad, temperature, values, allowed)
             policy_lp = policy_lp.index_put((index,), lp[inverse])
             entropy = entropy.index_put((index,), ent[inverse])
             if temperature != 1.0:
-                lp, _ = continuation_stats(partner.model, prompts, conts, pad)
+                lp, _ = continuation_stats(partner.model, prompts, conts, pad, allowed=allowed)
             token_lp = token_lp.index_put((index,), lp[inverse])
         if values:
             value = value.index_put((index,), partner.value_head(hidden).squeeze(-1)[inverse])

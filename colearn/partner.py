@@ -40,6 +40,7 @@ class Partner:
     value_head: torch.nn.Linear | None = None  # state value from the final hidden state (learn.advantage=gae)
     _prompt_cache: dict[str, list[int]] = field(default_factory=dict, repr=False)
     _action_cache: dict[str, list[int]] = field(default_factory=dict, repr=False)
+    _answer_cache: dict[str, list[int]] = field(default_factory=dict, repr=False)
 
     @property
     def device(self) -> torch.device:
@@ -62,6 +63,18 @@ class Partner:
                 self._action_cache[n] = ids
         return [self._action_cache[n] for n in names]
 
+    def answer_ids(self, charset: str | None) -> list[int] | None:
+        """Returns the token ids a free-form answer over `charset` may use: every token whose text is made of
+        those characters (spaces around it aside), and the end of sequence; None (any token) without a charset."""
+        if not charset:
+            return None
+        if charset not in self._answer_cache:
+            chars = set(charset)
+            texts = self.tokenizer.batch_decode([[i] for i in range(len(self.tokenizer))])
+            ids = [i for i, t in enumerate(texts) if t.strip() and set(t.strip()) <= chars]
+            self._answer_cache[charset] = sorted({*ids, self.tokenizer.eos_token_id})
+        return self._answer_cache[charset]
+
     @torch.no_grad()
     def act(
         self,
@@ -72,13 +85,16 @@ class Partner:
         temperature: float = 1.0,
         max_new_tokens: int = 8,
         cache: dict | None = None,
+        charset: str | None = None,
     ) -> Actions:
         """Returns one action per observation: sampled from (or the argmax of) the distribution over
-        the legal actions when `legal` is given (constrained mode), else freely generated text.
-        `cache` (see `action_logprobs`) is kept by the caller for as long as the weights do not change."""
+        the legal actions when `legal` is given (constrained mode), else freely generated text (held to the
+        tokens of `charset` when given, see `answer_ids`). `cache` (see `action_logprobs`) is kept by the
+        caller for as long as the weights do not change."""
         if legal:
             return self._act_constrained(observations, legal, greedy, generator, temperature, cache)
-        return self._act_generate(self.prompt_ids(observations), greedy, generator, temperature, max_new_tokens)
+        return self._act_generate(self.prompt_ids(observations), greedy, generator, temperature, max_new_tokens,
+                                  self.answer_ids(charset))
 
     @torch.no_grad()
     def action_logprobs(self, observations: list[str], legal: list[str], temperature: float = 1.0,
@@ -110,7 +126,7 @@ class Partner:
         picks = choice.tolist()
         return Actions([legal[i] for i in picks], [action_ids[i] for i in picks], chosen)
 
-    def _act_generate(self, prompts, greedy, generator, temperature, max_new_tokens) -> Actions:
+    def _act_generate(self, prompts, greedy, generator, temperature, max_new_tokens, allowed) -> Actions:
         tok = self.tokenizer
         flipped = [p[::-1] for p in prompts]
         longest = max(len(p) for p in prompts)
@@ -123,11 +139,15 @@ class Partner:
                 input_ids=ids, attention_mask=mask.to(self.device), max_new_tokens=max_new_tokens,
                 do_sample=not greedy, temperature=temperature if not greedy else None, top_k=None, top_p=None,
                 pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                suppress_tokens=None if allowed is None else sorted(set(range(self._vocab_size())) - set(allowed)),
             )
         conts = [self._until_eos(row) for row in out[:, longest:].tolist()]
-        logps, _ = continuation_stats(self.model, prompts, conts, tok.pad_token_id, temperature)
+        logps, _ = continuation_stats(self.model, prompts, conts, tok.pad_token_id, temperature, allowed)
         texts = [tok.decode(c, skip_special_tokens=True).strip().split("\n")[0] for c in conts]
         return Actions(texts, conts, logps.tolist())
+
+    def _vocab_size(self) -> int:
+        return max(len(self.tokenizer), self.model.get_output_embeddings().weight.shape[0])
 
     def _until_eos(self, row: list[int]) -> list[int]:
         eos = self.tokenizer.eos_token_id

@@ -50,24 +50,26 @@ def last_outputs(
 
 
 def continuation_stats(
-    model: torch.nn.Module, prompts: list[list[int]], conts: list[list[int]], pad_id: int, temperature: float = 1.0
+    model: torch.nn.Module, prompts: list[list[int]], conts: list[list[int]], pad_id: int, temperature: float = 1.0,
+    allowed: list[int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns (log-prob, mean token entropy), each (batch,), of each continuation given its prompt."""
-    logps, entropy, _ = continuation_outputs(model, prompts, conts, pad_id, temperature, hidden=False)
+    logps, entropy, _ = continuation_outputs(model, prompts, conts, pad_id, temperature, hidden=False, allowed=allowed)
     return logps, entropy
 
 
 def continuation_outputs(
     model: torch.nn.Module, prompts: list[list[int]], conts: list[list[int]], pad_id: int, temperature: float = 1.0,
-    hidden: bool = True,
+    hidden: bool = True, allowed: list[int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Returns (log-prob, mean token entropy), each (batch,), of each continuation given its prompt, and the
     final hidden state at each prompt's last token, (batch, hidden) (causal: it has not seen the continuation;
-    None unless asked)."""
+    None unless asked). With `allowed`, the distribution at every step is renormalized over those token ids
+    (the tokens a generating policy was held to)."""
     device = next(model.parameters()).device
     ids, mask = right_padded([p + c for p, c in zip(prompts, conts)], pad_id, device)
     out = model(input_ids=ids, attention_mask=mask, output_hidden_states=hidden)
-    logits = out.logits[:, :-1].float() / temperature  # (batch, len-1, vocab)
+    logits = held_to(out.logits[:, :-1].float(), allowed) / temperature  # (batch, len-1, vocab)
     targets = ids[:, 1:]
     cont_mask = torch.zeros_like(targets, dtype=torch.bool)
     for i, (p, c) in enumerate(zip(prompts, conts)):
@@ -80,6 +82,16 @@ def continuation_outputs(
     last_prompt = torch.tensor([len(p) - 1 for p in prompts], device=device)
     states = out.hidden_states[-1][torch.arange(len(prompts), device=device), last_prompt].float()  # (batch, hidden)
     return token_logps.sum(1), token_ent.sum(1) / n, states
+
+
+def held_to(logits: torch.Tensor, allowed: list[int] | None) -> torch.Tensor:
+    """Returns `logits` with every token outside `allowed` at the dtype's lowest value (unchanged without it):
+    finite, so that entropies stay 0 * x = 0 for the excluded tokens."""
+    if allowed is None:
+        return logits
+    keep = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device)
+    keep[torch.tensor(allowed, device=logits.device)] = True
+    return logits.masked_fill(~keep, torch.finfo(logits.dtype).min)
 
 
 def legal_action_logprobs(

@@ -45,6 +45,16 @@ def acting_mode(spec: EnvSpec, mode: str) -> list[str] | None:
     return list(names) if names else None
 
 
+def answer_format(spec: EnvSpec, legal: list[str] | None, max_new_tokens: int) -> tuple[str | None, int]:
+    """Returns (the characters a generated answer may use, the most tokens it may take): the free-form env's
+    answer alphabet and length (an end-of-sequence token included) when it declares them, else (None,
+    `max_new_tokens`)."""
+    info = env_info(spec)
+    if legal or not info["answer_charset"]:
+        return None, max_new_tokens
+    return info["answer_charset"], min(max_new_tokens, info["answer_length"] + 1)
+
+
 def group_seeds(rng: np.random.Generator, episodes: int, group_size: int) -> list[int]:
     """Returns one reset seed per episode; consecutive groups of `group_size` share a seed."""
     groups = rng.integers(0, 2**31 - 1, size=episodes // group_size)
@@ -78,6 +88,7 @@ def collect(
     every episode is reset with its own seed, so reuse changes no number, only the set-up time.
     """
     legal = acting_mode(spec, cfg.mode)
+    charset, max_new_tokens = answer_format(spec, legal, cfg.max_new_tokens)
     n = min(cfg.num_envs, len(seeds))
     if venvs is not None and (spec.name, n) not in venvs:
         venvs[(spec.name, n)] = make_vector_env(spec, n, cfg.vectorization)
@@ -91,7 +102,7 @@ def collect(
     while slots:
         live = sorted(slots)
         observations = [obs[i] for i in live]
-        acts = partner.act(observations, legal, greedy, generator, cfg.temperature, cfg.max_new_tokens, cache)
+        acts = partner.act(observations, legal, greedy, generator, cfg.temperature, max_new_tokens, cache, charset)
         prompts = partner.prompt_ids(observations)
         outcomes = step_slots(venv, dict(zip(live, acts.texts)), legal[0] if legal else "")
         reset_seeds: dict[int, int] = {}
@@ -99,6 +110,7 @@ def collect(
             obs[i], reward, terminated, truncated, info = outcomes[i]
             steps[i].append({
                 "legal_actions": legal or [],
+                "action_charset": charset or "",
                 "observation": observations[j],
                 "action": acts.texts[j],
                 "prompt_ids": prompts[j],

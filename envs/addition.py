@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import string
 from typing import Any
 
 import gymnasium as gym
@@ -30,7 +31,8 @@ class AdditionEnv(gym.Env):
         self.action_names: list[str] | None = None
         # an n-digit + n-digit sum has at most n+1 digits
         self.observation_space = spaces.Text(max_length=2 * digits + 2, charset=TEXT_CHARSET)
-        self.action_space = spaces.Text(max_length=64, min_length=0, charset=TEXT_CHARSET)
+        # the answer's alphabet and length: a generating policy can be held to them (`text_env_info`)
+        self.action_space = spaces.Text(max_length=digits + 1, min_length=1, charset=string.digits)
         self._a = 0
         self._b = 0
 

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import gymnasium as gym
+from gymnasium import spaces
 from gymnasium.wrappers import TimeLimit
 
 from envs.addition import AdditionEnv
@@ -163,14 +164,16 @@ _INFO_CACHE: dict[tuple[str, str], dict[str, Any]] = {}
 
 
 def text_env_info(env_id: str, /, **kwargs: Any) -> dict[str, Any]:
-    """Return ``{"action_names", "optimal_return", "max_episode_steps"}`` of an env id.
+    """Return ``{"action_names", "optimal_return", "max_episode_steps", "answer_charset", "answer_length"}``.
 
     The env is ``gymnasium.make(env_id, **kwargs)``.
 
     ``action_names`` is None for free-form envs (Addition); ``optimal_return``
     is None when the env has no transition table; ``max_episode_steps`` is the
     effective (smallest) time limit, which is also the planning horizon (None
-    without one: Addition ends every episode after one answer). The
+    without one: Addition ends every episode after one answer). A free-form env's answers are held to
+    ``answer_charset`` (its action space's characters) and ``answer_length`` characters; both are None
+    for envs with action names. The
     env is made once per (id, kwargs) and the result cached. ``env_id`` is
     positional-only so ``colearn/Text-v0``'s own ``env_id`` kwarg can pass through.
     """
@@ -205,10 +208,15 @@ def _compute_info(env_id: str, kwargs: dict[str, Any]) -> dict[str, Any]:
     env = gym.make(env_id, **kwargs)
     try:
         limit = effective_time_limit(env)
+        names = env.get_wrapper_attr("action_names")
+        space = env.action_space
+        free_text = names is None and isinstance(space, spaces.Text)
         return {
-            "action_names": env.get_wrapper_attr("action_names"),
+            "action_names": names,
             "optimal_return": env.get_wrapper_attr("optimal_return")(horizon=limit),
             "max_episode_steps": limit,
+            "answer_charset": "".join(sorted(space.character_set)) if free_text else None,
+            "answer_length": space.max_length if free_text else None,
         }
     finally:
         env.close()

@@ -309,7 +309,10 @@ def test_text_env_info():
         "action_names": None,
         "optimal_return": 1.0,
         "max_episode_steps": None,  # no time limit: every answer terminates the episode
+        "answer_charset": "0123456789",  # its action space: answers of digits,
+        "answer_length": 3,  # at most as many as a sum of two 2-digit numbers has
     }
+    assert text_env_info("colearn/Addition-v0", digits=1)["answer_length"] == 2
 
 
 # --- Taxi -----------------------------------------------------------------------
@@ -450,7 +453,8 @@ def test_generic_wrapper_cliff_walking():
     # CliffWalking has no registered limit, so the default of 100 applies
     assert env.spec.max_episode_steps == 100
     info = text_env_info("colearn/Text-v0", env_id="CliffWalking-v1", action_names=CLIFF_NAMES)
-    assert info == {"action_names": CLIFF_NAMES, "optimal_return": -13.0, "max_episode_steps": 100}
+    assert info == {"action_names": CLIFF_NAMES, "optimal_return": -13.0, "max_episode_steps": 100,
+                    "answer_charset": None, "answer_length": None}
 
 
 def test_generic_wrapper_options():

@@ -16,7 +16,8 @@ def row(i: int, partner: str = "A", env: str = "Lake", generation: int = 0, roun
         "run_id": "run", "generation": generation, "round": round, "partner": partner,
         "env_id": f"colearn/{env}-v0", "env": env, "episode_id": f"{partner}/g{generation}/r{round}/{env}/{i}",
         "seed": 10_000_000_000 + i, "step": i % 3, "observation": f"obs {i}\nline", "action": "left",
-        "legal_actions": ["left", "down"], "prompt_ids": [1, 2, i], "action_ids": [7], "logprob": -0.5,
+        "legal_actions": ["left", "down"], "action_charset": "", "prompt_ids": [1, 2, i], "action_ids": [7],
+        "logprob": -0.5,
         "reward": float(i % 2), "return_to_go": 1.5, "done": i % 3 == 2, "terminated": i % 3 == 2,
         "invalid": False, "success": success, "episode_return": 0.25,
     }

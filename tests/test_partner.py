@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from colearn.errors import ColearnError
+from colearn.learn import row_logprobs
 from colearn.partner import Partner
 from colearn.policy import continuation_stats, legal_action_logprobs
 
@@ -147,6 +148,31 @@ def test_generate_returns_strings_with_recomputed_logprobs(sharp, partner, greed
             assert lp <= 0
         for text, ids in zip(acts.texts, acts.token_ids):
             assert text == who.tokenizer.decode(ids, skip_special_tokens=True).strip().split("\n")[0]
+
+
+@pytest.mark.parametrize("greedy", [False, True])
+def test_generation_held_to_a_charset_uses_only_its_tokens_with_renormalized_logprobs(partner, greedy):
+    """An answer held to digits has only digit tokens (and an end of sequence), and its log-probability is the
+    product of per-step probabilities renormalized over those tokens, as the learner recomputes it."""
+    problems = [f"{a}+{b}=" for a in range(6) for b in range(6)]
+    allowed = partner.answer_ids("0123456789")
+    eos = partner.tokenizer.eos_token_id
+    assert len(allowed) == 11 and eos in allowed
+    acts = partner.act(problems, None, greedy=greedy, generator=gen(4), max_new_tokens=3, charset="0123456789")
+    assert all(t.isdigit() or t == "" for t in acts.texts)
+    assert all(set(ids) <= set(allowed) and len(ids) <= 3 for ids in acts.token_ids)
+    for prompt, ids, lp in zip(partner.prompt_ids(problems), acts.token_ids, acts.logprobs):
+        with torch.no_grad():
+            logits = partner.model(input_ids=torch.tensor([prompt + ids])).logits[0].float()
+        steps = F.log_softmax(logits[:, allowed], -1)  # renormalized over the allowed tokens
+        by_hand = sum(float(steps[len(prompt) - 1 + k, allowed.index(t)]) for k, t in enumerate(ids))
+        assert lp == pytest.approx(by_hand, abs=1e-4)
+        assert lp > unpadded_sequence_logprob(partner, prompt, ids)  # the unheld policy spreads over every token
+    rows = [{"legal_actions": [], "action_charset": "0123456789", "prompt_ids": p, "action_ids": ids}
+            for p, ids in zip(partner.prompt_ids(problems), acts.token_ids)]
+    with torch.no_grad():
+        recomputed, _, _ = row_logprobs(partner, rows)
+    assert torch.allclose(recomputed, torch.tensor(acts.logprobs), atol=1e-4)
 
 
 def test_generate_sampling_is_seeded(partner):
