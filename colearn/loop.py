@@ -43,7 +43,7 @@ from colearn.learn import learn, select_for_distillation
 from colearn.logger import Logger, truncate_metrics
 from colearn.mixture import route_params, save_mixture
 from colearn.models import build_ancestor, resolve_device
-from colearn.offspring import make_offspring
+from colearn.offspring import Merged, Mixture, Offspring, make_offspring
 from colearn.partner import Partner
 from colearn.rollout import EpisodeMeta, collect, env_info, group_seeds
 from colearn.runlock import RunLock
@@ -280,18 +280,18 @@ def run_generation(state: LoopState, ctx: Context, bar: tqdm) -> None:
     with ctx.timed("integrate"):
         assess_integration(state, ctx)
     with ctx.timed("breed"):
-        child, recipe = breed(state, ctx)
-    if "mixture" in recipe:
-        child_scores = assess_mixture(recipe["mixture"], state, ctx)
+        offspring = breed(state, ctx)
+    if isinstance(offspring, Mixture):
+        child_scores = assess_mixture(offspring.routing, state, ctx)
     else:
-        child_scores = assess(child, "offspring", state, ctx)
+        child_scores = assess(offspring.partner, "offspring", state, ctx)
     state.last_scores["offspring"] = child_scores
-    record_lineage(state, ctx, recipe, child_scores)
+    record_lineage(state, ctx, offspring, child_scores)
     with ctx.timed("save_generation"):
-        save_generation(state, child, recipe.get("mixture"), ctx)
-    promote(state, ctx, recipe)
+        save_generation(state, offspring, ctx)
+    promote(state, ctx, offspring)
     state.score_history.append(main_scores(state.last_scores))
-    next_generation(state, child, recipe, ctx)
+    next_generation(state, offspring, ctx)
     log_times(state, ctx)
     checkpoint(state, ctx)
 
@@ -422,8 +422,8 @@ def assess_integration(state: LoopState, ctx: Context) -> None:
             ctx.log.write("integrate", state.env_steps, generation=state.generation, **record)
 
 
-def breed(state: LoopState, ctx: Context) -> tuple[Partner, dict[str, Any]]:
-    """Returns the generation's offspring and the recipe that made it (merged, searched, or a fallback)."""
+def breed(state: LoopState, ctx: Context) -> Offspring:
+    """Returns the generation's offspring: merged (or searched), a copy of the best partner, or a mixture."""
     cfg = ctx.cfg
     suite = list(ctx.suite.values())
     scores = {p.name: headline(state.last_scores[p.name]) for p in state.partners}
@@ -434,9 +434,10 @@ def breed(state: LoopState, ctx: Context) -> tuple[Partner, dict[str, Any]]:
                           search_fn=search_fn, probe=ctx.probe, env_scores=main_scores(state.last_scores))
 
 
-def record_lineage(state: LoopState, ctx: Context, recipe: dict[str, Any], child: list[EnvScore]) -> None:
+def record_lineage(state: LoopState, ctx: Context, offspring: Offspring, child: list[EnvScore]) -> None:
     """Appends the offspring's node to lineage.json (written aside, then renamed) and logs the merge gain."""
     g = state.generation
+    recipe = offspring.recipe()
     parent_scores = {p.name: normalized_by_env(state.last_scores[p.name]) for p in state.partners}
     child_scores = normalized_by_env(child)
     gain = {env: v - max(ps[env] for ps in parent_scores.values()) for env, v in child_scores.items()}
@@ -445,12 +446,13 @@ def record_lineage(state: LoopState, ctx: Context, recipe: dict[str, Any], child
             "parent_scores": parent_scores, "merge_gain": gain, "env_steps": state.env_steps}
     state.lineage.append(node)
     write_json_atomic(ctx.run_dir / "lineage.json", state.lineage)
-    compat, gate = recipe.get("compat") or {}, recipe.get("gate") or {}
-    numbers = {f"merge/compat/{k}": v for k, v in compat.items() if isinstance(v, float)}
+    gate = dataclasses.asdict(offspring.gate) if offspring.gate is not None else {}
+    lora = offspring.lora if isinstance(offspring, Merged) else {}
+    numbers = {f"merge/compat/{k}": v for k, v in (offspring.compat or {}).items() if isinstance(v, float)}
     numbers |= {f"merge/gate/{k}": v for k, v in gate.items() if isinstance(v, float)}
-    numbers |= {f"merge/lora/{k}": v for k, v in (recipe.get("lora") or {}).items() if isinstance(v, float)}
-    ctx.log.write("merge", state.env_steps, generation=g, method=recipe["method"], outcome=recipe.get("outcome"),
-                  promoted=gate.get("passed", True), recipe=recipe, **numbers,
+    numbers |= {f"merge/lora/{k}": v for k, v in lora.items() if isinstance(v, float)}
+    ctx.log.write("merge", state.env_steps, generation=g, method=recipe["method"], outcome=recipe["outcome"],
+                  promoted=offspring.promoted, recipe=recipe, **numbers,
                   **{f"merge/gain/{env}": v for env, v in gain.items()},
                   **{"merge/gain": sum(gain.values()) / max(len(gain), 1)})
 
@@ -462,9 +464,9 @@ def write_json_atomic(path: Path, data: Any) -> None:
     os.replace(tmp, path)
 
 
-def save_generation(state: LoopState, child: Partner, mixture: dict[str, str] | None, ctx: Context) -> None:
+def save_generation(state: LoopState, offspring: Offspring, ctx: Context) -> None:
     """Writes checkpoints/gen_NNNN/{partners, ancestor, offspring} as Hugging Face directories, atomically;
-    a mixture offspring ({env: partner}) as a mixture directory of the partners (`colearn.mixture`). The
+    a `Mixture` offspring as a mixture directory of the partners routed per env (`colearn.mixture`). The
     partners' optimizer state goes along only with loop.keep_generations > 0 (see `prune_generations`)."""
     final = ctx.run_dir / "checkpoints" / f"gen_{state.generation:04d}"
     tmp = final.with_name(final.name + ".tmp")
@@ -472,8 +474,9 @@ def save_generation(state: LoopState, child: Partner, mixture: dict[str, str] | 
     for p in [*state.partners, state.ancestor]:
         kept = p if ctx.cfg.loop.keep_generations > 0 else dataclasses.replace(p, optimizer=None)
         kept.save(tmp / p.name, home=final / p.name)
-    if mixture:
-        save_mixture(state.partners, mixture, tmp / child.name, home=final / child.name)
+    child = offspring.partner
+    if isinstance(offspring, Mixture):
+        save_mixture(state.partners, offspring.routing, tmp / child.name, home=final / child.name)
     else:
         child.save(tmp / child.name, home=final / child.name)
     shutil.rmtree(final, ignore_errors=True)
@@ -496,22 +499,22 @@ def prune_generations(run_dir: Path, keep: int) -> None:
             optimizer_state.unlink(missing_ok=True)
 
 
-def promote(state: LoopState, ctx: Context, recipe: dict[str, Any]) -> None:
-    """Moves the run's `deployed.json` pointer to this generation's offspring when it passed the gate."""
-    gate = recipe.get("gate", {})
-    if not gate.get("passed", True):
+def promote(state: LoopState, ctx: Context, offspring: Offspring) -> None:
+    """Moves the run's `deployed.json` pointer to this generation's offspring unless the gate refused it."""
+    if not offspring.promoted:
         return
     node = state.lineage[-1]
     write_json_atomic(ctx.run_dir / "deployed.json", {
         "generation": state.generation, "path": f"checkpoints/gen_{state.generation:04d}/offspring",
-        "scores": node["scores"], "recipe": recipe})
+        "scores": node["scores"], "recipe": node["recipe"]})
 
 
-def next_generation(state: LoopState, child: Partner, recipe: dict[str, Any], ctx: Context) -> None:
+def next_generation(state: LoopState, offspring: Offspring, ctx: Context) -> None:
     """Makes the offspring the new ancestor and copies it into every partner (unless it is a copy of the best
     partner, a fallback or merging off: then partners go on as they are), each acting where the curriculum
-    puts it next. `child` is always one set of weights: for a mixture offspring, the best partner's copy."""
-    if recipe["method"] != "copy_best" or len(state.partners) == 1:
+    puts it next. `offspring.partner` is always one set of weights: for a mixture, the best partner's copy."""
+    child = offspring.partner
+    if isinstance(offspring, Merged) or len(state.partners) == 1:
         state.partners = [child.clone(p.name, p.envs) for p in state.partners]
     state.ancestor = child.clone("ancestor")
     state.generation += 1

@@ -4,15 +4,18 @@ Before merging, the pair's compatibility is measured (task-vector cosine, sign c
 of their representations); partners that drifted apart (Pari et al., "Collective Model
 Intelligence Requires Compatible Specialization") are not averaged but fall back to the best
 partner or a mixture.  After merging, a gate promotes the offspring only if it is about as
-good as its best parent on validation episodes.  Every decision and its numbers go into the
-returned recipe, which the loop writes to lineage.json and metrics.jsonl.
+good as its best parent on validation episodes.  The result is a `Merged`, `Copy` or `Mixture`
+carrying its compatibility numbers and gate decision; its `recipe()` is the record the loop writes
+to lineage.json and metrics.jsonl.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import itertools
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -26,6 +29,96 @@ if TYPE_CHECKING:
     from colearn.merge import Recipe
 
 Scorer = Callable[[Partner], float]  # policy -> mean normalized return on fixed validation episodes
+
+
+# --------------------------------------------------------------------------- the result
+
+
+@dataclass(frozen=True)
+class Gate:
+    """The promotion decision of merge.gate: passed when offspring >= best_parent - tolerance."""
+
+    offspring: float  # the offspring's mean normalized return on the validation episodes
+    best_parent: float  # the best parent's, re-scored on the same episodes
+    parents: dict[str, float]  # every parent's
+    tolerance: float  # merge.gate_tolerance
+    passed: bool
+    fallback: str | None  # merge.fallback taken instead of the offspring; None when it passed
+
+
+@dataclass(kw_only=True)
+class Offspring:
+    """A generation's offspring; `partner` is the one set of weights that seeds the next generation."""
+
+    partner: Partner
+    compat: dict[str, Any] | None = None  # `compatibility` of the partners with metric, threshold and compatible;
+    # None when no merge was considered (merging off, or one partner)
+    gate: Gate | None = None  # the promotion decision, when the gate ran
+    gate_skipped: str | None = None  # why the gate did not run, when a merge was considered
+
+    @property
+    def promoted(self) -> bool:
+        """Whether the offspring becomes the run's deployed model: all but those the gate refused."""
+        return self.gate is None or self.gate.passed
+
+    def recipe(self) -> dict[str, Any]:
+        """Returns how the offspring was made, as plain data: the record lineage.json and metrics.jsonl keep."""
+        raise NotImplementedError
+
+    def _gate_record(self) -> dict[str, Any]:
+        return dataclasses.asdict(self.gate) if self.gate is not None else {"skipped": self.gate_skipped}
+
+
+@dataclass(kw_only=True)
+class Merged(Offspring):
+    """The partners merged in weight space relative to their ancestor."""
+
+    merge: dict[str, Any]  # the merge's recipe (`Recipe.as_dict`; evolve's names its base_method and search)
+    lora: dict[str, Any] = field(default_factory=dict)  # how a LoRA offspring was made; {} for full weights
+
+    def recipe(self) -> dict[str, Any]:
+        lora = {"lora": self.lora} if self.lora else {}
+        return {**self.merge, "compat": self.compat, **lora, "gate": self._gate_record(), "outcome": "merged"}
+
+    def attempt(self) -> dict[str, Any]:
+        """Returns the merge's recipe with its LoRA record: what a fallback records as the merge it refused."""
+        return {**self.merge, **({"lora": self.lora} if self.lora else {})}
+
+
+@dataclass(kw_only=True)
+class Copy(Offspring):
+    """A copy of the best partner: merging is off or there is one partner, or the fallback of a merge not taken."""
+
+    source: str  # the copied partner's name
+    reason: str | None = None  # why a considered merge was not taken; None when none was considered
+    attempted: dict[str, Any] | None = None  # the merge the gate refused (`Merged.attempt`)
+
+    def recipe(self) -> dict[str, Any]:
+        if self.reason is None:
+            return {"method": "copy_best", "source": self.source, "outcome": "copy"}
+        attempted = {"attempted": self.attempted} if self.attempted is not None else {}
+        return {"method": "copy_best", "source": self.source, "outcome": "fallback", "fallback": self.fallback_name,
+                "reason": self.reason, "compat": self.compat, "gate": self._gate_record(), **attempted}
+
+    @property
+    def fallback_name(self) -> str:
+        """The merge.fallback this offspring is."""
+        return "best"
+
+
+@dataclass(kw_only=True)
+class Mixture(Copy):
+    """The partners routed per env (merge.fallback=mixture), evaluated and saved as a mixture directory
+    (`colearn.mixture`); `partner` is the best partner's copy, as one set of weights cannot hold the routing."""
+
+    routing: dict[str, str]  # env -> name of the partner that acts in it
+
+    def recipe(self) -> dict[str, Any]:
+        return {**super().recipe(), "mixture": self.routing}
+
+    @property
+    def fallback_name(self) -> str:
+        return "mixture"
 
 
 # --------------------------------------------------------------------------- weights
@@ -218,12 +311,12 @@ def fitness_on(candidate: Partner, weights: Mapping[str, torch.Tensor], scorer: 
 # --------------------------------------------------------------------------- gate and fallback
 
 
-def gate_record(offspring_score: float, parent_scores: Mapping[str, float], cfg: MergeConfig) -> dict[str, Any]:
+def gate_decision(offspring_score: float, parent_scores: Mapping[str, float], cfg: MergeConfig) -> Gate:
     """Returns the promotion decision: passed when offspring >= best parent - merge.gate_tolerance."""
     best_parent = max(parent_scores.values())
     passed = offspring_score >= best_parent - cfg.gate_tolerance
-    return {"offspring": offspring_score, "best_parent": best_parent, "parents": dict(parent_scores),
-            "tolerance": cfg.gate_tolerance, "passed": passed, "fallback": None if passed else cfg.fallback}
+    return Gate(offspring_score, best_parent, dict(parent_scores), cfg.gate_tolerance, passed,
+                None if passed else cfg.fallback)
 
 
 def mixture_map(partners: Sequence[Partner], env_scores: Mapping[str, Mapping[str, float]] | None) -> dict[str, str]:
@@ -241,18 +334,16 @@ def mixture_map(partners: Sequence[Partner], env_scores: Mapping[str, Mapping[st
 
 def fallback(
     partners: Sequence[Partner], parent_scores: Mapping[str, float], cfg: MergeConfig, reason: str,
-    env_scores: Mapping[str, Mapping[str, float]] | None, record: dict[str, Any],
-) -> tuple[Partner, dict[str, Any]]:
-    """Returns a copy of the best partner and the recipe saying why (merge.fallback=best), plus the env ->
-    partner routing under recipe["mixture"] for merge.fallback=mixture.  method is copy_best, so the loop
-    lets the partners go on; for a mixture it evaluates and saves the routed partners as the offspring and
-    seeds the next generation with the best partner's copy (one set of weights cannot hold the routing)."""
+    env_scores: Mapping[str, Mapping[str, float]] | None, **decision: Any,
+) -> Copy:
+    """Returns the merge.fallback offspring and why a merge was not taken: a copy of the best partner
+    (fallback=best), or a `Mixture` routing each env to its best partner (fallback=mixture).  `decision`
+    holds the compat, gate or gate_skipped, and attempted fields of the result."""
     best = max(partners, key=lambda p: parent_scores[p.name])
-    recipe = {"method": "copy_best", "source": best.name, "outcome": "fallback", "fallback": cfg.fallback,
-              "reason": reason, **record}
     if cfg.fallback == "mixture":
-        recipe["mixture"] = mixture_map(partners, env_scores)
-    return best.clone("offspring"), recipe
+        return Mixture(partner=best.clone("offspring"), source=best.name, reason=reason,
+                       routing=mixture_map(partners, env_scores), **decision)
+    return Copy(partner=best.clone("offspring"), source=best.name, reason=reason, **decision)
 
 
 def make_offspring(
@@ -265,8 +356,8 @@ def make_offspring(
     search_fn: Scorer | None = None,
     probe: Sequence[str] | None = None,
     env_scores: Mapping[str, Mapping[str, float]] | None = None,
-) -> tuple[Partner, dict[str, Any]]:
-    """Returns the offspring of a generation and the recipe that made it.
+) -> Offspring:
+    """Returns the offspring of a generation: `Merged`, `Copy` or `Mixture`.
 
     A copy of the best-scoring partner when merging is off (method "none") or there is one
     partner.  Otherwise: compatibility is measured (`compatibility`, on the `probe` prompts)
@@ -279,7 +370,7 @@ def make_offspring(
     """
     if len(partners) == 1 or cfg.method == "none":
         best = max(partners, key=lambda p: scores[p.name])
-        return best.clone("offspring"), {"method": "copy_best", "source": best.name, "outcome": "copy"}
+        return Copy(partner=best.clone("offspring"), source=best.name)
     gated = cfg.gate and evaluate_fn is not None
     parent_scores = {p.name: float(evaluate_fn(p)) for p in partners} if gated else dict(scores)
     compat = {**compatibility(ancestor, partners, probe), "metric": cfg.compat_metric,
@@ -287,8 +378,8 @@ def make_offspring(
     reason = incompatibility(compat, cfg)
     compat["compatible"] = reason is None
     if reason is not None:
-        return fallback(partners, parent_scores, cfg, reason, env_scores,
-                        {"compat": compat, "gate": {"skipped": "partners incompatible"}})
+        return fallback(partners, parent_scores, cfg, reason, env_scores, compat=compat,
+                        gate_skipped="partners incompatible")
     if cfg.method == "evolve":
         weights, recipe = evolved_weights(ancestor, partners, cfg, search_fn, evaluate_fn)
     else:
@@ -296,22 +387,16 @@ def make_offspring(
         weights = merged_weights(ancestor, partners, merge)
         recipe = merge.as_dict()
     child, lora = offspring_from(ancestor, weights, cfg.lora_offspring)
-    recipe["compat"] = compat
-    if lora:
-        recipe["lora"] = lora
+    merged = Merged(partner=child, merge=recipe, lora=lora, compat=compat)
     if not gated:
-        recipe["gate"] = {"skipped": "merge.gate is off" if not cfg.gate else "no evaluate_fn was given"}
-        return child, {**recipe, "outcome": "merged"}
+        merged.gate_skipped = "merge.gate is off" if not cfg.gate else "no evaluate_fn was given"
+        return merged
     offspring_score = recipe.get("search", {}).get("heldout")
-    gate = gate_record(offspring_score if offspring_score is not None else float(evaluate_fn(child)),
-                       parent_scores, cfg)
-    if not gate["passed"]:
-        reason = (f"offspring {gate['offspring']:.4f} < best parent {gate['best_parent']:.4f} "
+    merged.gate = gate_decision(offspring_score if offspring_score is not None else float(evaluate_fn(child)),
+                                parent_scores, cfg)
+    if not merged.gate.passed:
+        reason = (f"offspring {merged.gate.offspring:.4f} < best parent {merged.gate.best_parent:.4f} "
                   f"- merge.gate_tolerance {cfg.gate_tolerance}")
-        return fallback(partners, parent_scores, cfg, reason, env_scores,
-                        {"compat": compat, "gate": gate, "attempted": _without(recipe, "compat")})
-    return child, {**recipe, "gate": gate, "outcome": "merged"}
-
-
-def _without(recipe: Mapping[str, Any], *keys: str) -> dict[str, Any]:
-    return {k: v for k, v in recipe.items() if k not in keys}
+        return fallback(partners, parent_scores, cfg, reason, env_scores, compat=compat, gate=merged.gate,
+                        attempted=merged.attempt())
+    return merged

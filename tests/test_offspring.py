@@ -9,7 +9,7 @@ import torch
 
 from colearn.config import MergeConfig
 from colearn.errors import ColearnError
-from colearn.offspring import compatibility, dense_state, make_offspring
+from colearn.offspring import Copy, Merged, Mixture, compatibility, dense_state, make_offspring
 from colearn.partner import Partner
 
 torch.set_num_threads(1)
@@ -64,51 +64,55 @@ def test_tied_embeddings_merge_once_and_stay_tied(family):
     root, a, b, _ = family
     assert root.model.config.tie_word_embeddings
     cfg = MergeConfig(method="linear", gate=False, groups={"head": {"weights": [1.0, 0.0]}})
-    child, recipe = make_offspring(root, [a, b], {"A": 0.0, "B": 0.0}, cfg)
-    model = child.model
+    result = make_offspring(root, [a, b], {"A": 0.0, "B": 0.0}, cfg)
+    model = result.partner.model
     assert model.lm_head.weight is model.model.embed_tokens.weight
     embed = "model.embed_tokens.weight"
     expected = (dense_state(a)[embed] + dense_state(b)[embed]) / 2  # the embed group's average, not head's [1, 0]
     assert torch.allclose(model.model.embed_tokens.weight, expected, atol=1e-7)
     assert torch.equal(model.model.norm.weight, a.model.model.norm.weight)  # the final norm is in the head group
-    assert recipe["outcome"] == "merged" and recipe["weights"] == [0.5, 0.5]
-    assert recipe["gate"] == {"skipped": "merge.gate is off"}
+    assert isinstance(result, Merged) and result.merge["weights"] == [0.5, 0.5]
+    assert result.gate is None and result.promoted
+    assert result.recipe()["gate"] == {"skipped": "merge.gate is off"} and result.recipe()["outcome"] == "merged"
 
 
 def test_threshold_zero_never_falls_back_but_records_compat(family, probe):
     root, a, _, unrelated = family
-    child, recipe = make_offspring(root, [a, unrelated], {"A": 1.0, "B": 0.0}, MergeConfig(method="ties"), probe=probe)
-    assert recipe["outcome"] == "merged" and recipe["method"] == "ties"
-    assert recipe["compat"]["compatible"] and recipe["compat"]["threshold"] == 0.0
-    assert 0 < recipe["compat"]["cka"] < 1 and abs(recipe["compat"]["cosine"]) < 0.1
-    assert recipe["gate"] == {"skipped": "no evaluate_fn was given"}
-    assert not same_weights(child, a)
+    result = make_offspring(root, [a, unrelated], {"A": 1.0, "B": 0.0}, MergeConfig(method="ties"), probe=probe)
+    assert isinstance(result, Merged) and result.merge["method"] == "ties"
+    assert result.compat["compatible"] and result.compat["threshold"] == 0.0
+    assert 0 < result.compat["cka"] < 1 and abs(result.compat["cosine"]) < 0.1
+    assert result.gate is None and result.gate_skipped == "no evaluate_fn was given"
+    assert not same_weights(result.partner, a)
 
 
 def test_fallback_best_under_the_cka_threshold_copies_the_better_partner(family, probe):
     root, a, _, unrelated = family
     cfg = MergeConfig(method="linear", compat_threshold=0.99)
-    child, recipe = make_offspring(root, [a, unrelated], {"A": 0.2, "B": 0.7}, cfg, probe=probe)
-    assert same_weights(child, unrelated) and child.name == "offspring"
-    assert recipe["method"] == "copy_best" and recipe["source"] == "B" and recipe["outcome"] == "fallback"
-    assert recipe["fallback"] == "best" and "mixture" not in recipe
-    assert recipe["reason"].startswith("cka 0.") and "< merge.compat_threshold 0.99" in recipe["reason"]
-    assert not recipe["compat"]["compatible"] and recipe["compat"]["cka"] < 0.99
+    result = make_offspring(root, [a, unrelated], {"A": 0.2, "B": 0.7}, cfg, probe=probe)
+    assert type(result) is Copy and result.source == "B" and result.promoted
+    assert same_weights(result.partner, unrelated) and result.partner.name == "offspring"
+    assert result.reason.startswith("cka 0.") and "< merge.compat_threshold 0.99" in result.reason
+    assert not result.compat["compatible"] and result.compat["cka"] < 0.99
+    recipe = result.recipe()
+    assert (recipe["method"], recipe["outcome"], recipe["fallback"]) == ("copy_best", "fallback", "best")
+    assert recipe["gate"] == {"skipped": "partners incompatible"} and "mixture" not in recipe
     # compatible partners under the same threshold are merged
-    _, kept = make_offspring(root, [a, perturbed(a, "B", 0.002, seed=20)], {"A": 0.2, "B": 0.7}, cfg, probe=probe)
-    assert kept["outcome"] == "merged" and kept["compat"]["cka"] >= 0.99
+    kept = make_offspring(root, [a, perturbed(a, "B", 0.002, seed=20)], {"A": 0.2, "B": 0.7}, cfg, probe=probe)
+    assert isinstance(kept, Merged) and kept.compat["cka"] >= 0.99
 
 
 def test_fallback_mixture_maps_each_env_to_its_best_partner(family):
     root, a, _, unrelated = family
     cfg = MergeConfig(method="linear", compat_metric="cosine", compat_threshold=0.5, fallback="mixture")
     env_scores = {"A": {"Lake": 0.9, "MirrorLake": 0.6}, "B": {"Lake": 0.1, "MirrorLake": 0.7}}
-    child, recipe = make_offspring(root, [a, unrelated], {"A": 0.75, "B": 0.4}, cfg, env_scores=env_scores)
-    assert same_weights(child, a) and recipe["source"] == "A"
-    assert recipe["fallback"] == "mixture" and recipe["reason"].startswith("cosine ")
-    assert recipe["mixture"] == {"Lake": "A", "MirrorLake": "B"}
-    _, by_envs = make_offspring(root, [a, unrelated], {"A": 0.75, "B": 0.4}, cfg)
-    assert by_envs["mixture"] == {"Lake": "A", "MirrorLake": "B"}  # without scores: each partner's own envs
+    result = make_offspring(root, [a, unrelated], {"A": 0.75, "B": 0.4}, cfg, env_scores=env_scores)
+    assert isinstance(result, Mixture) and same_weights(result.partner, a) and result.source == "A"
+    assert result.reason.startswith("cosine ") and result.routing == {"Lake": "A", "MirrorLake": "B"}
+    recipe = result.recipe()
+    assert recipe["fallback"] == "mixture" and recipe["mixture"] == result.routing
+    by_envs = make_offspring(root, [a, unrelated], {"A": 0.75, "B": 0.4}, cfg)
+    assert by_envs.routing == {"Lake": "A", "MirrorLake": "B"}  # without scores: each partner's own envs
 
 
 def test_cka_threshold_without_a_probe_is_a_user_error(family):
@@ -133,24 +137,29 @@ def test_gate_rejects_an_offspring_worse_than_the_best_parent_by_more_than_the_t
     evaluate, calls = scorer({"A": 0.5, "B": 0.8, "offspring": 0.7})
     cfg = MergeConfig(method="linear", gate_tolerance=tolerance)
     # `scores` (the loop's numbers) say A is best; the gate re-scores the parents on the validation episodes.
-    child, recipe = make_offspring(root, [a, b], {"A": 0.9, "B": 0.1}, cfg, evaluate_fn=evaluate)
+    result = make_offspring(root, [a, b], {"A": 0.9, "B": 0.1}, cfg, evaluate_fn=evaluate)
     assert sorted(calls) == ["A", "B", "offspring"]
-    gate = recipe["gate"]
-    assert gate["offspring"] == 0.7 and gate["best_parent"] == 0.8 and gate["parents"] == {"A": 0.5, "B": 0.8}
-    assert gate["passed"] is passed and gate["tolerance"] == tolerance
+    gate = result.gate
+    assert gate.offspring == 0.7 and gate.best_parent == 0.8 and gate.parents == {"A": 0.5, "B": 0.8}
+    assert gate.passed is passed is result.promoted and gate.tolerance == tolerance
+    assert result.recipe()["gate"] == {"offspring": 0.7, "best_parent": 0.8, "parents": {"A": 0.5, "B": 0.8},
+                                       "tolerance": tolerance, "passed": passed, "fallback": gate.fallback}
     if passed:
-        assert recipe["outcome"] == "merged" and gate["fallback"] is None and not same_weights(child, b)
+        assert isinstance(result, Merged) and gate.fallback is None and not same_weights(result.partner, b)
     else:
-        assert gate["fallback"] == "best" and recipe["outcome"] == "fallback"
-        assert recipe["method"] == "copy_best" and recipe["source"] == "B" and same_weights(child, b)
-        assert recipe["reason"] == "offspring 0.7000 < best parent 0.8000 - merge.gate_tolerance 0.05"
-        assert recipe["attempted"]["method"] == "linear"
+        assert type(result) is Copy and gate.fallback == "best" and result.recipe()["outcome"] == "fallback"
+        assert result.source == "B" and same_weights(result.partner, b)
+        assert result.reason == "offspring 0.7000 < best parent 0.8000 - merge.gate_tolerance 0.05"
+        assert result.attempted["method"] == "linear" and result.recipe()["attempted"] == result.attempted
 
 
 def test_method_none_and_single_partner_copy_the_best(family):
     root, a, b, _ = family
-    child, recipe = make_offspring(root, [a, b], {"A": 0.1, "B": 0.3}, MergeConfig(method="none"))
-    assert recipe == {"method": "copy_best", "source": "B", "outcome": "copy"} and same_weights(child, b)
+    result = make_offspring(root, [a, b], {"A": 0.1, "B": 0.3}, MergeConfig(method="none"))
+    assert type(result) is Copy and result.compat is None and result.promoted and same_weights(result.partner, b)
+    assert result.recipe() == {"method": "copy_best", "source": "B", "outcome": "copy"}
+    alone = make_offspring(root, [a], {"A": 0.1}, MergeConfig(method="linear"))
+    assert type(alone) is Copy and alone.source == "A" and same_weights(alone.partner, a)
 
 
 def test_evolve_searches_on_search_fn_and_reports_held_out_scores(family):
@@ -163,7 +172,8 @@ def test_evolve_searches_on_search_fn_and_reports_held_out_scores(family):
 
     evaluate, calls = scorer({"A": 0.5, "B": 0.5, "candidate": 0.6, "offspring": 0.6})
     cfg = MergeConfig(method="evolve", base_method="task_arithmetic", search_budget=12, seed=1)
-    child, recipe = make_offspring(root, [a, b], {"A": 0, "B": 0}, cfg, evaluate_fn=evaluate, search_fn=search_fn)
+    result = make_offspring(root, [a, b], {"A": 0, "B": 0}, cfg, evaluate_fn=evaluate, search_fn=search_fn)
+    child, recipe = result.partner, result.merge
     search = recipe["search"]
     assert recipe["method"] == "evolve" and recipe["base_method"] == "task_arithmetic"
     assert len(search["curve"]) == 12 and search["fitness"] == search["curve"][-1]["best"]
@@ -172,7 +182,7 @@ def test_evolve_searches_on_search_fn_and_reports_held_out_scores(family):
     assert set(recipe["groups"]) == {"embed", "block0.attn", "block0.mlp", "head"}
     assert search["heldout"] == 0.6 and search["heldout_uniform"] == 0.6
     assert sorted(calls) == ["A", "B", "candidate", "candidate"]  # the gate reuses the held-out score
-    assert recipe["gate"]["passed"] and recipe["outcome"] == "merged"
+    assert isinstance(result, Merged) and result.gate.passed and result.gate.offspring == 0.6
     with pytest.raises(ColearnError, match="search_fn"):
         make_offspring(root, [a, b], {"A": 0, "B": 0}, cfg)
 
@@ -184,8 +194,10 @@ def test_lora_partners_merge_their_folded_weights(corpus, model_cfg):
     model, tokenizer = build_ancestor(cfg, *corpus, seed=0)
     root = Partner("ancestor", model, tokenizer, cfg)
     a, b = perturbed(root, "A", 0.02, seed=1), perturbed(root, "B", 0.02, seed=2)
-    child, recipe = make_offspring(root, [a, b], {"A": 0, "B": 0}, MergeConfig(method="linear", gate=False))
-    assert hasattr(child.model, "peft_config") and recipe["outcome"] == "merged"
+    result = make_offspring(root, [a, b], {"A": 0, "B": 0}, MergeConfig(method="linear", gate=False))
+    child = result.partner
+    assert hasattr(child.model, "peft_config") and isinstance(result, Merged)
+    assert result.lora == {"lora_offspring": "fold"} and result.recipe()["lora"] == result.lora
     merged, sa, sb = dense_state(child), dense_state(a), dense_state(b)
     for key in sa:
         assert torch.allclose(merged[key], (sa[key] + sb[key]) / 2, atol=1e-6), key
@@ -222,9 +234,10 @@ def test_lora_offspring_kept_as_adapter_is_exact_when_the_change_fits_the_rank(l
     a = perturbed_adapter(lora_root, "A", 0.05, seed=1, only="lora_B")
     b = perturbed_adapter(lora_root, "B", 0.05, seed=2, only="lora_B")
     cfg = MergeConfig(method="linear", gate=False, lora_offspring="adapter")
-    child, recipe = make_offspring(lora_root, [a, b], {"A": 0, "B": 0}, cfg)
-    assert recipe["lora"]["lora_offspring"] == "adapter" and recipe["lora"]["rank"] == 2
-    assert recipe["lora"]["truncation_error"] < 1e-5
+    result = make_offspring(lora_root, [a, b], {"A": 0, "B": 0}, cfg)
+    child = result.partner
+    assert result.lora["lora_offspring"] == "adapter" and result.lora["rank"] == 2
+    assert result.lora["truncation_error"] < 1e-5
     base, kept = frozen_base(lora_root), frozen_base(child)
     assert all(torch.equal(base[k], kept[k]) for k in base)  # the base is untouched
     merged, sa, sb = dense_state(child), dense_state(a), dense_state(b)
@@ -235,8 +248,8 @@ def test_lora_offspring_kept_as_adapter_truncates_to_the_best_rank_r_change(lora
     a = perturbed_adapter(lora_root, "A", 0.3, seed=3)
     b = perturbed_adapter(lora_root, "B", 0.3, seed=4)
     cfg = MergeConfig(method="linear", gate=False, lora_offspring="adapter")
-    child, recipe = make_offspring(lora_root, [a, b], {"A": 0, "B": 0}, cfg)
-    base, merged = frozen_base(lora_root), dense_state(child)
+    result = make_offspring(lora_root, [a, b], {"A": 0, "B": 0}, cfg)
+    base, merged = frozen_base(lora_root), dense_state(result.partner)
     sa, sb = dense_state(a), dense_state(b)
     residual = total = 0.0
     for key in sa:
@@ -250,7 +263,7 @@ def test_lora_offspring_kept_as_adapter_truncates_to_the_best_rank_r_change(lora
         got = merged[key] - base[key]
         assert float((got - change).norm()) == pytest.approx(float(singular[2:].norm()), rel=1e-3, abs=1e-6), key
     assert residual > 0  # two rank-2 changes do not fit rank 2
-    assert recipe["lora"]["truncation_error"] == pytest.approx(math.sqrt(residual / total), rel=1e-3)
+    assert result.lora["truncation_error"] == pytest.approx(math.sqrt(residual / total), rel=1e-3)
 
 
 def test_lora_offspring_as_adapter_refuses_a_merge_that_changed_the_base(lora_root):
