@@ -394,7 +394,7 @@ def log_scores(scores: list[EnvScore], own_envs: list[str], label: str, state: L
         ctx.log.write(
             "eval", state.env_steps, generation=state.generation, round=state.round, partner=label, env=s.env,
             policy=s.policy, own_env=s.env in own_envs, mean_return=s.mean_return, success=s.success,
-            optimal=s.optimal, normalized=s.normalized, episodes=s.episodes, exact=s.exact,
+            optimal=s.optimal, random=s.random, normalized=s.normalized, episodes=s.episodes, exact=s.exact,
             **{f"return/{s.policy}/{label}/{s.env}": s.mean_return, f"normalized/{s.policy}/{label}/{s.env}":
                s.normalized},
         )

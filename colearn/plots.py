@@ -3,7 +3,7 @@ and returning a matplotlib Figure, or None when the run has nothing to show for 
 
 Conventions shared by every figure: one color per policy owner (partners in order, then offspring and
 the integration modes), greedy evaluation as solid lines, sampled as dotted, the optimal return as a
-grey dashed line at 1 (returns are normalized by the env's optimal return). Where one panel holds several
+grey dashed line at 1 (returns are normalized: `evaluate.normalized_return`). Where one panel holds several
 envs of a partner, each env has its own line style and marker (`ENV_STYLES`).
 """
 
@@ -47,8 +47,9 @@ def envs_of(events: list[Event]) -> list[str]:
 
 
 def has_ceiling(evals: list[Event]) -> bool:
-    """True when every score here was normalized by a known positive optimal return."""
-    return all(e.get("optimal") and e["optimal"] > 0 for e in evals)
+    """True when every score here was normalized against a known optimal return above its floor
+    (`evaluate.normalized_return`), so 1.0 is the optimum."""
+    return all(e.get("optimal") is not None and e["optimal"] > min(e.get("random") or 0.0, 0.0) for e in evals)
 
 
 def merge_steps(events: list[Event]) -> list[tuple[int, int]]:
@@ -98,7 +99,7 @@ def returns_figure(events: list[Event]) -> Figure | None:
         actors = sorted({e["partner"] for e in here if e.get("own_env")} - set(FIXED))
         ax.set_title(env + (f" (acted in by {', '.join(actors)})" if actors else " (no partner acts here)"))
         ax.set_xlabel("environment steps")
-    axes[0][0].set_ylabel("return / optimal" if has_ceiling(evals) else "mean return")
+    axes[0][0].set_ylabel("normalized return" if has_ceiling(evals) else "mean return")
     axes[0][0].set_ylim(min(-0.05, axes[0][0].get_ylim()[0]), max(1.1, axes[0][0].get_ylim()[1]))
     legend_right(fig, axes[0][-1])
     return fig
@@ -281,7 +282,7 @@ def modes_figure(events: list[Event]) -> Figure | None:
             ax.axvline(1.0, **CEILING)
         ax.set_xlim(0, max(1.15, max((v for v in values if v == v), default=0) * 1.15))
         ax.set_title(env, fontsize=10)
-        ax.set_xlabel("return / optimal")
+        ax.set_xlabel("normalized return")
     axes[0][0].set_yticks(range(len(labels)), [lab if lab in singles else f"{lab} (mode)" for lab in labels])
     fig.suptitle(f"Partners alone, merged (offspring) and integrated (modes), generation {gen}, {policy}",
                  fontsize=10, fontweight="bold")
@@ -320,7 +321,7 @@ def sweep_figure(curves: dict[str, dict[str, list[tuple[float, float, float]]]],
             ax.axhline(1.0, **CEILING, label="optimal")
         ax.set_title(env)
         ax.set_xlabel("environment steps (mean over seeds)")
-    axes[0][0].set_ylabel("partners' return / optimal\n(mean, 95% interval over seeds)")
+    axes[0][0].set_ylabel("partners' normalized return\n(mean, 95% interval over seeds)")
     legend_right(fig, axes[0][-1])
     return fig
 

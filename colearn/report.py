@@ -246,12 +246,14 @@ def final_table_html(events: list[Event]) -> str:
         tds = "".join(score_cell(cells.get(env), best[env]) for env in envs)
         gen = max(c.get("generation", 0) for c in cells.values())
         rows.append(f"<tr><td>{html.escape(owner)} <span class='muted'>{policy}, gen {gen}</span></td>{tds}</tr>")
-    optimal = {env: next((c[env].get("optimal") for c in finals.values() if env in c), None) for env in envs}
-    rows.append("<tr><td class='muted'>optimal return</td>" + "".join(
-        f"<td class='muted'>{optimal[e]:.2f}</td>" if optimal[e] is not None else "<td class='muted'>?</td>"
-        for e in envs) + "</tr>")
+    for key in ("random", "optimal"):
+        value = {env: next((c[env].get(key) for c in finals.values() if env in c), None) for env in envs}
+        rows.append(f"<tr><td class='muted'>{key} return</td>" + "".join(
+            f"<td class='muted'>{value[e]:.2f}</td>" if value[e] is not None else "<td class='muted'>?</td>"
+            for e in envs) + "</tr>")
     return (f"<table><tr><th>policy</th>{head}</tr>{''.join(rows)}</table>"
-            "<p class='cap'>Each cell: return / optimal, then (mean return, success rate) on the evaluation seeds.</p>")
+            "<p class='cap'>Each cell: normalized return (1 optimal; 0 the random policy where it loses reward, "
+            "else no reward), then (mean return, success rate) on the evaluation seeds.</p>")
 
 
 def best_of(values: list[float]) -> float | None:

@@ -1,4 +1,5 @@
-"""The table printed at the end of a run: each policy's score per env against the optimal ceiling."""
+"""The table printed at the end of a run: each policy's score per env between the random floor and the optimal
+ceiling."""
 
 from __future__ import annotations
 
@@ -7,7 +8,8 @@ from colearn.evaluate import EnvScore
 
 def summary_table(scores: dict[str, list[EnvScore]]) -> str:
     """Returns a fixed-width table: one row per (policy owner, evaluated policy), one column per env,
-    each cell `mean return (normalized)`, and a last row with each env's optimal return."""
+    each cell `mean return (normalized)` (`evaluate.normalized_return`), then a row with each env's
+    random-policy return and a last row with its optimal return."""
     envs = list(dict.fromkeys(s.env for ss in scores.values() for s in ss))
     width = max([10, *(len(e) + 2 for e in envs)])
     header = f"{'policy':<22}" + "".join(f"{e:>{width + 8}}" for e in envs)
@@ -20,7 +22,8 @@ def summary_table(scores: dict[str, list[EnvScore]]) -> str:
                 for e in envs
             )
             lines.append(f"{owner + ' ' + kind:<22}" + row)
-    optimal = {s.env: s.optimal for ss in scores.values() for s in ss}
-    lines.append(f"{'optimal':<22}" + "".join(
-        f"{optimal[e]:>{width}.2f}        " if optimal[e] is not None else f"{'?':>{width}}        " for e in envs))
+    for name in ("random", "optimal"):
+        value = {s.env: getattr(s, name) for ss in scores.values() for s in ss}
+        lines.append(f"{name:<22}" + "".join(
+            f"{value[e]:>{width}.2f}        " if value[e] is not None else f"{'?':>{width}}        " for e in envs))
     return "\n".join(lines)

@@ -71,6 +71,11 @@ class AdditionEnv(gym.Env):
         """Return 1.0: one correct answer is always possible (``horizon`` >= 1 assumed)."""
         return 1.0
 
+    def random_return(self, horizon: int | None = None) -> float:
+        """Return 0.0, the floor scores are normalized from: a uniformly random answer is almost never the sum
+        (the env has no transition table to compute that small chance exactly)."""
+        return 0.0
+
     def _problem(self) -> str:
         """Return the current problem text, e.g. ``"12+34="``."""
         return f"{self._a}+{self._b}="

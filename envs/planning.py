@@ -1,8 +1,9 @@
-"""Exact optimal returns for tabular gymnasium envs (value iteration on ``P``).
+"""Exact optimal and random-policy returns for tabular gymnasium envs (dynamic programming on ``P``).
 
 Toy-text envs expose ``P[s][a] = [(prob, next_state, reward, terminated), ...]``.
 From it we build dense arrays once and run vectorised Bellman backups, so the
-optimal return is the ceiling a learner can reach on the time-limited env.
+optimal return is the ceiling a learner can reach on the time-limited env, and
+the uniformly random policy's return is the floor that scores measure progress from.
 """
 
 from __future__ import annotations
@@ -124,3 +125,18 @@ def policy_values(
     for _ in range(horizon):
         values = step_reward + chain @ values
     return values
+
+
+def random_return(
+    P: TransitionTable,
+    n_states: int,
+    n_actions: int,
+    initial_distribution: Any,
+    horizon: int,
+) -> float:
+    """Expected undiscounted return of the uniformly random policy over ``horizon`` steps from
+    ``initial_distribution`` (length ``n_states``): exact backward induction, no sampling. Returns a float."""
+    initial = np.asarray(initial_distribution, dtype=np.float64)
+    continue_probs, expected_reward = dense_model(P, n_states, n_actions)
+    uniform = np.full((n_states, n_actions), 1.0 / n_actions)
+    return float(initial @ policy_values(continue_probs, expected_reward, uniform, horizon))

@@ -164,12 +164,16 @@ _INFO_CACHE: dict[tuple[str, str], dict[str, Any]] = {}
 
 
 def text_env_info(env_id: str, /, **kwargs: Any) -> dict[str, Any]:
-    """Return ``{"action_names", "optimal_return", "max_episode_steps", "answer_charset", "answer_length"}``.
+    """Return ``{"action_names", "optimal_return", "random_return", "max_episode_steps", "answer_charset",
+    "answer_length"}``.
 
     The env is ``gymnasium.make(env_id, **kwargs)``.
 
     ``action_names`` is None for free-form envs (Addition); ``optimal_return``
-    is None when the env has no transition table; ``max_episode_steps`` is the
+    is None when the env has no transition table; ``random_return`` is the expected
+    return of the uniformly random policy over the action names (exact, by dynamic
+    programming over the table), 0.0 for Addition and None for other envs without a
+    table; ``max_episode_steps`` is the
     effective (smallest) time limit, which is also the planning horizon (None
     without one: Addition ends every episode after one answer). A free-form env's answers are held to
     ``answer_charset`` (its action space's characters) and ``answer_length`` characters; both are None
@@ -214,6 +218,7 @@ def _compute_info(env_id: str, kwargs: dict[str, Any]) -> dict[str, Any]:
         return {
             "action_names": names,
             "optimal_return": env.get_wrapper_attr("optimal_return")(horizon=limit),
+            "random_return": env.get_wrapper_attr("random_return")(horizon=limit),
             "max_episode_steps": limit,
             "answer_charset": "".join(sorted(space.character_set)) if free_text else None,
             "answer_length": space.max_length if free_text else None,

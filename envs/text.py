@@ -14,6 +14,7 @@ from gymnasium import spaces
 from envs.errors import EnvConfigError
 from envs.planning import dense_model, policy_values
 from envs.planning import optimal_return as plan_optimal_return
+from envs.planning import random_return as plan_random_return
 from envs.render import TEXT_CHARSET, Renderer, renderer_for
 
 OBS_MAX_LENGTH = 4096
@@ -27,6 +28,11 @@ class TextEnv(gym.Wrapper, gym.utils.RecordConstructorArgs):
     the observation repeats, the reward is ``invalid_penalty`` and
     ``info["invalid_action"]`` is True. Apply the time limit *outside* this
     wrapper so invalid actions still count toward truncation.
+
+    ``info["success"]`` marks a terminating step that reached the goal: the inner env's own
+    ``info["success"]`` when it sets one, else a reward of at least ``success_reward`` when given,
+    else the goal reward of the env's transition table (``goal_reward``: CliffWalking's goal step
+    earns -1 and is a success), else a positive reward.
 
     The constructor's arguments are recorded (``RecordConstructorArgs``), so
     ``gymnasium.make(env.spec)`` rebuilds the env and gymnasium's checker accepts
@@ -79,6 +85,8 @@ class TextEnv(gym.Wrapper, gym.utils.RecordConstructorArgs):
         self._last_obs: Any = None
         self._last_text: str | None = None
         self._optimal_cache: dict[int | None, float | None] = {}
+        self._random_cache: dict[int | None, float | None] = {}
+        self._goal_reward = _goal_reward(self._table())
 
     def _check_spaces(self, env: gym.Env) -> None:
         """Raise EnvConfigError unless actions are Discrete and obs (Tuple-of-)Discrete."""
@@ -142,7 +150,7 @@ class TextEnv(gym.Wrapper, gym.utils.RecordConstructorArgs):
 
         Returns ``(text_obs, reward, terminated, truncated, info)``.
 
-        ``info["success"]`` is True only on a terminating step that reached the goal.
+        ``info["success"]`` is True only on a terminating step that reached the goal (see the class).
         """
         index = self.parse_action(action)
         if index is None:
@@ -154,7 +162,7 @@ class TextEnv(gym.Wrapper, gym.utils.RecordConstructorArgs):
         inner_action = int(self.env.action_space.start) + index
         obs, reward, terminated, truncated, info = self.env.step(inner_action)
         self._remember(obs)
-        success = self._is_success(reward, terminated)
+        success = bool(info["success"]) if "success" in info else self._is_success(reward, terminated)
         info = {**info, "invalid_action": False, "success": success}
         return self._last_text, float(reward), bool(terminated), bool(truncated), info
 
@@ -164,12 +172,19 @@ class TextEnv(gym.Wrapper, gym.utils.RecordConstructorArgs):
         self._last_text = self.render_text(obs)
 
     def _is_success(self, reward: SupportsFloat, terminated: bool) -> bool:
-        """Return True if this terminating step reached the goal."""
+        """Return True if this terminating step reached the goal (judged by its reward)."""
         if not terminated:
             return False
         if self.success_reward is not None:
             return float(reward) >= self.success_reward
+        if self._goal_reward is not None:
+            return float(reward) >= self._goal_reward
         return float(reward) > 0
+
+    def goal_reward(self) -> float | None:
+        """Return the highest reward of any terminating transition in the env's ``P`` table (a goal-reaching
+        step's reward), or None without a table or without terminating transitions."""
+        return self._goal_reward
 
     def optimal_return(
         self, horizon: int | None | Literal["registered"] = "registered"
@@ -188,11 +203,26 @@ class TextEnv(gym.Wrapper, gym.utils.RecordConstructorArgs):
             self._optimal_cache[horizon] = self._plan(horizon)
         return self._optimal_cache[horizon]
 
+    def random_return(
+        self, horizon: int | None | Literal["registered"] = "registered"
+    ) -> float | None:
+        """Return the expected return of the uniformly random policy over ``action_names``, exact by
+        dynamic programming over the ``P`` table, or None without a table or without a time limit.
+
+        ``horizon`` and the start states are those of ``optimal_return``. Cached per horizon.
+        """
+        if horizon == "registered":
+            horizon = self.horizon
+        if horizon not in self._random_cache:
+            table = self._table()
+            self._random_cache[horizon] = None if table is None or horizon is None else plan_random_return(
+                table, len(table), int(self.env.action_space.n), self._initial_distribution(len(table)), horizon)
+        return self._random_cache[horizon]
+
     def tabular_model(self) -> TabularModel | None:
         """Return the env's states as text with its dense transition model, or None without a ``P`` table."""
-        unwrapped = self.env.unwrapped
-        table = getattr(unwrapped, "P", None)
-        if table is None or not isinstance(self.env.observation_space, spaces.Discrete) or self.horizon is None:
+        table = self._table()
+        if table is None or self.horizon is None:
             return None
         n_states, n_actions = len(table), int(self.env.action_space.n)
         continue_probs, expected_reward = dense_model(table, n_states, n_actions)
@@ -209,11 +239,15 @@ class TextEnv(gym.Wrapper, gym.utils.RecordConstructorArgs):
             horizon=self.horizon,
         )
 
+    def _table(self) -> Any:
+        """Return the inner env's transition table ``P``, or None when it has none (or no Discrete states)."""
+        table = getattr(self.env.unwrapped, "P", None)
+        return table if isinstance(self.env.observation_space, spaces.Discrete) else None
+
     def _plan(self, horizon: int | None) -> float | None:
         """Return the planned optimal return for ``horizon`` or None if not plannable."""
-        unwrapped = self.env.unwrapped
-        table = getattr(unwrapped, "P", None)
-        if table is None or not isinstance(self.env.observation_space, spaces.Discrete):
+        table = self._table()
+        if table is None:
             return None
         n_states = len(table)
         initial = self._initial_distribution(n_states)
@@ -250,6 +284,15 @@ class TabularModel:
         returns = policy_values(self.continue_probs, self.expected_reward, policy, self.horizon)
         successes = policy_values(self.continue_probs, self.success, policy, self.horizon)
         return float(self.initial @ returns), float(self.initial @ successes)
+
+
+def _goal_reward(table: Any) -> float | None:
+    """Return the highest reward of a terminating transition in ``table`` (None without one)."""
+    if table is None:
+        return None
+    rewards = [float(r) for actions in table.values() for transitions in actions.values()
+               for _, _, r, done in transitions if done]
+    return max(rewards) if rewards else None
 
 
 def _checked_names(names: Sequence[str], n_actions: int, env_name: str) -> list[str]:

@@ -308,6 +308,7 @@ def test_text_env_info():
     assert text_env_info("colearn/Addition-v0") == {
         "action_names": None,
         "optimal_return": 1.0,
+        "random_return": 0.0,  # no transition table: a random answer is taken as never right
         "max_episode_steps": None,  # no time limit: every answer terminates the episode
         "answer_charset": "0123456789",  # its action space: answers of digits,
         "answer_length": 3,  # at most as many as a sum of two 2-digit numbers has
@@ -453,6 +454,7 @@ def test_generic_wrapper_cliff_walking():
     # CliffWalking has no registered limit, so the default of 100 applies
     assert env.spec.max_episode_steps == 100
     info = text_env_info("colearn/Text-v0", env_id="CliffWalking-v1", action_names=CLIFF_NAMES)
+    assert info.pop("random_return") < -1000  # a random walk falls off the cliff again and again
     assert info == {"action_names": CLIFF_NAMES, "optimal_return": -13.0, "max_episode_steps": 100,
                     "answer_charset": None, "answer_length": None}
 
@@ -523,3 +525,39 @@ def test_tabular_model_scores_policies_exactly():
 def test_frozen_lake_without_position_line_shows_only_the_map():
     obs, _ = make_lake(position_line=False).reset(seed=0)
     assert obs == FROZEN_START.rsplit("\n", 1)[0]
+
+
+def test_reaching_cliff_walkings_goal_is_a_success():
+    """Every step of CliffWalking costs -1, the goal step too: success is reaching the goal (the highest reward
+    of a terminating transition), not a positive reward."""
+    env = gym.make("colearn/Text-v0", env_id="CliffWalking-v1", action_names=CLIFF_NAMES)
+    env.reset(seed=0)
+    assert env.get_wrapper_attr("goal_reward")() == -1.0
+    steps = [env.step(a) for a in ["up", *["right"] * 11, "down"]]
+    assert [s[4]["success"] for s in steps] == [False] * 12 + [True]
+    assert steps[-1][1:3] == (-1.0, True) and sum(s[1] for s in steps) == -13.0
+    # walking into the cliff costs -100 and restarts: no termination, no success
+    env.reset(seed=0)
+    assert env.step("right")[1:5] == (-100.0, False, False, {"prob": 1.0, "invalid_action": False, "success": False})
+
+
+def test_an_inner_envs_success_flag_is_kept():
+    class Flagged(gym.Wrapper):
+        def step(self, action):
+            obs, reward, terminated, truncated, info = self.env.step(action)
+            return obs, reward, terminated, truncated, {**info, "success": True}
+
+    env = TextEnv(Flagged(make_inner("FrozenLake-v1", is_slippery=False)), ["left", "down", "right", "up"])
+    env.reset(seed=0)
+    assert env.step("right")[4]["success"] is True  # not terminated, but the env says so
+
+
+def test_random_return_is_the_uniform_policys_exact_return():
+    for env_id in ["colearn/FrozenLake-v0", "colearn/Taxi-v0"]:
+        model = envs.text_env_model(env_id)
+        n_states, n_actions = model.expected_reward.shape
+        expected, _ = model.score(np.full((n_states, n_actions), 1 / n_actions))
+        assert text_env_info(env_id)["random_return"] == pytest.approx(expected, abs=1e-12)
+    assert text_env_info("colearn/FrozenLake-v0")["random_return"] == pytest.approx(0.01394, abs=1e-5)
+    assert gym.make("colearn/Text-v0", env_id="Blackjack-v1", action_names=["stick", "hit"]).get_wrapper_attr(
+        "random_return")() is None
