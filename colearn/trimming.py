@@ -68,31 +68,34 @@ def kth_largest(magnitudes: Tensor, ks: Sequence[int]) -> list[float]:
 
 
 def _bracket(sample: Tensor, n: int, k: int) -> tuple[float, float]:
-    """Returns (low, high) from a sorted sample of m of n magnitudes: the k-th largest of the n lies in [low, high]
-    but for a chance of ~1e-4 (-inf and inf stand for the sample's ends)."""
+    """Returns (low, high) from a sample of m of n magnitudes: the k-th largest of the n lies in [low, high] but for
+    a chance of ~1e-4 (-inf and inf stand for the sample's ends)."""
     # The k-th largest of n sits near rank (1 - k/n) m among the m samples (0 = smallest); 4 binomial standard
     # deviations either side miss it with probability ~1e-4, and a miss only costs time.
     m = sample.numel()
     p = min(max(k / n, 0.0), 1.0)
     position, margin = (1 - p) * m, 4 * math.sqrt(m * p * (1 - p)) + 4
     low, high = math.floor(position - margin), math.ceil(position + margin)
-    return (float(sample[low]) if low >= 0 else -math.inf), (float(sample[high]) if high < m else math.inf)
+    return (float(sample.kthvalue(low + 1).values) if low >= 0 else -math.inf,
+            float(sample.kthvalue(high + 1).values) if high < m else math.inf)
 
 
-def _count_pass(tv: TaskVectors, brackets: list[list[tuple[float, float]]]) -> tuple[Tensor, list[list[Tensor]]]:
-    """Returns, per task vector i and its bracket j, the number of magnitudes above the bracket (an (N, K) tensor)
-    and the nonzero magnitudes inside it, from one pass over the chunks."""
-    above = torch.zeros(len(brackets), len(brackets[0]), dtype=torch.float64, device=tv.device)  # (N, K)
+def _count_pass(tv: TaskVectors, brackets: list[list[tuple[float, float]]]
+                ) -> tuple[list[list[int]], list[list[Tensor]]]:
+    """Returns, per task vector i and its bracket j, the number of magnitudes above the bracket and the nonzero
+    magnitudes inside it, from one pass over the chunks."""
+    above = [[torch.zeros((), dtype=torch.float64, device=tv.device) for _ in row] for row in brackets]
     inside: list[list[list[Tensor]]] = [[[] for _ in row] for row in brackets]
     for _, _, deltas in tv.chunks():
         for i, delta in enumerate(deltas):
             magnitude = delta.abs_()  # (c,)
             for j, (low, high) in enumerate(brackets[i]):
                 over = shrink(magnitude, high)  # |x| where |x| > high, else 0
-                window = shrink(magnitude - over, trim_level(low, tv.dtype))  # |x| in [low, high], else 0
-                above[i, j] += over.sign_().sum()
+                below = magnitude.sub_(over) if j == len(brackets[i]) - 1 else magnitude - over  # |x| <= high, or 0
+                window = shrink(below, trim_level(low, tv.dtype))  # |x| in [low, high], else 0
+                above[i][j] += over.sign_().sum()
                 inside[i][j].append(window[window != 0])
-    return above, [[torch.cat(found) for found in row] for row in inside]
+    return [[int(count) for count in row] for row in above], [[torch.cat(found) for found in row] for row in inside]
 
 
 def magnitude_thresholds(tv: TaskVectors, ks: Sequence[int]) -> list[list[float]]:
@@ -104,12 +107,12 @@ def magnitude_thresholds(tv: TaskVectors, ks: Sequence[int]) -> list[list[float]
     m = min(_SAMPLE, max(n // 256, 4096))
     if n <= 4 * m:
         return [kth_largest(tv.whole(i).abs_(), ks) for i in range(count)]
-    samples = [d.abs_().sort().values for d in tv.at(stratified_sample(n, m, tv.device))[1]]  # N x (m,)
+    samples = [d.abs_() for d in tv.at(stratified_sample(n, m, tv.device))[1]]  # N x (m,)
     brackets = [[_bracket(sample, n, k) for k in ks] for sample in samples]
     above, inside = _count_pass(tv, brackets)
     out = []
     for i in range(count):
-        row = [_ranked(k, int(above[i, j]), inside[i][j], brackets[i][j][0]) for j, k in enumerate(ks)]
+        row = [_ranked(k, above[i][j], inside[i][j], brackets[i][j][0]) for j, k in enumerate(ks)]
         out.append(kth_largest(tv.whole(i).abs_(), ks) if None in row else row)
     return out
 

@@ -334,7 +334,7 @@ def test_count_pass_counts_above_and_collects_inside_each_bracket(dtype):
         magnitude = (partner - base).abs()
         for j, (low, high) in enumerate(brackets[i]):
             expected = magnitude[(magnitude >= low) & (magnitude <= high) & (magnitude != 0)]
-            assert int(above[i, j]) == int((magnitude > high).sum())
+            assert above[i][j] == int((magnitude > high).sum())
             assert torch.equal(inside[i][j].sort().values, expected.sort().values)
     assert inside[0][0].numel() > 0 and inside[2][1].numel() == 0
 
