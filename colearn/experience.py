@@ -11,6 +11,8 @@ import datasets
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from colearn.errors import ColearnError
+
 FEATURES = datasets.Features(
     {
         "run_id": datasets.Value("string"),
@@ -103,6 +105,19 @@ class ExperienceStore:
             term = pc.equal(table[column], value)
             mask = term if mask is None else pc.and_(mask, term)
         return (table.filter(mask) if mask is not None else table).to_pylist()
+
+
+def load(run_dir: str | Path) -> datasets.Dataset:
+    """Returns every step record of a run (RUN_DIR/experience: each shard of each partner and round, in the order
+    they were written) as one memory-mapped `datasets.Dataset` with the columns of FEATURES."""
+    root = Path(run_dir) / "experience"
+    if not root.is_dir():
+        raise ColearnError(f"{str(run_dir)!r} has no experience/ directory; is it a colearn run directory?")
+    shards = [datasets.load_from_disk(str(d)) for d in sorted(root.glob("shard_*"))
+              if d.is_dir() and not d.name.endswith(".tmp")]
+    if not shards:
+        return datasets.Dataset.from_dict({k: [] for k in FEATURES}, features=FEATURES)
+    return datasets.concatenate_datasets(shards)
 
 
 def _may_match(shard: datasets.Dataset, partner: str | None, generation: int | None, round: int | None) -> bool:

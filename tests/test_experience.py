@@ -1,4 +1,5 @@
-"""Tests of colearn.experience.ExperienceStore: append-only shards, reload, select, crash leftovers, truncate."""
+"""Tests of colearn.experience.ExperienceStore: append-only shards, reload, select, crash leftovers, truncate;
+and of experience.load, a whole run's records in one Dataset."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ import shutil
 
 import pytest
 
+from colearn import experience
+from colearn.errors import ColearnError
 from colearn.experience import FEATURES, ExperienceStore
 
 
@@ -158,3 +161,22 @@ def test_truncate_to_zero(filled, tmp_path):
     filled.truncate(0)
     assert len(filled) == 0 and filled.select() == []
     assert not list((tmp_path / "exp").iterdir())
+
+
+def test_load_returns_every_row_of_a_run_in_one_dataset(tmp_path):
+    store = ExperienceStore(tmp_path / "experience")
+    for shard in (shard_a(), shard_b(), shard_c()):
+        store.append(shard)
+    shutil.copytree(tmp_path / "experience" / "shard_000000", tmp_path / "experience" / "shard_000003.tmp")
+    rows = experience.load(tmp_path)
+    assert rows.features == FEATURES and len(rows) == 16  # both partners, every round, not the leftover
+    assert rows.to_list() == strip(shard_a() + shard_b() + shard_c())
+    assert rows.filter(lambda r: r["partner"] == "B").num_rows == 6
+
+
+def test_load_of_a_run_without_experience(tmp_path):
+    (tmp_path / "experience").mkdir()
+    empty = experience.load(tmp_path)
+    assert len(empty) == 0 and empty.features == FEATURES
+    with pytest.raises(ColearnError, match="no experience/ directory"):
+        experience.load(tmp_path / "nowhere")
