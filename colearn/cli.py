@@ -30,13 +30,20 @@ def to_config(dcfg) -> "Config":  # noqa: F821 - imported lazily so `colearn --h
 
 
 def validate(cfg) -> None:
-    """Raises ColearnError for any input the run would otherwise trip over later: env ids, model dir."""
+    """Raises ColearnError for any input the run would otherwise trip over later: env ids, model dir, and the
+    merge recipe for this many partners (merge.weights, merge.params and merge.groups, which the first merge
+    would check only after a generation)."""
+    from colearn.evolve import start_recipe
     from colearn.models import load_pretrained, resolve_device
+    from colearn.offspring import merge_recipe
     from colearn.rollout import acting_mode
 
     resolve_device(cfg.device)
     for spec in cfg.env.suite:
         acting_mode(spec, cfg.rollout.mode)
+    n_partners = len(cfg.env.partners)
+    if cfg.merge.method != "none" and n_partners > 1:
+        (start_recipe if cfg.merge.method == "evolve" else merge_recipe)(cfg.merge, n_partners)
     if cfg.model.source != "tiny":
         load_pretrained(cfg.model.source, cfg.model.dtype)
 

@@ -141,6 +141,11 @@ REJECTED = [
     pytest.param(["env=addition", "rollout.max_new_tokens=0"], "rollout.max_new_tokens", id="zero_new_tokens"),
     pytest.param(["model.hidden_size=32", "model.num_heads=3"], "model.num_heads", id="heads_do_not_divide"),
     pytest.param(["rollout.gamma=-3"], "rollout.gamma", id="negative_gamma"),
+    pytest.param(["merge.weights=[1.0,1.0,1.0]"], "merge.weights", id="a_weight_per_partner"),
+    pytest.param(["merge=ties", "+merge.params.gama=0.1"], "merge.params.gama", id="unknown_merge_param"),
+    pytest.param(["merge=evolve", "merge.base_method=slerp", "+merge.params.epsilon=0.1"], "merge.params.epsilon",
+                 id="unknown_param_of_the_searched_operator"),
+    pytest.param(["+merge.groups={block*: {densty: 0.5}}"], "densty", id="unknown_group_override"),
     pytest.param(["device=cuda"], "device", id="cuda_missing",
                  marks=pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is present")),
 ]
