@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 import sys
 from collections.abc import Iterator
@@ -152,6 +153,7 @@ def hydra_entry() -> None:
     from colearn.config import register_configs
 
     refuse_occupied_run_dir(sys.argv[1:])
+    sys.argv[1:] = name_sweep_runs_by_swept_keys(sys.argv[1:])
     register_configs()
     wants_traces = os.environ.get("HYDRA_FULL_ERROR") == "1"
     os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra raises its errors instead of printing them in many lines
@@ -175,6 +177,60 @@ def hydra_error_line(error: Exception) -> str:
     first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
     cause = str(error.__cause__).strip().splitlines() if error.__cause__ is not None else []
     return f"{first.rstrip('.')}: {cause[0]}" if cause else first
+
+
+MULTIRUN_FLAGS = ("-m", "--multirun", "hydra.mode=MULTIRUN")
+SWEEP_SUBDIR_LENGTH = 80  # characters of a run's subdirectory name, at most
+
+
+def name_sweep_runs_by_swept_keys(argv: list[str]) -> list[str]:
+    """Returns `argv`, in a multirun that fixes some overrides (`colearn -m seed=0,1 loop.generations=1`) with
+    `hydra.job.config.override_dirname.exclude_keys` set to their keys, so each run's subdirectory names only
+    what the sweep varies (`sweep_subdir`); `argv` as it is otherwise, or when it sets exclude_keys itself.
+    Hydra hands this override to every job, whichever launcher runs it (joblib's in other processes too)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import OverrideParseException
+
+    if not any(a in MULTIRUN_FLAGS for a in argv) or any("override_dirname.exclude_keys" in a for a in argv):
+        return argv
+    parser = OverridesParser.create()
+    fixed = []
+    for arg in argv:
+        if arg.startswith("-") or "=" not in arg:
+            continue
+        try:
+            (override,) = parser.parse_overrides([arg])
+        except OverrideParseException:
+            continue  # Hydra reports it when it parses the command line itself
+        if not override.is_sweep_override() and not override.is_hydra_override():
+            fixed.append(override.key_or_group)
+    if not fixed:
+        return argv
+    keys = ",".join(f"'{key}'" for key in dict.fromkeys(fixed))
+    return [*argv, f"hydra.job.config.override_dirname.exclude_keys=[{keys}]"]
+
+
+def sweep_subdir(num: int, override_dirname: str) -> str:
+    """Returns a multirun job's subdirectory name (conf/config.yaml's hydra.sweep.subdir): its number, then
+    Hydra's override_dirname (`key-value` of each swept override, joined by `_`), shell-safe: brackets, braces
+    and quotes dropped, any other run of characters but letters, digits and `._+-` made one `-`, at most
+    SWEEP_SUBDIR_LENGTH characters. `3_experiment-independent_seed-1`, `1_integrate.modes-route-ensemble`.
+    Only a person reads it: `colearn compare` takes each run's overrides from its .hydra/overrides.yaml."""
+    kept = re.sub(r"[\[\]{}()'\"]", "", str(override_dirname))
+    safe = re.sub(r"[^A-Za-z0-9._+-]+", "-", kept)
+    return f"{num}_{safe}"[:SWEEP_SUBDIR_LENGTH].rstrip("_-.") if safe else str(num)
+
+
+def register_resolvers() -> None:
+    """Registers the OmegaConf resolver conf/config.yaml names: `colearn_sweep_subdir` (`sweep_subdir`)."""
+    from omegaconf import OmegaConf
+
+    OmegaConf.register_new_resolver("colearn_sweep_subdir", sweep_subdir, replace=True)
+
+
+# at import: a launcher's worker process (joblib) resolves the run's subdirectory before it calls the task, and
+# it imports this module to unpickle the task, never calling hydra_entry
+register_resolvers()
 
 
 # subcommand -> "module:function" taking the remaining argv; imported only when used
