@@ -47,7 +47,8 @@ from colearn.trimming import ChunkMerge, Levels, magnitude_thresholds, shrink, s
 
 _COLINEAR_COS = 0.9995  # above this |cos| slerp's sin(omega) ~ 0 (as in mergekit)
 _SIGN_METHODS = ("total", "frequency")
-_SORT_PART = 1 << 21  # DELLA sorts a tensor's magnitudes in value ranges of about this many elements
+_SORT_PART = 1 << 22  # DELLA sorts a tensor's magnitudes in value ranges of about this many elements
+_BITS = {torch.float32: torch.int32, torch.float64: torch.int64}  # magnitudes' bits sort like their values
 
 
 class MergeError(ColearnError, ValueError):
@@ -90,16 +91,20 @@ def _keep_probabilities(magnitudes: Tensor, density: float, epsilon: float) -> T
 
 
 def ascending_order(x: Tensor) -> Iterator[Tensor]:
-    """Yields the positions of a 1-D tensor in stable ascending order (NaN last), in parts.
+    """Yields the positions of a 1-D tensor of magnitudes (>= 0, or NaN) in stable ascending order (NaN last), in
+    parts.
 
-    The values are cut at quantiles of a sample into ranges of about `_SORT_PART` elements,
-    each gathered and sorted on its own: a sort's indices and buffers take several times its
-    input, so a part's sort is all the extra memory at any time.
+    float32 and float64 magnitudes are sorted by their bits as integers, which order like
+    the values and sort ~4x faster on the CPU.  The values are cut at quantiles of a sample
+    into ranges of about `_SORT_PART` elements, each gathered and sorted on its own: a sort's
+    indices and buffers take several times its input, so a part's sort is all the extra
+    memory at any time.
     """
     n = x.numel()
+    keys = x.view(_BITS[x.dtype]) if x.dtype in _BITS else x
     parts = -(-n // _SORT_PART)
     if parts <= 1:
-        yield x.argsort(stable=True)
+        yield keys.argsort(stable=True)
         return
     sample = x.index_select(0, stratified_sample(n, 64 * parts, x.device)).sort().values  # (64 parts,)
     cuts = sample[64::64].tolist()  # parts - 1 ascending values
@@ -108,7 +113,7 @@ def ascending_order(x: Tensor) -> Iterator[Tensor]:
             continue  # an empty range: the values equal to a repeated cut go to the next range that starts there
         inside = x < high if low is None else ~(x < low) if high is None else (x >= low) & (x < high)
         positions = inside.nonzero().squeeze(1)  # ascending, so equal values keep their order
-        yield positions[x.index_select(0, positions).argsort(stable=True)]
+        yield positions[keys.index_select(0, positions).argsort(stable=True)]
 
 
 # --------------------------------------------------------------------------- chunk helpers
