@@ -19,9 +19,9 @@ How `weights` act depends on the method, as in the papers and in peft:
 So weights ``[0.5, 0.5]`` average two partners under the first two conventions,
 while the sign-elected methods need ``[1, 1]`` for the same step size.
 
-peft's `merge_utils` is the reference: DARE is peft's own functions applied to each chunk,
-and the other operators compute what peft's functions compute (tests compare them on random
-tensors) in fewer passes, because a merge should cost little more than reading its inputs.
+peft's `merge_utils` is the reference: the operators compute what peft's functions compute
+(tests compare them on random tensors; DARE draws its masks as peft does, chunk by chunk) in
+fewer passes, because a merge should cost little more than reading its inputs.
 Magnitude trimming (TIES, magnitude_prune, breadcrumbs) keeps the elements at or above an
 exact k-th largest magnitude (`colearn.trimming`) instead of peft's whole-tensor `topk`: the
 same set wherever magnitudes don't tie at the threshold.  A `ChunkMerge` may overwrite the
@@ -32,13 +32,11 @@ from __future__ import annotations
 
 import inspect
 import math
-import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
-from peft.utils import merge_utils
 from torch import Tensor
 
 from colearn.errors import ColearnError
@@ -119,12 +117,13 @@ def ascending_order(x: Tensor) -> Iterator[Tensor]:
 # --------------------------------------------------------------------------- chunk helpers
 
 
-@contextmanager
-def _full_density_is_fine() -> Iterator[None]:
-    # peft warns on every call when density >= 1; here that is a legitimate "no pruning" setting.
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=r"The density .* no pruning")
-        yield
+def _dropped(deltas: list[Tensor], density: float) -> list[Tensor]:
+    """Returns DARE's drop and rescale of each chunk, in place (Yu et al. 2024): each element is kept with probability
+    `density` and divided by it; density >= 1 keeps every element.  The masks are drawn from the global RNG, one
+    chunk after another in order, as peft's random_pruning draws them."""
+    if density >= 1:
+        return deltas
+    return [d.mul_(torch.bernoulli(torch.full_like(d, density))).div_(density) for d in deltas]
 
 
 def _normalized(weights: Tensor, method: str) -> Tensor:
@@ -259,24 +258,17 @@ def magnitude_prune(tv: TaskVectors, weights: Tensor, density: float) -> Plan:
 
 
 def dare_linear(tv: TaskVectors, weights: Tensor, density: float) -> ChunkMerge:
-    """DARE (Yu et al. 2024): drop at rate 1-density, rescale by 1/density, weighted sum (peft)."""
-
-    def merge(where: slice, deltas: list[Tensor]) -> Tensor:
-        with _full_density_is_fine():
-            return merge_utils.dare_linear(deltas, weights, density)
-
-    return merge
+    """DARE (Yu et al. 2024): drop at rate 1-density, rescale by 1/density, weighted sum (peft's dare_linear)."""
+    weighted_sum = _weighted_sum(weights.tolist())
+    return lambda where, deltas: weighted_sum(where, _dropped(deltas, density))
 
 
 def dare_ties(tv: TaskVectors, weights: Tensor, density: float, majority_sign_method: str = "total") -> ChunkMerge:
-    """DARE-TIES (Yu et al. 2024): DARE's random drop and rescale, then TIES sign election (peft)."""
+    """DARE-TIES (Yu et al. 2024): DARE's random drop and rescale, then TIES sign election on the unweighted task
+    vectors and the disjoint mean (peft's dare_ties)."""
     _check_sign_method(majority_sign_method)
-
-    def merge(where: slice, deltas: list[Tensor]) -> Tensor:
-        with _full_density_is_fine():
-            return merge_utils.dare_ties(deltas, weights, density, majority_sign_method)
-
-    return merge
+    w = weights.tolist()
+    return lambda where, deltas: _sign_elected_mean(_dropped(deltas, density), w, majority_sign_method)
 
 
 def della(
@@ -395,7 +387,7 @@ def method_params(name: str) -> list[str]:
 
 @contextmanager
 def seeded_rng(seed: int, device: torch.device) -> Iterator[None]:
-    """Seeds the global RNG that peft's and DELLA's random drops draw from, restoring the caller's RNG afterwards."""
+    """Seeds the global RNG that DARE's and DELLA's random drops draw from, restoring the caller's RNG afterwards."""
     devices = [device] if device.type == "cuda" else []  # the CPU state is always saved and restored
     with torch.random.fork_rng(devices=devices):
         # Only the generators in use: torch.manual_seed also queues seeding every other accelerator type, which

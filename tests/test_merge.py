@@ -140,6 +140,21 @@ def test_dare_is_unbiased_and_reproducible():
     assert torch.equal(dare_ties([a, b], weights, 0.3, 7), dare_ties([a, b], weights, 0.3, 7))
 
 
+def test_dare_draws_what_peft_draws_from_the_same_seed():
+    from peft.utils import merge_utils
+
+    generator = torch.Generator().manual_seed(1)
+    deltas = [torch.randn(3000, generator=generator) for _ in range(3)]
+    weights = w(0.7, -0.5, 1.2)
+    for method in ("total", "frequency"):
+        torch.manual_seed(5)
+        want = merge_utils.dare_ties([d.clone() for d in deltas], weights, 0.4, method)
+        assert torch.allclose(op("dare_ties")(deltas, weights, 0.4, 5, majority_sign_method=method), want, atol=1e-6)
+    torch.manual_seed(5)
+    want = merge_utils.dare_linear([d.clone() for d in deltas], weights, 0.4)
+    assert torch.allclose(op("dare_linear")(deltas, weights, 0.4, 5), want, atol=1e-6)
+
+
 def test_slerp_endpoints_midpoint_and_fallbacks():
     slerp, linear = op("slerp"), op("linear")
     a, b = t(1, 0), t(0, 1)
