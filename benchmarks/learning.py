@@ -67,10 +67,9 @@ def worker(run_dir: Path, preset: str, seed: int, overrides: list[str]) -> None:
     from omegaconf import OmegaConf
 
     from colearn import cli, loop
-    from colearn.config import register_configs
 
     cli.quiet_libraries()
-    register_configs()
+    cli.register_configs()
     with hydra.initialize_config_dir(config_dir=cli.CONF_DIR, version_base=None):
         dcfg = compose("config", overrides=overrides)
     run_dir.mkdir(parents=True, exist_ok=True)

@@ -16,6 +16,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
 
+from colearn.errors import ColearnError
+
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 
 
@@ -90,6 +92,13 @@ def logs_above_bars() -> Iterator[None]:
             root.removeHandler(console)
 
 
+def is_user_error(error: BaseException) -> bool:
+    """Returns whether `error` is the user's to fix: a ColearnError, or an EnvConfigError of the envs package (looked
+    up only where that package is loaded: no other code raises it, and a command without envs need not import it)."""
+    env_errors = sys.modules.get("envs.errors")
+    return isinstance(error, ColearnError) or (env_errors is not None and isinstance(error, env_errors.EnvConfigError))
+
+
 class user_errors:
     """Turns a ColearnError into one line on stderr and exit code 2; a run dir the run never got to
     write into (only Hydra's own files) is removed, so nothing half-written stays behind."""
@@ -101,10 +110,7 @@ class user_errors:
         return None
 
     def __exit__(self, kind, error, tb) -> bool:
-        from colearn.errors import ColearnError
-        from envs.errors import EnvConfigError
-
-        if error is None or not isinstance(error, (ColearnError, EnvConfigError)):
+        if error is None or not is_user_error(error):
             return False
         print(f"colearn: error: {error}", file=sys.stderr)
         if self.run_dir is not None and self.run_dir.is_dir():
@@ -146,11 +152,19 @@ def refuse_occupied_run_dir(argv: list[str]) -> None:
             sys.exit(2)
 
 
+def register_configs() -> None:
+    """Registers the schema (colearn.config.Config) so Hydra type-checks conf/ YAML against it."""
+    from hydra.core.config_store import ConfigStore
+
+    from colearn.config import Config
+
+    # conf/config.yaml lists it first: every group's YAML is checked against it
+    ConfigStore.instance().store(name="schema", node=Config)
+
+
 def hydra_entry() -> None:
     import hydra
     from hydra.errors import CompactHydraException
-
-    from colearn.config import register_configs
 
     refuse_occupied_run_dir(sys.argv[1:])
     sys.argv[1:] = name_sweep_runs_by_swept_keys(sys.argv[1:])
@@ -241,6 +255,8 @@ SUBCOMMANDS: dict[str, str] = {
     "resume": "colearn.resume:main",
     "export": "colearn.export:main",
 }
+# subcommands that never load the training stack (transformers, datasets): `quiet_libraries` would import it
+LIGHT_SUBCOMMANDS = frozenset({"merge"})
 
 
 def subcommand(name: str) -> Callable[[list[str]], None]:
@@ -254,10 +270,12 @@ def subcommand(name: str) -> Callable[[list[str]], None]:
 def main() -> None:
     """Entry point of the `colearn` console script."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    quiet_libraries()
-    if len(sys.argv) > 1 and sys.argv[1] in SUBCOMMANDS:
+    name = sys.argv[1] if len(sys.argv) > 1 else None
+    if name not in LIGHT_SUBCOMMANDS:
+        quiet_libraries()
+    if name in SUBCOMMANDS:
         with user_errors():
-            subcommand(sys.argv[1])(sys.argv[2:])
+            subcommand(name)(sys.argv[2:])
         return
     hydra_entry()
 

@@ -1,4 +1,4 @@
-"""The config schema: dataclasses registered in Hydra's ConfigStore; values live in conf/ YAML.
+"""The config schema: dataclasses (registered in Hydra's ConfigStore by `colearn.cli`); values live in conf/ YAML.
 
 Every field is documented once, here, where it is declared.
 """
@@ -10,8 +10,6 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
-
-from hydra.core.config_store import ConfigStore
 
 from colearn.errors import ColearnError
 
@@ -305,9 +303,3 @@ class Config:
             raise ColearnError(f"device: {self.device!r} is not one of {', '.join(DEVICES)}")
         if self.threads < 0:
             raise ColearnError(f"threads={self.threads} must be >= 0 (0: torch's default, one per core)")
-
-
-def register_configs() -> None:
-    """Registers the schema so Hydra type-checks conf/ YAML against it."""
-    cs = ConfigStore.instance()
-    cs.store(name="schema", node=Config)  # conf/config.yaml lists it first: every group's YAML is checked against it

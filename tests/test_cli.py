@@ -113,8 +113,7 @@ def test_type_mismatch_names_the_field(cli_runs):
 def checked_config(overrides: list[str]):
     from hydra import compose, initialize_config_dir
 
-    from colearn.cli import CONF_DIR, to_config, validate
-    from colearn.config import register_configs
+    from colearn.cli import CONF_DIR, register_configs, to_config, validate
 
     register_configs()
     with initialize_config_dir(config_dir=CONF_DIR, version_base=None):

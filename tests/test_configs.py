@@ -11,8 +11,8 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from colearn import config, loop
-from colearn.cli import CONF_DIR, to_config, validate
-from colearn.config import MergeConfig, register_configs
+from colearn.cli import CONF_DIR, register_configs, to_config, validate
+from colearn.config import MergeConfig
 from colearn.errors import ColearnError
 from colearn.experience import ExperienceStore
 
