@@ -2,6 +2,7 @@
 
     colearn merge --base ANCESTOR --recipe recipe.yaml --out OUT A B [C ...]
     colearn merge --base ANCESTOR --recipe recipe.yaml --out OUT --search --env colearn/FrozenLake-v0 A B
+    colearn merge --recipe mergekit.yml --out OUT
 
 Checkpoints are Hugging Face directories with safetensors weights (one file, or shards listed
 in model.safetensors.index.json, sharded alike).  Tensors stream through
@@ -13,6 +14,8 @@ changes are merged, and OUT is the base model with the merge folded in, or (reci
 fields (method, weights, density, to_ancestor, params, groups, seed, lora_offspring, ...) and
 optionally `base`, the ancestor directory.  OUT/merge_recipe.yaml records what was done;
 --search also writes OUT.recipe.yaml (the recipe found) and OUT.search.png (its search curve).
+A mergekit YAML (`merge_method`, `base_model`, `models`, ...; `colearn.mergekit_recipe`) names
+its own models and merges them with mergekit's semantics; OUT/mergekit_config.yml is a copy.
 """
 
 from __future__ import annotations
@@ -24,23 +27,32 @@ import os
 import shutil
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+import torch
+import yaml
+from safetensors import safe_open
+from safetensors.torch import load_file
+from tokenizers import Tokenizer
+
+from colearn.adapters import AdapterInputs, base_model_dir, folded_states, is_adapter, write_adapter, write_folded
+from colearn.adapters import read_inputs as read_adapters
 from colearn.config import MergeConfig
 from colearn.errors import ColearnError
-
-if TYPE_CHECKING:
-    from colearn.adapters import AdapterInputs
-    from colearn.merge import Recipe
+from colearn.merge import Recipe
+from colearn.mergekit_recipe import MergekitRecipe, is_mergekit, merged_tensor, parse_recipe
+from colearn.operators import METHODS
+from colearn.streaming import atomic_file, merge_safetensors_files, outputs, read_layout, retyped, write_like
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
 # Files of a checkpoint that are weights or training state, not copied from the base.
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf")
-_SKIPPED = {"pytorch_model.bin.index.json", "merge_recipe.yaml"}
+MERGEKIT_COPY = "mergekit_config.yml"  # a mergekit recipe's copy in OUT, named as mergekit names it
+_SKIPPED = {"pytorch_model.bin.index.json", "merge_recipe.yaml", MERGEKIT_COPY}
 _TOKENIZER_FILES = {"tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                     "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja"}
 _RECORD_KEYS = ("partners", "search", "lora")  # written into recipes for provenance, ignored when read back
@@ -67,16 +79,18 @@ class Inputs:
         """Returns the ancestor's and the partners' full weights in memory (for --search)."""
         if self.adapters is None:
             return read_state(self.model), [read_state(p) for p in self.full]
-        from colearn.adapters import folded_states
-
         return folded_states(self.adapters, read_state(self.model))
 
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="colearn merge", description=__doc__.split("\n\n")[0])
-    p.add_argument("partners", nargs="+", metavar="CHECKPOINT", help="partner checkpoint directories (>= 2)")
+    p.add_argument("partners", nargs="*", metavar="CHECKPOINT", help="partner checkpoint directories (>= 2; none "
+                                                                     "with a mergekit recipe, which names its models)")
     p.add_argument("--base", help="the common ancestor's directory (default: the recipe's `base`)")
-    p.add_argument("--recipe", required=True, help="recipe YAML: MergeConfig fields and optionally base")
+    p.add_argument("--recipe", required=True, help="recipe YAML: MergeConfig fields and optionally base, or a "
+                                                    "mergekit YAML (merge_method, base_model, models, ...)")
+    p.add_argument("--seed", type=int, help="seed of the random operators' draws (default: the recipe's seed; 0 for "
+                                            "a mergekit recipe)")
     p.add_argument("--out", required=True, help="output directory (must not exist or be empty)")
     p.add_argument("--search", action="store_true", help="search per-layer-group weights/densities with CMA-ES")
     p.add_argument("--env", action="append", default=[], metavar="ID", help="with --search: env id to score on")
@@ -90,7 +104,13 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str]) -> None:
     """Runs `colearn merge`; user mistakes raise ColearnError (printed by the CLI as one line)."""
     args = parser().parse_args(argv)
-    cfg, recipe_base = load_recipe(Path(args.recipe))
+    data = read_recipe(Path(args.recipe))
+    if is_mergekit(data):
+        merge_by_mergekit_recipe(data, args)
+        return
+    cfg, recipe_base = colearn_recipe(data, Path(args.recipe))
+    if args.seed is not None:
+        cfg = dataclasses.replace(cfg, seed=args.seed)
     base_dir = args.base or recipe_base
     if base_dir is None:
         raise ColearnError("no ancestor given: pass --base DIR or put `base: DIR` in the recipe")
@@ -112,13 +132,70 @@ def main(argv: list[str]) -> None:
     print(f"wrote {out} ({cfg.method}, {len(inputs.model.shapes)} tensors, {time.perf_counter() - started:.1f}s)")
 
 
+def merge_by_mergekit_recipe(data: dict[str, Any], args: argparse.Namespace) -> None:
+    """Merges the models a mergekit recipe names into --out, with mergekit's semantics (`colearn.mergekit_recipe`);
+    the output takes the reference model's (base_model's, else models[0]'s) config, tokenizer and layout."""
+    for flag, given in (("CHECKPOINT arguments", args.partners), ("--base", args.base), ("--search", args.search),
+                        ("--rank", args.rank is not None)):
+        if given:
+            raise ColearnError(f"{flag} do not go with a mergekit recipe, which names its models (base_model, "
+                               "models[].model); drop them or write a colearn recipe (method: ...)")
+    recipe = parse_recipe(data)
+    out = Path(args.out)
+    check_output(out)
+    for path in recipe.inputs:
+        if path.is_dir() and is_adapter(path):
+            raise ColearnError(f"mergekit recipe model {str(path)!r} is a LoRA adapter; merge adapters with a "
+                               "colearn recipe")
+    reference = read_checkpoint(recipe.reference, "mergekit recipe")
+    check_architectures(reference, [read_checkpoint(p, "mergekit recipe") for p in recipe.inputs[1:]])
+    check_tokenizers(recipe.reference, recipe.inputs[1:])
+    started = time.perf_counter()
+    with staged(out) as tmp:
+        copy_side_files(reference.path, tmp)
+        write_mergekit_weights(recipe, reference, tmp, 0 if args.seed is None else args.seed)
+        if recipe.output_dtype is not None:
+            retype_side_files(tmp, recipe.output_dtype)
+        shutil.copy2(args.recipe, tmp / MERGEKIT_COPY)
+    print(f"wrote {out} (mergekit {recipe.method}, {len(reference.shapes)} tensors, "
+          f"{time.perf_counter() - started:.1f}s)")
+
+
+def write_mergekit_weights(recipe: MergekitRecipe, reference: Checkpoint, tmp: Path, seed: int) -> None:
+    """Writes the merged weights into `tmp` file by file, with the reference's layout (floating tensors retyped to
+    the recipe's output dtype)."""
+
+    def compute(key: str, first: Any, rest: list[Any], out: Any = None, planned: Any = None) -> Any:
+        return merged_tensor(key, [first, *rest], recipe, seed)
+
+    for file in reference.files:
+        layout = read_layout(reference.path / file)
+        with ExitStack() as stack:
+            handles = [stack.enter_context(safe_open(os.fspath(p / file), framework="pt")) for p in recipe.inputs]
+            with atomic_file(tmp / file) as f:
+                write_like(retyped(layout, recipe.output_dtype), outputs(layout, handles[0], handles[1:], compute), f)
+
+
+def retype_side_files(tmp: Path, dtype: torch.dtype) -> None:
+    """Sets config.json's dtype to `dtype` (as mergekit does) and the shard index's total size to the files'."""
+    config = json.loads((tmp / "config.json").read_text(encoding="utf-8"))
+    name = str(dtype).removeprefix("torch.")
+    for key in [k for k in ("torch_dtype", "dtype") if k in config] or ["torch_dtype"]:
+        config[key] = name
+    (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    if (tmp / INDEX).is_file():
+        index = json.loads((tmp / INDEX).read_text(encoding="utf-8"))
+        total = sum(max((span[1] for span in read_layout(tmp / f).spans.values()), default=0)
+                    for f in set(index["weight_map"].values()))
+        index.setdefault("metadata", {})["total_size"] = total
+        (tmp / INDEX).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+
+
 # --------------------------------------------------------------------------- inputs
 
 
-def load_recipe(path: Path) -> tuple[MergeConfig, str | None]:
-    """Returns the recipe's MergeConfig and its `base` (None when absent); unknown keys are errors."""
-    import yaml
-
+def read_recipe(path: Path) -> dict[str, Any]:
+    """Returns the recipe file's mapping (a colearn or a mergekit recipe)."""
     if not path.is_file():
         raise ColearnError(f"--recipe {str(path)!r} is not a file")
     try:
@@ -126,7 +203,18 @@ def load_recipe(path: Path) -> tuple[MergeConfig, str | None]:
     except yaml.YAMLError as e:
         raise ColearnError(f"--recipe {str(path)!r} is not valid YAML: {' '.join(str(e).split())}") from e
     if not isinstance(data, dict):
-        raise ColearnError(f"--recipe {str(path)!r} must be a mapping of MergeConfig fields")
+        raise ColearnError(f"--recipe {str(path)!r} must be a mapping of MergeConfig fields or a mergekit recipe")
+    return data
+
+
+def load_recipe(path: Path) -> tuple[MergeConfig, str | None]:
+    """Returns the colearn recipe's MergeConfig and its `base` (None when absent); unknown keys are errors."""
+    return colearn_recipe(read_recipe(path), path)
+
+
+def colearn_recipe(data: dict[str, Any], path: Path) -> tuple[MergeConfig, str | None]:
+    """Returns the MergeConfig and the `base` (None when absent) of a colearn recipe's mapping."""
+    data = dict(data)
     known = [f.name for f in dataclasses.fields(MergeConfig)]
     for key in data:
         if key not in known and key not in ("base", *_RECORD_KEYS):
@@ -144,8 +232,6 @@ def load_recipe(path: Path) -> tuple[MergeConfig, str | None]:
 
 def check_method(cfg: MergeConfig) -> None:
     """Raises ColearnError when the recipe's method (or evolve's base_method) is not a merge operator."""
-    from colearn.operators import METHODS
-
     field, name = ("base_method", cfg.base_method) if cfg.method == "evolve" else ("method", cfg.method)
     if name not in METHODS:
         known = sorted(METHODS) + (["evolve"] if field == "method" else [])
@@ -155,8 +241,6 @@ def check_method(cfg: MergeConfig) -> None:
 def checked_recipe(cfg: MergeConfig, n_partners: int) -> Recipe:
     """Returns the recipe of the operator to run (merge.base_method for evolve), with equal weights when none are
     given, checked against n partners."""
-    from colearn.merge import Recipe
-
     method = cfg.base_method if cfg.method == "evolve" else cfg.method
     return Recipe.from_config(cfg, n_partners, method=method).check(n_partners)
 
@@ -164,8 +248,6 @@ def checked_recipe(cfg: MergeConfig, n_partners: int) -> Recipe:
 def read_inputs(base: Path, partners: list[Path]) -> Inputs:
     """Returns the checked inputs: full checkpoints of one architecture and vocabulary, or LoRA adapters on one base
     model."""
-    from colearn.adapters import base_model_dir, is_adapter, read_inputs as read_adapters
-
     for path, role in [(base, "--base"), *((p, "partner") for p in partners)]:
         if not path.is_dir():
             raise ColearnError(f"{role} checkpoint {str(path)!r} is not a directory")
@@ -187,8 +269,6 @@ def check_output(out: Path) -> None:
 
 def read_checkpoint(path: Path, role: str) -> Checkpoint:
     """Returns the layout of a safetensors checkpoint directory, read from headers and the shard index."""
-    from safetensors import safe_open
-
     if not path.is_dir():
         raise ColearnError(f"{role} checkpoint {str(path)!r} is not a directory")
     if not (path / "config.json").is_file():
@@ -260,10 +340,20 @@ def check_tokenizers(base: Path, partners: list[Path]) -> None:
 
 
 def _vocab(path: Path) -> dict[int, str] | None:
-    """Returns {token id: token} of the directory's tokenizer, or None when it has no tokenizer files."""
-    if not any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+    """Returns {token id: token} of the directory's tokenizer, or None when it has no tokenizer files.
+
+    A tokenizer.json is read with `tokenizers` (its vocabulary with the added tokens, as a
+    fast tokenizer's get_vocab has it); other tokenizer files with transformers' AutoTokenizer.
+    """
+    if (path / "tokenizer.json").is_file():
+        try:
+            return {token_id: token for token, token_id in
+                    Tokenizer.from_file(os.fspath(path / "tokenizer.json")).get_vocab(with_added_tokens=True).items()}
+        except Exception as e:  # tokenizers raises a bare Exception for a file it cannot parse
+            raise ColearnError(f"checkpoint {str(path)!r} has a tokenizer.json that does not load: {e}".splitlines()[0])
+    if not any((path / f).is_file() for f in ("tokenizer_config.json", "tokenizer.model")):
         return None
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer  # only for tokenizers without tokenizer.json: it costs seconds to import
 
     from colearn.models import refuse_custom_code
 
@@ -292,8 +382,6 @@ def write_merge(inputs: Inputs, out: Path, cfg: MergeConfig, search_record: dict
     record: dict[str, Any] = {}
     with staged(out) as tmp:
         if adapter_out:
-            from colearn.adapters import write_adapter
-
             record["lora"] = {"rank": rank, "truncation_error": write_adapter(inputs.adapters, recipe, tmp, rank)}
         else:
             copy_side_files(inputs.model.path, tmp)
@@ -309,11 +397,7 @@ def write_merge(inputs: Inputs, out: Path, cfg: MergeConfig, search_record: dict
 
 def write_weights(inputs: Inputs, recipe: Recipe, tmp: Path) -> None:
     """Writes the merged full weights into `tmp`, shard by shard, with the base model's layout."""
-    from colearn.streaming import merge_safetensors_files
-
     if inputs.adapters is not None:
-        from colearn.adapters import write_folded
-
         write_folded(inputs.adapters, recipe, tmp, inputs.model.files)
         return
     recipe.check_groups_match(inputs.model.shapes)
@@ -355,8 +439,6 @@ def copy_side_files(base: Path, out: Path) -> None:
 def write_recipe(path: Path, cfg: MergeConfig, inputs: Inputs, search_record: dict[str, Any] | None,
                  record: dict[str, Any] | None = None) -> None:
     """Writes the recipe YAML (loadable again with --recipe) with the inputs, the search record and `record`."""
-    import yaml
-
     data: dict[str, Any] = {"base": str(inputs.base.resolve()), **_recipe_fields(cfg),
                             "partners": [str(p.resolve()) for p in inputs.partners], **(record or {})}
     if search_record is not None:
@@ -455,8 +537,6 @@ def candidate_partner(inputs: Inputs) -> Any:
 
 def read_state(checkpoint: Checkpoint) -> dict[str, Any]:
     """Returns every tensor of the checkpoint, in memory (the search merges candidates without a disk trip)."""
-    from safetensors.torch import load_file
-
     state = {}
     for file in checkpoint.files:
         state.update(load_file(checkpoint.path / file))

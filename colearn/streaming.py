@@ -17,6 +17,7 @@ tensor goes to the page cache while the next one merges (on another core).
 from __future__ import annotations
 
 import json
+import math
 import mmap
 import os
 import struct
@@ -55,6 +56,29 @@ def read_layout(path: PathLike) -> Layout:
     header = json.loads(raw)
     entries = {k: v for k, v in header.items() if k != "__metadata__"}
     return Layout(struct.pack("<Q", length) + raw, {k: tuple(v["data_offsets"]) for k, v in entries.items()})
+
+
+_FLOAT_CODES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
+
+
+def retyped(layout: Layout, dtype: torch.dtype | None) -> Layout:
+    """Returns the layout of the same tensors with every floating one stored in `dtype` (the layout itself when
+    None): data offsets recomputed in data order, the JSON header padded with spaces to 8 bytes."""
+    if dtype is None:
+        return layout
+    header = json.loads(layout.header[8:])
+    offset = 0
+    for key in data_order(layout):
+        entry = header[key]
+        size = layout.spans[key][1] - layout.spans[key][0]
+        if entry["dtype"] in _FLOAT_CODES.values():
+            entry["dtype"] = _FLOAT_CODES[dtype]
+            size = math.prod(entry["shape"]) * dtype.itemsize
+        entry["data_offsets"] = [offset, offset + size]
+        offset += size
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    return Layout(struct.pack("<Q", len(raw)) + raw, {k: tuple(header[k]["data_offsets"]) for k in layout.spans})
 
 
 def tensor_bytes(tensor: Tensor) -> memoryview:
