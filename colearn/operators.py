@@ -45,7 +45,7 @@ from colearn.trimming import ChunkMerge, Levels, magnitude_thresholds, shrink, s
 
 _COLINEAR_COS = 0.9995  # above this |cos| slerp's sin(omega) ~ 0 (as in mergekit)
 _SIGN_METHODS = ("total", "frequency")
-_SORT_PART = 1 << 22  # DELLA sorts a tensor's magnitudes in value ranges of about this many elements
+_SORT_PART = 1 << 21  # DELLA sorts a tensor's magnitudes in value ranges of about this many elements
 _BITS = {torch.float32: torch.int32, torch.float64: torch.int64}  # magnitudes' bits sort like their values
 
 
@@ -73,44 +73,44 @@ def della_keep_probabilities(delta: Tensor, density: float, epsilon: float) -> T
 
 
 def _keep_probabilities(magnitudes: Tensor, density: float, epsilon: float) -> Tensor:
-    """Returns the keep probabilities of a 1-D tensor of magnitudes (see `della_keep_probabilities`)."""
+    """Returns the keep probabilities of a 1-D tensor of magnitudes (see `della_keep_probabilities`), written over
+    the magnitudes."""
     n = magnitudes.numel()
     half = min(epsilon / 2, 1.0 - density, density) if n > 1 else 0.0
     step = 2 * half / max(n - 1, 1)
-    keep = torch.empty_like(magnitudes)  # (n,)
     rank = 0
     for positions in ascending_order(magnitudes):
         for start in range(0, positions.numel(), CHUNK):  # in slices: no float64 full-size temporary
             where = positions[start : start + CHUNK]
-            ranks = torch.arange(rank, rank + where.numel(), dtype=torch.float64, device=keep.device)
-            keep[where] = (density - half + step * ranks).to(keep.dtype)
+            ranks = torch.arange(rank, rank + where.numel(), dtype=torch.float64, device=magnitudes.device)
+            magnitudes[where] = (density - half + step * ranks).to(magnitudes.dtype)
             rank += where.numel()
-    return keep
+    return magnitudes
 
 
 def ascending_order(x: Tensor) -> Iterator[Tensor]:
     """Yields the positions of a 1-D tensor of magnitudes (>= 0, or NaN) in stable ascending order (NaN last), in
-    parts.
+    parts; the elements of a part yielded are not read again, so the caller may overwrite them.
 
     float32 and float64 magnitudes are sorted by their bits as integers, which order like
-    the values and sort ~4x faster on the CPU.  The values are cut at quantiles of a sample
-    into ranges of about `_SORT_PART` elements, each gathered and sorted on its own: a sort's
-    indices and buffers take several times its input, so a part's sort is all the extra
-    memory at any time.
+    the values and sort ~4x faster on the CPU.  A sort's indices and buffers take several
+    times its input, so a tensor of more than `_SORT_PART` elements is cut at quantiles of a
+    sample into value ranges of about that many, each gathered and sorted on its own; which
+    range each element falls in is marked first, in a byte.
     """
     n = x.numel()
     keys = x.view(_BITS[x.dtype]) if x.dtype in _BITS else x
-    parts = -(-n // _SORT_PART)
+    parts = min(-(-n // _SORT_PART), 256)
     if parts <= 1:
         yield keys.argsort(stable=True)
         return
     sample = x.index_select(0, stratified_sample(n, 64 * parts, x.device)).sort().values  # (64 parts,)
-    cuts = sample[64::64].tolist()  # parts - 1 ascending values
-    for low, high in zip([None, *cuts], [*cuts, None]):
-        if low is not None and low == high:
-            continue  # an empty range: the values equal to a repeated cut go to the next range that starts there
-        inside = x < high if low is None else ~(x < low) if high is None else (x >= low) & (x < high)
-        positions = inside.nonzero().squeeze(1)  # ascending, so equal values keep their order
+    cuts = sample[64::64].unique().tolist()  # at most 255 ascending values
+    part = torch.zeros(n, dtype=torch.uint8, device=x.device)  # (n,) the number of cuts at or below each value
+    for cut in cuts:
+        part += ~(x < cut)  # NaN counts every cut: the last range
+    for index in range(len(cuts) + 1):
+        positions = (part == index).nonzero().squeeze(1)  # ascending, so equal values keep their order
         yield positions[keys.index_select(0, positions).argsort(stable=True)]
 
 
