@@ -13,7 +13,9 @@ partner tensor is read into one reused buffer: reading the inputs and writing th
 with no arithmetic, through the same pipeline (`colearn.streaming.outputs`: read ahead,
 compute, write).  Peak RSS, its mapped-file part and private memory are sampled from /proc
 (see `measured`).  Inputs sit in the page cache (they were just
-written), so the ceiling is a warm-cache one.
+written), so the ceiling is a warm-cache one.  Start-up (`startup`): fresh processes of
+`python -c 'import torch'`, of `colearn merge` stopped at its first merged tensor, and of the
+whole command, fastest of --repeats each.
 
 Targets: the work phase's wall time within `TIME_TARGET` (3x) the ceiling's for the
 deterministic operators, whose merges are torch code (`colearn.operators`: eager tensor
@@ -188,6 +190,38 @@ def interleaved(runs: int, code: str, args: list[str], ceiling_args: list[str], 
     return min(results, key=lambda r: r["wall_s"])
 
 
+FIRST_TENSOR = """\
+import os, sys
+import colearn.streaming as streaming
+from colearn.cli import main
+streaming.merge_tensor = lambda *args, **kwargs: os._exit(0)  # the first merged tensor ends the start-up
+sys.argv = ["colearn", "merge", *sys.argv[1:]]
+main()
+"""
+
+
+def startup(workdir: Path, repeats: int, threads: int) -> dict[str, float]:
+    """Returns the fastest of `repeats` wall times (s) of fresh processes, taken in turn: `python -c 'import torch'`,
+    `colearn merge` (linear) up to its first merged tensor, and the whole `colearn merge` command."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    args = merge_args(workdir, "linear")
+    out = workdir / "out_linear"
+    commands = {"import_torch_s": [sys.executable, "-c", "import torch"],
+                "first_tensor_s": [sys.executable, "-c", FIRST_TENSOR, *args],
+                "end_to_end_s": [sys.executable, "-m", "colearn.cli", "merge", *args]}
+    best: dict[str, float] = {}
+    for _ in range(repeats):
+        for name, command in commands.items():
+            fresh(out)
+            started = time.perf_counter()
+            subprocess.run(command, cwd=ROOT, env=env, check=True, stdout=subprocess.DEVNULL)
+            best[name] = min(best.get(name, float("inf")), time.perf_counter() - started)
+    fresh(out)
+    for tmp in workdir.glob(".out_linear.tmp-*"):  # left by the runs stopped at their first tensor
+        fresh(tmp)
+    return best
+
+
 def merge_args(workdir: Path, method: str) -> list[str]:
     import yaml
 
@@ -206,6 +240,9 @@ def run(workdir: Path, quick: bool, methods: list[str], repeats: int, threads: i
     os.sync()  # the inputs' write-back would otherwise compete with the first measurements' writes and fsyncs
     measured(CEILING, ceiling_args, threads, warm_mb)  # warms the page cache
     memory_target = 2 * model["largest_tensor_mb"] + model["model_mb"]
+    started = startup(workdir, repeats, threads)
+    print(f"  start-up: import torch {started['import_torch_s']:.2f}s; colearn merge (linear) to its first tensor "
+          f"{started['first_tensor_s']:.2f}s, whole command {started['end_to_end_s']:.2f}s", flush=True)
     ceilings: list[dict[str, float]] = []
     rows = []
     for method in methods:
@@ -223,7 +260,7 @@ def run(workdir: Path, quick: bool, methods: list[str], repeats: int, threads: i
         print(f"  {method}: {row['wall_s']:.2f}s wall ({row['wall_ratio']:.2f}x its ceiling's {ceiling['wall_s']:.2f}s)"
               f", {row['cpu_s']:.2f}s CPU ({row['cpu_ratio']:.2f}x), work anon RSS {row['work_anon_mb']:.0f} MB",
               flush=True)
-    return {"model": model, "ceiling": min(ceilings, key=lambda r: r["wall_s"]),
+    return {"model": model, "startup": started, "ceiling": min(ceilings, key=lambda r: r["wall_s"]),
             "ceiling_walls_s": [c["wall_s"] for c in ceilings], "memory_target_mb": memory_target, "methods": rows}
 
 
@@ -244,6 +281,12 @@ def table(results: dict[str, object]) -> str:
     lines.append(f"\nI/O ceiling: fastest of {len(results['ceiling_walls_s'])} runs {c['wall_s']:.2f} s wall, "
                  f"{c['cpu_s']:.2f} s CPU, {c['work_anon_mb']:.0f} MB work anon; median "
                  f"{sorted(results['ceiling_walls_s'])[len(results['ceiling_walls_s']) // 2]:.2f} s wall.")
+    if "startup" in results:
+        s = results["startup"]
+        lines.append(f"Start-up (fastest of --repeats fresh processes): `python -c 'import torch'` "
+                     f"{s['import_torch_s']:.2f} s; `colearn merge` (linear) to its first merged tensor "
+                     f"{s['first_tensor_s']:.2f} s ({s['first_tensor_s'] / s['import_torch_s']:.2f}x), the whole "
+                     f"command {s['end_to_end_s']:.2f} s.")
     return "\n".join(lines)
 
 
