@@ -15,6 +15,7 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
+from colearn import mergekit_methods
 from colearn.errors import ColearnError
 from colearn.merge import tensor_seed
 from colearn.merge_cli import main
@@ -202,6 +203,26 @@ def test_dtype_sets_the_output_tensors_and_config(pair, tmp_path):
     assert out["step"].dtype == torch.int64
     assert json.loads((tmp_path / "out" / "config.json").read_text())["torch_dtype"] == "bfloat16"
     assert yaml.safe_load((tmp_path / "out" / "mergekit_config.yml").read_text())["merge_method"] == "linear"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_mergekit_methods_run_on_the_inputs_device():
+    generator = torch.Generator().manual_seed(0)
+    base = torch.randn(64, 32, generator=generator)
+    models = [base + torch.randn(64, 32, generator=generator) for _ in range(2)]
+    on_gpu = [base.cuda(), *(m.cuda() for m in models)]
+    for sparsification, consensus in ((None, False), ("magnitude", True)):
+        cpu = mergekit_methods.generalized_task_arithmetic(base, models, [1.0, 0.5], [0.5, 0.7], sparsification,
+                                                           consensus, normalize=True, rescale=False)
+        gpu = mergekit_methods.generalized_task_arithmetic(on_gpu[0], on_gpu[1:], [1.0, 0.5], [0.5, 0.7],
+                                                           sparsification, consensus, normalize=True, rescale=False)
+        assert gpu.device.type == "cuda" and torch.allclose(gpu.cpu(), cpu, atol=1e-5)
+    dare = mergekit_methods.generalized_task_arithmetic(on_gpu[0], on_gpu[1:], [1.0, 0.5], [0.5, 0.7], "random", True,
+                                                        normalize=False, rescale=True,
+                                                        generator=torch.Generator(device="cuda").manual_seed(1))
+    assert dare.device.type == "cuda" and torch.isfinite(dare).all()
+    slerp = mergekit_methods.slerp(0.3, on_gpu[1], on_gpu[2])
+    assert torch.allclose(slerp.cpu(), mergekit_methods.slerp(0.3, models[0], models[1]), atol=1e-5)
 
 
 # --------------------------------------------------------------------------- what is not supported
