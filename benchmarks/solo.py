@@ -30,11 +30,18 @@ from typing import Any
 from learning import RESULTS, launch
 
 THRESHOLD = 0.9
-# env name -> (gymnasium id, target env steps to 90%, rounds of 128 episodes in the budget)
-ENVS: dict[str, tuple[str, int, int]] = {
-    "Lake": ("colearn/FrozenLake-v0", 5_000, 12),
-    "SlipperyLake": ("colearn/FrozenLakeSlippery-v0", 50_000, 60),
-    "Lake8x8": ("colearn/FrozenLake8x8-v0", 30_000, 40),
+# env name -> (gymnasium id and kwargs, target env steps to 90%, rounds in the budget, overrides for the env)
+ENVS: dict[str, tuple[str, int, int, list[str]]] = {
+    "Lake": ("colearn/FrozenLake-v0", 5_000, 12, []),
+    "SlipperyLake": ("colearn/FrozenLakeSlippery-v0", 50_000, 60, []),
+    "Lake8x8": ("colearn/FrozenLake8x8-v0", 30_000, 40, []),
+    # a random policy's episodes run to the 200-step limit: fewer episodes a round, more rounds in the budget
+    "Taxi": ("colearn/Taxi-v0", 200_000, 80, ["rollout.episodes=32"]),
+    # one step an episode; not tabular in generate mode: scored on eval.episodes problems
+    "Addition1": ("colearn/Addition-v0,kwargs:{digits:1}", 20_000, 40,
+                  ["rollout.episodes=512", "rollout.mode=generate", "eval.episodes=200"]),
+    "Addition2": ("colearn/Addition-v0,kwargs:{digits:2}", 100_000, 80,
+                  ["rollout.episodes=1024", "rollout.mode=generate", "eval.episodes=200"]),
 }
 # learner variants: overrides on top of the default config (the ablation: each undoes one kept change)
 VARIANTS: dict[str, list[str]] = {
@@ -43,6 +50,8 @@ VARIANTS: dict[str, list[str]] = {
     "advantage_norm_mean_std": ["learn.advantage_norm=mean_std"],
     "epochs_4": ["learn.epochs=4"],
     "minibatch_128": ["learn.batch_size=128"],
+    "self_imitation": ["learn.distill_from=self"],  # also imitate its own successes
+    "norm_none_entropy_0.02": ["learn.advantage_norm=none", "learn.entropy_coef=0.02"],
     "no_position_line": [],  # the env's observation without its last line (ENV_KWARGS)
     "old_learner": ["learn.advantage=return_to_go", "learn.epochs=4", "learn.batch_size=128", "learn.lr=2e-3",
                     "learn.entropy_coef=0.02", "rollout.gamma=0.95"],
@@ -54,10 +63,10 @@ PAIR_GENERATIONS = 3  # a pair's rounds are split into generations: the merges o
 
 
 def overrides_for(env: str, variant: str, seed: int) -> list[str]:
-    env_id, _, rounds = ENVS[env]
+    env_id, _, rounds, env_overrides = ENVS[env]
     kwargs = f",kwargs:{{{ENV_KWARGS[variant]}}}" if variant in ENV_KWARGS else ""
     common = [f"env.suite=[{{id:{env_id},name:{env}{kwargs}}}]", "integrate.modes=[]", "eval.greedy=true",
-              "eval.sampled=true", f"seed={seed}", "progress=false"]
+              "eval.sampled=true", f"seed={seed}", "progress=false", *env_overrides]
     if variant in PAIRS:  # each partner plays every round: as many rounds, as many steps per partner as alone
         pair = f"env.partners=[{{name:A,envs:[{env}]}},{{name:B,envs:[{env}]}}]"
         return [*common, f"experiment={PAIRS[variant]}", pair, f"loop.generations={PAIR_GENERATIONS}",
