@@ -1,4 +1,4 @@
-"""The config schema: dataclasses (registered in Hydra's ConfigStore by `colearn.cli`); values live in conf/ YAML.
+"""The config schema: dataclasses (registered in Hydra's ConfigStore by `colearn.cli.main`); values live in conf/ YAML.
 
 Every field is documented once, here, where it is declared.
 """
@@ -13,8 +13,8 @@ from typing import Any
 
 from colearn.errors import ColearnError
 
-# The closed sets of names a field may take. Registries that live above config.py (colearn.operators.METHODS,
-# colearn.integrate.MODES) hold the same names; tests/test_configs.py checks that they agree.
+# The closed sets of names a field may take. Registries that live above config.py (colearn.merging.operators.METHODS,
+# colearn.breeding.integrate.MODES) hold the same names; tests/test_configs.py checks that they agree.
 DTYPES = ("float32", "bfloat16", "float16")
 DEVICES = ("cpu", "cuda", "cuda:N", "mps", "auto")
 ROLLOUT_MODES = ("auto", "constrained", "generate")
@@ -216,7 +216,7 @@ class MergeConfig:
     compat_metric: str = "cka"  # cka | cosine: the compatibility measure compared to compat_threshold
     compat_threshold: float = 0.0  # below it the partners are not averaged but fall back; 0 never falls back
     fallback: str = "best"  # best | mixture: offspring if incompatible or gated out (mixture: the partners routed
-    # per env, saved as a mixture directory, see colearn.mixture)
+    # per env, saved as a mixture directory, see colearn.breeding.mixture)
     gate: bool = True  # promote the offspring only if its validation score >= best parent's - gate_tolerance
     gate_tolerance: float = 0.05  # mean normalized return the offspring may lose against the best parent
     lora_offspring: str = "fold"  # LoRA partners: "fold" the merged change into the base under a fresh adapter,

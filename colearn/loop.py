@@ -5,7 +5,7 @@
     after R rounds: merge(partners | ancestor) -> offspring -> evaluated -> next ancestor
 
 With merge.fallback=mixture, an offspring that is not a merge is the partners routed per env: it is
-evaluated and saved as that mixture (`colearn.mixture`), while the best partner's copy seeds the next
+evaluated and saved as that mixture (`colearn.breeding.mixture`), while the best partner's copy seeds the next
 generation (a mixture has no single set of weights to copy into the partners).
 """
 
@@ -31,22 +31,22 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from colearn.checkpoint import latest_generation, latest_intact, load_checkpoint, mark_resumable, save_checkpoint
+from colearn.rundir.checkpoint import latest_generation, latest_intact, load_checkpoint, mark_resumable, save_checkpoint
 from colearn.config import Config, EnvSpec
-from colearn.dynamics import forgetting, main_scores, pair_metrics, probe_set, transfer
+from colearn.analysis.dynamics import forgetting, main_scores, pair_metrics, probe_set, transfer
 from colearn.errors import ColearnError
-from colearn.evaluate import EnvScore, evaluate, headline, normalized_by_env
-from colearn.evolve import return_scorer
-from colearn.integrate import ModeParams, evaluate_modes
-from colearn.experience import ExperienceStore
-from colearn.learn import learn, select_for_distillation
-from colearn.logger import Logger, truncate_metrics
-from colearn.mixture import route_params, save_mixture
-from colearn.models import build_ancestor, resolve_device
-from colearn.offspring import Merged, Mixture, Offspring, make_offspring
-from colearn.partner import Partner
-from colearn.rollout import EpisodeMeta, collect, env_info, group_seeds
-from colearn.runlock import RunLock
+from colearn.experience.evaluate import EnvScore, evaluate, headline, normalized_by_env
+from colearn.merging.evolve import return_scorer
+from colearn.breeding.integrate import ModeParams, evaluate_modes
+from colearn.experience.store import ExperienceStore
+from colearn.learning.learn import learn, select_for_distillation
+from colearn.rundir.logger import Logger, truncate_metrics
+from colearn.breeding.mixture import route_params, save_mixture
+from colearn.models.build import build_ancestor, resolve_device
+from colearn.breeding.offspring import Merged, Mixture, Offspring, make_offspring
+from colearn.models.partner import Partner
+from colearn.experience.rollout import EpisodeMeta, collect, env_info, group_seeds
+from colearn.rundir.runlock import RunLock
 
 log = logging.getLogger(__name__)
 
@@ -466,7 +466,7 @@ def write_json_atomic(path: Path, data: Any) -> None:
 
 def save_generation(state: LoopState, offspring: Offspring, ctx: Context) -> None:
     """Writes checkpoints/gen_NNNN/{partners, ancestor, offspring} as Hugging Face directories, atomically;
-    a `Mixture` offspring as a mixture directory of the partners routed per env (`colearn.mixture`). The
+    a `Mixture` offspring as a mixture directory of the partners routed per env (`colearn.breeding.mixture`). The
     partners' optimizer state goes along only with loop.keep_generations > 0 (see `prune_generations`)."""
     final = ctx.run_dir / "checkpoints" / f"gen_{state.generation:04d}"
     tmp = final.with_name(final.name + ".tmp")

@@ -59,7 +59,7 @@ def corpus(lake_spec, addition_spec) -> tuple[list[str], list[str]]:
 @pytest.fixture(scope="session")
 def ancestor(model_cfg, corpus):
     """(model, tokenizer): the tiny ancestor, seed 0, in eval mode. Do not modify it in place."""
-    from colearn.models import build_ancestor
+    from colearn.models.build import build_ancestor
 
     texts, names = corpus
     model, tokenizer = build_ancestor(model_cfg, texts, names, seed=0)
@@ -75,7 +75,7 @@ def tokenizer(ancestor):
 @pytest.fixture
 def partner(ancestor, model_cfg):
     """A partner over the session's ancestor weights (shared: do not train it; clone it instead)."""
-    from colearn.partner import Partner
+    from colearn.models.partner import Partner
 
     model, tokenizer = ancestor
     return Partner("A", model, tokenizer, model_cfg, envs=["FrozenLake", "Addition"])

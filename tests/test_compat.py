@@ -1,4 +1,4 @@
-"""Tests of colearn.compat: task vectors, their cosine and sign conflicts, weight distance, linear CKA."""
+"""Tests of colearn.breeding.compatibility: task vectors, their cosine and sign conflicts, weight distance, linear CKA."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from colearn.compat import linear_cka, sign_conflict_rate, task_vector, task_vector_cosine, weight_distance
+from colearn.breeding.compatibility import linear_cka, sign_conflict_rate, task_vector, task_vector_cosine, weight_distance
 
 torch.set_num_threads(1)
 

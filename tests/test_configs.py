@@ -11,10 +11,10 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from colearn import config, loop
-from colearn.cli import CONF_DIR, register_configs, to_config, validate
+from colearn.cli.main import CONF_DIR, register_configs, to_config, validate
 from colearn.config import MergeConfig
 from colearn.errors import ColearnError
-from colearn.experience import ExperienceStore
+from colearn.experience.store import ExperienceStore
 
 CONF = Path(CONF_DIR)
 GROUPS = {g: sorted(p.stem for p in (CONF / g).glob("*.yaml")) for g in ("model", "env", "learn", "merge")}
@@ -73,8 +73,8 @@ def test_a_value_outside_a_closed_set_fails_at_composition_naming_the_valid_ones
 
 
 def test_closed_sets_name_what_the_registries_hold():
-    from colearn.integrate import MODES
-    from colearn.operators import METHODS
+    from colearn.breeding.integrate import MODES
+    from colearn.merging.operators import METHODS
 
     assert set(config.MERGE_OPERATORS) == set(METHODS)
     assert set(config.INTEGRATE_MODES) == set(MODES)

@@ -1,4 +1,4 @@
-"""Tests of colearn.dynamics: CKA on real hidden states, task-vector metrics, forgetting and transfer."""
+"""Tests of colearn.analysis.dynamics: CKA on real hidden states, task-vector metrics, forgetting and transfer."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from colearn.config import EnvSpec
-from colearn.dynamics import forgetting, hidden_states, main_scores, pair_metrics, probe_set, transfer
-from colearn.evaluate import EnvScore
-from colearn.partner import Partner
+from colearn.analysis.dynamics import forgetting, hidden_states, main_scores, pair_metrics, probe_set, transfer
+from colearn.experience.evaluate import EnvScore
+from colearn.models.partner import Partner
 
 LAKE = EnvSpec("colearn/FrozenLake-v0", name="Lake")
 LINE = EnvSpec("colearn/FrozenLake-v0", name="Line", kwargs={"desc": ["SFG"]})

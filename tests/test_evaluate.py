@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from colearn.config import EnvSpec
-from colearn.evaluate import env_score, normalized_return
+from colearn.experience.evaluate import env_score, normalized_return
 from envs import text_env_model
 from envs.planning import value_table
 from envs.registry import make_inner

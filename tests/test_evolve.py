@@ -1,4 +1,4 @@
-"""Tests of colearn.evolve: the squashed search space and CMA-ES on a merge whose optimum is known."""
+"""Tests of colearn.merging.evolve: the squashed search space and CMA-ES on a merge whose optimum is known."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from colearn.config import MergeConfig
-from colearn.evolve import MIN_DENSITY, initial_point, recipe_at, search, search_space, start_recipe
-from colearn.merge import Recipe, group_names, merge_state_dicts
+from colearn.merging.evolve import MIN_DENSITY, initial_point, recipe_at, search, search_space, start_recipe
+from colearn.merging.merge import Recipe, group_names, merge_state_dicts
 
 torch.set_num_threads(1)
 
@@ -99,10 +99,10 @@ def test_a_budget_of_one_returns_the_start_recipe(states):
 
 
 def test_return_scorer_scores_greedy_on_its_own_seeds(partner, line_spec, lake_spec, monkeypatch):
-    import colearn.evaluate
+    import colearn.experience.evaluate
     from colearn.config import EvalConfig, RolloutConfig
-    from colearn.evaluate import EnvScore
-    from colearn.evolve import return_scorer
+    from colearn.experience.evaluate import EnvScore
+    from colearn.merging.evolve import return_scorer
 
     seen = []
 
@@ -110,7 +110,7 @@ def test_return_scorer_scores_greedy_on_its_own_seeds(partner, line_spec, lake_s
         seen.append(cfg)
         return [EnvScore("Line", "greedy", 1.0, 1.0, 1.0, 0.8, 4), EnvScore("Lake", "greedy", 0.0, 0.0, 1.0, 0.2, 4)]
 
-    monkeypatch.setattr(colearn.evaluate, "evaluate", fake_evaluate)
+    monkeypatch.setattr(colearn.experience.evaluate, "evaluate", fake_evaluate)
     cfg = EvalConfig(episodes=3, sampled=True, seed=10_000)
     score = return_scorer([line_spec, lake_spec], cfg, RolloutConfig(), seed=20_000, episodes=4)(partner)
     assert score == pytest.approx(0.5)  # the mean normalized return over envs

@@ -1,4 +1,4 @@
-"""Tests of colearn.experience.ExperienceStore: append-only shards, reload, select, crash leftovers, truncate;
+"""Tests of colearn.experience.store.ExperienceStore: append-only shards, reload, select, crash leftovers, truncate;
 and of experience.load, a whole run's records in one Dataset."""
 
 from __future__ import annotations
@@ -7,9 +7,9 @@ import shutil
 
 import pytest
 
-from colearn import experience
+from colearn.experience import store as experience
 from colearn.errors import ColearnError
-from colearn.experience import FEATURES, ExperienceStore
+from colearn.experience.store import FEATURES, ExperienceStore
 
 
 def row(i: int, partner: str = "A", env: str = "Lake", generation: int = 0, round: int = 0,

@@ -18,9 +18,9 @@ from transformers import AutoModelForCausalLM
 from colearn import loop
 from colearn.config import Config, EnvConfig, EnvSpec, EvalConfig, LoopConfig, MergeConfig, PartnerSpec
 from colearn.config import RolloutConfig
-from colearn.export import main as export
-from colearn.models import build_ancestor
-from colearn.partner import Partner
+from colearn.cli.export import main as export
+from colearn.models.build import build_ancestor
+from colearn.models.partner import Partner
 from tests.conftest import LAKE_ID, tiny_model_config
 
 LORA = tiny_model_config(lora_rank=4)

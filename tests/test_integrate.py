@@ -1,4 +1,4 @@
-"""Tests of colearn.integrate: each mode on hand-made experts whose right answer is known.
+"""Tests of colearn.breeding.integrate: each mode on hand-made experts whose right answer is known.
 
 Experts are the tiny ancestor with an untied output layer whose action-token rows are zero and whose
 bias holds chosen log-probabilities: their distribution over the legal actions is exactly the one
@@ -15,12 +15,12 @@ import torch
 
 from colearn.config import EnvSpec, EvalConfig, RolloutConfig
 from colearn.errors import ColearnError
-from colearn.integrate import (
+from colearn.breeding.integrate import (
     MODES, Integrated, ModeParams, check_and_control_logprobs, consultative_logprobs, ensemble_logprobs,
     env_map_of, evaluate_modes, get_mode,
 )
-from colearn.partner import Partner
-from colearn.policy import legal_action_logprobs
+from colearn.models.partner import Partner
+from colearn.models.policy import legal_action_logprobs
 
 ACTIONS = ["left", "down", "right", "up"]
 LINE = EnvSpec("colearn/FrozenLake-v0", name="Line", kwargs={"desc": ["SFG"]})  # goal on the right

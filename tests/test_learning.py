@@ -12,12 +12,12 @@ import torch
 from colearn import loop
 from colearn.config import (Config, EnvConfig, EnvSpec, EvalConfig, LearnConfig, LoopConfig, MergeConfig, PartnerSpec,
                             RolloutConfig)
-from colearn.evaluate import evaluate
-from colearn.learn import (Item, approx_kl, batch_loss, clipped_pg_loss, gae, gae_advantages, group_advantages, learn,
+from colearn.experience.evaluate import evaluate
+from colearn.learning.learn import (Item, approx_kl, batch_loss, clipped_pg_loss, gae, gae_advantages, group_advantages, learn,
                            merged, normalized, peer_pg_loss, select_for_distillation, step_advantages, value_head_for)
-from colearn.models import build_ancestor
-from colearn.partner import Partner
-from colearn.rollout import EpisodeMeta, collect
+from colearn.models.build import build_ancestor
+from colearn.models.partner import Partner
+from colearn.experience.rollout import EpisodeMeta, collect
 from tests.conftest import LAKE_ID, tiny_model_config
 
 SMALL_LAKE = EnvSpec(LAKE_ID, name="Small", kwargs={"desc": ["SFF", "FHF", "HFG"]})

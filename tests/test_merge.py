@@ -1,4 +1,4 @@
-"""Tests of colearn.merge and colearn.lora_merge.
+"""Tests of colearn.merging.merge and colearn.merging.lora_merge.
 
 Operators on hand-computed cases, recipes and their errors, layer groups, streaming, LoRA.
 """
@@ -14,9 +14,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from colearn.lora_merge import fold_into_base, lora_deltas, lora_scaling, merge_lora, refactorize
-from colearn.merge import Recipe, group_names, layer_group, merge_state_dicts, merge_tensor
-from colearn.operators import (
+from colearn.merging.lora_merge import fold_into_base, lora_deltas, lora_scaling, merge_lora, refactorize
+from colearn.merging.merge import Recipe, group_names, layer_group, merge_state_dicts, merge_tensor
+from colearn.merging.operators import (
     METHODS,
     MergeError,
     default_weights,
@@ -25,7 +25,7 @@ from colearn.operators import (
     merge_task_vectors,
     model_stock_ratio,
 )
-from colearn.streaming import merge_safetensors_files
+from colearn.merging.streaming import merge_safetensors_files
 
 torch.set_num_threads(1)
 
@@ -197,11 +197,11 @@ def test_model_stock_interpolates_between_ancestor_and_average():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("part", [1 << 21, 20_000])  # one sort, or value ranges sorted one at a time
 def test_ascending_order_equals_numpy_stable_argsort(dtype, part, monkeypatch):
-    # DELLA's magnitude order (colearn.operators.ascending_order), with ties, zeros (repeated cut values) and a NaN
-    import colearn.operators
-    from colearn.operators import ascending_order
+    # DELLA's magnitude order (colearn.merging.operators.ascending_order), with ties, zeros (repeated cut values) and a NaN
+    import colearn.merging.operators
+    from colearn.merging.operators import ascending_order
 
-    monkeypatch.setattr(colearn.operators, "_SORT_PART", part)
+    monkeypatch.setattr(colearn.merging.operators, "_SORT_PART", part)
     generator = torch.Generator().manual_seed(6)
     magnitudes = torch.randn(300_007, generator=generator, dtype=dtype).abs()
     magnitudes[::7], magnitudes[::11], magnitudes[5] = 0.0, 0.5, math.nan
@@ -250,12 +250,12 @@ def test_magnitude_trimming_matches_peft_topk_on_large_tensors():
 @pytest.mark.parametrize("method", ["ties", "magnitude_prune", "breadcrumbs"])
 def test_a_missed_bracket_still_gives_the_exact_trim(method, monkeypatch):
     # Brackets are guessed from a sample; force every guess wrong and the merge must not change.
-    import colearn.trimming
+    import colearn.merging.trimming
 
     generator = torch.Generator().manual_seed(3)
     deltas = [torch.randn(300_000, generator=generator) for _ in range(2)]
     right = op(method)(deltas, w(1.0, 1.0), 0.4, 0)
-    monkeypatch.setattr(colearn.trimming, "_bracket", lambda sample, n, k: (5.0, 6.0))  # above every |x| ~ N(0,1)
+    monkeypatch.setattr(colearn.merging.trimming, "_bracket", lambda sample, n, k: (5.0, 6.0))  # above every |x| ~ N(0,1)
     assert torch.allclose(op(method)(deltas, w(1.0, 1.0), 0.4, 0), right, atol=1e-6)
     if method == "ties":
         from peft.utils import merge_utils
@@ -306,7 +306,7 @@ def reference_merge(method: str, deltas: list[torch.Tensor], weights: list[float
 def test_large_tensor_merges_equal_peft_or_a_hand_computation(method, density, params, missed, monkeypatch):
     # Through merge_tensor on a tensor large enough for sampled trim brackets and many chunks, with a step toward
     # the ancestor, unequal weights, three partners and exact zeros; and with every bracket forced wrong.
-    import colearn.trimming
+    import colearn.merging.trimming
 
     n = 300_003
     generator = torch.Generator().manual_seed(4)
@@ -320,7 +320,7 @@ def test_large_tensor_merges_equal_peft_or_a_hand_computation(method, density, p
         partners.append(ancestor + signs * magnitudes)
     partners[1][::5] = ancestor[::5]  # a partner that left some weights unchanged
     if missed:
-        monkeypatch.setattr(colearn.trimming, "_bracket", lambda sample, n, k: (5.0, 6.0))
+        monkeypatch.setattr(colearn.merging.trimming, "_bracket", lambda sample, n, k: (5.0, 6.0))
     # weights summing past 1 for ties (a full step) and task_arithmetic (not a convex combination of the models)
     weights = [1.0, 0.6, 1.4] if method in ("ties", "task_arithmetic") else [0.3, 0.2, 0.5]
     recipe = Recipe(method, weights, density, to_ancestor=0.25, params=params)
@@ -335,8 +335,8 @@ def test_large_tensor_merges_equal_peft_or_a_hand_computation(method, density, p
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_count_pass_counts_above_and_collects_inside_each_bracket(dtype):
-    from colearn.task_vectors import TaskVectors
-    from colearn.trimming import _count_pass
+    from colearn.merging.task_vectors import TaskVectors
+    from colearn.merging.trimming import _count_pass
 
     generator = torch.Generator().manual_seed(6)
     n = 600_007  # not a multiple of the chunk size
@@ -356,7 +356,7 @@ def test_count_pass_counts_above_and_collects_inside_each_bracket(dtype):
 
 @pytest.mark.parametrize("chunk_size", [4096, 1 << 17])
 def test_gram_matrix_equals_float64_dot_products(chunk_size):
-    from colearn.task_vectors import TaskVectors, gram_matrix
+    from colearn.merging.task_vectors import TaskVectors, gram_matrix
 
     generator = torch.Generator().manual_seed(5)
     base = torch.randn(300_001, generator=generator)
@@ -372,7 +372,7 @@ def test_gram_matrix_equals_float64_dot_products(chunk_size):
 def test_a_merge_runs_on_its_inputs_device_with_the_cpu_code(method):
     # One implementation: on a GPU the merge stays there and equals the CPU's (random operators draw from the GPU's
     # generator, so they are compared with themselves)
-    from colearn.operators import RANDOM_METHODS
+    from colearn.merging.operators import RANDOM_METHODS
 
     generator = torch.Generator().manual_seed(8)
     ancestor = torch.randn(300_007, generator=generator)
@@ -399,8 +399,8 @@ def test_sign_election_tie_goes_to_plus_as_in_peft():
 
 
 def test_magnitude_thresholds_are_exact_k_th_largest():
-    from colearn.task_vectors import TaskVectors
-    from colearn.trimming import magnitude_thresholds
+    from colearn.merging.task_vectors import TaskVectors
+    from colearn.merging.trimming import magnitude_thresholds
 
     generator = torch.Generator().manual_seed(1)
     heavy = torch.distributions.StudentT(1.5).sample((400_000,))  # heavy tails
@@ -419,8 +419,8 @@ def test_magnitude_thresholds_are_exact_k_th_largest():
 
 @pytest.mark.parametrize("method", sorted(METHODS))
 def test_chunking_changes_nothing_but_random_draws(method):
-    from colearn.operators import RANDOM_METHODS, merged_chunks
-    from colearn.task_vectors import TaskVectors
+    from colearn.merging.operators import RANDOM_METHODS, merged_chunks
+    from colearn.merging.task_vectors import TaskVectors
 
     generator = torch.Generator().manual_seed(2)
     base = torch.randn(5000, generator=generator)
@@ -608,7 +608,7 @@ def test_merge_safetensors_files_equals_merge_state_dicts(tmp_path, llama_state)
     loaded = load_file(out)
     assert set(loaded) == set(expected)
     assert all(torch.equal(loaded[k], expected[k]) for k in expected)
-    from colearn.streaming import read_layout  # the output keeps the ancestor's layout, header and all
+    from colearn.merging.streaming import read_layout  # the output keeps the ancestor's layout, header and all
 
     assert read_layout(out).header == read_layout(paths[0]).header
     assert os.path.getsize(out) == os.path.getsize(paths[0])
@@ -621,7 +621,7 @@ def test_merge_safetensors_files_equals_merge_state_dicts(tmp_path, llama_state)
 
 
 def test_write_like_takes_any_order_and_names_a_tensor_that_does_not_fit_or_is_missing(tmp_path):
-    from colearn.streaming import merge_order, read_layout, write_like
+    from colearn.merging.streaming import merge_order, read_layout, write_like
 
     state = {"a": torch.arange(3.0), "big": torch.arange(100.0), "c": torch.ones(2), "d": torch.zeros(4)}
     save_file(state, tmp_path / "in.safetensors")

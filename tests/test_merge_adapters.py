@@ -13,9 +13,9 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM
 
 from colearn.errors import ColearnError
-from colearn.merge_cli import main
-from colearn.offspring import dense_state
-from colearn.partner import Partner
+from colearn.cli.merge import main
+from colearn.breeding.offspring import dense_state
+from colearn.models.partner import Partner
 
 torch.set_num_threads(1)
 

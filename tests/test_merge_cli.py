@@ -1,4 +1,4 @@
-"""Tests of `colearn merge` (colearn.merge_cli): real checkpoints on disk, in-process and once as a subprocess."""
+"""Tests of `colearn merge` (colearn.cli.merge): real checkpoints on disk, in-process and once as a subprocess."""
 
 from __future__ import annotations
 
@@ -15,9 +15,9 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from colearn.errors import ColearnError
-from colearn.merge import Recipe, merge_state_dicts
-from colearn.merge_cli import load_recipe, main
-from colearn.partner import Partner
+from colearn.merging.merge import Recipe, merge_state_dicts
+from colearn.cli.merge import load_recipe, main
+from colearn.models.partner import Partner
 
 torch.set_num_threads(1)
 
@@ -145,7 +145,7 @@ def test_bad_inputs_are_one_line_user_errors(ckpts, tmp_path, other_tokenizer_ck
 
 
 def test_mismatched_architecture_exits_2_with_one_line_naming_the_tensor(ckpts, tmp_path, model_cfg, tokenizer):
-    from colearn.models import build_tiny_model
+    from colearn.models.build import build_tiny_model
 
     wide = build_tiny_model(model_cfg.__class__(**{**model_cfg.__dict__, "intermediate_size": 48}), tokenizer, 0)
     wide.save_pretrained(tmp_path / "wide")

@@ -1,4 +1,4 @@
-"""Tests of mergekit recipes in `colearn merge` (colearn.mergekit_recipe, colearn.mergekit_methods) and of the
+"""Tests of mergekit recipes in `colearn merge` (colearn.merging.mergekit_recipe, colearn.merging.mergekit_methods) and of the
 merge command's start-up imports: a tiny pair on disk, outputs compared with mergekit's formulas computed by hand."""
 
 from __future__ import annotations
@@ -15,11 +15,11 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
-from colearn import mergekit_methods
+from colearn.merging import mergekit_methods
 from colearn.errors import ColearnError
-from colearn.merge import tensor_seed
-from colearn.merge_cli import main
-from colearn.mergekit_recipe import parse_recipe
+from colearn.merging.merge import tensor_seed
+from colearn.cli.merge import main
+from colearn.merging.mergekit_recipe import parse_recipe
 
 HEAVY = ("transformers", "gymnasium", "datasets", "hydra", "peft", "trl")
 
@@ -269,7 +269,7 @@ def test_colearn_merge_runs_without_importing_the_training_stack(pair, tmp_path,
         {"model": str(tmp_path / n), "parameters": {"weight": 1.0, "density": 0.5}} for n in ("A", "B")]}
     (tmp_path / "mk.yml").write_text(yaml.safe_dump(recipe))
     (tmp_path / "bad.yml").write_text(yaml.safe_dump({**recipe, "tokenizer_source": "union"}))
-    script = ("import sys; from colearn.cli import main; sys.argv = ['colearn', 'merge', *sys.argv[1:]]\n"
+    script = ("import sys; from colearn.cli.main import main; sys.argv = ['colearn', 'merge', *sys.argv[1:]]\n"
               "try:\n    main()\nfinally:\n"
               f"    print('loaded:', sorted(m for m in {HEAVY!r} if m in sys.modules))")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

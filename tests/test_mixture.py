@@ -1,4 +1,4 @@
-"""Tests of colearn.mixture: a routed pair saved, loaded and exported as one checkpoint, and a run whose
+"""Tests of colearn.breeding.mixture: a routed pair saved, loaded and exported as one checkpoint, and a run whose
 offspring falls back to a mixture (merge.fallback=mixture) writing, exporting and reloading it."""
 
 from __future__ import annotations
@@ -13,11 +13,11 @@ from colearn import loop
 from colearn.config import (Config, EnvConfig, EnvSpec, EvalConfig, LoopConfig, MergeConfig, PartnerSpec,
                             RolloutConfig)
 from colearn.errors import ColearnError
-from colearn.evaluate import evaluate, normalized_by_env
-from colearn.export import main as export_main
-from colearn.mixture import MANIFEST, is_mixture, load_mixture, read_manifest, save_mixture
-from colearn.models import build_ancestor, load_pretrained
-from colearn.partner import Partner
+from colearn.experience.evaluate import evaluate, normalized_by_env
+from colearn.cli.export import main as export_main
+from colearn.breeding.mixture import MANIFEST, is_mixture, load_mixture, read_manifest, save_mixture
+from colearn.models.build import build_ancestor, load_pretrained
+from colearn.models.partner import Partner
 from tests.conftest import LAKE_ID, tiny_model_config
 from tests.test_integrate import ACTIONS, LINE_OBS, MIRROR_OBS, trained
 
@@ -87,7 +87,7 @@ def test_a_mixture_is_not_one_model(saved, model_cfg):
 
 
 def test_lora_members_round_trip_as_adapters(corpus, tmp_path):
-    from colearn.offspring import dense_state
+    from colearn.breeding.offspring import dense_state
 
     cfg = tiny_model_config(lora_rank=2)
     members = []

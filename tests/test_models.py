@@ -1,4 +1,4 @@
-"""Tests of colearn.models: the env tokenizer, the tiny Llama, loading local HF dirs, LoRA, devices."""
+"""Tests of colearn.models.build: the env tokenizer, the tiny Llama, loading local HF dirs, LoRA, devices."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from transformers import AutoTokenizer
 
 from colearn.config import ModelConfig
 from colearn.errors import ColearnError
-from colearn.models import build_ancestor, build_tiny_model, build_tokenizer, load_pretrained, resolve_device
-from colearn.partner import Partner
+from colearn.models.build import build_ancestor, build_tiny_model, build_tokenizer, load_pretrained, resolve_device
+from colearn.models.partner import Partner
 
 TINY = {"hidden_size": 32, "intermediate_size": 64, "num_layers": 1, "num_heads": 2}
 LAKE_ACTIONS = ["left", "down", "right", "up"]

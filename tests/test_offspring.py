@@ -1,4 +1,4 @@
-"""Tests of colearn.offspring: compatibility before a merge, fallback, the promotion gate, evolve via make_offspring."""
+"""Tests of colearn.breeding.offspring: compatibility before a merge, fallback, the promotion gate, evolve via make_offspring."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import torch
 
 from colearn.config import MergeConfig
 from colearn.errors import ColearnError
-from colearn.offspring import Copy, Merged, Mixture, compatibility, dense_state, make_offspring
-from colearn.partner import Partner
+from colearn.breeding.offspring import Copy, Merged, Mixture, compatibility, dense_state, make_offspring
+from colearn.models.partner import Partner
 
 torch.set_num_threads(1)
 
@@ -32,7 +32,7 @@ def probe(corpus) -> list[str]:
 @pytest.fixture(scope="module")
 def family(ancestor, model_cfg, corpus):
     """(ancestor, A, B, unrelated): A and B trained-like perturbations of the ancestor, the last a fresh init."""
-    from colearn.models import build_ancestor
+    from colearn.models.build import build_ancestor
 
     model, tokenizer = ancestor
     root = Partner("ancestor", model, tokenizer, model_cfg)
@@ -188,7 +188,7 @@ def test_evolve_searches_on_search_fn_and_reports_held_out_scores(family):
 
 
 def test_lora_partners_merge_their_folded_weights(corpus, model_cfg):
-    from colearn.models import build_ancestor
+    from colearn.models.build import build_ancestor
 
     cfg = model_cfg.__class__(**{**model_cfg.__dict__, "lora_rank": 2})
     model, tokenizer = build_ancestor(cfg, *corpus, seed=0)
@@ -216,7 +216,7 @@ def perturbed_adapter(partner: Partner, name: str, scale: float, seed: int, only
 
 @pytest.fixture(scope="module")
 def lora_root(corpus, model_cfg) -> Partner:
-    from colearn.models import build_ancestor
+    from colearn.models.build import build_ancestor
 
     cfg = model_cfg.__class__(**{**model_cfg.__dict__, "lora_rank": 2})
     model, tokenizer = build_ancestor(cfg, *corpus, seed=0)

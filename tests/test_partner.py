@@ -1,4 +1,4 @@
-"""Tests of colearn.partner (acting, sampling, generation, saving) and the policy functions it uses."""
+"""Tests of colearn.models.partner (acting, sampling, generation, saving) and the policy functions it uses."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from colearn.errors import ColearnError
-from colearn.learn import row_logprobs
-from colearn.partner import Partner
-from colearn.policy import continuation_stats, legal_action_logprobs
+from colearn.learning.learn import row_logprobs
+from colearn.models.partner import Partner
+from colearn.models.policy import continuation_stats, legal_action_logprobs
 
 LAKE_ACTIONS = ["left", "down", "right", "up"]
 GRIDS = ["SFFF\nFHFH\nFFFH\nHFFG".replace("S", "P", 1), "SPFF\nFHFH\nFFFH\nHFFG", "SFFF\nFPFH\nFFFH\nHFFG",
@@ -280,7 +280,7 @@ def test_load_of_a_non_checkpoint_is_a_colearn_error(model_cfg, tmp_path):
 
 def test_lora_partner_saves_and_loads_as_adapter(corpus, tmp_path):
     from colearn.config import ModelConfig
-    from colearn.models import build_ancestor
+    from colearn.models.build import build_ancestor
 
     texts, names = corpus
     cfg = ModelConfig(hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2, lora_rank=4)

@@ -22,8 +22,8 @@ from safetensors.torch import load_file
 from colearn import loop
 from colearn.config import Config, MergeConfig
 from colearn.errors import ColearnError
-from colearn.experience import ExperienceStore
-from colearn.runlock import RunLock, holder
+from colearn.experience.store import ExperienceStore
+from colearn.rundir.runlock import RunLock, holder
 from tests.test_resume import tiny_config
 
 
@@ -154,7 +154,7 @@ def fake_run(root: Path, deployed: bool = True) -> Path:
 
 
 def test_export_refuses_a_non_empty_out_and_leaves_it_as_it_was(tmp_path):
-    from colearn import export
+    from colearn.cli import export
 
     out = tmp_path / "mine"
     out.mkdir()
@@ -165,7 +165,7 @@ def test_export_refuses_a_non_empty_out_and_leaves_it_as_it_was(tmp_path):
 
 
 def test_export_without_a_deployed_generation_asks_for_one(tmp_path):
-    from colearn import export
+    from colearn.cli import export
 
     run_dir = fake_run(tmp_path, deployed=False)
     with pytest.raises(ColearnError, match="--generation"):
@@ -199,8 +199,8 @@ def custom_code_dir(tmp_path, tokenizer) -> Path:
 @pytest.mark.parametrize("loader", ["load_pretrained", "partner_load"])
 def test_a_model_dir_needing_its_own_code_is_refused_without_asking(custom_code_dir, monkeypatch, loader):
     from colearn.config import ModelConfig
-    from colearn.models import load_pretrained
-    from colearn.partner import Partner
+    from colearn.models.build import load_pretrained
+    from colearn.models.partner import Partner
 
     asked = []
     monkeypatch.setattr(builtins, "input", lambda *a: asked.append(a) or "y")  # a user who would say yes

@@ -1,4 +1,4 @@
-"""Tests of colearn.report: reports of a real tiny run (the loop run in-process), and sweep comparisons."""
+"""Tests of colearn.analysis.report: reports of a real tiny run (the loop run in-process), and sweep comparisons."""
 
 from __future__ import annotations
 
@@ -14,16 +14,16 @@ import matplotlib.pyplot as plt
 import pytest
 from PIL import Image
 
-from colearn.cli import subcommand
+from colearn.cli.main import subcommand
 from colearn.config import Config, EnvConfig, EnvSpec, EvalConfig, LoopConfig, ModelConfig, PartnerSpec, RolloutConfig
-from colearn.dynamics import pair_metrics, probe_set
+from colearn.analysis.dynamics import pair_metrics, probe_set
 from colearn.errors import ColearnError
-from colearn.integrate import evaluate_modes
-from colearn.lineage_plot import MAX_WIDTH, lineage_figure, lineage_layout
-from colearn.logger import Logger, read_metrics
+from colearn.breeding.integrate import evaluate_modes
+from colearn.analysis.lineage_plot import MAX_WIDTH, lineage_figure, lineage_layout
+from colearn.rundir.logger import Logger, read_metrics
 from colearn.loop import LoopState, run
-from colearn.plots import merge_gain_figure, merge_gains, search_figure, transfer_figure
-from colearn.report import searches_of, t_interval, t_quantile, write_compare, write_report
+from colearn.analysis.plots import merge_gain_figure, merge_gains, search_figure, transfer_figure
+from colearn.analysis.report import searches_of, t_interval, t_quantile, write_compare, write_report
 
 SUITE = [EnvSpec("colearn/FrozenLake-v0", name="Line", kwargs={"desc": ["SFG"]}),
          EnvSpec("colearn/FrozenLake-v0", name="MirrorLine", kwargs={"desc": ["GFS"]})]

@@ -18,9 +18,9 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from colearn import loop
-from colearn.checkpoint import latest_intact
+from colearn.rundir.checkpoint import latest_intact
 from colearn.config import Config, EnvConfig, EnvSpec, EvalConfig, LoopConfig, PartnerSpec, RolloutConfig, Stage
-from colearn.experience import ExperienceStore
+from colearn.experience.store import ExperienceStore
 from tests.conftest import LAKE_ID, tiny_model_config
 
 TINY = ["loop.generations=2", "loop.rounds=2", "rollout.episodes=16", "rollout.group_size=4", "rollout.num_envs=16",

@@ -1,4 +1,4 @@
-"""Tests of colearn.rollout.collect: episode bookkeeping, returns, determinism, behaviour log-probs."""
+"""Tests of colearn.experience.rollout.collect: episode bookkeeping, returns, determinism, behaviour log-probs."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ import torch
 
 from colearn.config import EnvSpec, RolloutConfig
 from colearn.errors import ColearnError
-from colearn.experience import FEATURES, ExperienceStore
-from colearn.learn import row_logprobs
-from colearn.rollout import EpisodeMeta, acting_mode, collect, env_info, group_seeds
+from colearn.experience.store import FEATURES, ExperienceStore
+from colearn.learning.learn import row_logprobs
+from colearn.experience.rollout import EpisodeMeta, acting_mode, collect, env_info, group_seeds
 
 LAKE_ACTIONS = ["left", "down", "right", "up"]
 META = EpisodeMeta(run_id="run", generation=1, round=2, partner="A")
@@ -44,7 +44,7 @@ def episodes_of(rows: list[dict]) -> dict[str, list[dict]]:
 
 @pytest.fixture(scope="module")
 def lake_rows(ancestor, model_cfg, lake_spec):
-    from colearn.partner import Partner
+    from colearn.models.partner import Partner
 
     with torch.no_grad():
         return play(Partner("A", ancestor[0], ancestor[1], model_cfg), lake_spec)
@@ -52,7 +52,7 @@ def lake_rows(ancestor, model_cfg, lake_spec):
 
 @pytest.fixture(scope="module")
 def line_rows(ancestor, model_cfg, line_spec):
-    from colearn.partner import Partner
+    from colearn.models.partner import Partner
 
     with torch.no_grad():
         return play(Partner("A", ancestor[0], ancestor[1], model_cfg), line_spec, group_size=4)
@@ -124,7 +124,7 @@ def test_prompt_ids_equal_partner_prompt_ids(lake_rows, partner):
 
 @pytest.mark.parametrize("gamma", [1.0, 0.9])
 def test_return_to_go_and_episode_return(ancestor, model_cfg, line_spec, gamma):
-    from colearn.partner import Partner
+    from colearn.models.partner import Partner
 
     rows = play(Partner("A", ancestor[0], ancestor[1], model_cfg), line_spec, gamma=gamma)
     eps = episodes_of(rows)

@@ -15,12 +15,12 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tqdm import tqdm
 
-import colearn.evolve
+import colearn.merging.evolve
 import colearn.loop
-from colearn.cli import logs_above_bars
+from colearn.cli.main import logs_above_bars
 from colearn.config import (Config, EnvConfig, EnvSpec, EvalConfig, IntegrateConfig, LoopConfig, MergeConfig,
                             ModelConfig, PartnerSpec, RolloutConfig)
-from colearn.logger import tensorboard_scalars
+from colearn.rundir.logger import tensorboard_scalars
 from colearn.loop import run
 
 SUITE = [EnvSpec("colearn/FrozenLake-v0", name="Line", kwargs={"desc": ["SFG"]}),
@@ -131,7 +131,7 @@ def test_merge_search_moves_a_bar_per_candidate(monkeypatch):
             super().__init__(**{**kw, "disable": False, "file": io.StringIO()})
             bars.append(self)
 
-    monkeypatch.setattr(colearn.evolve, "tqdm", Bar)
+    monkeypatch.setattr(colearn.merging.evolve, "tqdm", Bar)
     RecordingBar.calls = []
     torch.manual_seed(0)
     ancestor = {"model.layers.0.mlp.up_proj.weight": torch.zeros(4, 4), "lm_head.weight": torch.zeros(3, 4)}
@@ -140,6 +140,6 @@ def test_merge_search_moves_a_bar_per_candidate(monkeypatch):
     def fitness(state: dict) -> float:
         return -float(state["lm_head.weight"].abs().sum())
 
-    colearn.evolve.search(ancestor, partners, fitness, MergeConfig(method="evolve", search_budget=7))
+    colearn.merging.evolve.search(ancestor, partners, fitness, MergeConfig(method="evolve", search_budget=7))
     assert len(bars) == 1 and bars[0].total == 7 and bars[0].n == 7
     assert [c for c in RecordingBar.calls if c[0] == "update"] == [("update", 1)] * 7

@@ -11,8 +11,8 @@ import sys
 import pytest
 import yaml
 
-from colearn import experience
-from colearn.cli import name_sweep_runs_by_swept_keys, subcommand, sweep_subdir
+from colearn.experience import store as experience
+from colearn.cli.main import name_sweep_runs_by_swept_keys, subcommand, sweep_subdir
 
 TINY = ["loop.generations=1", "loop.rounds=1", "rollout.episodes=8", "rollout.group_size=4", "rollout.num_envs=8",
         "eval.episodes=2", "model.hidden_size=32", "model.intermediate_size=64", "model.num_layers=1",

@@ -1,0 +1,121 @@
+"""What researchers study in a run: how partners drift apart, transfer, and forget.
+
+Every function returns a flat dict of namespaced metrics, ready for `Logger.write`:
+
+    compat/cka/A~B            linear CKA of the partners' last-layer hidden states on a fixed probe (1 = same geometry)
+    compat/cka/A~ancestor     the same against the generation's ancestor
+    compat/cosine/A~B         cosine of the task vectors (partner - ancestor)
+    compat/sign_conflict/A~B  fraction of coordinates both changed where they moved in opposite directions
+    weights/distance/A        L2 distance of the partner's weights from the ancestor
+    weights/distance/A~B      L2 distance between the partners
+    transfer/unseen_return/A/<env>   normalized return on an env the partner never acted in
+    forgetting/<partner>/<env>       best normalized return so far minus now (>= 0; 0 = nothing forgotten)
+
+CKA reads the last layer's hidden states at every token of the probe prompts: two partners with CKA
+near 1 represent the envs alike and average well; falling CKA is the "incompatible specialization"
+after which a mixture beats a merge (Pari et al.).
+"""
+
+from __future__ import annotations
+
+from itertools import combinations
+
+import gymnasium as gym
+import numpy as np
+import torch
+from torch import Tensor
+
+from colearn.breeding.compatibility import linear_cka, sign_conflict_rate, task_vector, task_vector_cosine, weight_distance
+from colearn.config import EnvSpec
+from colearn.experience.evaluate import EnvScore, normalized_by_env
+from colearn.breeding.offspring import dense_state
+from colearn.models.partner import Partner
+from colearn.models.policy import right_padded
+from colearn.experience.rollout import env_info
+
+Scores = dict[str, dict[str, float]]  # partner -> env -> normalized return
+
+
+def probe_set(suite: list[EnvSpec], n: int, seed: int = 0) -> list[str]:
+    """Returns up to `n` distinct observations from each env (random-action episodes on seeded resets):
+    a fixed set of inputs on which to compare partners' representations across a whole run."""
+    probe: list[str] = []
+    for index, spec in enumerate(suite):
+        rng = np.random.default_rng([seed, index])
+        actions = env_info(spec)["action_names"] or ["?"]  # generate-mode envs: a new problem per reset
+        env = gym.make(spec.id, **spec.kwargs)
+        seen: dict[str, None] = {}
+        for _ in range(4 * n):  # small maps have fewer than n states: stop trying after a while
+            obs, _ = env.reset(seed=int(rng.integers(2**31 - 1)))
+            for _ in range(50):
+                seen.setdefault(obs)
+                obs, _, term, trunc, _ = env.step(actions[rng.integers(len(actions))])
+                if term or trunc or len(seen) >= n:
+                    break
+            if len(seen) >= n:
+                break
+        env.close()
+        probe += list(seen)[:n]
+    return probe
+
+
+@torch.no_grad()
+def hidden_states(partner: Partner, probe: list[str], batch_size: int = 64) -> Tensor:
+    """Returns the last layer's hidden state at every token of every probe prompt, (tokens, hidden), float32.
+
+    Every token, not only the last: linear CKA needs more samples than features (with fewer, any two
+    generic representations score near 1), and a handful of small-grid observations is fewer than a
+    model's width; the tokens of those observations are many more.
+    """
+    prompts = partner.prompt_ids(probe)
+    rows = []
+    for start in range(0, len(prompts), batch_size):
+        ids, mask = right_padded(prompts[start : start + batch_size], partner.tokenizer.pad_token_id, partner.device)
+        out = partner.model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+        rows.append(out.hidden_states[-1][mask.bool()].float().cpu())  # (real tokens in chunk, hidden)
+    return torch.cat(rows)
+
+
+def pair_metrics(partners: list[Partner], ancestor: Partner, probe: list[str]) -> dict[str, float]:
+    """Returns the compatibility of every pair of partners and each partner's drift from the ancestor:
+    compat/cka|cosine|sign_conflict/A~B, compat/cka/A~ancestor, weights/distance/A and /A~B."""
+    states = {p.name: hidden_states(p, probe) for p in partners}
+    base_states = hidden_states(ancestor, probe)
+    base = dense_state(ancestor)
+    weights = {p.name: dense_state(p) for p in partners}
+    vectors = {name: task_vector(w, base) for name, w in weights.items()}
+    out: dict[str, float] = {}
+    for a, b in combinations([p.name for p in partners], 2):
+        out[f"compat/cka/{a}~{b}"] = linear_cka(states[a], states[b])
+        out[f"compat/cosine/{a}~{b}"] = task_vector_cosine(vectors[a], vectors[b])
+        out[f"compat/sign_conflict/{a}~{b}"] = sign_conflict_rate(vectors[a], vectors[b])
+        out[f"weights/distance/{a}~{b}"] = weight_distance(weights[a], weights[b])
+    for name in weights:
+        out[f"compat/cka/{name}~ancestor"] = linear_cka(states[name], base_states)
+        out[f"weights/distance/{name}"] = weight_distance(weights[name], base)
+    return out
+
+
+def main_scores(scores: dict[str, list[EnvScore]]) -> Scores:
+    """Returns {policy owner: {env: normalized return}} of the greedy policy (sampled when greedy was not
+    evaluated): the table forgetting and transfer read."""
+    return {owner: normalized_by_env(ss) for owner, ss in scores.items()}
+
+
+def forgetting(history: list[Scores], current: Scores) -> dict[str, float]:
+    """Returns forgetting/<partner>/<env>: the best normalized return the partner (by name) reached on
+    the env in any earlier snapshot or now, minus its return now; envs it was never scored on before
+    are left out, so a first generation has nothing to forget."""
+    out = {}
+    for owner, now in current.items():
+        for env, value in now.items():
+            before = [h[owner][env] for h in history if env in h.get(owner, {})]
+            if before:
+                out[f"forgetting/{owner}/{env}"] = max(*before, value) - value
+    return out
+
+
+def transfer(current: Scores, partners: list[Partner]) -> dict[str, float]:
+    """Returns transfer/unseen_return/<partner>/<env>: normalized return on each env the partner never acts in."""
+    return {f"transfer/unseen_return/{p.name}/{env}": value
+            for p in partners for env, value in current.get(p.name, {}).items() if env not in p.envs}

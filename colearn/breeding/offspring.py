@@ -1,0 +1,402 @@
+"""The offspring of a generation: the partners merged in weight space relative to their ancestor.
+
+Before merging, the pair's compatibility is measured (task-vector cosine, sign conflicts, CKA
+of their representations); partners that drifted apart (Pari et al., "Collective Model
+Intelligence Requires Compatible Specialization") are not averaged but fall back to the best
+partner or a mixture.  After merging, a gate promotes the offspring only if it is about as
+good as its best parent on validation episodes.  The result is a `Merged`, `Copy` or `Mixture`
+carrying its compatibility numbers and gate decision; its `recipe()` is the record the loop writes
+to lineage.json and metrics.jsonl.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import itertools
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from colearn.breeding.compatibility import linear_cka, sign_conflict_rate, task_vector, task_vector_cosine
+from colearn.config import MergeConfig
+from colearn.errors import ColearnError
+from colearn.models.partner import Partner
+
+if TYPE_CHECKING:
+    from colearn.merging.merge import Recipe
+
+Scorer = Callable[[Partner], float]  # policy -> mean normalized return on fixed validation episodes
+
+
+# --------------------------------------------------------------------------- the result
+
+
+@dataclass(frozen=True)
+class Gate:
+    """The promotion decision of merge.gate: passed when offspring >= best_parent - tolerance."""
+
+    offspring: float  # the offspring's mean normalized return on the validation episodes
+    best_parent: float  # the best parent's, re-scored on the same episodes
+    parents: dict[str, float]  # every parent's
+    tolerance: float  # merge.gate_tolerance
+    passed: bool
+    fallback: str | None  # merge.fallback taken instead of the offspring; None when it passed
+
+
+@dataclass(kw_only=True)
+class Offspring:
+    """A generation's offspring; `partner` is the one set of weights that seeds the next generation."""
+
+    partner: Partner
+    compat: dict[str, Any] | None = None  # `compatibility` of the partners with metric, threshold and compatible;
+    # None when no merge was considered (merging off, or one partner)
+    gate: Gate | None = None  # the promotion decision, when the gate ran
+    gate_skipped: str | None = None  # why the gate did not run, when a merge was considered
+
+    @property
+    def promoted(self) -> bool:
+        """Whether the offspring becomes the run's deployed model: all but those the gate refused."""
+        return self.gate is None or self.gate.passed
+
+    def recipe(self) -> dict[str, Any]:
+        """Returns how the offspring was made, as plain data: the record lineage.json and metrics.jsonl keep."""
+        raise NotImplementedError
+
+    def _gate_record(self) -> dict[str, Any]:
+        return dataclasses.asdict(self.gate) if self.gate is not None else {"skipped": self.gate_skipped}
+
+
+@dataclass(kw_only=True)
+class Merged(Offspring):
+    """The partners merged in weight space relative to their ancestor."""
+
+    merge: dict[str, Any]  # the merge's recipe (`Recipe.as_dict`; evolve's names its base_method and search)
+    lora: dict[str, Any] = field(default_factory=dict)  # how a LoRA offspring was made; {} for full weights
+
+    def recipe(self) -> dict[str, Any]:
+        lora = {"lora": self.lora} if self.lora else {}
+        return {**self.merge, "compat": self.compat, **lora, "gate": self._gate_record(), "outcome": "merged"}
+
+    def attempt(self) -> dict[str, Any]:
+        """Returns the merge's recipe with its LoRA record: what a fallback records as the merge it refused."""
+        return {**self.merge, **({"lora": self.lora} if self.lora else {})}
+
+
+@dataclass(kw_only=True)
+class Copy(Offspring):
+    """A copy of the best partner: merging is off or there is one partner, or the fallback of a merge not taken."""
+
+    source: str  # the copied partner's name
+    reason: str | None = None  # why a considered merge was not taken; None when none was considered
+    attempted: dict[str, Any] | None = None  # the merge the gate refused (`Merged.attempt`)
+
+    def recipe(self) -> dict[str, Any]:
+        if self.reason is None:
+            return {"method": "copy_best", "source": self.source, "outcome": "copy"}
+        attempted = {"attempted": self.attempted} if self.attempted is not None else {}
+        return {"method": "copy_best", "source": self.source, "outcome": "fallback", "fallback": self.fallback_name,
+                "reason": self.reason, "compat": self.compat, "gate": self._gate_record(), **attempted}
+
+    @property
+    def fallback_name(self) -> str:
+        """The merge.fallback this offspring is."""
+        return "best"
+
+
+@dataclass(kw_only=True)
+class Mixture(Copy):
+    """The partners routed per env (merge.fallback=mixture), evaluated and saved as a mixture directory
+    (`colearn.breeding.mixture`); `partner` is the best partner's copy, as one set of weights cannot hold the routing."""
+
+    routing: dict[str, str]  # env -> name of the partner that acts in it
+
+    def recipe(self) -> dict[str, Any]:
+        return {**super().recipe(), "mixture": self.routing}
+
+    @property
+    def fallback_name(self) -> str:
+        return "mixture"
+
+
+# --------------------------------------------------------------------------- weights
+
+
+def dense_state(partner: Partner) -> dict[str, torch.Tensor]:
+    """Returns the partner's full weights, each tied tensor once (under its first name); a LoRA partner's
+    adapter is folded in (B·A·scaling), so merges combine true weight changes rather than A and B factors."""
+    model = partner.model
+    if hasattr(model, "peft_config"):
+        model = copy.deepcopy(model).merge_and_unload()
+    return untied({k: v.detach() for k, v in model.state_dict().items()})
+
+
+def untied(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Returns the state dict without the names that alias an earlier tensor (tied embeddings).
+
+    A tied lm_head would otherwise be merged twice, once in the `embed` and once in the `head`
+    layer group, and whichever load_state_dict copies last would silently win.
+    """
+    seen: set[tuple[int, int, tuple[int, ...]]] = set()
+    kept = {}
+    for key, tensor in state.items():
+        identity = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
+        if identity not in seen:
+            seen.add(identity)
+            kept[key] = tensor
+    return kept
+
+
+def load_weights(model: torch.nn.Module, weights: Mapping[str, torch.Tensor]) -> None:
+    """Copies `weights` into the model; only names tied to a loaded tensor may be absent."""
+    result = model.load_state_dict(weights, strict=False)
+    if result.unexpected_keys or set(result.missing_keys) - _tied_names(model):
+        raise ValueError(f"weights do not fit the model: missing {result.missing_keys}, "
+                         f"unexpected {result.unexpected_keys}")
+
+
+def _tied_names(model: torch.nn.Module) -> set[str]:
+    state = model.state_dict()
+    return set(state) - set(untied(state))
+
+
+def merge_recipe(cfg: MergeConfig, n_partners: int) -> Recipe:
+    """Returns the checked recipe of merge.* for n partners (equal weights when merge.weights is empty)."""
+    from colearn.merging.merge import Recipe
+
+    return Recipe.from_config(cfg, n_partners).check(n_partners)
+
+
+def merged_weights(ancestor: Partner, partners: Sequence[Partner], recipe: Recipe) -> dict[str, torch.Tensor]:
+    """Returns the merged dense weights of the partners relative to the ancestor."""
+    from colearn.merging.merge import merge_state_dicts
+
+    return merge_state_dicts(dense_state(ancestor), [dense_state(p) for p in partners], recipe)
+
+
+def offspring_from(ancestor: Partner, weights: Mapping[str, torch.Tensor], lora_offspring: str = "fold",
+                   name: str = "offspring") -> tuple[Partner, dict[str, Any]]:
+    """Returns a new partner with the ancestor's architecture (and adapter layout) holding `weights`, and a
+    record of how a LoRA offspring was made ({} for full-weight partners).
+
+    LoRA ancestors (merge.lora_offspring): "fold" puts the merged change into the base and a fresh
+    adapter on top, so the next generation again trains adapters from zero; "adapter" keeps the base
+    frozen and re-factorizes the change into the adapter at its rank (truncated SVD, Eckart-Young),
+    recording the relative truncation error."""
+    child = ancestor.clone(name)
+    if not hasattr(child.model, "peft_config"):
+        load_weights(child.model, weights)
+        return child, {}
+    if lora_offspring == "adapter":
+        return child, {"lora_offspring": "adapter", **refactorized_adapter(child.model, weights)}
+    from colearn.models.build import with_lora
+
+    base = copy.deepcopy(child.model).merge_and_unload()
+    load_weights(base, weights)
+    child.model = with_lora(base, ancestor.cfg)
+    return child, {"lora_offspring": "fold"}
+
+
+def refactorized_adapter(model: Any, weights: Mapping[str, torch.Tensor]) -> dict[str, Any]:
+    """Sets the peft model's adapter so that base + adapter approximates `weights` at the adapter's rank;
+    returns {rank, truncation_error}."""
+    from peft import get_peft_model_state_dict, set_peft_model_state_dict
+
+    from colearn.merging.lora_merge import adapter_for, lora_factors, lora_scaling
+
+    config = model.peft_config[model.active_adapter]
+    if config.rank_pattern or config.alpha_pattern:
+        raise ColearnError("merge.lora_offspring=adapter needs one LoRA rank for every module (no rank_pattern or "
+                           "alpha_pattern); use merge.lora_offspring=fold")
+    base = untied(copy.deepcopy(model).unload().state_dict())
+    adapted = list(lora_factors(get_peft_model_state_dict(model)))
+    scaling = lora_scaling(config.r, config.lora_alpha, config.use_rslora)
+    state, error = adapter_for(base, weights, adapted, config.r, scaling, config.fan_in_fan_out)
+    set_peft_model_state_dict(model, {k: v.to(next(model.parameters()).dtype) for k, v in state.items()})
+    return {"rank": config.r, "truncation_error": error}
+
+
+def _dense_candidate(ancestor: Partner) -> Partner:
+    """Returns one reusable plain (adapter-free) model to load search candidates into, without a disk trip."""
+    model = ancestor.model
+    model = copy.deepcopy(model).merge_and_unload() if hasattr(model, "peft_config") else copy.deepcopy(model)
+    return Partner("candidate", model.eval(), ancestor.tokenizer, ancestor.cfg)
+
+
+# --------------------------------------------------------------------------- compatibility
+
+
+def compatibility(ancestor: Partner, partners: Sequence[Partner], probe: Sequence[str] | None) -> dict[str, Any]:
+    """Returns {cosine, sign_conflict, cka, pair}: the partners' compatibility (pair: the lowest-cosine pair).
+
+    cosine and sign_conflict compare task vectors (partner - ancestor; Yadav et al. 2023 for
+    sign conflicts), cka the partners' last-layer hidden states at every token of the probe prompts (linear CKA,
+    Kornblith et al. 2019; None without a probe of >= 2 prompts).  With more than two
+    partners every value is the worst over pairs (lowest cosine and CKA, highest conflict rate).
+    """
+    base = dense_state(ancestor)
+    vectors = {p.name: task_vector(dense_state(p), base) for p in partners}
+    from colearn.analysis.dynamics import hidden_states  # dynamics reads offspring's dense_state: import late
+
+    states = {p.name: hidden_states(p, list(probe)) for p in partners} if probe and len(probe) >= 2 else None
+    worst: dict[str, Any] = {"cosine": None, "sign_conflict": None, "cka": None, "pair": None}
+    for a, b in itertools.combinations([p.name for p in partners], 2):
+        cosine = task_vector_cosine(vectors[a], vectors[b])
+        conflict = sign_conflict_rate(vectors[a], vectors[b])
+        cka = linear_cka(states[a], states[b]) if states else None
+        if worst["cosine"] is None or cosine < worst["cosine"]:
+            worst["cosine"], worst["pair"] = cosine, [a, b]
+        worst["sign_conflict"] = max(conflict, worst["sign_conflict"] or 0.0)
+        if cka is not None:
+            worst["cka"] = cka if worst["cka"] is None else min(cka, worst["cka"])
+    return worst
+
+
+def incompatibility(compat: Mapping[str, Any], cfg: MergeConfig) -> str | None:
+    """Returns why the partners should not be averaged (merge.compat_metric under merge.compat_threshold), or None."""
+    value = compat[cfg.compat_metric]
+    if cfg.compat_threshold <= 0:
+        return None
+    if value is None:
+        raise ColearnError(
+            f"merge.compat_threshold={cfg.compat_threshold} with merge.compat_metric=cka needs probe observations; "
+            "pass a probe set or use merge.compat_metric=cosine"
+        )
+    if value < cfg.compat_threshold:
+        return f"{cfg.compat_metric} {value:.4f} < merge.compat_threshold {cfg.compat_threshold}"
+    return None
+
+
+# --------------------------------------------------------------------------- search
+
+
+def evolved_weights(
+    ancestor: Partner, partners: Sequence[Partner], cfg: MergeConfig, search_fn: Scorer | None,
+    evaluate_fn: Scorer | None,
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Returns the weights of the recipe CMA-ES found (merge.method=evolve) and that recipe with its search record.
+
+    Candidates are scored by `search_fn`; the winner and the uniform start are re-scored on
+    `evaluate_fn`'s held-out episodes, which is the number to trust.
+    """
+    from colearn.merging.evolve import search, start_recipe
+    from colearn.merging.merge import merge_state_dicts
+
+    if search_fn is None:
+        raise ColearnError("merge.method=evolve needs a search_fn that scores candidate offspring on search episodes")
+    base, states = dense_state(ancestor), [dense_state(p) for p in partners]
+    candidate = _dense_candidate(ancestor)
+    result = search(base, states, lambda state: fitness_on(candidate, state, search_fn), cfg)
+    record: dict[str, Any] = {"budget": cfg.search_budget, "fitness": result.fitness,
+                              "uniform_fitness": result.uniform_fitness, "curve": result.curve}
+    if evaluate_fn is not None:
+        uniform = merge_state_dicts(base, states, start_recipe(cfg, len(partners)))
+        record["heldout_uniform"] = fitness_on(candidate, uniform, evaluate_fn)
+    weights = merge_state_dicts(base, states, result.recipe)
+    if evaluate_fn is not None:
+        record["heldout"] = fitness_on(candidate, weights, evaluate_fn)
+    found = result.recipe.as_dict()
+    recipe = {"method": "evolve", "base_method": found.pop("method"), **found, "search": record}
+    return weights, recipe
+
+
+def fitness_on(candidate: Partner, weights: Mapping[str, torch.Tensor], scorer: Scorer) -> float:
+    """Returns the scorer's value of the candidate model holding `weights`."""
+    load_weights(candidate.model, weights)
+    return float(scorer(candidate))
+
+
+# --------------------------------------------------------------------------- gate and fallback
+
+
+def gate_decision(offspring_score: float, parent_scores: Mapping[str, float], cfg: MergeConfig) -> Gate:
+    """Returns the promotion decision: passed when offspring >= best parent - merge.gate_tolerance."""
+    best_parent = max(parent_scores.values())
+    passed = offspring_score >= best_parent - cfg.gate_tolerance
+    return Gate(offspring_score, best_parent, dict(parent_scores), cfg.gate_tolerance, passed,
+                None if passed else cfg.fallback)
+
+
+def mixture_map(partners: Sequence[Partner], env_scores: Mapping[str, Mapping[str, float]] | None) -> dict[str, str]:
+    """Returns {env: name of the partner best on it}: from per-env scores when given, else each partner's own envs.
+
+    This is the routing of a mixture offspring (merge.fallback=mixture): the loop evaluates the partners
+    routed by it and saves them with it as a mixture directory (`colearn.breeding.mixture`).
+    """
+    if not env_scores:
+        return {env: p.name for p in partners for env in p.envs}
+    envs = dict.fromkeys(env for p in partners for env in env_scores.get(p.name, {}))
+    return {env: max((p for p in partners if env in env_scores.get(p.name, {})),
+                     key=lambda p: env_scores[p.name][env]).name for env in envs}
+
+
+def fallback(
+    partners: Sequence[Partner], parent_scores: Mapping[str, float], cfg: MergeConfig, reason: str,
+    env_scores: Mapping[str, Mapping[str, float]] | None, **decision: Any,
+) -> Copy:
+    """Returns the merge.fallback offspring and why a merge was not taken: a copy of the best partner
+    (fallback=best), or a `Mixture` routing each env to its best partner (fallback=mixture).  `decision`
+    holds the compat, gate or gate_skipped, and attempted fields of the result."""
+    best = max(partners, key=lambda p: parent_scores[p.name])
+    if cfg.fallback == "mixture":
+        return Mixture(partner=best.clone("offspring"), source=best.name, reason=reason,
+                       routing=mixture_map(partners, env_scores), **decision)
+    return Copy(partner=best.clone("offspring"), source=best.name, reason=reason, **decision)
+
+
+def make_offspring(
+    ancestor: Partner,
+    partners: list[Partner],
+    scores: dict[str, float],
+    cfg: MergeConfig,
+    *,
+    evaluate_fn: Scorer | None = None,
+    search_fn: Scorer | None = None,
+    probe: Sequence[str] | None = None,
+    env_scores: Mapping[str, Mapping[str, float]] | None = None,
+) -> Offspring:
+    """Returns the offspring of a generation: `Merged`, `Copy` or `Mixture`.
+
+    A copy of the best-scoring partner when merging is off (method "none") or there is one
+    partner.  Otherwise: compatibility is measured (`compatibility`, on the `probe` prompts)
+    and, under merge.compat_threshold, the configured fallback is returned; else the partners
+    are merged (method=evolve: CMA-ES over merge.base_method's recipe, scored by `search_fn`)
+    and, with merge.gate, the offspring must score within merge.gate_tolerance of the best
+    parent under `evaluate_fn` (held-out validation episodes; parents are re-scored on the same
+    episodes) or the fallback is returned.  `scores` (the loop's last evaluation) picks the best
+    partner when `evaluate_fn` is absent; `env_scores` ({partner: {env: score}}) the mixture map.
+    """
+    if len(partners) == 1 or cfg.method == "none":
+        best = max(partners, key=lambda p: scores[p.name])
+        return Copy(partner=best.clone("offspring"), source=best.name)
+    gated = cfg.gate and evaluate_fn is not None
+    parent_scores = {p.name: float(evaluate_fn(p)) for p in partners} if gated else dict(scores)
+    compat = {**compatibility(ancestor, partners, probe), "metric": cfg.compat_metric,
+              "threshold": cfg.compat_threshold}
+    reason = incompatibility(compat, cfg)
+    compat["compatible"] = reason is None
+    if reason is not None:
+        return fallback(partners, parent_scores, cfg, reason, env_scores, compat=compat,
+                        gate_skipped="partners incompatible")
+    if cfg.method == "evolve":
+        weights, recipe = evolved_weights(ancestor, partners, cfg, search_fn, evaluate_fn)
+    else:
+        merge = merge_recipe(cfg, len(partners))
+        weights = merged_weights(ancestor, partners, merge)
+        recipe = merge.as_dict()
+    child, lora = offspring_from(ancestor, weights, cfg.lora_offspring)
+    merged = Merged(partner=child, merge=recipe, lora=lora, compat=compat)
+    if not gated:
+        merged.gate_skipped = "merge.gate is off" if not cfg.gate else "no evaluate_fn was given"
+        return merged
+    offspring_score = recipe.get("search", {}).get("heldout")
+    merged.gate = gate_decision(offspring_score if offspring_score is not None else float(evaluate_fn(child)),
+                                parent_scores, cfg)
+    if not merged.gate.passed:
+        reason = (f"offspring {merged.gate.offspring:.4f} < best parent {merged.gate.best_parent:.4f} "
+                  f"- merge.gate_tolerance {cfg.gate_tolerance}")
+        return fallback(partners, parent_scores, cfg, reason, env_scores, compat=compat, gate=merged.gate,
+                        attempted=merged.attempt())
+    return merged
