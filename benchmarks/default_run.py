@@ -2,6 +2,7 @@
 
     python benchmarks/default_run.py                 # seeds 0-9, two runs at a time, in /tmp/bench_default
     python benchmarks/default_run.py --seeds 3 --jobs 1
+    python benchmarks/default_run.py --runs-dir /tmp/bench_default_none --out /tmp/none.json -- learn.advantage_norm=none
 
 Each run is the default config (`seed=N`, one torch thread), a subprocess via benchmarks/learning.py's runner.
 Target: the final offspring scores >= 0.9 of the optimum greedily on both maps in >= 9 of 10 seeds, each run in
@@ -38,8 +39,10 @@ def main() -> None:
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--runs-dir", type=Path, default=Path("/tmp/bench_default"))
     ap.add_argument("--out", type=Path, default=RESULTS / "default_run.json")
+    ap.add_argument("overrides", nargs="*", help="Hydra overrides after --: a variant of the default run")
     args = ap.parse_args()
-    jobs = [("default", s, args.runs_dir / f"s{s}", [f"seed={s}", "progress=false"]) for s in range(args.seeds)]
+    jobs = [("default", s, args.runs_dir / f"s{s}", [f"seed={s}", "progress=false", *args.overrides])
+            for s in range(args.seeds)]
     wall = launch([j for j in jobs if not (j[2] / "bench.json").is_file()], args.jobs)
     runs = []
     for _, seed, run_dir, _ in jobs:
