@@ -1,4 +1,5 @@
-"""The config schema: dataclasses (registered in Hydra's ConfigStore by `colearn.cli.main`); values live in conf/ YAML.
+"""The config schema: dataclasses (registered in Hydra's ConfigStore by `colearn.cli.experiment`); values live in
+conf/ YAML.
 
 Every field is documented once, here, where it is declared.
 """

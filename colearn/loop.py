@@ -7,6 +7,8 @@
 With merge.fallback=mixture, an offspring that is not a merge is the partners routed per env: it is
 evaluated and saved as that mixture (`colearn.breeding.mixture`), while the best partner's copy seeds the next
 generation (a mixture has no single set of weights to copy into the partners).
+
+May import: config, errors, models, experience, learning, rundir, merging, breeding, analysis.
 """
 
 from __future__ import annotations
@@ -34,9 +36,9 @@ from tqdm.auto import tqdm
 from colearn.rundir.checkpoint import latest_generation, latest_intact, load_checkpoint, mark_resumable, save_checkpoint
 from colearn.config import Config, EnvSpec
 from colearn.analysis.dynamics import forgetting, main_scores, pair_metrics, probe_set, transfer
+from colearn.breeding.compatibility import Compatibility, measure
 from colearn.errors import ColearnError
-from colearn.experience.evaluate import EnvScore, evaluate, headline, normalized_by_env
-from colearn.merging.evolve import return_scorer
+from colearn.experience.evaluate import EnvScore, evaluate, headline, normalized_by_env, return_scorer
 from colearn.breeding.integrate import ModeParams, evaluate_modes
 from colearn.experience.store import ExperienceStore
 from colearn.learning.learn import learn, select_for_distillation
@@ -77,6 +79,7 @@ class Context:
     suite: dict[str, EnvSpec]
     stop: StopOnSignal | None = None
     probe: list[str] = field(default_factory=list)  # fixed observations on which partners' hidden states are compared
+    compat: Compatibility | None = None  # the partners' compatibility as the last round left them (`log_dynamics`)
     venvs: dict[tuple[str, int], Any] = field(default_factory=dict)  # vector envs made once per run and reused
     seconds: dict[str, float] = field(default_factory=dict)  # wall seconds per phase since the last "time" event
     bar: tqdm | None = None  # the run's progress bar: it names the phase the run is in
@@ -401,11 +404,14 @@ def log_scores(scores: list[EnvScore], own_envs: list[str], label: str, state: L
 
 
 def log_dynamics(state: LoopState, ctx: Context) -> None:
-    """Logs what the partners learned from whom: compatibility, weight drift, transfer, forgetting."""
+    """Logs what the partners learned from whom: compatibility, weight drift, transfer, forgetting. The
+    compatibility is kept in `ctx.compat`: after a generation's last round, the offspring decides on it."""
     now = main_scores(state.last_scores)
     fields = {**transfer(now, state.partners), **forgetting(state.score_history, now)}
+    ctx.compat = None
     if len(state.partners) > 1:
-        fields.update(pair_metrics(state.partners, state.ancestor, ctx.probe))
+        ctx.compat = measure(state.ancestor, state.partners, ctx.probe)
+        fields.update(pair_metrics(ctx.compat))
     ctx.log.write("dynamics", state.env_steps, generation=state.generation, round=state.round, **fields)
 
 
@@ -430,8 +436,11 @@ def breed(state: LoopState, ctx: Context) -> Offspring:
     # validation and search episodes are disjoint from the reported evaluation's seeds
     validate_fn = return_scorer(suite, cfg.eval, cfg.rollout, cfg.eval.seed + 30_000)
     search_fn = return_scorer(suite, cfg.eval, cfg.rollout, cfg.eval.seed + 20_000)
+    # the last round's measurement, unless the run resumed after it (the weights have not changed since)
+    measured, ctx.compat = ctx.compat, None
     return make_offspring(state.ancestor, state.partners, scores, cfg.merge, evaluate_fn=validate_fn,
-                          search_fn=search_fn, probe=ctx.probe, env_scores=main_scores(state.last_scores))
+                          search_fn=search_fn, probe=ctx.probe, measured=measured,
+                          env_scores=main_scores(state.last_scores))
 
 
 def record_lineage(state: LoopState, ctx: Context, offspring: Offspring, child: list[EnvScore]) -> None:

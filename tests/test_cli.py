@@ -113,7 +113,7 @@ def test_type_mismatch_names_the_field(cli_runs):
 def checked_config(overrides: list[str]):
     from hydra import compose, initialize_config_dir
 
-    from colearn.cli.main import CONF_DIR, register_configs, to_config, validate
+    from colearn.cli.experiment import CONF_DIR, register_configs, to_config, validate
 
     register_configs()
     with initialize_config_dir(config_dir=CONF_DIR, version_base=None):
@@ -160,7 +160,7 @@ def test_bad_values_are_rejected_before_the_run(overrides, field):
 
 def test_a_bad_env_argument_stops_the_run_with_one_line_naming_it(capsys):
     # envs raise EnvConfigError, not ColearnError: the CLI must still print it as the user's mistake
-    from colearn.cli.main import user_errors
+    from colearn.cli.console import user_errors
 
     overrides = ["env=addition", "env.suite=[{id: colearn/Addition-v0, name: Addition1, kwargs: {digits: 0}}]"]
     with pytest.raises(SystemExit) as stop, user_errors():

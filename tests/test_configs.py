@@ -11,7 +11,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from colearn import config, loop
-from colearn.cli.main import CONF_DIR, register_configs, to_config, validate
+from colearn.cli.experiment import CONF_DIR, register_configs, to_config, validate
 from colearn.config import MergeConfig
 from colearn.errors import ColearnError
 from colearn.experience.store import ExperienceStore

@@ -8,9 +8,10 @@ import pytest
 import torch
 
 from colearn.config import EnvSpec
-from colearn.analysis.dynamics import forgetting, hidden_states, main_scores, pair_metrics, probe_set, transfer
+from colearn.analysis.dynamics import forgetting, main_scores, pair_metrics, probe_set, transfer
+from colearn.breeding.compatibility import measure
 from colearn.experience.evaluate import EnvScore
-from colearn.models.partner import Partner
+from colearn.models.partner import Partner, hidden_states
 
 LAKE = EnvSpec("colearn/FrozenLake-v0", name="Lake")
 LINE = EnvSpec("colearn/FrozenLake-v0", name="Line", kwargs={"desc": ["SFG"]})
@@ -85,35 +86,35 @@ def test_hidden_states_cover_every_token_whatever_the_padding(base, probe):
 
 def test_cka_is_one_for_identical_partners_and_falls_with_distance(base, probe, ancestor, model_cfg):
     twin_a, twin_b = base.clone("A"), base.clone("B")
-    same = pair_metrics([twin_a, twin_b], base, probe)
+    same = pair_metrics(measure(base, [twin_a, twin_b], probe))
     assert same["compat/cka/A~B"] == pytest.approx(1.0, abs=1e-6)
     assert same["compat/cka/A~ancestor"] == pytest.approx(1.0, abs=1e-6)
     assert same["weights/distance/A"] == 0.0 and same["compat/cosine/A~B"] == 0.0  # no task vectors yet
 
     nudged = shifted(base, "B", 0.03, seed=5)
     stranger = Partner("B", redrawn(ancestor[0], seed=2), base.tokenizer, model_cfg)
-    near = pair_metrics([twin_a, nudged], base, probe)["compat/cka/A~B"]
-    far = pair_metrics([twin_a, stranger], base, probe)["compat/cka/A~B"]
+    near = pair_metrics(measure(base, [twin_a, nudged], probe))["compat/cka/A~B"]
+    far = pair_metrics(measure(base, [twin_a, stranger], probe))["compat/cka/A~B"]
     assert 0.999 > near > 0.9 and far < 0.6
 
 
 def test_cka_ignores_permuted_units_and_scale_that_weight_distance_sees(base, probe):
     shuffled = permuted(base, "B", seed=3)
-    metrics = pair_metrics([base.clone("A"), shuffled], base, probe)
+    metrics = pair_metrics(measure(base, [base.clone("A"), shuffled], probe))
     assert metrics["compat/cka/A~B"] == pytest.approx(1.0, abs=1e-5)
     assert metrics["weights/distance/B"] > 1.0
     louder = base.clone("C")
     with torch.no_grad():
         louder.model.model.norm.weight.mul_(3.0)  # the last hidden states, scaled isotropically
     assert torch.allclose(hidden_states(louder, probe), 3 * hidden_states(base, probe), atol=1e-4)
-    assert pair_metrics([base.clone("A"), louder], base, probe)["compat/cka/A~C"] == pytest.approx(1.0, abs=1e-6)
+    assert pair_metrics(measure(base, [base.clone("A"), louder], probe))["compat/cka/A~C"] == pytest.approx(1.0, abs=1e-6)
 
 
 def test_task_vector_metrics_see_agreeing_and_opposing_updates(base, probe):
     along, again, against = shifted(base, "A", 0.01, 7), shifted(base, "B", 0.01, 7), shifted(base, "C", 0.01, 7, -1)
-    agree = pair_metrics([along, again], base, probe)
+    agree = pair_metrics(measure(base, [along, again], probe))
     assert agree["compat/cosine/A~B"] == pytest.approx(1.0) and agree["compat/sign_conflict/A~B"] == 0.0
-    oppose = pair_metrics([along, against], base, probe)
+    oppose = pair_metrics(measure(base, [along, against], probe))
     assert oppose["compat/cosine/A~C"] == pytest.approx(-1.0) and oppose["compat/sign_conflict/A~C"] == 1.0
     # each moved by the same vector length; apart by twice that
     assert oppose["weights/distance/A~C"] == pytest.approx(2 * oppose["weights/distance/A"], rel=1e-4)

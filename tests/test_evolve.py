@@ -102,7 +102,7 @@ def test_return_scorer_scores_greedy_on_its_own_seeds(partner, line_spec, lake_s
     import colearn.experience.evaluate
     from colearn.config import EvalConfig, RolloutConfig
     from colearn.experience.evaluate import EnvScore
-    from colearn.merging.evolve import return_scorer
+    from colearn.experience.evaluate import return_scorer
 
     seen = []
 

@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM
 
 from colearn.errors import ColearnError
 from colearn.cli.merge import main
-from colearn.breeding.offspring import dense_state
+from colearn.models.weights import dense_state
 from colearn.models.partner import Partner
 
 torch.set_num_threads(1)

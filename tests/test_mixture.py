@@ -15,7 +15,8 @@ from colearn.config import (Config, EnvConfig, EnvSpec, EvalConfig, LoopConfig, 
 from colearn.errors import ColearnError
 from colearn.experience.evaluate import evaluate, normalized_by_env
 from colearn.cli.export import main as export_main
-from colearn.breeding.mixture import MANIFEST, is_mixture, load_mixture, read_manifest, save_mixture
+from colearn.breeding.mixture import load_mixture, read_manifest, save_mixture
+from colearn.models.directories import MIXTURE_MANIFEST, is_mixture
 from colearn.models.build import build_ancestor, load_pretrained
 from colearn.models.partner import Partner
 from tests.conftest import LAKE_ID, tiny_model_config
@@ -52,7 +53,7 @@ def saved(pair, tmp_path_factory) -> Path:
 
 
 def test_saved_mixture_is_a_manifest_and_one_hf_directory_per_member(saved):
-    manifest = json.loads((saved / MANIFEST).read_text())
+    manifest = json.loads((saved / MIXTURE_MANIFEST).read_text())
     assert manifest["format"] == "colearn-mixture" and manifest["mode"] == "route"
     assert manifest["members"] == ["L", "R"] and manifest["env_map"] == {"MirrorLine": "L", "Line": "R"}
     assert "more confident member" in manifest["unmapped_envs"]  # what decides an env the table does not name
@@ -87,7 +88,7 @@ def test_a_mixture_is_not_one_model(saved, model_cfg):
 
 
 def test_lora_members_round_trip_as_adapters(corpus, tmp_path):
-    from colearn.breeding.offspring import dense_state
+    from colearn.models.weights import dense_state
 
     cfg = tiny_model_config(lora_rank=2)
     members = []
@@ -114,7 +115,7 @@ def test_mixture_mistakes_are_user_errors(pair, tmp_path):
         save_mixture(list(pair), {"Line": "C"}, tmp_path / "bad")
     with pytest.raises(ColearnError, match="has no mixture.json"):
         load_mixture(tmp_path, tiny_model_config())
-    (tmp_path / MANIFEST).write_text(json.dumps({"format": "something-else", "mode": "route"}))
+    (tmp_path / MIXTURE_MANIFEST).write_text(json.dumps({"format": "something-else", "mode": "route"}))
     with pytest.raises(ColearnError, match="not a colearn-mixture manifest"):
         read_manifest(tmp_path)
 
@@ -153,7 +154,7 @@ def test_a_mixture_fallback_is_saved_as_the_routed_partners(mixture_run):
     assert node["parent_scores"] == {"A": {"Line": 1.0, "MirrorLine": 0.0}, "B": {"Line": 0.0, "MirrorLine": 1.0}}
     assert node["scores"] == {"Line": 1.0, "MirrorLine": 1.0}
     gen0 = run_dir / "checkpoints" / "gen_0000"
-    manifest = json.loads((gen0 / "offspring" / MANIFEST).read_text())
+    manifest = json.loads((gen0 / "offspring" / MIXTURE_MANIFEST).read_text())
     assert manifest["members"] == ["A", "B"] and manifest["env_map"] == node["recipe"]["mixture"]
     cfg = mixture_run_config().model
     mixture = load_mixture(gen0 / "offspring", cfg)

@@ -9,7 +9,9 @@ import torch
 
 from colearn.config import MergeConfig
 from colearn.errors import ColearnError
-from colearn.breeding.offspring import Copy, Merged, Mixture, compatibility, dense_state, make_offspring
+from colearn.breeding.compatibility import Compatibility, Drift, PairCompat, measure
+from colearn.breeding.offspring import Copy, Merged, Mixture, make_offspring
+from colearn.models.weights import dense_state
 from colearn.models.partner import Partner
 
 torch.set_num_threads(1)
@@ -49,15 +51,31 @@ def same_weights(x: Partner, y: Partner) -> bool:
 
 def test_compatibility_orders_identical_slightly_different_and_unrelated(family, probe):
     root, a, _, unrelated = family
-    same = compatibility(root, [a, a.clone("B")], probe)
-    slight = compatibility(root, [a, perturbed(a, "B", 0.002, seed=20)], probe)
-    far = compatibility(root, [a, unrelated], probe)
+    same = measure(root, [a, a.clone("B")], probe).worst()
+    slight = measure(root, [a, perturbed(a, "B", 0.002, seed=20)], probe).worst()
+    far = measure(root, [a, unrelated], probe).worst()
     assert same["cka"] == pytest.approx(1.0, abs=1e-9) and same["cosine"] == pytest.approx(1.0, abs=1e-9)
     assert same["sign_conflict"] == 0.0 and same["pair"] == ["A", "B"]
     assert 1.0 - 1e-5 > slight["cka"] > far["cka"] + 0.01
     assert 1.0 > slight["cosine"] > 0.5 > abs(far["cosine"])
     assert 0.0 < slight["sign_conflict"] < 0.25 < far["sign_conflict"]
-    assert compatibility(root, [a, unrelated], None)["cka"] is None  # no probe, no CKA
+    assert measure(root, [a, unrelated], None).worst()["cka"] is None  # no probe, no CKA
+
+
+def test_the_offspring_decides_on_a_measurement_it_is_given(family):
+    root, a, b, _ = family
+    low = Compatibility({("A", "B"): PairCompat(cosine=0.25, sign_conflict=0.4, distance=1.0, cka=0.9)},
+                        {"A": Drift(0.5, None), "B": Drift(0.5, None)})
+    cfg = MergeConfig(method="linear", gate=False, compat_metric="cosine", compat_threshold=0.5)
+    result = make_offspring(root, [a, b], {"A": 0.2, "B": 0.1}, cfg, measured=low)
+    assert isinstance(result, Copy) and result.source == "A"
+    assert result.reason == "cosine 0.2500 < merge.compat_threshold 0.5"
+    assert result.compat == {"cosine": 0.25, "sign_conflict": 0.4, "cka": 0.9, "pair": ["A", "B"], "metric": "cosine",
+                             "threshold": 0.5, "compatible": False}
+    # A and B are independent perturbations (their own cosine is ~0): given a high one, they merge all the same
+    high = Compatibility({("A", "B"): PairCompat(cosine=0.75, sign_conflict=0.1, distance=1.0, cka=None)}, low.drift)
+    assert isinstance(make_offspring(root, [a, b], {"A": 0.2, "B": 0.1}, cfg, measured=high), Merged)
+    assert isinstance(make_offspring(root, [a, b], {"A": 0.2, "B": 0.1}, cfg, probe=None), Copy)  # measured here
 
 
 def test_tied_embeddings_merge_once_and_stay_tied(family):

@@ -17,6 +17,7 @@ from PIL import Image
 from colearn.cli.main import subcommand
 from colearn.config import Config, EnvConfig, EnvSpec, EvalConfig, LoopConfig, ModelConfig, PartnerSpec, RolloutConfig
 from colearn.analysis.dynamics import pair_metrics, probe_set
+from colearn.breeding.compatibility import measure
 from colearn.errors import ColearnError
 from colearn.breeding.integrate import evaluate_modes
 from colearn.analysis.lineage_plot import MAX_WIDTH, lineage_figure, lineage_layout
@@ -65,7 +66,7 @@ def full_run(finished, tmp_path_factory) -> Path:
     steps = [e["step"] for e in read_metrics(run_dir) if e["event"] == "merge"]
     log = Logger(run_dir, tensorboard=False)
     for step in steps:  # the final partners stand in for each generation's: enough to draw the lines
-        log.write("compat", step, **pair_metrics(state.partners, state.ancestor, probe_set(SUITE, 4)))
+        log.write("compat", step, **pair_metrics(measure(state.ancestor, state.partners, probe_set(SUITE, 4))))
     for record in evaluate_modes(state.partners, SUITE, ["route", "ensemble"], cfg.eval, cfg.rollout):
         log.write("integrate", steps[-1], generation=1, **record)
     log.close()

@@ -15,12 +15,14 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tqdm import tqdm
 
-import colearn.merging.evolve
+import colearn.breeding.offspring
 import colearn.loop
-from colearn.cli.main import logs_above_bars
+import colearn.merging.evolve
+from colearn.breeding.compatibility import measure
+from colearn.cli.console import logs_above_bars
 from colearn.config import (Config, EnvConfig, EnvSpec, EvalConfig, IntegrateConfig, LoopConfig, MergeConfig,
                             ModelConfig, PartnerSpec, RolloutConfig)
-from colearn.rundir.logger import tensorboard_scalars
+from colearn.rundir.logger import read_metrics, tensorboard_scalars
 from colearn.loop import run
 
 SUITE = [EnvSpec("colearn/FrozenLake-v0", name="Line", kwargs={"desc": ["SFG"]}),
@@ -55,10 +57,24 @@ def run_dir(tmp_path_factory) -> Path:
     )
     path = tmp_path_factory.mktemp("run")
     RecordingBar.calls = []
+    MEASURED.clear()
+
+    def counted(*args):
+        MEASURED.append(args)
+        return measure(*args)
+
+    def refused(*args):
+        raise AssertionError("the offspring measured compatibility again instead of reading the loop's")
+
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(colearn.loop, "tqdm", lambda **kw: RecordingBar(**kw, file=io.StringIO()))
+        patch.setattr(colearn.loop, "measure", counted)
+        patch.setattr(colearn.breeding.offspring, "measure", refused)
         run(cfg, path)
     return path
+
+
+MEASURED: list[tuple] = []  # the arguments of every compatibility measurement the run's loop took
 
 
 def scalars(run_dir: Path) -> dict[str, list[int]]:
@@ -98,6 +114,16 @@ def test_the_progress_bar_names_each_phase_of_a_generations_end(run_dir):
     assert end.index("colearn: integrate (ensemble)") < end.index("colearn: breed") < end.index("colearn: eval")
     assert end.index("colearn: eval") < end.index("colearn: save_generation") < end.index("colearn: checkpoint")
     assert calls[-1] == ("phase", "colearn")  # a finished run's bar is named plainly again
+
+
+def test_compatibility_is_measured_once_a_round_and_the_offspring_decides_on_the_last(run_dir):
+    assert len(MEASURED) == 4  # one per round; breeding took none of its own (its `measure` raises)
+    events = read_metrics(run_dir)
+    for generation in (0, 1):
+        last = [e for e in events if e["event"] == "dynamics" and e["generation"] == generation][-1]
+        merge = next(e for e in events if e["event"] == "merge" and e["generation"] == generation)
+        assert merge["recipe"]["compat"]["cosine"] == last["compat/cosine/A~B"]
+        assert merge["recipe"]["compat"]["cka"] == last["compat/cka/A~B"]
 
 
 def test_log_lines_and_warnings_print_above_the_bar_not_onto_it(capsys):

@@ -12,7 +12,8 @@ import pytest
 import yaml
 
 from colearn.experience import store as experience
-from colearn.cli.main import name_sweep_runs_by_swept_keys, subcommand, sweep_subdir
+from colearn.cli.experiment import name_sweep_runs_by_swept_keys, sweep_subdir
+from colearn.cli.main import subcommand
 
 TINY = ["loop.generations=1", "loop.rounds=1", "rollout.episodes=8", "rollout.group_size=4", "rollout.num_envs=8",
         "eval.episodes=2", "model.hidden_size=32", "model.intermediate_size=64", "model.num_layers=1",

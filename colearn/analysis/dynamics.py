@@ -13,25 +13,20 @@ Every function returns a flat dict of namespaced metrics, ready for `Logger.writ
 
 CKA reads the last layer's hidden states at every token of the probe prompts: two partners with CKA
 near 1 represent the envs alike and average well; falling CKA is the "incompatible specialization"
-after which a mixture beats a merge (Pari et al.).
+after which a mixture beats a merge (Pari et al.). The compat/ and weights/ numbers are measured once
+(`colearn.breeding.compatibility.measure`): the loop logs them here and the offspring decides on them.
 """
 
 from __future__ import annotations
 
-from itertools import combinations
-
 import gymnasium as gym
 import numpy as np
-import torch
-from torch import Tensor
 
-from colearn.breeding.compatibility import linear_cka, sign_conflict_rate, task_vector, task_vector_cosine, weight_distance
+from colearn.breeding.compatibility import Compatibility
 from colearn.config import EnvSpec
 from colearn.experience.evaluate import EnvScore, normalized_by_env
-from colearn.breeding.offspring import dense_state
-from colearn.models.partner import Partner
-from colearn.models.policy import right_padded
 from colearn.experience.rollout import env_info
+from colearn.models.partner import Partner
 
 Scores = dict[str, dict[str, float]]  # partner -> env -> normalized return
 
@@ -59,40 +54,21 @@ def probe_set(suite: list[EnvSpec], n: int, seed: int = 0) -> list[str]:
     return probe
 
 
-@torch.no_grad()
-def hidden_states(partner: Partner, probe: list[str], batch_size: int = 64) -> Tensor:
-    """Returns the last layer's hidden state at every token of every probe prompt, (tokens, hidden), float32.
-
-    Every token, not only the last: linear CKA needs more samples than features (with fewer, any two
-    generic representations score near 1), and a handful of small-grid observations is fewer than a
-    model's width; the tokens of those observations are many more.
-    """
-    prompts = partner.prompt_ids(probe)
-    rows = []
-    for start in range(0, len(prompts), batch_size):
-        ids, mask = right_padded(prompts[start : start + batch_size], partner.tokenizer.pad_token_id, partner.device)
-        out = partner.model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
-        rows.append(out.hidden_states[-1][mask.bool()].float().cpu())  # (real tokens in chunk, hidden)
-    return torch.cat(rows)
-
-
-def pair_metrics(partners: list[Partner], ancestor: Partner, probe: list[str]) -> dict[str, float]:
-    """Returns the compatibility of every pair of partners and each partner's drift from the ancestor:
-    compat/cka|cosine|sign_conflict/A~B, compat/cka/A~ancestor, weights/distance/A and /A~B."""
-    states = {p.name: hidden_states(p, probe) for p in partners}
-    base_states = hidden_states(ancestor, probe)
-    base = dense_state(ancestor)
-    weights = {p.name: dense_state(p) for p in partners}
-    vectors = {name: task_vector(w, base) for name, w in weights.items()}
+def pair_metrics(compat: Compatibility) -> dict[str, float]:
+    """Returns the measured compatibility (`compatibility.measure`) as namespaced metrics: compat/cka|cosine|
+    sign_conflict/A~B and weights/distance/A~B of every pair, compat/cka/A~ancestor and weights/distance/A of every
+    partner (the CKA ones only where a probe was given)."""
     out: dict[str, float] = {}
-    for a, b in combinations([p.name for p in partners], 2):
-        out[f"compat/cka/{a}~{b}"] = linear_cka(states[a], states[b])
-        out[f"compat/cosine/{a}~{b}"] = task_vector_cosine(vectors[a], vectors[b])
-        out[f"compat/sign_conflict/{a}~{b}"] = sign_conflict_rate(vectors[a], vectors[b])
-        out[f"weights/distance/{a}~{b}"] = weight_distance(weights[a], weights[b])
-    for name in weights:
-        out[f"compat/cka/{name}~ancestor"] = linear_cka(states[name], base_states)
-        out[f"weights/distance/{name}"] = weight_distance(weights[name], base)
+    for (a, b), pair in compat.pairs.items():
+        if pair.cka is not None:
+            out[f"compat/cka/{a}~{b}"] = pair.cka
+        out[f"compat/cosine/{a}~{b}"] = pair.cosine
+        out[f"compat/sign_conflict/{a}~{b}"] = pair.sign_conflict
+        out[f"weights/distance/{a}~{b}"] = pair.distance
+    for name, drift in compat.drift.items():
+        if drift.cka is not None:
+            out[f"compat/cka/{name}~ancestor"] = drift.cka
+        out[f"weights/distance/{name}"] = drift.distance
     return out
 
 

@@ -1,4 +1,4 @@
-"""Reports a person looks at first: `colearn report RUN_DIR` and `colearn compare SWEEP_DIR`.
+"""Reports a person looks at first: a run's page (`colearn report RUN_DIR`) and a sweep's (`colearn compare SWEEP_DIR`).
 
 Each writes one self-contained HTML page (inline CSS, its figures embedded as PNG data URIs: the page
 can be moved or mailed alone, and nothing is fetched from the network), and each figure also as a PNG
@@ -8,7 +8,6 @@ beside it, built from what the run left on disk: metrics.jsonl, lineage.json and
 
 from __future__ import annotations
 
-import argparse
 import base64
 import html
 import json
@@ -280,14 +279,6 @@ def warnings_html(events: list[Event]) -> str:
             f"<ul style='font-size:13px'>{items}</ul></details>")
 
 
-def main(argv: list[str]) -> None:
-    """`colearn report RUN_DIR`: writes RUN_DIR/report.html."""
-    parser = argparse.ArgumentParser(prog="colearn report", description="Write RUN_DIR/report.html with plots.")
-    parser.add_argument("run_dir", help="a run directory (contains metrics.jsonl)")
-    args = parser.parse_args(argv)
-    print(f"report: {write_report(args.run_dir)}")
-
-
 # -- comparing a sweep ----------------------------------------------------------------------------------
 
 
@@ -440,18 +431,3 @@ def write_compare(sweep_dir: str | Path, groups: dict[str, list[Run]] | None = N
     out = path / "compare.html"
     out.write_text(page(f"colearn sweep {path.name}", parts), encoding="utf-8")
     return out
-
-
-def compare_main(argv: list[str]) -> None:
-    """`colearn compare SWEEP_DIR`: prints the presets' final scores and writes SWEEP_DIR/compare.html."""
-    parser = argparse.ArgumentParser(prog="colearn compare",
-                                     description="Compare the presets of a Hydra multirun: SWEEP_DIR/compare.html.")
-    parser.add_argument("sweep_dir", help="a multirun directory (one subdirectory per run)")
-    args = parser.parse_args(argv)
-    groups = preset_groups(load_sweep(args.sweep_dir))
-    out = write_compare(args.sweep_dir, groups)
-    print("final offspring: normalized return, mean over seeds ± 95% interval half-width")
-    print(compare_table_text(groups, lambda owner: owner == "offspring"))
-    print("\nfinal partners: mean over partners of their last evaluation")
-    print(compare_table_text(groups, lambda owner: owner not in plots.FIXED))
-    print(f"\ncompare: {out}")

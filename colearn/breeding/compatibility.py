@@ -1,18 +1,25 @@
-"""Compatibility of two partners: how alike their weights, updates and representations are.
+"""Compatibility of partners: how alike their weights, updates and representations are.
 
 Weight-space metrics compare task vectors (partner - ancestor; Ilharco et al. 2023) over
 all floating-point tensors flattened into one vector; accumulation is in float64 so that
 billions of coordinates don't lose precision.  Representation similarity is linear CKA
-(Kornblith et al. 2019).
+(Kornblith et al. 2019).  `measure` takes every number once for a set of partners: the
+offspring decides on it (`Compatibility.worst`) and the run's dynamics log it.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
+
+from colearn.models.partner import Partner, hidden_states
+from colearn.models.weights import dense_state
 
 
 _SAME_ARCHITECTURE = "compare models of one architecture"
@@ -112,3 +119,68 @@ def linear_cka(x: Tensor, y: Tensor) -> float:
     if self_x == 0 or self_y == 0:
         return 0.0
     return float(cross / (self_x * self_y))
+
+
+# --------------------------------------------------------------------------- partners
+
+
+@dataclass(frozen=True)
+class PairCompat:
+    """How alike two partners are."""
+
+    cosine: float  # of their task vectors
+    sign_conflict: float  # fraction of coordinates both changed that moved in opposite directions
+    distance: float  # L2 distance between their weights
+    cka: float | None  # linear CKA of their last-layer hidden states on the probe; None without a probe
+
+
+@dataclass(frozen=True)
+class Drift:
+    """How far a partner moved from the generation's ancestor."""
+
+    distance: float  # L2 distance of its weights from the ancestor's
+    cka: float | None  # linear CKA of its hidden states against the ancestor's on the probe; None without a probe
+
+
+@dataclass(frozen=True)
+class Compatibility:
+    """Every pair of partners (in `itertools.combinations` order of the partners) and each partner's drift."""
+
+    pairs: dict[tuple[str, str], PairCompat]
+    drift: dict[str, Drift]
+
+    def worst(self) -> dict[str, Any]:
+        """Returns {cosine, sign_conflict, cka, pair}: the worst over pairs (lowest cosine and CKA, highest conflict
+        rate; pair: the lowest-cosine pair, the first of equals), what decides whether partners are averaged."""
+        worst: dict[str, Any] = {"cosine": None, "sign_conflict": None, "cka": None, "pair": None}
+        for (a, b), pair in self.pairs.items():
+            if worst["cosine"] is None or pair.cosine < worst["cosine"]:
+                worst["cosine"], worst["pair"] = pair.cosine, [a, b]
+            worst["sign_conflict"] = max(pair.sign_conflict, worst["sign_conflict"] or 0.0)
+            if pair.cka is not None:
+                worst["cka"] = pair.cka if worst["cka"] is None else min(pair.cka, worst["cka"])
+        return worst
+
+
+def measure(ancestor: Partner, partners: Sequence[Partner], probe: Sequence[str] | None) -> Compatibility:
+    """Returns the compatibility of every pair of partners and each one's drift from the ancestor.
+
+    cosine and sign_conflict compare task vectors (partner - ancestor; Yadav et al. 2023 for sign conflicts), cka
+    the last-layer hidden states at every token of the probe prompts (linear CKA; None without a probe)."""
+    base = dense_state(ancestor)
+    weights = {p.name: dense_state(p) for p in partners}
+    vectors = {name: task_vector(w, base) for name, w in weights.items()}
+    states = {p.name: hidden_states(p, list(probe)) for p in partners} if probe else None
+    base_states = hidden_states(ancestor, list(probe)) if probe else None
+    pairs = {
+        (a, b): PairCompat(
+            cosine=task_vector_cosine(vectors[a], vectors[b]),
+            sign_conflict=sign_conflict_rate(vectors[a], vectors[b]),
+            distance=weight_distance(weights[a], weights[b]),
+            cka=linear_cka(states[a], states[b]) if states else None,
+        )
+        for a, b in itertools.combinations(weights, 2)
+    }
+    drift = {name: Drift(weight_distance(w, base), linear_cka(states[name], base_states) if states else None)
+             for name, w in weights.items()}
+    return Compatibility(pairs, drift)

@@ -24,19 +24,14 @@ import torch
 from colearn.config import ModelConfig
 from colearn.errors import ColearnError
 from colearn.breeding.integrate import Integrated, ModeParams
+from colearn.models.directories import MIXTURE_MANIFEST
 from colearn.models.partner import Partner
 
-MANIFEST = "mixture.json"
 FORMAT = "colearn-mixture"
 VERSION = 1
 # what decides in an env that env_map does not name (integrate.route), written into every manifest
 UNMAPPED = ("the more confident member (higher max-probability over the legal actions) decides each observation; "
             "in a free-text env (no legal actions) the first member acts")
-
-
-def is_mixture(path: str | Path) -> bool:
-    """Returns True when `path` is a mixture directory (it holds mixture.json)."""
-    return (Path(path) / MANIFEST).is_file()
 
 
 def route_params(names: Sequence[str], env_map: Mapping[str, str]) -> ModeParams:
@@ -74,14 +69,14 @@ def save_mixture(members: Sequence[Partner], env_map: Mapping[str, str], path: s
                                                                          home=member_dir(home, m.name))
     manifest = {"format": FORMAT, "version": VERSION, "mode": "route", "members": names, "env_map": dict(env_map),
                 "unmapped_envs": UNMAPPED}
-    (path / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+    (path / MIXTURE_MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
 
 
 def read_manifest(path: str | Path) -> dict[str, Any]:
     """Returns the checked mixture.json of the mixture at `path`."""
-    file = Path(path) / MANIFEST
+    file = Path(path) / MIXTURE_MANIFEST
     if not file.is_file():
-        raise ColearnError(f"{str(path)!r} has no {MANIFEST}; is it a colearn mixture directory "
+        raise ColearnError(f"{str(path)!r} has no {MIXTURE_MANIFEST}; is it a colearn mixture directory "
                            "(checkpoints/gen_NNNN/offspring of a run with merge.fallback=mixture)?")
     try:
         manifest = json.loads(file.read_text(encoding="utf-8"))

@@ -13,20 +13,22 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import itertools
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
+from peft import get_peft_model_state_dict, set_peft_model_state_dict
 
-from colearn.breeding.compatibility import linear_cka, sign_conflict_rate, task_vector, task_vector_cosine
+from colearn.breeding.compatibility import Compatibility, measure
 from colearn.config import MergeConfig
 from colearn.errors import ColearnError
+from colearn.merging.evolve import search, start_recipe
+from colearn.merging.lora_merge import adapter_for, lora_factors, lora_scaling
+from colearn.merging.merge import Recipe, merge_state_dicts
+from colearn.models.build import with_lora
 from colearn.models.partner import Partner
-
-if TYPE_CHECKING:
-    from colearn.merging.merge import Recipe
+from colearn.models.weights import dense_state, load_weights, untied
 
 Scorer = Callable[[Partner], float]  # policy -> mean normalized return on fixed validation episodes
 
@@ -51,7 +53,7 @@ class Offspring:
     """A generation's offspring; `partner` is the one set of weights that seeds the next generation."""
 
     partner: Partner
-    compat: dict[str, Any] | None = None  # `compatibility` of the partners with metric, threshold and compatible;
+    compat: dict[str, Any] | None = None  # `Compatibility.worst` of the partners with metric, threshold and compatible;
     # None when no merge was considered (merging off, or one partner)
     gate: Gate | None = None  # the promotion decision, when the gate ran
     gate_skipped: str | None = None  # why the gate did not run, when a merge was considered
@@ -124,55 +126,13 @@ class Mixture(Copy):
 # --------------------------------------------------------------------------- weights
 
 
-def dense_state(partner: Partner) -> dict[str, torch.Tensor]:
-    """Returns the partner's full weights, each tied tensor once (under its first name); a LoRA partner's
-    adapter is folded in (B·A·scaling), so merges combine true weight changes rather than A and B factors."""
-    model = partner.model
-    if hasattr(model, "peft_config"):
-        model = copy.deepcopy(model).merge_and_unload()
-    return untied({k: v.detach() for k, v in model.state_dict().items()})
-
-
-def untied(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Returns the state dict without the names that alias an earlier tensor (tied embeddings).
-
-    A tied lm_head would otherwise be merged twice, once in the `embed` and once in the `head`
-    layer group, and whichever load_state_dict copies last would silently win.
-    """
-    seen: set[tuple[int, int, tuple[int, ...]]] = set()
-    kept = {}
-    for key, tensor in state.items():
-        identity = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
-        if identity not in seen:
-            seen.add(identity)
-            kept[key] = tensor
-    return kept
-
-
-def load_weights(model: torch.nn.Module, weights: Mapping[str, torch.Tensor]) -> None:
-    """Copies `weights` into the model; only names tied to a loaded tensor may be absent."""
-    result = model.load_state_dict(weights, strict=False)
-    if result.unexpected_keys or set(result.missing_keys) - _tied_names(model):
-        raise ValueError(f"weights do not fit the model: missing {result.missing_keys}, "
-                         f"unexpected {result.unexpected_keys}")
-
-
-def _tied_names(model: torch.nn.Module) -> set[str]:
-    state = model.state_dict()
-    return set(state) - set(untied(state))
-
-
 def merge_recipe(cfg: MergeConfig, n_partners: int) -> Recipe:
     """Returns the checked recipe of merge.* for n partners (equal weights when merge.weights is empty)."""
-    from colearn.merging.merge import Recipe
-
     return Recipe.from_config(cfg, n_partners).check(n_partners)
 
 
 def merged_weights(ancestor: Partner, partners: Sequence[Partner], recipe: Recipe) -> dict[str, torch.Tensor]:
     """Returns the merged dense weights of the partners relative to the ancestor."""
-    from colearn.merging.merge import merge_state_dicts
-
     return merge_state_dicts(dense_state(ancestor), [dense_state(p) for p in partners], recipe)
 
 
@@ -191,8 +151,6 @@ def offspring_from(ancestor: Partner, weights: Mapping[str, torch.Tensor], lora_
         return child, {}
     if lora_offspring == "adapter":
         return child, {"lora_offspring": "adapter", **refactorized_adapter(child.model, weights)}
-    from colearn.models.build import with_lora
-
     base = copy.deepcopy(child.model).merge_and_unload()
     load_weights(base, weights)
     child.model = with_lora(base, ancestor.cfg)
@@ -202,10 +160,6 @@ def offspring_from(ancestor: Partner, weights: Mapping[str, torch.Tensor], lora_
 def refactorized_adapter(model: Any, weights: Mapping[str, torch.Tensor]) -> dict[str, Any]:
     """Sets the peft model's adapter so that base + adapter approximates `weights` at the adapter's rank;
     returns {rank, truncation_error}."""
-    from peft import get_peft_model_state_dict, set_peft_model_state_dict
-
-    from colearn.merging.lora_merge import adapter_for, lora_factors, lora_scaling
-
     config = model.peft_config[model.active_adapter]
     if config.rank_pattern or config.alpha_pattern:
         raise ColearnError("merge.lora_offspring=adapter needs one LoRA rank for every module (no rank_pattern or "
@@ -226,32 +180,6 @@ def _dense_candidate(ancestor: Partner) -> Partner:
 
 
 # --------------------------------------------------------------------------- compatibility
-
-
-def compatibility(ancestor: Partner, partners: Sequence[Partner], probe: Sequence[str] | None) -> dict[str, Any]:
-    """Returns {cosine, sign_conflict, cka, pair}: the partners' compatibility (pair: the lowest-cosine pair).
-
-    cosine and sign_conflict compare task vectors (partner - ancestor; Yadav et al. 2023 for
-    sign conflicts), cka the partners' last-layer hidden states at every token of the probe prompts (linear CKA,
-    Kornblith et al. 2019; None without a probe of >= 2 prompts).  With more than two
-    partners every value is the worst over pairs (lowest cosine and CKA, highest conflict rate).
-    """
-    base = dense_state(ancestor)
-    vectors = {p.name: task_vector(dense_state(p), base) for p in partners}
-    from colearn.analysis.dynamics import hidden_states  # dynamics reads offspring's dense_state: import late
-
-    states = {p.name: hidden_states(p, list(probe)) for p in partners} if probe and len(probe) >= 2 else None
-    worst: dict[str, Any] = {"cosine": None, "sign_conflict": None, "cka": None, "pair": None}
-    for a, b in itertools.combinations([p.name for p in partners], 2):
-        cosine = task_vector_cosine(vectors[a], vectors[b])
-        conflict = sign_conflict_rate(vectors[a], vectors[b])
-        cka = linear_cka(states[a], states[b]) if states else None
-        if worst["cosine"] is None or cosine < worst["cosine"]:
-            worst["cosine"], worst["pair"] = cosine, [a, b]
-        worst["sign_conflict"] = max(conflict, worst["sign_conflict"] or 0.0)
-        if cka is not None:
-            worst["cka"] = cka if worst["cka"] is None else min(cka, worst["cka"])
-    return worst
 
 
 def incompatibility(compat: Mapping[str, Any], cfg: MergeConfig) -> str | None:
@@ -281,9 +209,6 @@ def evolved_weights(
     Candidates are scored by `search_fn`; the winner and the uniform start are re-scored on
     `evaluate_fn`'s held-out episodes, which is the number to trust.
     """
-    from colearn.merging.evolve import search, start_recipe
-    from colearn.merging.merge import merge_state_dicts
-
     if search_fn is None:
         raise ColearnError("merge.method=evolve needs a search_fn that scores candidate offspring on search episodes")
     base, states = dense_state(ancestor), [dense_state(p) for p in partners]
@@ -355,13 +280,14 @@ def make_offspring(
     evaluate_fn: Scorer | None = None,
     search_fn: Scorer | None = None,
     probe: Sequence[str] | None = None,
+    measured: Compatibility | None = None,
     env_scores: Mapping[str, Mapping[str, float]] | None = None,
 ) -> Offspring:
     """Returns the offspring of a generation: `Merged`, `Copy` or `Mixture`.
 
     A copy of the best-scoring partner when merging is off (method "none") or there is one
-    partner.  Otherwise: compatibility is measured (`compatibility`, on the `probe` prompts)
-    and, under merge.compat_threshold, the configured fallback is returned; else the partners
+    partner.  Otherwise: the partners' compatibility (`measured`, else measured here on the `probe` prompts:
+    `compatibility.measure`) decides: under merge.compat_threshold, the configured fallback is returned; else the partners
     are merged (method=evolve: CMA-ES over merge.base_method's recipe, scored by `search_fn`)
     and, with merge.gate, the offspring must score within merge.gate_tolerance of the best
     parent under `evaluate_fn` (held-out validation episodes; parents are re-scored on the same
@@ -373,8 +299,8 @@ def make_offspring(
         return Copy(partner=best.clone("offspring"), source=best.name)
     gated = cfg.gate and evaluate_fn is not None
     parent_scores = {p.name: float(evaluate_fn(p)) for p in partners} if gated else dict(scores)
-    compat = {**compatibility(ancestor, partners, probe), "metric": cfg.compat_metric,
-              "threshold": cfg.compat_threshold}
+    measured = measured or measure(ancestor, partners, probe)
+    compat = {**measured.worst(), "metric": cfg.compat_metric, "threshold": cfg.compat_threshold}
     reason = incompatibility(compat, cfg)
     compat["compatible"] = reason is None
     if reason is not None:

@@ -15,12 +15,17 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import gymnasium as gym
+
 from colearn.config import Config
 from colearn.errors import ColearnError
 from colearn.rundir.logger import read_metrics
-from colearn.breeding.mixture import UNMAPPED, is_mixture, read_manifest
+from colearn.breeding.mixture import UNMAPPED, read_manifest
+from colearn.models.directories import is_mixture
 from colearn.models.partner import ADAPTER_CONFIG, BASE_DIR, point_adapter_at_base
+from colearn.cli.console import quiet_libraries
 from colearn.cli.resume import run_config
+from colearn.experience.rollout import acting_mode  # importing it registers the colearn/... env ids
 
 
 def chosen_generation(run_dir: Path, generation: int | None) -> int:
@@ -88,11 +93,6 @@ def scores_lines(scores: list[dict[str, Any]]) -> list[str]:
 
 def prompt_lines(cfg: Config) -> list[str]:
     """Returns the card's prompt format section: the template, an example prompt and each env's actions."""
-    import gymnasium as gym
-
-    import envs  # noqa: F401 - registers the colearn/... ids
-    from colearn.experience.rollout import acting_mode
-
     suite = cfg.env.suite
     first = gym.make(suite[0].id, **suite[0].kwargs)
     example = cfg.model.prompt_template.format(obs=first.reset(seed=cfg.eval.seed)[0])
@@ -112,8 +112,6 @@ def prompt_lines(cfg: Config) -> list[str]:
 
 def acting_lines(cfg: Config, out: Path, lora: bool) -> list[str]:
     """Returns the card's section on loading the model and acting with it in the run's first env."""
-    from colearn.experience.rollout import acting_mode
-
     where, spec = str(out.resolve()), cfg.env.suite[0]
     model_cfg = (f"ModelConfig(prompt_template={cfg.model.prompt_template!r}, action_prefix={cfg.model.action_prefix!r}"
                  f", dtype={cfg.model.dtype!r})")
@@ -222,6 +220,7 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--generation", type=int, default=None,
                         help="default: the deployed generation (deployed.json); needed when there is none")
     args = parser.parse_args(argv)
+    quiet_libraries()
     check_output(args.out)
     gen = chosen_generation(args.run_dir, args.generation)
     source = args.run_dir / "checkpoints" / f"gen_{gen:04d}" / "offspring"

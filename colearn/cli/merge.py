@@ -36,15 +36,18 @@ from safetensors import safe_open
 
 from colearn.merging.adapters import AdapterInputs, base_model_dir, folded_states, is_adapter, write_adapter, write_folded
 from colearn.merging.adapters import read_inputs as read_adapters
-from colearn.config import MergeConfig
+from colearn.config import EnvSpec, EvalConfig, MergeConfig, ModelConfig, RolloutConfig
 from colearn.errors import ColearnError
-from colearn.merging.merge import Recipe
+from colearn.merging.evolve import search, start_recipe
+from colearn.merging.merge import Recipe, merge_state_dicts
 from colearn.merging.merge_io import (MERGEKIT_COPY, TOKENIZER_FILES, Checkpoint, check_architectures, check_output,
                               check_tokenizers, copy_side_files, read_checkpoint, read_state, retype_side_files,
                               staged, tokenizer_source)
 from colearn.merging.mergekit_recipe import MergekitRecipe, is_mergekit, merged_tensor, parse_recipe
 from colearn.merging.operators import METHODS
 from colearn.merging.streaming import atomic_file, merge_safetensors_files, outputs, read_layout, retyped, write_like
+from colearn.models.directories import refuse_custom_code
+from colearn.models.weights import load_weights
 
 _RECORD_KEYS = ("partners", "search", "lora")  # written into recipes for provenance, ignored when read back
 SEARCH_SEED, HELDOUT_SEED = 20_000, 30_000  # episode seeds: search and held-out, disjoint from eval.seed=10000
@@ -297,10 +300,8 @@ def searched_config(inputs: Inputs, cfg: MergeConfig, args: argparse.Namespace) 
     per env (seeds from 20000); the winner and the uniform recipe are re-scored on held-out
     episodes (seeds from 30000).
     """
-    from colearn.config import EnvSpec, EvalConfig, RolloutConfig
-    from colearn.merging.evolve import return_scorer, search, start_recipe
-    from colearn.merging.merge import merge_state_dicts
-    from colearn.breeding.offspring import load_weights
+    # acting in envs needs gymnasium (and the candidate transformers): loaded only for --search
+    from colearn.experience.evaluate import return_scorer
     from colearn.experience.rollout import env_info
 
     if not args.env:
@@ -344,7 +345,7 @@ def searched_config(inputs: Inputs, cfg: MergeConfig, args: argparse.Namespace) 
 
 def write_search_plot(path: Path, record: dict[str, Any]) -> Path:
     """Writes the search curve (candidates, best so far, held-out scores) as a PNG at `path`; returns `path`."""
-    from colearn.analysis import plots
+    from colearn.analysis import plots  # matplotlib: loaded only for --search
     from colearn.analysis.report import save_png
 
     save_png(plots.search_figure({f"search on {', '.join(record['envs'])}": record}), path)
@@ -353,10 +354,8 @@ def write_search_plot(path: Path, record: dict[str, Any]) -> Path:
 
 def candidate_partner(inputs: Inputs) -> Any:
     """Returns a Partner over the base model (and the first tokenizer among the inputs) to load candidates into."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer  # loaded only for --search
 
-    from colearn.config import ModelConfig
-    from colearn.models.build import refuse_custom_code
     from colearn.models.partner import Partner
 
     source = tokenizer_source([inputs.base, *inputs.partners, inputs.model.path])

@@ -5,16 +5,17 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from omegaconf import OmegaConf
+
+from colearn import loop
+from colearn.cli.console import logs_above_bars, quiet_libraries
+from colearn.cli.experiment import report_end, to_config
+from colearn.config import Config
 from colearn.errors import ColearnError
 
 
-def run_config(run_dir: Path):
+def run_config(run_dir: Path) -> Config:
     """Returns the typed Config a run was started with (its .hydra/config.yaml)."""
-    from omegaconf import OmegaConf
-
-    from colearn.cli.main import to_config
-    from colearn.config import Config
-
     path = run_dir / ".hydra" / "config.yaml"
     if not path.is_file():
         raise ColearnError(f"{str(run_dir)!r} has no .hydra/config.yaml; give a colearn run directory")
@@ -28,21 +29,8 @@ def main(argv: list[str]) -> None:
                         help="when no round or generation checkpoint is intact, discard the run's metrics and "
                              "experience and start over (without it, such a resume stops and deletes nothing)")
     args = parser.parse_args(argv)
-    from colearn import loop
-    from colearn.cli.main import logs_above_bars
-    from colearn.analysis.summary import summary_table
-
+    quiet_libraries()
     cfg = run_config(args.run_dir)
     with logs_above_bars():
         state = loop.run(cfg, args.run_dir, restart=args.restart)
-    report_end(state, args.run_dir, summary_table)
-
-
-def report_end(state, run_dir: Path, summary_table) -> None:
-    """Prints how the run ended: the summary table, or how to continue a run stopped by a signal."""
-    if state.stopped_by:
-        print(f"colearn: stopped by {state.stopped_by} at generation {state.generation} round {state.round}; "
-              f"continue with: colearn resume {run_dir}")
-        return
-    print(summary_table(state.last_scores))
-    print(f"run directory: {run_dir}")
+    report_end(state, args.run_dir)

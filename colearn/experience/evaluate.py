@@ -1,7 +1,10 @@
-"""Evaluation of a policy on every env of the experiment, against each env's optimal return."""
+"""Evaluation of a policy on every env of the experiment, against each env's optimal return; `return_scorer`, the
+score the merge gate and the merge search compare policies by."""
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -120,3 +123,14 @@ def headline(scores: list[EnvScore]) -> float:
     """Returns the mean normalized return over envs, using the greedy policy when it was evaluated."""
     chosen = list(normalized_by_env(scores).values())
     return sum(chosen) / max(len(chosen), 1)
+
+
+def return_scorer(suite: Sequence[EnvSpec], cfg: EvalConfig, rollout: RolloutConfig, seed: int,
+                  episodes: int | None = None) -> Callable[[Partner], float]:
+    """Returns policy -> mean normalized greedy return over the suite on episodes seeded seed, seed+1, ...
+
+    Give the search and the held-out validation different seeds (e.g. eval.seed + 20000 and
+    eval.seed + 30000) so neither reuses the episodes the loop reports.
+    """
+    here = dataclasses.replace(cfg, seed=seed, episodes=episodes or cfg.episodes, greedy=True, sampled=False)
+    return lambda partner: headline(evaluate(partner, list(suite), here, rollout))

@@ -32,6 +32,7 @@ from colearn.errors import ColearnError
 from colearn.merging.lora_merge import lora_delta, lora_factors, lora_scaling, refactorized
 from colearn.merging.merge import Recipe, merge_tensor
 from colearn.merging.operators import MergeError
+from colearn.merging.streaming import atomic_file, data_order, read_layout, write_like
 
 CONFIG, WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 
@@ -140,8 +141,6 @@ def merged_changes(inputs: AdapterInputs, recipe: Recipe) -> dict[str, Tensor]:
 
 def write_folded(inputs: AdapterInputs, recipe: Recipe, tmp: Path, files: dict[str, list[str]]) -> None:
     """Writes base model + merged changes into `tmp` as full safetensors files with the base model's layout."""
-    from colearn.merging.streaming import atomic_file, data_order, read_layout, write_like
-
     changes = merged_changes(inputs, recipe)
     for file in files:
         layout = read_layout(inputs.base_model / file)

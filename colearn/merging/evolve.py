@@ -7,7 +7,7 @@ task score.  Every candidate is built in memory (`merge_state_dicts`) and scored
 `fitness(state_dict) -> float` the caller supplies (higher is better); evaluation 0 is
 the configured recipe with equal weights, so the search can only return something at least
 as good on the episodes it searched on.  Scores on those episodes are optimistic: report the
-winner on held-out episodes (`return_scorer` with another seed).
+winner on held-out episodes (`colearn.experience.evaluate.return_scorer` with another seed).
 """
 
 from __future__ import annotations
@@ -18,17 +18,14 @@ import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from colearn.config import EnvSpec, EvalConfig, MergeConfig, RolloutConfig
+from colearn.config import MergeConfig
 from colearn.merging.merge import Recipe, group_names, merge_state_dicts
-
-if TYPE_CHECKING:
-    from colearn.models.partner import Partner
 
 log = logging.getLogger(__name__)
 
@@ -184,16 +181,3 @@ def _strategy(x0: np.ndarray, sigma: float, options: dict[str, Any]) -> Any:
     if x0.size < 2:  # cma refuses 1-D problems; a dummy coordinate that no recipe reads keeps it general
         x0 = np.append(x0, 0.0)
     return cma.CMAEvolutionStrategy(x0, sigma, options)
-
-
-def return_scorer(suite: Sequence[EnvSpec], cfg: EvalConfig, rollout: RolloutConfig, seed: int,
-                  episodes: int | None = None) -> Callable[[Partner], float]:
-    """Returns policy -> mean normalized greedy return over the suite on episodes seeded seed, seed+1, ...
-
-    Give the search and the held-out validation different seeds (e.g. eval.seed + 20000 and
-    eval.seed + 30000) so neither reuses the episodes the loop reports.
-    """
-    from colearn.experience.evaluate import evaluate, headline
-
-    here = dataclasses.replace(cfg, seed=seed, episodes=episodes or cfg.episodes, greedy=True, sampled=False)
-    return lambda partner: headline(evaluate(partner, list(suite), here, rollout))

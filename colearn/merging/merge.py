@@ -16,17 +16,15 @@ import re
 import zlib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import Tensor
 
+from colearn.config import MergeConfig
 from colearn.merging.operators import (RANDOM_METHODS, MergeError, Plan, default_weights, get_method, merge_into,
                                method_params, plan)
 from colearn.merging.task_vectors import TaskVectors
-
-if TYPE_CHECKING:
-    from colearn.config import MergeConfig
 
 # --------------------------------------------------------------------------- layer groups
 

@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 from tokenizers import Tokenizer
 
 from colearn.errors import ColearnError
+from colearn.models.directories import refuse_custom_code
 from colearn.merging.streaming import read_layout
 
 INDEX = "model.safetensors.index.json"
@@ -130,8 +131,6 @@ def _vocab(path: Path) -> dict[int, str] | None:
     if not any((path / f).is_file() for f in ("tokenizer_config.json", "tokenizer.model")):
         return None
     from transformers import AutoTokenizer  # only for tokenizers without tokenizer.json: it costs seconds to import
-
-    from colearn.models.build import refuse_custom_code
 
     refuse_custom_code(path, "checkpoint")
     try:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import string
 from pathlib import Path
 
@@ -13,6 +12,7 @@ from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from colearn.config import ModelConfig
 from colearn.errors import ColearnError
+from colearn.models.directories import is_mixture, refuse_custom_code
 
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>"]
 
@@ -77,26 +77,11 @@ def build_tiny_model(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, seed:
     return model.to(getattr(torch, cfg.dtype))
 
 
-def refuse_custom_code(path: Path, role: str) -> None:
-    """Raises ColearnError when the model directory's config or tokenizer config maps to its own Python code
-    (`auto_map`): loading it would run that code, and colearn never runs code from a model directory."""
-    for name in ("config.json", "tokenizer_config.json"):
-        try:
-            config = json.loads((Path(path) / name).read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            continue  # absent or unreadable: the loader itself reports what is missing
-        if isinstance(config, dict) and config.get("auto_map"):
-            raise ColearnError(f"{role} {str(path)!r} needs its own Python code ({name} has auto_map), which "
-                               "colearn never runs; use a model whose architecture transformers ships")
-
-
 def load_pretrained(path: str, dtype: str = "float32") -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Returns the model and tokenizer of a local Hugging Face model directory."""
     p = Path(path).expanduser()
     if not p.is_dir():
         raise ColearnError(f"model.source={path!r} is not a directory; give a local Hugging Face model dir or 'tiny'")
-    from colearn.breeding.mixture import is_mixture  # late: it pulls in the acting code, which loading a model does not need
-
     if is_mixture(p):  # a mixture offspring (merge.fallback=mixture) holds several models, not one
         raise ColearnError(f"model.source={path!r} is a colearn mixture, not one model; start from one of its "
                            f"members: model.source={path}/members/<name>")

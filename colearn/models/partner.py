@@ -1,4 +1,5 @@
-"""A Partner: a named causal LM with its tokenizer and optimizer, acting on batches of observations."""
+"""A Partner: a named causal LM with its tokenizer and optimizer, acting on batches of observations; its hidden
+states on probe prompts (what CKA compares)."""
 
 from __future__ import annotations
 
@@ -8,13 +9,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from torch import Tensor
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from colearn.config import ModelConfig
 from colearn.errors import ColearnError
-from colearn.models.build import refuse_custom_code
-from colearn.models.policy import continuation_stats, legal_action_logprobs
+from colearn.models.directories import is_mixture, refuse_custom_code
+from colearn.models.policy import continuation_stats, legal_action_logprobs, right_padded
 
 
 VALUE_HEAD_FILE = "value_head.safetensors"  # beside the model's own files in a partner directory
@@ -180,8 +182,6 @@ class Partner:
     @classmethod
     def load(cls, path: str | Path, name: str, cfg: ModelConfig, device: torch.device | str = "cpu") -> Partner:
         """Returns the partner saved at `path` (weights and tokenizer; optimizer state stays on disk)."""
-        from colearn.breeding.mixture import is_mixture  # late: mixture builds on partner
-
         path = Path(path)
         if is_mixture(path):
             raise ColearnError(f"checkpoint {str(path)!r} is a mixture of several models (mixture.json), not one "
@@ -206,6 +206,23 @@ class Partner:
             partner.value_head = new_value_head(weights["weight"].shape[1], device)
             partner.value_head.load_state_dict(weights)
         return partner
+
+
+@torch.no_grad()
+def hidden_states(partner: Partner, probe: list[str], batch_size: int = 64) -> Tensor:
+    """Returns the last layer's hidden state at every token of every probe prompt, (tokens, hidden), float32.
+
+    Every token, not only the last: linear CKA needs more samples than features (with fewer, any two
+    generic representations score near 1), and a handful of small-grid observations is fewer than a
+    model's width; the tokens of those observations are many more.
+    """
+    prompts = partner.prompt_ids(probe)
+    rows = []
+    for start in range(0, len(prompts), batch_size):
+        ids, mask = right_padded(prompts[start : start + batch_size], partner.tokenizer.pad_token_id, partner.device)
+        out = partner.model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+        rows.append(out.hidden_states[-1][mask.bool()].float().cpu())  # (real tokens in chunk, hidden)
+    return torch.cat(rows)
 
 
 def new_value_head(hidden_size: int, device: torch.device | str) -> torch.nn.Linear:

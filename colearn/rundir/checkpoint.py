@@ -25,6 +25,9 @@ import torch
 from colearn.config import Config
 from colearn.errors import ColearnError
 from colearn.experience.evaluate import EnvScore
+from colearn.learning.learn import optimizer_for
+from colearn.models.build import resolve_device
+from colearn.models.directories import is_mixture
 from colearn.models.partner import Partner
 
 log = logging.getLogger(__name__)
@@ -111,8 +114,6 @@ def latest_intact(root: Path) -> Path | None:
 
 def load_checkpoint(path: Path, cfg: Config) -> tuple[dict[str, Any], list[Partner], Partner]:
     """Returns (state metadata, partners with optimizer state, ancestor) stored at `path`."""
-    from colearn.models.build import resolve_device
-
     if not is_intact(path):
         raise ColearnError(f"checkpoint {str(path)!r} is damaged; delete it to resume from an older one")
     meta = json.loads((path / "state.json").read_text(encoding="utf-8"))
@@ -126,8 +127,6 @@ def load_partner(path: Path, spec: dict[str, Any], cfg: Config, device: torch.de
                  optimizer: bool = True) -> Partner:
     """Returns the partner `spec` ({name, envs}) with the weights at `path`, and with `optimizer` its
     optimizer state when `path` holds one."""
-    from colearn.learning.learn import optimizer_for
-
     partner = in_fresh_memory(Partner.load(path, spec["name"], cfg.model, device))
     partner.envs = list(spec["envs"])
     if optimizer and (path / "optimizer.pt").exists():
@@ -189,9 +188,6 @@ def load_generation(path: Path, cfg: Config) -> Loaded:
     """Returns (state metadata, partners, ancestor) at the start of the generation after the one saved at
     `path`, as the loop's `next_generation` made them: the offspring's copies, or with a copy_best recipe
     and several partners the partners going on (with their optimizer state where the directory kept it)."""
-    from colearn.breeding.mixture import is_mixture
-    from colearn.models.build import resolve_device
-
     meta = json.loads((path / RESUME_FILE).read_text(encoding="utf-8"))
     recipe = meta["lineage"][-1]["recipe"]
     device = resolve_device(cfg.device)
