@@ -114,14 +114,16 @@ def other_tokenizer_ckpt(ckpts, tmp_path_factory) -> Path:
 
 
 @pytest.mark.parametrize("fields, argv_extra, message", [
-    ({"method": "tiess"}, [], r"recipe method='tiess' is unknown; choose one of \[.*'ties'.*'evolve'\]"),
+    ({"method": "tiess"}, [], r"^merge\.method: 'tiess' is not one of linear, .*\bties\b.*, none, evolve$"),
     ({"method": "ties", "density": 1.5}, [], r"merge.density=1.5 must be in \(0, 1\]"),
     ({"method": "linear", "weights": [0.2, 0.3, 0.5]}, [], r"merge.weights has 3 entries for 2 partners"),
     ({"method": "linear", "weights": [0.0, 0.0]}, [], r"are all zero"),
     ({"method": "linear", "densty": 0.5}, [], r"recipe key 'densty' is unknown"),
     ({"method": "evolve"}, [], r"add --search and --env"),
     ({"method": "ties"}, ["--search"], r"--search needs --env ids"),
-    ({"method": "evolve", "base_method": "nope"}, [], r"recipe base_method='nope' is unknown"),
+    # the searched operator: an operator, never none or evolve
+    ({"method": "evolve", "base_method": "nope"}, [], r"^merge\.base_method: 'nope' is not one of linear, .*\bties\b.*, "
+                                                      r"model_stock$"),
 ])
 def test_bad_recipes_are_one_line_user_errors(ckpts, tmp_path, fields, argv_extra, message):
     with pytest.raises(ColearnError, match=message):
