@@ -6,11 +6,11 @@
 Three checkpoints (ancestor and two perturbed partners, float32, one safetensors file each)
 are written to a temp dir (removed after).  Every measurement is a fresh subprocess that
 imports what `colearn merge` imports, then runs its work phase and times it itself: for an
-operator, `colearn.merge_cli.main([...])` (all of `colearn merge` but the argv dispatch);
-for the I/O ceiling, the same streaming writer (`colearn.streaming`: the ancestor's header,
+operator, `colearn.cli.merge.main([...])` (all of `colearn merge` but the argv dispatch);
+for the I/O ceiling, the same streaming writer (`colearn.merging.streaming`: the ancestor's header,
 tensors written at their offsets, fsync, rename) fed with the ancestor's tensors while every
 partner tensor is read into one reused buffer: reading the inputs and writing the output
-with no arithmetic, through the same pipeline (`colearn.streaming.outputs`: read ahead,
+with no arithmetic, through the same pipeline (`colearn.merging.streaming.outputs`: read ahead,
 compute, write).  Peak RSS, its mapped-file part and private memory are sampled from /proc
 (see `measured`).  Inputs sit in the page cache (they were just
 written), so the ceiling is a warm-cache one.  Start-up (`startup`): fresh processes of
@@ -68,7 +68,7 @@ RANDOM = {"dare_linear", "dare_ties", "della"}
 TIME_TARGET = 3.0  # a deterministic operator's wall time at most this many times the I/O ceiling's
 
 _RUNNER = """\
-import colearn.cli as c; c.quiet_libraries(); import colearn.merge, colearn.merge_cli
+import colearn.cli.merge
 import json, sys, time
 import os
 if int(os.environ.get("COLEARN_BENCH_WARM_MB", "0")):  # see `measured`
@@ -80,10 +80,10 @@ wall, cpu = time.perf_counter(), time.process_time()
 print(json.dumps({{"work_wall_s": time.perf_counter() - wall, "work_cpu_s": time.process_time() - cpu,
                   "startup_anon_mb": startup_anon / 1024}}))
 """
-MERGE = _RUNNER.format(work="colearn.merge_cli.main(sys.argv[1:])")
+MERGE = _RUNNER.format(work="colearn.cli.merge.main(sys.argv[1:])")
 CEILING = _RUNNER.format(work=textwrap.dedent("""\
     from safetensors import safe_open
-    from colearn.streaming import atomic_file, outputs, read_layout, write_like
+    from colearn.merging.streaming import atomic_file, outputs, read_layout, write_like
     base, partners, out = sys.argv[1], sys.argv[2:-1], sys.argv[-1]
     layout = read_layout(base)
     handles = [safe_open(p, "pt") for p in (base, *partners)]
@@ -192,8 +192,8 @@ def interleaved(runs: int, code: str, args: list[str], ceiling_args: list[str], 
 
 FIRST_TENSOR = """\
 import os, sys
-import colearn.streaming as streaming
-from colearn.cli import main
+import colearn.merging.streaming as streaming
+from colearn.cli.main import main
 streaming.merge_tensor = lambda *args, **kwargs: os._exit(0)  # the first merged tensor ends the start-up
 sys.argv = ["colearn", "merge", *sys.argv[1:]]
 main()
