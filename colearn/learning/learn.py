@@ -26,13 +26,18 @@ from colearn.models.policy import continuation_outputs, continuation_stats, entr
 log = logging.getLogger(__name__)
 
 
+def indices_by(keys: list[Any]) -> dict[Any, list[int]]:
+    """Returns {key: the positions it has in `keys`}, keys in order of first appearance."""
+    positions: dict[Any, list[int]] = defaultdict(list)
+    for i, key in enumerate(keys):
+        positions[key].append(i)
+    return positions
+
+
 def group_advantages(returns: torch.Tensor, groups: list[Any], eps: float = 1e-6) -> torch.Tensor:
     """Returns (return - group mean) / (group std + eps) per entry, 0 for groups without variance, (n,)."""
     out = torch.zeros_like(returns)
-    members: dict[Any, list[int]] = defaultdict(list)
-    for i, g in enumerate(groups):
-        members[g].append(i)
-    for idx in members.values():
+    for idx in indices_by(groups).values():
         r = returns[idx]
         if len(idx) > 1 and r.std() > eps:
             out[idx] = (r - r.mean()) / (r.std() + eps)
@@ -57,10 +62,7 @@ def step_advantages(rows: list[dict[str, Any]], mode: str) -> list[float]:
     returns = torch.tensor([r["return_to_go"] for r in rows], dtype=torch.float64)
     states = [(r["env"], r["observation"]) for r in rows]
     baseline = torch.zeros_like(returns)
-    members: dict[Any, list[int]] = defaultdict(list)
-    for i, s in enumerate(states):
-        members[s].append(i)
-    for idx in members.values():
+    for idx in indices_by(states).values():
         baseline[idx] = returns[idx].mean()
     adv = returns - baseline
     std = adv.std() if len(adv) > 1 else torch.tensor(0.0)
@@ -176,9 +178,7 @@ def row_outputs(
     n = len(rows)
     device = partner.device
     policy_lp, entropy, token_lp, value = (torch.zeros(n, device=device) for _ in range(4))
-    by_legal: dict[tuple[tuple[str, ...], str], list[int]] = defaultdict(list)
-    for i, r in enumerate(rows):
-        by_legal[(tuple(r["legal_actions"]), r.get("action_charset", ""))].append(i)
+    by_legal = indices_by([(tuple(r["legal_actions"]), r.get("action_charset", "")) for r in rows])
     pad = partner.tokenizer.pad_token_id
     for (legal, charset), idx in by_legal.items():
         index = torch.tensor(idx, device=device)
