@@ -25,7 +25,7 @@ THRESHOLD = 0.9
 
 def offspring_scores(run_dir: Path) -> dict[str, float]:
     """Returns the last generation's offspring greedy score per env."""
-    from colearn.logger import read_metrics
+    from colearn.rundir.logger import read_metrics
 
     events = [e for e in read_metrics(run_dir) if e.get("event") == "eval" and e["partner"] == "offspring"
               and e["policy"] == "greedy"]

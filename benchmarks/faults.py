@@ -78,7 +78,7 @@ def events(run_dir: Path) -> list[str]:
 
 
 def rows(run_dir: Path) -> list[tuple[str, int]]:
-    from colearn.experience import ExperienceStore
+    from colearn.experience.store import ExperienceStore
 
     return [(r["episode_id"], r["step"]) for r in ExperienceStore(run_dir / "experience").table().to_pylist()]
 

@@ -66,7 +66,8 @@ def worker(run_dir: Path, preset: str, seed: int, overrides: list[str]) -> None:
     from hydra import compose
     from omegaconf import OmegaConf
 
-    from colearn import cli, loop
+    from colearn import loop
+    from colearn.cli import experiment as cli
 
     cli.quiet_libraries()
     cli.register_configs()
@@ -154,7 +155,7 @@ def merges_of(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def measure(run_dir: Path) -> dict[str, Any]:
-    from colearn.logger import read_metrics
+    from colearn.rundir.logger import read_metrics
 
     info = json.loads((run_dir / "bench.json").read_text())
     events = read_metrics(run_dir)
@@ -181,7 +182,7 @@ def measure(run_dir: Path) -> dict[str, Any]:
 # -- aggregation ----------------------------------------------------------------------------------------
 
 def interval(values: list[float]) -> dict[str, Any]:
-    from colearn.report import t_interval
+    from colearn.analysis.report import t_interval
 
     values = [v for v in values if v is not None]
     if not values:
@@ -308,7 +309,7 @@ def plot(runs: list[dict[str, Any]], path: Path) -> None:
     import matplotlib.pyplot as plt
     import numpy as np
 
-    from colearn.report import t_quantile
+    from colearn.analysis.report import t_quantile
 
     fig, axes = plt.subplots(1, len(ENVS), figsize=(5 * len(ENVS), 4), sharey=True)
     for ax, env in zip(axes, ENVS):

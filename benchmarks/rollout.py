@@ -42,10 +42,10 @@ import transformers
 
 from colearn.config import EnvSpec, ModelConfig, RolloutConfig
 from colearn.loop import env_corpus
-from colearn.models import build_ancestor
-from colearn.partner import Partner
-from colearn.policy import legal_action_logprobs
-from colearn.rollout import EpisodeMeta, collect, env_info
+from colearn.models.build import build_ancestor
+from colearn.models.partner import Partner
+from colearn.models.policy import legal_action_logprobs
+from colearn.experience.rollout import EpisodeMeta, collect, env_info
 
 ENVS = ["colearn/FrozenLake-v0", "colearn/FrozenLake8x8-v0"]
 NUM_ENVS = [1, 16, 64, 256]

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from colearn import loop
-from colearn.cli import quiet_libraries
+from colearn.cli.console import quiet_libraries
 from colearn.config import Config, EnvConfig, EnvSpec, EvalConfig, LoopConfig, ModelConfig, PartnerSpec, RolloutConfig
 
 RESULTS = Path(__file__).parent / "results" / "soak.json"

@@ -77,7 +77,7 @@ def overrides_for(env: str, variant: str, seed: int) -> list[str]:
 
 def measure(run_dir: Path) -> dict[str, Any]:
     """Returns one run's steps to 90% (None: never), best and final greedy, final sampled."""
-    from colearn.logger import read_metrics
+    from colearn.rundir.logger import read_metrics
 
     info = json.loads((run_dir / "bench.json").read_text())
     env, variant = info["preset"].split("/")
