@@ -1,4 +1,5 @@
-"""Tests of colearn.breeding.compatibility: task vectors, their cosine and sign conflicts, weight distance, linear CKA."""
+"""Tests of colearn.breeding.compatibility: task vectors, their cosine and sign conflicts, weight distance, linear
+CKA."""
 
 from __future__ import annotations
 

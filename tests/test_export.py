@@ -130,6 +130,7 @@ def test_export_card_says_prompt_acting_and_scores(lora_run, tmp_path, elsewhere
     for env, policy, mean_return, success, optimum, normalized, episodes in rows:
         e = next(e for e in evals if (e["env"], e["policy"]) == (env, policy))
         assert (float(mean_return), float(optimum)) == (round(e["mean_return"], 3), 1.0)
+        assert (float(success), float(normalized)) == (round(e["success"], 3), round(e["normalized"], 3))
         assert episodes == ("exact" if e["exact"] else str(e["episodes"]))
     code = re.search(r"## Acting\n\n```python\n(.*?)```", card, re.S).group(1)
     namespace: dict = {}

@@ -43,7 +43,7 @@ def rows_of(episodes: list[list[float]], seeds: list[int], gamma: float = 1.0) -
         for r in reversed(rewards):
             g = r + gamma * g
             rtg.insert(0, g)
-        for t, r in enumerate(rewards):
+        for t in range(len(rewards)):
             rows.append({"partner": "A", "env": "E", "generation": 0, "round": 0, "seed": seed, "step": t,
                          "episode_id": f"e{e}", "return_to_go": rtg[t], "observation": f"s{t}",
                          "success": rewards[-1] > 0, "invalid": False, "episode_return": sum(rewards)})

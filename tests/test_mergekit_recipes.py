@@ -1,5 +1,6 @@
-"""Tests of mergekit recipes in `colearn merge` (colearn.merging.mergekit_recipe, colearn.merging.mergekit_methods) and of the
-merge command's start-up imports: a tiny pair on disk, outputs compared with mergekit's formulas computed by hand."""
+"""Tests of mergekit recipes in `colearn merge` (colearn.merging.mergekit_recipe, colearn.merging.mergekit_methods) and
+of the merge command's start-up imports: a tiny pair on disk, outputs compared with mergekit's formulas computed by
+hand."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Tests of colearn.breeding.offspring: compatibility before a merge, fallback, the promotion gate, evolve via make_offspring."""
+"""Tests of colearn.breeding.offspring: compatibility before a merge, fallback, the promotion gate, evolve via
+make_offspring."""
 
 from __future__ import annotations
 

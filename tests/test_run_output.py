@@ -137,7 +137,7 @@ def test_log_lines_and_warnings_print_above_the_bar_not_onto_it(capsys):
             logging.getLogger("colearn.loop").warning("entropy collapsed")
             with warnings.catch_warnings():
                 warnings.simplefilter("always")
-                warnings.warn("a library complains")
+                warnings.warn("a library complains", stacklevel=1)
             bar.update(1)
     finally:
         root.removeHandler(console)

@@ -111,7 +111,8 @@ class Copy(Offspring):
 @dataclass(kw_only=True)
 class Mixture(Copy):
     """The partners routed per env (merge.fallback=mixture), evaluated and saved as a mixture directory
-    (`colearn.breeding.mixture`); `partner` is the best partner's copy, as one set of weights cannot hold the routing."""
+    (`colearn.breeding.mixture`); `partner` is the best partner's copy, as one set of weights cannot hold the
+    routing."""
 
     routing: dict[str, str]  # env -> name of the partner that acts in it
 
@@ -285,14 +286,14 @@ def make_offspring(
 ) -> Offspring:
     """Returns the offspring of a generation: `Merged`, `Copy` or `Mixture`.
 
-    A copy of the best-scoring partner when merging is off (method "none") or there is one
-    partner.  Otherwise: the partners' compatibility (`measured`, else measured here on the `probe` prompts:
-    `compatibility.measure`) decides: under merge.compat_threshold, the configured fallback is returned; else the partners
-    are merged (method=evolve: CMA-ES over merge.base_method's recipe, scored by `search_fn`)
-    and, with merge.gate, the offspring must score within merge.gate_tolerance of the best
-    parent under `evaluate_fn` (held-out validation episodes; parents are re-scored on the same
-    episodes) or the fallback is returned.  `scores` (the loop's last evaluation) picks the best
-    partner when `evaluate_fn` is absent; `env_scores` ({partner: {env: score}}) the mixture map.
+    A copy of the best-scoring partner when merging is off (method "none") or there is one partner. Otherwise: the
+    partners' compatibility (`measured`, else measured here on the `probe` prompts: `compatibility.measure`)
+    decides: under merge.compat_threshold, the configured fallback is returned; else the partners are merged
+    (method=evolve: CMA-ES over merge.base_method's recipe, scored by `search_fn`) and, with merge.gate, the
+    offspring must score within merge.gate_tolerance of the best parent under `evaluate_fn` (held-out validation
+    episodes; parents are re-scored on the same episodes) or the fallback is returned. `scores` (the loop's last
+    evaluation) picks the best partner when `evaluate_fn` is absent; `env_scores` ({partner: {env: score}}) the
+    mixture map.
     """
     if len(partners) == 1 or cfg.method == "none":
         best = max(partners, key=lambda p: scores[p.name])

@@ -119,8 +119,9 @@ def main(argv: list[str]) -> None:
 
 
 def merge_by_mergekit_recipe(data: dict[str, Any], args: argparse.Namespace) -> None:
-    """Merges the models a mergekit recipe names into --out, with mergekit's semantics (`colearn.merging.mergekit_recipe`);
-    the output takes the reference model's (base_model's, else models[0]'s) config, tokenizer and layout."""
+    """Merges the models a mergekit recipe names into --out, with mergekit's semantics
+    (`colearn.merging.mergekit_recipe`); the output takes the reference model's (base_model's, else models[0]'s)
+    config, tokenizer and layout."""
     for flag, given in (("CHECKPOINT arguments", args.partners), ("--base", args.base), ("--search", args.search),
                         ("--rank", args.rank is not None)):
         if given:

@@ -32,7 +32,7 @@ def env_info(spec: EnvSpec) -> dict[str, Any]:
     try:
         return colearn_envs.text_env_info(spec.id, **spec.kwargs)
     except gym.error.Error as e:
-        raise ColearnError(f"env id {spec.id!r} is not registered: {e}; known colearn ids: {colearn_envs.ENV_IDS}")
+        raise ColearnError(f"env id {spec.id!r} is not registered: {e}; known colearn ids: {colearn_envs.ENV_IDS}") from e
 
 
 def acting_mode(spec: EnvSpec, mode: str) -> list[str] | None:

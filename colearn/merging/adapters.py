@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -144,14 +144,16 @@ def write_folded(inputs: AdapterInputs, recipe: Recipe, tmp: Path, files: dict[s
     changes = merged_changes(inputs, recipe)
     for file in files:
         layout = read_layout(inputs.base_model / file)
-        with safe_open(os.fspath(inputs.base_model / file), framework="pt") as handle:
-            def tensors():
-                for key in data_order(layout):
-                    weight = handle.get_tensor(key)
-                    change = changes.get(key)
-                    yield key, weight if change is None else (weight.float() + change).to(weight.dtype)
-            with atomic_file(tmp / file) as out:
-                write_like(layout, tensors(), out)
+        with safe_open(os.fspath(inputs.base_model / file), framework="pt") as handle, atomic_file(tmp / file) as out:
+            write_like(layout, changed_tensors(handle, data_order(layout), changes), out)
+
+
+def changed_tensors(handle: Any, keys: Sequence[str], changes: Mapping[str, Tensor]) -> Iterator[tuple[str, Tensor]]:
+    """Yields (key, the base tensor plus its change) for each key of an open safetensors file, in that order."""
+    for key in keys:
+        weight = handle.get_tensor(key)
+        change = changes.get(key)
+        yield key, weight if change is None else (weight.float() + change).to(weight.dtype)
 
 
 def write_adapter(inputs: AdapterInputs, recipe: Recipe, tmp: Path, rank: int) -> float:

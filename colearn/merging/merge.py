@@ -267,10 +267,10 @@ def merge_tensor(key: str, ancestor: Tensor, partners: Sequence[Tensor], recipe:
 
 
 def plan_tensor(key: str, ancestor: Tensor, partners: Sequence[Tensor], recipe: Recipe) -> Plan | None:
-    """Returns the operator's plan for one tensor (`colearn.merging.operators.plan`), for `merge_tensor` to apply; a streaming
-    caller makes it on another thread while the previous tensor merges.  None where nothing is worth planning ahead:
-    tensors `merge_tensor` copies, mismatched shapes (it raises), and the random operators, whose plans can hold a
-    whole tensor (DELLA's keep probabilities: two at once would break the memory bound)."""
+    """Returns the operator's plan for one tensor (`colearn.merging.operators.plan`), for `merge_tensor` to apply; a
+    streaming caller makes it on another thread while the previous tensor merges. None where nothing is worth
+    planning ahead: tensors `merge_tensor` copies, mismatched shapes (it raises), and the random operators, whose
+    plans can hold a whole tensor (DELLA's keep probabilities: two at once would break the memory bound)."""
     here = recipe.for_group(layer_group(key))
     if (here.method in RANDOM_METHODS or not ancestor.is_floating_point() or here.to_ancestor == 1
             or any(p.shape != ancestor.shape for p in partners)):

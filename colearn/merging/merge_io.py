@@ -127,7 +127,7 @@ def _vocab(path: Path) -> dict[int, str] | None:
             return {token_id: token for token, token_id in
                     Tokenizer.from_file(os.fspath(path / "tokenizer.json")).get_vocab(with_added_tokens=True).items()}
         except Exception as e:  # tokenizers raises a bare Exception for a file it cannot parse
-            raise ColearnError(f"checkpoint {str(path)!r} has a tokenizer.json that does not load: {e}".splitlines()[0])
+            raise ColearnError(f"checkpoint {str(path)!r} has a tokenizer.json that does not load: {e}".splitlines()[0]) from e
     if not any((path / f).is_file() for f in ("tokenizer_config.json", "tokenizer.model")):
         return None
     from transformers import AutoTokenizer  # only for tokenizers without tokenizer.json: it costs seconds to import
@@ -136,7 +136,7 @@ def _vocab(path: Path) -> dict[int, str] | None:
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
     except (OSError, ValueError, TypeError) as e:
-        raise ColearnError(f"checkpoint {str(path)!r} has tokenizer files that do not load: {e}".splitlines()[0])
+        raise ColearnError(f"checkpoint {str(path)!r} has tokenizer files that do not load: {e}".splitlines()[0]) from e
     return {token_id: token for token, token_id in tokenizer.get_vocab().items()}
 
 
