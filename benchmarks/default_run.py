@@ -2,7 +2,7 @@
 
     python benchmarks/default_run.py                 # seeds 0-9, two runs at a time, in /tmp/bench_default
     python benchmarks/default_run.py --seeds 3 --jobs 1
-    python benchmarks/default_run.py --runs-dir /tmp/bench_default_none --out /tmp/none.json -- learn.advantage_norm=none
+    python benchmarks/default_run.py --runs-dir /tmp/bench_none --out /tmp/none.json -- learn.advantage_norm=none
 
 Each run is the default config (`seed=N`, one torch thread), a subprocess via benchmarks/learning.py's runner.
 Target: the final offspring scores >= 0.9 of the optimum greedily on both maps in >= 9 of 10 seeds, each run in
@@ -27,8 +27,11 @@ def offspring_scores(run_dir: Path) -> dict[str, float]:
     """Returns the last generation's offspring greedy score per env."""
     from colearn.rundir.logger import read_metrics
 
-    events = [e for e in read_metrics(run_dir) if e.get("event") == "eval" and e["partner"] == "offspring"
-              and e["policy"] == "greedy"]
+    events = [
+        e
+        for e in read_metrics(run_dir)
+        if e.get("event") == "eval" and e["partner"] == "offspring" and e["policy"] == "greedy"
+    ]
     last = max(e["generation"] for e in events)
     return {e["env"]: e["normalized"] for e in events if e["generation"] == last}
 
@@ -41,26 +44,51 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=RESULTS / "default_run.json")
     ap.add_argument("overrides", nargs="*", help="Hydra overrides after --: a variant of the default run")
     args = ap.parse_args()
-    jobs = [("default", s, args.runs_dir / f"s{s}", [f"seed={s}", "progress=false", *args.overrides])
-            for s in range(args.seeds)]
+    jobs = [
+        ("default", s, args.runs_dir / f"s{s}", [f"seed={s}", "progress=false", *args.overrides])
+        for s in range(args.seeds)
+    ]
     wall = launch([j for j in jobs if not (j[2] / "bench.json").is_file()], args.jobs)
     runs = []
     for _, seed, run_dir, _ in jobs:
         info = json.loads((run_dir / "bench.json").read_text())
         scores = offspring_scores(run_dir)
-        runs.append({"seed": seed, "wall_s": info["wall_s"], "env_steps": info["env_steps"], "offspring": scores,
-                     "solved": min(scores.values()) >= THRESHOLD})
+        runs.append(
+            {
+                "seed": seed,
+                "wall_s": info["wall_s"],
+                "env_steps": info["env_steps"],
+                "offspring": scores,
+                "solved": min(scores.values()) >= THRESHOLD,
+            }
+        )
     lines = ["| seed | offspring greedy | solved both | wall s | env steps |", "|---:|---|---|---:|---:|"]
-    lines += [f"| {r['seed']} | " + ", ".join(f"{k} {v:.2f}" for k, v in r["offspring"].items())
-              + f" | {'yes' if r['solved'] else 'no'} | {r['wall_s']:.0f} | {r['env_steps']:,} |" for r in runs]
+    lines += [
+        f"| {r['seed']} | "
+        + ", ".join(f"{k} {v:.2f}" for k, v in r["offspring"].items())
+        + f" | {'yes' if r['solved'] else 'no'} | {r['wall_s']:.0f} | {r['env_steps']:,} |"
+        for r in runs
+    ]
     solved = sum(r["solved"] for r in runs)
-    lines.append(f"\nsolved both maps in {solved} of {len(runs)} seeds; wall max {max(r['wall_s'] for r in runs):.0f} s")
+    lines.append(
+        f"\nsolved both maps in {solved} of {len(runs)} seeds; wall max {max(r['wall_s'] for r in runs):.0f} s"
+    )
     text = "\n".join(lines)
     print(text)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"command": "python benchmarks/default_run.py " + shlex.join(sys.argv[1:]),
-                                    "wall_s_total": round(wall, 1), "solved": solved, "runs": runs, "table": text},
-                                   indent=1) + "\n")
+    args.out.write_text(
+        json.dumps(
+            {
+                "command": "python benchmarks/default_run.py " + shlex.join(sys.argv[1:]),
+                "wall_s_total": round(wall, 1),
+                "solved": solved,
+                "runs": runs,
+                "table": text,
+            },
+            indent=1,
+        )
+        + "\n"
+    )
 
 
 if __name__ == "__main__":

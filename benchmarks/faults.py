@@ -29,16 +29,27 @@ import time
 from pathlib import Path
 from typing import Any
 
-TINY = ["loop.generations=2", "loop.rounds=2", "rollout.episodes=16", "rollout.group_size=4", "rollout.num_envs=16",
-        "eval.episodes=2", "model.hidden_size=32", "model.intermediate_size=64", "model.num_layers=1",
-        "model.num_heads=2", "progress=false"]
+TINY = [
+    "loop.generations=2",
+    "loop.rounds=2",
+    "rollout.episodes=16",
+    "rollout.group_size=4",
+    "rollout.num_envs=16",
+    "eval.episodes=2",
+    "model.hidden_size=32",
+    "model.intermediate_size=64",
+    "model.num_layers=1",
+    "model.num_heads=2",
+    "progress=false",
+]
 CLI = [sys.executable, "-m", "colearn.cli"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
 
 
 def start(run_dir: Path) -> subprocess.Popen:
-    return subprocess.Popen([*CLI, f"hydra.run.dir={run_dir}", *TINY], env=ENV, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    return subprocess.Popen(
+        [*CLI, f"hydra.run.dir={run_dir}", *TINY], env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
 
 
 def resume(run_dir: Path, *extra: str) -> subprocess.CompletedProcess:
@@ -52,8 +63,14 @@ def resume_to_end(run_dir: Path) -> str:
         done = resume(run_dir, "--restart")
         how = "restarted"
     else:
-        how = next((line.split("continuing from ")[1].split(" (")[0] for line in done.stdout.splitlines()
-                    if "continuing from" in line), "?")
+        how = next(
+            (
+                line.split("continuing from ")[1].split(" (")[0]
+                for line in done.stdout.splitlines()
+                if "continuing from" in line
+            ),
+            "?",
+        )
     if done.returncode:
         raise RuntimeError(f"colearn resume {run_dir} failed: {done.stderr.strip()}")
     return how
@@ -73,8 +90,10 @@ def kill_after(run_dir: Path, seconds: float, first: str = "metrics.jsonl") -> N
 
 def events(run_dir: Path) -> list[str]:
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [json.dumps({k: v for k, v in r.items() if k != "time" and not k.startswith("time/")}, sort_keys=True)
-            for r in rows]
+    return [
+        json.dumps({k: v for k, v in r.items() if k != "time" and not k.startswith("time/")}, sort_keys=True)
+        for r in rows
+    ]
 
 
 def rows(run_dir: Path) -> list[tuple[str, int]]:
@@ -95,11 +114,20 @@ def compare(run_dir: Path, straight: Path) -> dict[str, Any]:
     """What differs from the uninterrupted run (metrics, experience, weights; empty when bit-identical), and the
     experience rows lost or doubled."""
     got, want = collections.Counter(rows(run_dir)), collections.Counter(rows(straight))
-    differs = [name for name, same in (("metrics", events(run_dir) == events(straight)),
-                                       ("experience", rows(run_dir) == rows(straight)),
-                                       ("weights", same_weights(run_dir, straight))) if not same]
-    return {"differs": differs, "lost": sum((want - got).values()),
-            "doubled": sum(n - 1 for n in got.values() if n > 1)}
+    differs = [
+        name
+        for name, same in (
+            ("metrics", events(run_dir) == events(straight)),
+            ("experience", rows(run_dir) == rows(straight)),
+            ("weights", same_weights(run_dir, straight)),
+        )
+        if not same
+    ]
+    return {
+        "differs": differs,
+        "lost": sum((want - got).values()),
+        "doubled": sum(n - 1 for n in got.values() if n > 1),
+    }
 
 
 def tear_round_checkpoints(run_dir: Path) -> None:
@@ -126,8 +154,12 @@ def damaged_case(run_dir: Path) -> str:
 
 def concurrent_case(run_dir: Path, seconds: float) -> str:
     kill_after(run_dir, seconds, "checkpoints/round_g0000_r001")  # resumable: both resumes would go on
-    procs = [subprocess.Popen([*CLI, "resume", str(run_dir)], env=ENV, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    procs = [
+        subprocess.Popen(
+            [*CLI, "resume", str(run_dir)], env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        for _ in range(2)
+    ]
     outcomes = [p.communicate() for p in procs]
     codes = sorted(p.returncode for p in procs)
     refused = [err.strip() for p, (_, err) in zip(procs, outcomes) if p.returncode]
@@ -149,10 +181,14 @@ def main() -> None:
         subprocess.run([*CLI, f"hydra.run.dir={straight}", *TINY], env=ENV, check=True, capture_output=True)
         times = [json.loads(line)["time"] for line in (straight / "metrics.jsonl").read_text().splitlines()]
         length = times[-1] - times[0]  # from the first event to the last: kills land anywhere in between
-        cases = [(f"kill {i} at {t:.1f} s", lambda d, t=t: kill_case(d, t))
-                 for i, t in enumerate(rng.uniform(0.0, length) for _ in range(args.kills))]
-        cases += [("damaged round checkpoints", damaged_case),
-                  ("concurrent resumes", lambda d: concurrent_case(d, rng.uniform(0.0, length)))]
+        cases = [
+            (f"kill {i} at {t:.1f} s", lambda d, t=t: kill_case(d, t))
+            for i, t in enumerate(rng.uniform(0.0, length) for _ in range(args.kills))
+        ]
+        cases += [
+            ("damaged round checkpoints", damaged_case),
+            ("concurrent resumes", lambda d: concurrent_case(d, rng.uniform(0.0, length))),
+        ]
         identical = 0
         for i, (name, case) in enumerate(cases):
             run_dir = root / f"case{i}" / "run"  # same directory name: same run_id in the step records
@@ -160,8 +196,10 @@ def main() -> None:
             result = compare(run_dir, straight)
             identical += not result["differs"]
             outcome = f"DIFFERS: {', '.join(result['differs'])}" if result["differs"] else "identical"
-            print(f"{name:28s} {outcome:30s} lost {result['lost']:4d}  doubled {result['doubled']:4d}  ({how})",
-                  flush=True)
+            print(
+                f"{name:28s} {outcome:30s} lost {result['lost']:4d}  doubled {result['doubled']:4d}  ({how})",
+                flush=True,
+            )
         print(f"{identical}/{len(cases)} ended bit-identical to the uninterrupted run")
     finally:
         if args.keep:

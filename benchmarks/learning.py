@@ -48,13 +48,28 @@ THRESHOLD = 0.9
 RETENTION = 0.9
 COMPAT = ["cka", "cosine", "sign_conflict"]
 # the default run's budget; integration modes only evaluate, so they are left out
-BUDGET = ["loop.generations=4", "loop.rounds=4", "rollout.episodes=128", "rollout.num_envs=128",
-          "eval.greedy=true", "eval.sampled=true", "integrate.modes=[]"]
-QUICK = ["loop.generations=1", "loop.rounds=2", "rollout.episodes=16", "rollout.num_envs=16",
-         "eval.episodes=4", "eval.greedy=true", "eval.sampled=true"]
+BUDGET = [
+    "loop.generations=4",
+    "loop.rounds=4",
+    "rollout.episodes=128",
+    "rollout.num_envs=128",
+    "eval.greedy=true",
+    "eval.sampled=true",
+    "integrate.modes=[]",
+]
+QUICK = [
+    "loop.generations=1",
+    "loop.rounds=2",
+    "rollout.episodes=16",
+    "rollout.num_envs=16",
+    "eval.episodes=4",
+    "eval.greedy=true",
+    "eval.sampled=true",
+]
 
 
 # -- one run (a subprocess) -----------------------------------------------------------------------------
+
 
 def overrides_for(preset: str, seed: int, budget: list[str]) -> list[str]:
     return [f"experiment={preset}", f"seed={seed}", *budget, "progress=false"]
@@ -79,8 +94,14 @@ def worker(run_dir: Path, preset: str, seed: int, overrides: list[str]) -> None:
     cli.validate(cfg)
     start = time.time()
     state = loop.run(cfg, run_dir)
-    info = {"preset": preset, "seed": seed, "overrides": overrides, "wall_s": round(time.time() - start, 1),
-            "env_steps": state.env_steps, "stopped_by": state.stopped_by}
+    info = {
+        "preset": preset,
+        "seed": seed,
+        "overrides": overrides,
+        "wall_s": round(time.time() - start, 1),
+        "env_steps": state.env_steps,
+        "stopped_by": state.stopped_by,
+    }
     (run_dir / "bench.json").write_text(json.dumps(info, indent=2))
 
 
@@ -94,10 +115,26 @@ def launch(jobs: list[tuple[str, int, Path, list[str]]], parallel: int) -> float
             preset, seed, run_dir, ovr = pending.pop(0)
             run_dir.mkdir(parents=True, exist_ok=True)
             out = open(run_dir / "worker.log", "w")
-            cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", str(run_dir), "--preset", preset,
-                   "--seed", str(seed), "--", *ovr]
-            running.append((subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT),
-                            run_dir, out, time.time()))
+            cmd = [
+                sys.executable,
+                str(Path(__file__).resolve()),
+                "--worker",
+                str(run_dir),
+                "--preset",
+                preset,
+                "--seed",
+                str(seed),
+                "--",
+                *ovr,
+            ]
+            running.append(
+                (
+                    subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT),
+                    run_dir,
+                    out,
+                    time.time(),
+                )
+            )
             print(f"[{time.time() - start:6.0f}s] start {run_dir.name}", flush=True)
         time.sleep(1)
         for item in list(running):
@@ -106,12 +143,12 @@ def launch(jobs: list[tuple[str, int, Path, list[str]]], parallel: int) -> float
                 out.close()
                 running.remove(item)
                 status = "done" if proc.returncode == 0 else f"FAILED rc={proc.returncode} (see worker.log)"
-                print(f"[{time.time() - start:6.0f}s] {status} {run_dir.name} in {time.time() - t0:.0f}s",
-                      flush=True)
+                print(f"[{time.time() - start:6.0f}s] {status} {run_dir.name} in {time.time() - t0:.0f}s", flush=True)
     return time.time() - start
 
 
 # -- measurements of one run ----------------------------------------------------------------------------
+
 
 def eval_points(events: list[dict[str, Any]], policy: str) -> list[tuple[int, dict[str, float]]]:
     """Returns [(env steps, {env: best normalized return over the policies evaluated at that point})]."""
@@ -147,10 +184,18 @@ def merges_of(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
         for env in ENVS:
             owner, child = greedy.get((g, OWNER[env], env)), greedy.get((g, "offspring", env))
             retention[env] = child / owner if owner and child is not None else None
-        out.append({"generation": g, "method": m.get("method"), "outcome": m.get("outcome"),
-                    "promoted": m.get("promoted"), "gain": m.get("merge/gain"),
-                    "gain_env": {env: m.get(f"merge/gain/{env}") for env in ENVS}, "retention": retention,
-                    "compat": {c: m.get(f"merge/compat/{c}") for c in COMPAT}})
+        out.append(
+            {
+                "generation": g,
+                "method": m.get("method"),
+                "outcome": m.get("outcome"),
+                "promoted": m.get("promoted"),
+                "gain": m.get("merge/gain"),
+                "gain_env": {env: m.get(f"merge/gain/{env}") for env in ENVS},
+                "retention": retention,
+                "compat": {c: m.get(f"merge/compat/{c}") for c in COMPAT},
+            }
+        )
     return out
 
 
@@ -164,8 +209,11 @@ def measure(run_dir: Path) -> dict[str, Any]:
     for env in ENVS:
         steps_to[env] = next((s for s, v in greedy if v.get(env, -math.inf) >= THRESHOLD), None)
     last_gen = max(e["generation"] for e in events if e.get("event") == "eval")
-    offspring = {f"{e['policy']}/{e['env']}": e["normalized"] for e in events
-                 if e.get("event") == "eval" and e["partner"] == "offspring" and e["generation"] == last_gen}
+    offspring = {
+        f"{e['policy']}/{e['env']}": e["normalized"]
+        for e in events
+        if e.get("event") == "eval" and e["partner"] == "offspring" and e["generation"] == last_gen
+    }
     return {
         **{k: info[k] for k in ("preset", "seed", "wall_s", "env_steps")},
         "run_dir": str(run_dir),
@@ -181,6 +229,7 @@ def measure(run_dir: Path) -> dict[str, Any]:
 
 # -- aggregation ----------------------------------------------------------------------------------------
 
+
 def interval(values: list[float]) -> dict[str, Any]:
     from colearn.analysis.report import t_interval
 
@@ -195,8 +244,14 @@ def aggregate(runs: list[dict[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for preset in [p for p in PRESETS if any(r["preset"] == p for r in runs)]:
         rs = [r for r in runs if r["preset"] == preset]
-        agg: dict[str, Any] = {"seeds": [r["seed"] for r in rs], "env_steps_budget": max(r["env_steps"] for r in rs),
-                               "steps_to_90": {}, "final_greedy": {}, "final_sampled": {}, "final_offspring": {}}
+        agg: dict[str, Any] = {
+            "seeds": [r["seed"] for r in rs],
+            "env_steps_budget": max(r["env_steps"] for r in rs),
+            "steps_to_90": {},
+            "final_greedy": {},
+            "final_sampled": {},
+            "final_offspring": {},
+        }
         reached = [r["one_model_steps"] for r in rs if r["one_model_steps"] is not None]
         agg["one_model_steps"] = {**interval(reached), "reached": len(reached), "runs": len(rs)}
         for env in ENVS:
@@ -219,14 +274,24 @@ def merge_summary(merges: list[dict[str, Any]]) -> dict[str, Any]:
     gains = [m["gain"] for m in merges if m["gain"] is not None]
     lost = [m for m in merges if m["gain"] is not None and m["gain"] < 0]
     kept = [m for m in merges if m["gain"] is not None and m["gain"] >= 0]
-    predict = {c: {"before_loss": interval([m["compat"][c] for m in lost if m["compat"][c] is not None]),
-                   "before_no_loss": interval([m["compat"][c] for m in kept if m["compat"][c] is not None])}
-               for c in COMPAT}
-    return {"generations": len(merges), "outcomes": {o: sum(m["outcome"] == o for m in merges)
-                                                      for o in sorted({m["outcome"] for m in merges})},
-            "retention": interval(retained), "retention_ge_target": sum(x >= RETENTION for x in retained),
-            "retention_count": len(retained), "gain": interval(gains), "gain_ge_0": sum(g >= 0 for g in gains),
-            "gain_count": len(gains), "compat_before": predict}
+    predict = {
+        c: {
+            "before_loss": interval([m["compat"][c] for m in lost if m["compat"][c] is not None]),
+            "before_no_loss": interval([m["compat"][c] for m in kept if m["compat"][c] is not None]),
+        }
+        for c in COMPAT
+    }
+    return {
+        "generations": len(merges),
+        "outcomes": {o: sum(m["outcome"] == o for m in merges) for o in sorted({m["outcome"] for m in merges})},
+        "retention": interval(retained),
+        "retention_ge_target": sum(x >= RETENTION for x in retained),
+        "retention_count": len(retained),
+        "gain": interval(gains),
+        "gain_ge_0": sum(g >= 0 for g in gains),
+        "gain_count": len(gains),
+        "compat_before": predict,
+    }
 
 
 def fmt(x: dict[str, Any], digits: int = 2, scale: float = 1.0) -> str:
@@ -255,25 +320,36 @@ def goal_check(agg: dict[str, Any]) -> dict[str, Any]:
             continue
         mine = a["one_model_steps"]
         every = mine["reached"] == mine["runs"]
-        goal[f"q2_{preset}"] = {"steps": mine["mean"], "pooled_steps": pooled["mean"], "all_seeds": every,
-                                "holds": bool(every and pooled["reached"] and mine["mean"] <= pooled["mean"])}
+        goal[f"q2_{preset}"] = {
+            "steps": mine["mean"],
+            "pooled_steps": pooled["mean"],
+            "all_seeds": every,
+            "holds": bool(every and pooled["reached"] and mine["mean"] <= pooled["mean"]),
+        }
     m = agg.get("merging_only", {}).get("merges")
     if m:
-        goal["q3"] = {"retention_share": m["retention_ge_target"] / max(m["retention_count"], 1),
-                      "gain_ge_0_share": m["gain_ge_0"] / max(m["gain_count"], 1),
-                      "holds": m["retention_ge_target"] == m["retention_count"] and
-                      m["gain_ge_0"] >= 0.8 * m["gain_count"]}
+        goal["q3"] = {
+            "retention_share": m["retention_ge_target"] / max(m["retention_count"], 1),
+            "gain_ge_0_share": m["gain_ge_0"] / max(m["gain_count"], 1),
+            "holds": m["retention_ge_target"] == m["retention_count"] and m["gain_ge_0"] >= 0.8 * m["gain_count"],
+        }
     return goal
 
 
 def table(agg: dict[str, Any], runs: list[dict[str, Any]]) -> str:
-    lines = ["One model ≥ 0.9 on both maps: thousands of env steps (all partners) at the first eval point where one "
-             "policy (a partner or the offspring) scores ≥ 0.9 of the optimum greedily on every env; mean ± 95% "
-             "t-interval over the seeds that reached it (reached/runs). Per-env steps: the best policy per env. "
-             "Final offspring: the last generation's offspring, greedy.",
-             "", "| preset | budget (k steps) | one model, both maps | " + " | ".join(f"{e} steps→90%" for e in ENVS)
-             + " | " + " | ".join(f"{e} final offspring" for e in ENVS) + " |",
-             "|" + "---|" * (3 + 2 * len(ENVS))]
+    lines = [
+        "One model ≥ 0.9 on both maps: thousands of env steps (all partners) at the first eval point where one "
+        "policy (a partner or the offspring) scores ≥ 0.9 of the optimum greedily on every env; mean ± 95% "
+        "t-interval over the seeds that reached it (reached/runs). Per-env steps: the best policy per env. "
+        "Final offspring: the last generation's offspring, greedy.",
+        "",
+        "| preset | budget (k steps) | one model, both maps | "
+        + " | ".join(f"{e} steps→90%" for e in ENVS)
+        + " | "
+        + " | ".join(f"{e} final offspring" for e in ENVS)
+        + " |",
+        "|" + "---|" * (3 + 2 * len(ENVS)),
+    ]
     for preset, a in agg.items():
         cells = [preset, f"{a['env_steps_budget'] / 1000:.1f}", steps_cell(a["one_model_steps"])]
         cells += [steps_cell(a["steps_to_90"][env]) for env in ENVS]
@@ -281,24 +357,40 @@ def table(agg: dict[str, Any], runs: list[dict[str, Any]]) -> str:
         lines.append("| " + " | ".join(cells) + " |")
     merged = {p: a["merges"] for p, a in agg.items() if "merges" in a}
     if merged:
-        lines += ["", "Merges (every generation of every seed): retention = offspring / the parent acting on the env "
-                  "(greedy); gain = offspring − best parent (mean over envs); compatibility before merges that lost "
-                  "(gain < 0) and before the others.", "",
-                  "| preset | generations | outcomes | retention mean | retention ≥ 0.9 | gain mean | gain ≥ 0 | "
-                  + " | ".join(f"{c} before loss / no loss" for c in COMPAT) + " |", "|" + "---|" * (7 + len(COMPAT))]
+        lines += [
+            "",
+            "Merges (every generation of every seed): retention = offspring / the parent acting on the env "
+            "(greedy); gain = offspring − best parent (mean over envs); compatibility before merges that lost "
+            "(gain < 0) and before the others.",
+            "",
+            "| preset | generations | outcomes | retention mean | retention ≥ 0.9 | gain mean | gain ≥ 0 | "
+            + " | ".join(f"{c} before loss / no loss" for c in COMPAT)
+            + " |",
+            "|" + "---|" * (7 + len(COMPAT)),
+        ]
         for preset, m in merged.items():
             outcomes = ", ".join(f"{k} {v}" for k, v in m["outcomes"].items())
-            cells = [preset, str(m["generations"]), outcomes, fmt(m["retention"]),
-                     f"{m['retention_ge_target']}/{m['retention_count']}", fmt(m["gain"], 3),
-                     f"{m['gain_ge_0']}/{m['gain_count']}"]
-            cells += [f"{fmt(m['compat_before'][c]['before_loss'])} / {fmt(m['compat_before'][c]['before_no_loss'])}"
-                      for c in COMPAT]
+            cells = [
+                preset,
+                str(m["generations"]),
+                outcomes,
+                fmt(m["retention"]),
+                f"{m['retention_ge_target']}/{m['retention_count']}",
+                fmt(m["gain"], 3),
+                f"{m['gain_ge_0']}/{m['gain_count']}",
+            ]
+            cells += [
+                f"{fmt(m['compat_before'][c]['before_loss'])} / {fmt(m['compat_before'][c]['before_no_loss'])}"
+                for c in COMPAT
+            ]
             lines.append("| " + " | ".join(cells) + " |")
     per_run = ["", "Per-run merge gain by generation (outcome):", ""]
     for r in runs:
         if r["merges"] and r["preset"] in merged:
-            per_run.append(f"- {r['preset']} s{r['seed']}: " + ", ".join(
-                f"{m['gain']:+.3f} ({m['outcome']})" for m in r["merges"] if m["gain"] is not None))
+            per_run.append(
+                f"- {r['preset']} s{r['seed']}: "
+                + ", ".join(f"{m['gain']:+.3f} ({m['outcome']})" for m in r["merges"] if m["gain"] is not None)
+            )
     return "\n".join(lines + per_run)
 
 
@@ -356,11 +448,22 @@ def report(runs_dir: Path, out: Path, command: str, wall_s: float | None, budget
     if previous.get("runs_dir") == str(runs_dir):  # re-aggregating: keep how the runs were made and how long
         command, wall_s = previous.get("command", command), previous.get("wall_s_total")
         budget = previous.get("budget_overrides", budget)
-    result = {"command": command, "aggregated_by": aggregated_by, "runs_dir": str(runs_dir), "budget_overrides": budget,
-              "wall_s_total": wall_s, "wall_s_runs": sum(r["wall_s"] for r in runs),
-              "system_score": "best greedy normalized return over the policies evaluated at each eval point "
-                              "(partners after each round, plus the offspring at a generation's end)",
-              "threshold": THRESHOLD, "envs": ENVS, "aggregate": agg, "goal": goal, "table": text, "runs": runs}
+    result = {
+        "command": command,
+        "aggregated_by": aggregated_by,
+        "runs_dir": str(runs_dir),
+        "budget_overrides": budget,
+        "wall_s_total": wall_s,
+        "wall_s_runs": sum(r["wall_s"] for r in runs),
+        "system_score": "best greedy normalized return over the policies evaluated at each eval point "
+        "(partners after each round, plus the offspring at a generation's end)",
+        "threshold": THRESHOLD,
+        "envs": ENVS,
+        "aggregate": agg,
+        "goal": goal,
+        "table": text,
+        "runs": runs,
+    }
     out.write_text(json.dumps(result, indent=1))
     plot(runs, out.with_suffix(".png"))
     print(f"\nwrote {out} and {out.with_suffix('.png')}")
@@ -388,8 +491,11 @@ def main() -> None:
     if args.aggregate_only:
         report(args.aggregate_only, args.out, command, None, budget)
         return
-    jobs = [(p, s, args.runs_dir / f"{p}_s{s}", overrides_for(p, s, budget))
-            for s in range(args.seeds) for p in args.presets]
+    jobs = [
+        (p, s, args.runs_dir / f"{p}_s{s}", overrides_for(p, s, budget))
+        for s in range(args.seeds)
+        for p in args.presets
+    ]
     todo = [j for j in jobs if not (j[2] / "bench.json").is_file()]
     print(f"{len(jobs)} runs ({len(jobs) - len(todo)} already finished), {args.jobs} at a time, in {args.runs_dir}")
     wall = launch(todo, args.jobs)

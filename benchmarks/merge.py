@@ -47,10 +47,20 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results" / "merge.json"
 MB = 2**20
-FULL = {"hidden_size": 768, "num_hidden_layers": 12, "intermediate_size": 2048, "vocab_size": 32000,
-        "num_attention_heads": 12}
-QUICK = {"hidden_size": 256, "num_hidden_layers": 4, "intermediate_size": 704, "vocab_size": 8000,
-         "num_attention_heads": 4}
+FULL = {
+    "hidden_size": 768,
+    "num_hidden_layers": 12,
+    "intermediate_size": 2048,
+    "vocab_size": 32000,
+    "num_attention_heads": 12,
+}
+QUICK = {
+    "hidden_size": 256,
+    "num_hidden_layers": 4,
+    "intermediate_size": 704,
+    "vocab_size": 8000,
+    "num_attention_heads": 4,
+}
 # operator -> recipe, with the densities of conf/merge/*.yaml
 RECIPES = {
     "linear": {"method": "linear"},
@@ -81,7 +91,8 @@ print(json.dumps({{"work_wall_s": time.perf_counter() - wall, "work_cpu_s": time
                   "startup_anon_mb": startup_anon / 1024}}))
 """
 MERGE = _RUNNER.format(work="colearn.cli.merge.main(sys.argv[1:])")
-CEILING = _RUNNER.format(work=textwrap.dedent("""\
+CEILING = _RUNNER.format(
+    work=textwrap.dedent("""\
     from safetensors import safe_open
     from colearn.merging.streaming import atomic_file, outputs, read_layout, write_like
     base, partners, out = sys.argv[1], sys.argv[2:-1], sys.argv[-1]
@@ -97,7 +108,8 @@ CEILING = _RUNNER.format(work=textwrap.dedent("""\
 
     with atomic_file(out) as f:
         write_like(layout, outputs(layout, handles[0], handles[1:], copied), f)
-"""))
+""")
+)
 
 
 def build_checkpoints(workdir: Path, shape: dict[str, int]) -> dict[str, object]:
@@ -139,8 +151,14 @@ def measured(code: str, args: list[str], threads: int, warm_mb: int = 0) -> dict
     512 MB a merge writes), which otherwise decides the timings.  On a machine without it,
     warming changes nothing.
     """
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1",
-           "TOKENIZERS_PARALLELISM": "false", "COLEARN_BENCH_WARM_MB": str(warm_mb)}
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": str(threads),
+        "MKL_NUM_THREADS": str(threads),
+        "HF_HUB_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "COLEARN_BENCH_WARM_MB": str(warm_mb),
+    }
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         child = subprocess.Popen([sys.executable, "-c", code, *args], cwd=ROOT, env=env, stdout=out, stderr=err)
         peak_anon = peak_file = peak_rss = 0.0
@@ -157,9 +175,14 @@ def measured(code: str, args: list[str], threads: int, warm_mb: int = 0) -> dict
         if child.returncode:
             raise RuntimeError(f"benchmark subprocess failed: {err.read().decode()[-2000:]}")
         work = json.loads(out.read().decode().strip().splitlines()[-1])
-    return {"wall_s": work["work_wall_s"], "cpu_s": work["work_cpu_s"], "peak_rss_mb": peak_rss,
-            "peak_anon_mb": peak_anon, "peak_file_mb": peak_file,
-            "work_anon_mb": peak_anon - work["startup_anon_mb"]}
+    return {
+        "wall_s": work["work_wall_s"],
+        "cpu_s": work["work_cpu_s"],
+        "peak_rss_mb": peak_rss,
+        "peak_anon_mb": peak_anon,
+        "peak_file_mb": peak_file,
+        "work_anon_mb": peak_anon - work["startup_anon_mb"],
+    }
 
 
 def _rss_parts(pid: int) -> tuple[float, float]:
@@ -176,8 +199,16 @@ def fresh(output: Path) -> None:
     shutil.rmtree(output, ignore_errors=True) if output.is_dir() else output.unlink(missing_ok=True)
 
 
-def interleaved(runs: int, code: str, args: list[str], ceiling_args: list[str], threads: int, warm_mb: int,
-                output: Path, ceilings: list[dict[str, float]]) -> dict[str, float]:
+def interleaved(
+    runs: int,
+    code: str,
+    args: list[str],
+    ceiling_args: list[str],
+    threads: int,
+    warm_mb: int,
+    output: Path,
+    ceilings: list[dict[str, float]],
+) -> dict[str, float]:
     """Returns the fastest (wall) of `runs` runs of `code`, each right after a run of the I/O ceiling, whose results
     go to `ceilings`: the page cache and the disk's write-back then vary alike for both."""
     results = []
@@ -206,9 +237,11 @@ def startup(workdir: Path, repeats: int, threads: int) -> dict[str, float]:
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     args = merge_args(workdir, "linear")
     out = workdir / "out_linear"
-    commands = {"import_torch_s": [sys.executable, "-c", "import torch"],
-                "first_tensor_s": [sys.executable, "-c", FIRST_TENSOR, *args],
-                "end_to_end_s": [sys.executable, "-m", "colearn.cli", "merge", *args]}
+    commands = {
+        "import_torch_s": [sys.executable, "-c", "import torch"],
+        "first_tensor_s": [sys.executable, "-c", FIRST_TENSOR, *args],
+        "end_to_end_s": [sys.executable, "-m", "colearn.cli", "merge", *args],
+    }
     best: dict[str, float] = {}
     for _ in range(repeats):
         for name, command in commands.items():
@@ -227,41 +260,77 @@ def merge_args(workdir: Path, method: str) -> list[str]:
 
     recipe = workdir / f"{method}.yaml"
     recipe.write_text(yaml.safe_dump(RECIPES[method]), encoding="utf-8")
-    return ["--base", str(workdir / "ancestor"), "--recipe", str(recipe), "--out", str(workdir / f"out_{method}"),
-            str(workdir / "a"), str(workdir / "b")]
+    return [
+        "--base",
+        str(workdir / "ancestor"),
+        "--recipe",
+        str(recipe),
+        "--out",
+        str(workdir / f"out_{method}"),
+        str(workdir / "a"),
+        str(workdir / "b"),
+    ]
 
 
 def run(workdir: Path, quick: bool, methods: list[str], repeats: int, threads: int, warm_mb: int) -> dict[str, object]:
     model = build_checkpoints(workdir, QUICK if quick else FULL)
-    print(f"model: {model['parameters'] / 1e6:.1f}M parameters, {model['model_mb']:.0f} MB float32, largest tensor "
-          f"{model['largest_tensor_mb']:.0f} MB; workdir {workdir}", flush=True)
+    print(
+        f"model: {model['parameters'] / 1e6:.1f}M parameters, {model['model_mb']:.0f} MB float32, largest tensor "
+        f"{model['largest_tensor_mb']:.0f} MB; workdir {workdir}",
+        flush=True,
+    )
     files = [str(workdir / n / "model.safetensors") for n in ("ancestor", "a", "b")]
     ceiling_args = [*files, str(workdir / "ceiling.safetensors")]
     os.sync()  # the inputs' write-back would otherwise compete with the first measurements' writes and fsyncs
     measured(CEILING, ceiling_args, threads, warm_mb)  # warms the page cache
     memory_target = 2 * model["largest_tensor_mb"] + model["model_mb"]
     started = startup(workdir, repeats, threads)
-    print(f"  start-up: import torch {started['import_torch_s']:.2f}s; colearn merge (linear) to its first tensor "
-          f"{started['first_tensor_s']:.2f}s, whole command {started['end_to_end_s']:.2f}s", flush=True)
+    print(
+        f"  start-up: import torch {started['import_torch_s']:.2f}s; colearn merge (linear) to its first tensor "
+        f"{started['first_tensor_s']:.2f}s, whole command {started['end_to_end_s']:.2f}s",
+        flush=True,
+    )
     ceilings: list[dict[str, float]] = []
     rows = []
     for method in methods:
         paired: list[dict[str, float]] = []
-        result = interleaved(repeats, MERGE, merge_args(workdir, method), ceiling_args, threads, warm_mb,
-                             workdir / f"out_{method}", paired)
+        result = interleaved(
+            repeats,
+            MERGE,
+            merge_args(workdir, method),
+            ceiling_args,
+            threads,
+            warm_mb,
+            workdir / f"out_{method}",
+            paired,
+        )
         ceiling = min(paired, key=lambda r: r["wall_s"])  # under the same conditions as this operator's runs
         ceilings += paired
-        row = {"method": method, "random": method in RANDOM, **result, "ceiling_wall_s": ceiling["wall_s"],
-               "ceiling_cpu_s": ceiling["cpu_s"], "wall_ratio": result["wall_s"] / ceiling["wall_s"],
-               "cpu_ratio": result["cpu_s"] / ceiling["cpu_s"]}
+        row = {
+            "method": method,
+            "random": method in RANDOM,
+            **result,
+            "ceiling_wall_s": ceiling["wall_s"],
+            "ceiling_cpu_s": ceiling["cpu_s"],
+            "wall_ratio": result["wall_s"] / ceiling["wall_s"],
+            "cpu_ratio": result["cpu_s"] / ceiling["cpu_s"],
+        }
         row["time_ok"] = row["wall_ratio"] <= TIME_TARGET
         row["memory_ok"] = row["work_anon_mb"] <= memory_target
         rows.append(row)
-        print(f"  {method}: {row['wall_s']:.2f}s wall ({row['wall_ratio']:.2f}x its ceiling's {ceiling['wall_s']:.2f}s)"
-              f", {row['cpu_s']:.2f}s CPU ({row['cpu_ratio']:.2f}x), work anon RSS {row['work_anon_mb']:.0f} MB",
-              flush=True)
-    return {"model": model, "startup": started, "ceiling": min(ceilings, key=lambda r: r["wall_s"]),
-            "ceiling_walls_s": [c["wall_s"] for c in ceilings], "memory_target_mb": memory_target, "methods": rows}
+        print(
+            f"  {method}: {row['wall_s']:.2f}s wall ({row['wall_ratio']:.2f}x its ceiling's {ceiling['wall_s']:.2f}s)"
+            f", {row['cpu_s']:.2f}s CPU ({row['cpu_ratio']:.2f}x), work anon RSS {row['work_anon_mb']:.0f} MB",
+            flush=True,
+        )
+    return {
+        "model": model,
+        "startup": started,
+        "ceiling": min(ceilings, key=lambda r: r["wall_s"]),
+        "ceiling_walls_s": [c["wall_s"] for c in ceilings],
+        "memory_target_mb": memory_target,
+        "methods": rows,
+    }
 
 
 def table(results: dict[str, object]) -> str:
@@ -274,19 +343,25 @@ def table(results: dict[str, object]) -> str:
     ]
     for r in results["methods"]:
         verdict = "no target (random)" if r["random"] else "ok" if r["time_ok"] else "missed"
-        lines.append(f"| {r['method']} | {r['wall_s']:.2f} | {r['ceiling_wall_s']:.2f} | {r['wall_ratio']:.2f} | "
-                     f"{r['cpu_s']:.2f} | {r['cpu_ratio']:.2f} | {r['peak_rss_mb']:.0f} | {r['peak_file_mb']:.0f} | "
-                     f"{r['work_anon_mb']:.0f} | {verdict} | {'ok' if r['memory_ok'] else 'missed'} |")
+        lines.append(
+            f"| {r['method']} | {r['wall_s']:.2f} | {r['ceiling_wall_s']:.2f} | {r['wall_ratio']:.2f} | "
+            f"{r['cpu_s']:.2f} | {r['cpu_ratio']:.2f} | {r['peak_rss_mb']:.0f} | {r['peak_file_mb']:.0f} | "
+            f"{r['work_anon_mb']:.0f} | {verdict} | {'ok' if r['memory_ok'] else 'missed'} |"
+        )
     c = results["ceiling"]
-    lines.append(f"\nI/O ceiling: fastest of {len(results['ceiling_walls_s'])} runs {c['wall_s']:.2f} s wall, "
-                 f"{c['cpu_s']:.2f} s CPU, {c['work_anon_mb']:.0f} MB work anon; median "
-                 f"{sorted(results['ceiling_walls_s'])[len(results['ceiling_walls_s']) // 2]:.2f} s wall.")
+    lines.append(
+        f"\nI/O ceiling: fastest of {len(results['ceiling_walls_s'])} runs {c['wall_s']:.2f} s wall, "
+        f"{c['cpu_s']:.2f} s CPU, {c['work_anon_mb']:.0f} MB work anon; median "
+        f"{sorted(results['ceiling_walls_s'])[len(results['ceiling_walls_s']) // 2]:.2f} s wall."
+    )
     if "startup" in results:
         s = results["startup"]
-        lines.append(f"Start-up (fastest of --repeats fresh processes): `python -c 'import torch'` "
-                     f"{s['import_torch_s']:.2f} s; `colearn merge` (linear) to its first merged tensor "
-                     f"{s['first_tensor_s']:.2f} s ({s['first_tensor_s'] / s['import_torch_s']:.2f}x), the whole "
-                     f"command {s['end_to_end_s']:.2f} s.")
+        lines.append(
+            f"Start-up (fastest of --repeats fresh processes): `python -c 'import torch'` "
+            f"{s['import_torch_s']:.2f} s; `colearn merge` (linear) to its first merged tensor "
+            f"{s['first_tensor_s']:.2f} s ({s['first_tensor_s'] / s['import_torch_s']:.2f}x), the whole "
+            f"command {s['end_to_end_s']:.2f} s."
+        )
     return "\n".join(lines)
 
 
@@ -296,8 +371,12 @@ def main() -> None:
     p.add_argument("--methods", nargs="+", default=list(RECIPES), choices=list(RECIPES))
     p.add_argument("--repeats", type=int, default=3, help="runs per measurement; the fastest (wall) counts")
     p.add_argument("--threads", type=int, default=1, help="torch threads of each subprocess (OMP_NUM_THREADS)")
-    p.add_argument("--warm-mb", type=int, default=2048,
-                   help="memory each measured process touches and frees before its work phase (0: none; see measured)")
+    p.add_argument(
+        "--warm-mb",
+        type=int,
+        default=2048,
+        help="memory each measured process touches and frees before its work phase (0: none; see measured)",
+    )
     p.add_argument("--workdir", help="where the temp checkpoints go (default: a new temp dir, removed after)")
     p.add_argument("--out", default=str(RESULTS), help="JSON results file")
     args = p.parse_args()
@@ -314,10 +393,16 @@ def main() -> None:
         if not args.workdir:
             shutil.rmtree(workdir, ignore_errors=True)
     results["command"] = " ".join(["python", "benchmarks/merge.py", *sys.argv[1:]])
-    results["machine"] = {"cpus": os.cpu_count(), "threads": args.threads, "warm_mb": args.warm_mb,
-                          "load_average": os.getloadavg(),
-                          "torch": torch.__version__, "python": platform.python_version(),
-                          "platform": platform.platform(), "free_disk_gb": round(free_gb, 1)}
+    results["machine"] = {
+        "cpus": os.cpu_count(),
+        "threads": args.threads,
+        "warm_mb": args.warm_mb,
+        "load_average": os.getloadavg(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "free_disk_gb": round(free_gb, 1),
+    }
     results["seconds"] = time.perf_counter() - started
     print(table(results))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -9,7 +9,8 @@ Compares `colearn.rollout.collect` with num_envs=N (one batched forward pass per
 The partner is the default tiny model (colearn.config.ModelConfig(): hidden 64, 2 layers), untrained,
 so it acts at random and episodes end in holes fast (the table notes the mean episode length).
 Every number is the median of a few repetitions after a warm-up; each rollout reuses a vector env made
-once beforehand, as the training loop does (colearn.loop.Context.venvs). The num_envs=1 rows are the one-at-a-time loop itself.
+once beforehand, as the training loop does (colearn.loop.Context.venvs). The num_envs=1 rows are the
+one-at-a-time loop itself.
 
 Constrained acting scores each distinct observation of a step once, so on small maps (16 or 64
 states, many envs on the same cell) the rollout forwards fewer prompts than it has envs and can beat
@@ -41,11 +42,11 @@ import torch
 import transformers
 
 from colearn.config import EnvSpec, ModelConfig, RolloutConfig
+from colearn.experience.rollout import EpisodeMeta, collect, env_info
 from colearn.loop import env_corpus
 from colearn.models.build import build_ancestor
 from colearn.models.partner import Partner
 from colearn.models.policy import legal_action_logprobs
-from colearn.experience.rollout import EpisodeMeta, collect, env_info
 
 ENVS = ["colearn/FrozenLake-v0", "colearn/FrozenLake8x8-v0"]
 NUM_ENVS = [1, 16, 64, 256]
@@ -73,21 +74,30 @@ class ForwardCounter:
         self.rows += len(kwargs["input_ids"] if "input_ids" in kwargs else args[0])
 
 
-def rollout_rate(partner: Partner, spec: EnvSpec, num_envs: int, episodes: int, reps: int,
-                 counter: ForwardCounter) -> dict:
+def rollout_rate(
+    partner: Partner, spec: EnvSpec, num_envs: int, episodes: int, reps: int, counter: ForwardCounter
+) -> dict:
     """Returns median steps/s of `collect` over `reps` runs of `episodes` episodes with `num_envs` envs."""
     cfg = RolloutConfig(episodes=episodes, group_size=1, num_envs=num_envs)
     # the vector env is made once and reused across calls, as the training loop does (colearn.loop.Context.venvs)
     venvs: dict = {}
-    collect(partner, spec, list(range(min(episodes, num_envs))), cfg, torch.Generator().manual_seed(0),
-            EpisodeMeta(partner=partner.name), venvs=venvs)
+    collect(
+        partner,
+        spec,
+        list(range(min(episodes, num_envs))),
+        cfg,
+        torch.Generator().manual_seed(0),
+        EpisodeMeta(partner=partner.name),
+        venvs=venvs,
+    )
     rates, steps = [], 0
     calls0, rows0 = counter.calls, counter.rows
     for _ in range(reps):
         generator = torch.Generator().manual_seed(0)
         start = time.perf_counter()
-        rows = collect(partner, spec, list(range(episodes)), cfg, generator, EpisodeMeta(partner=partner.name),
-                       venvs=venvs)
+        rows = collect(
+            partner, spec, list(range(episodes)), cfg, generator, EpisodeMeta(partner=partner.name), venvs=venvs
+        )
         rates.append(len(rows) / (time.perf_counter() - start))
         steps += len(rows)
     return {
@@ -153,8 +163,10 @@ def main() -> None:
     # last long episodes play out in a nearly empty batch
     per_slot = 1 if args.quick else 4
     # the one-at-a-time loop plays ~500 steps (8x8 episodes are ~4x longer)
-    single_episodes = {"colearn/FrozenLake-v0": 16 if args.quick else 48,
-                       "colearn/FrozenLake8x8-v0": 4 if args.quick else 12}
+    single_episodes = {
+        "colearn/FrozenLake-v0": 16 if args.quick else 48,
+        "colearn/FrozenLake8x8-v0": 4 if args.quick else 12,
+    }
     seconds = 0.2 if args.quick else 0.4
     t0 = time.perf_counter()
     info = {**machine_info(), "torch_default_threads": default_threads}
@@ -171,13 +183,20 @@ def main() -> None:
             ceiling = forward_rate(partner, prompts, legal, reps, seconds)
             batched = single if n == 1 else rollout_rate(partner, spec, n, max(n * per_slot, 16), reps, counter)
             ceiling_steps = n * ceiling["forwards_per_s"]
-            results.append({
-                "env": spec.name, "env_id": env_id, "num_envs": n, "prompt_tokens": len(prompts[0]),
-                "batched": batched, "one_at_a_time": single, "ceiling": ceiling,
-                "speedup": batched["steps_per_s"] / single["steps_per_s"],
-                "ceiling_steps_per_s": ceiling_steps,
-                "fraction_of_ceiling": batched["steps_per_s"] / ceiling_steps,
-            })
+            results.append(
+                {
+                    "env": spec.name,
+                    "env_id": env_id,
+                    "num_envs": n,
+                    "prompt_tokens": len(prompts[0]),
+                    "batched": batched,
+                    "one_at_a_time": single,
+                    "ceiling": ceiling,
+                    "speedup": batched["steps_per_s"] / single["steps_per_s"],
+                    "ceiling_steps_per_s": ceiling_steps,
+                    "fraction_of_ceiling": batched["steps_per_s"] / ceiling_steps,
+                }
+            )
             print(f"  {spec.name} N={n}: {batched['steps_per_s']:.0f} steps/s", file=sys.stderr)
     info["load_average_end"] = os.getloadavg()
     table = markdown(results)
@@ -187,8 +206,11 @@ def main() -> None:
         "quick": args.quick,
         "repetitions": reps,
         "machine": info,
-        "model": {"hidden_size": partner.cfg.hidden_size, "num_layers": partner.cfg.num_layers,
-                  "parameters": sum(p.numel() for p in partner.model.parameters())},
+        "model": {
+            "hidden_size": partner.cfg.hidden_size,
+            "num_layers": partner.cfg.num_layers,
+            "parameters": sum(p.numel() for p in partner.model.parameters()),
+        },
         "wall_seconds": time.perf_counter() - t0,
         "results": results,
         "table": table,

@@ -38,10 +38,18 @@ ENVS: dict[str, tuple[str, int, int, list[str]]] = {
     # a random policy's episodes run to the 200-step limit: fewer episodes a round, more rounds in the budget
     "Taxi": ("colearn/Taxi-v0", 200_000, 80, ["rollout.episodes=32"]),
     # one step an episode; not tabular in generate mode: scored on eval.episodes problems
-    "Addition1": ("colearn/Addition-v0,kwargs:{digits:1}", 20_000, 40,
-                  ["rollout.episodes=512", "rollout.mode=generate", "eval.episodes=200"]),
-    "Addition2": ("colearn/Addition-v0,kwargs:{digits:2}", 100_000, 80,
-                  ["rollout.episodes=1024", "rollout.mode=generate", "eval.episodes=200"]),
+    "Addition1": (
+        "colearn/Addition-v0,kwargs:{digits:1}",
+        20_000,
+        40,
+        ["rollout.episodes=512", "rollout.mode=generate", "eval.episodes=200"],
+    ),
+    "Addition2": (
+        "colearn/Addition-v0,kwargs:{digits:2}",
+        100_000,
+        80,
+        ["rollout.episodes=1024", "rollout.mode=generate", "eval.episodes=200"],
+    ),
 }
 # learner variants: overrides on top of the default config (the ablation: each undoes one kept change)
 VARIANTS: dict[str, list[str]] = {
@@ -53,8 +61,14 @@ VARIANTS: dict[str, list[str]] = {
     "self_imitation": ["learn.distill_from=self"],  # also imitate its own successes
     "norm_none_entropy_0.02": ["learn.advantage_norm=none", "learn.entropy_coef=0.02"],
     "no_position_line": [],  # the env's observation without its last line (ENV_KWARGS)
-    "old_learner": ["learn.advantage=return_to_go", "learn.epochs=4", "learn.batch_size=128", "learn.lr=2e-3",
-                    "learn.entropy_coef=0.02", "rollout.gamma=0.95"],
+    "old_learner": [
+        "learn.advantage=return_to_go",
+        "learn.epochs=4",
+        "learn.batch_size=128",
+        "learn.lr=2e-3",
+        "learn.entropy_coef=0.02",
+        "rollout.gamma=0.95",
+    ],
 }
 ENV_KWARGS = {"no_position_line": "position_line:false"}  # variants that change the env, not the learner
 PAIRS = {f"pair_{p}": p for p in ("independent", "sharing_only", "full")}  # two partners on the env, as this preset
@@ -65,14 +79,33 @@ PAIR_GENERATIONS = 3  # a pair's rounds are split into generations: the merges o
 def overrides_for(env: str, variant: str, seed: int) -> list[str]:
     env_id, _, rounds, env_overrides = ENVS[env]
     kwargs = f",kwargs:{{{ENV_KWARGS[variant]}}}" if variant in ENV_KWARGS else ""
-    common = [f"env.suite=[{{id:{env_id},name:{env}{kwargs}}}]", "integrate.modes=[]", "eval.greedy=true",
-              "eval.sampled=true", f"seed={seed}", "progress=false", *env_overrides]
+    common = [
+        f"env.suite=[{{id:{env_id},name:{env}{kwargs}}}]",
+        "integrate.modes=[]",
+        "eval.greedy=true",
+        "eval.sampled=true",
+        f"seed={seed}",
+        "progress=false",
+        *env_overrides,
+    ]
     if variant in PAIRS:  # each partner plays every round: as many rounds, as many steps per partner as alone
         pair = f"env.partners=[{{name:A,envs:[{env}]}},{{name:B,envs:[{env}]}}]"
-        return [*common, f"experiment={PAIRS[variant]}", pair, f"loop.generations={PAIR_GENERATIONS}",
-                f"loop.rounds={-(-rounds // PAIR_GENERATIONS)}"]
-    return [*common, f"env.partners=[{{name:A,envs:[{env}]}}]", "merge=none", "loop.exchange=false",
-            "loop.generations=1", f"loop.rounds={rounds}", *VARIANTS[variant]]
+        return [
+            *common,
+            f"experiment={PAIRS[variant]}",
+            pair,
+            f"loop.generations={PAIR_GENERATIONS}",
+            f"loop.rounds={-(-rounds // PAIR_GENERATIONS)}",
+        ]
+    return [
+        *common,
+        f"env.partners=[{{name:A,envs:[{env}]}}]",
+        "merge=none",
+        "loop.exchange=false",
+        "loop.generations=1",
+        f"loop.rounds={rounds}",
+        *VARIANTS[variant],
+    ]
 
 
 def measure(run_dir: Path) -> dict[str, Any]:
@@ -88,17 +121,28 @@ def measure(run_dir: Path) -> dict[str, Any]:
             best = points.setdefault(e["step"] // partners, {})
             best[e["policy"]] = max(best.get(e["policy"], 0.0), e["normalized"])
     curve = sorted(points.items())
-    return {"env": env, "variant": variant, "seed": info["seed"], "wall_s": info["wall_s"],
-            "env_steps": info["env_steps"], "partners": partners,
-            "steps_to_90": next((s for s, v in curve if v["greedy"] >= THRESHOLD), None),
-            "best_greedy": max(v["greedy"] for _, v in curve), "final_greedy": curve[-1][1]["greedy"],
-            "final_sampled": curve[-1][1].get("sampled"), "curve": [{"step": s, **v} for s, v in curve]}
+    return {
+        "env": env,
+        "variant": variant,
+        "seed": info["seed"],
+        "wall_s": info["wall_s"],
+        "env_steps": info["env_steps"],
+        "partners": partners,
+        "steps_to_90": next((s for s, v in curve if v["greedy"] >= THRESHOLD), None),
+        "best_greedy": max(v["greedy"] for _, v in curve),
+        "final_greedy": curve[-1][1]["greedy"],
+        "final_sampled": curve[-1][1].get("sampled"),
+        "curve": [{"step": s, **v} for s, v in curve],
+    }
 
 
 def table(runs: list[dict[str, Any]]) -> str:
     """Returns one Markdown row per (env, variant): median steps to 90% (never counted as infinite)."""
-    lines = ["| env | variant | target (k steps) | reached | median steps per partner to 90% (k) | per seed (k) | "
-             "best greedy (median) | final greedy / sampled (median) |", "|---|---|---:|---:|---:|---|---:|---:|"]
+    lines = [
+        "| env | variant | target (k steps) | reached | median steps per partner to 90% (k) | per seed (k) | "
+        "best greedy (median) | final greedy / sampled (median) |",
+        "|---|---|---:|---:|---:|---|---:|---:|",
+    ]
     for env in ENVS:
         for variant in VARIANTS:
             rs = sorted((r for r in runs if r["env"] == env and r["variant"] == variant), key=lambda r: r["seed"])
@@ -110,9 +154,11 @@ def table(runs: list[dict[str, Any]]) -> str:
             seeds = ", ".join("never" if s is None else f"{s / 1000:.1f}" for s in steps)
             fg = statistics.median(r["final_greedy"] for r in rs)
             fs = statistics.median(r["final_sampled"] for r in rs)
-            lines.append(f"| {env} | {variant} | {ENVS[env][1] / 1000:.0f} | {sum(s is not None for s in steps)}/"
-                         f"{len(rs)} | {med} | {seeds} | {statistics.median(r['best_greedy'] for r in rs):.2f} | "
-                         f"{fg:.2f} / {fs:.2f} |")
+            lines.append(
+                f"| {env} | {variant} | {ENVS[env][1] / 1000:.0f} | {sum(s is not None for s in steps)}/"
+                f"{len(rs)} | {med} | {seeds} | {statistics.median(r['best_greedy'] for r in rs):.2f} | "
+                f"{fg:.2f} / {fs:.2f} |"
+            )
     return "\n".join(lines)
 
 
@@ -127,8 +173,12 @@ def main() -> None:
     ap.add_argument("--aggregate-only", action="store_true")
     args = ap.parse_args()
     command = "python benchmarks/solo.py " + shlex.join(sys.argv[1:])
-    jobs = [(f"{e}/{v}", s, args.runs_dir / f"{e}_{v}_s{s}", overrides_for(e, v, s))
-            for e in args.envs for v in args.variants for s in range(args.seeds)]
+    jobs = [
+        (f"{e}/{v}", s, args.runs_dir / f"{e}_{v}_s{s}", overrides_for(e, v, s))
+        for e in args.envs
+        for v in args.variants
+        for s in range(args.seeds)
+    ]
     wall = None
     if not args.aggregate_only:
         todo = [j for j in jobs if not (j[2] / "bench.json").is_file()]
@@ -138,9 +188,21 @@ def main() -> None:
     text = table(runs)
     print(text)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"command": command, "wall_s_total": wall, "threshold": THRESHOLD,
-                                    "budgets": {e: ENVS[e] for e in args.envs}, "variants": VARIANTS,
-                                    "table": text, "runs": runs}, indent=1) + "\n")
+    args.out.write_text(
+        json.dumps(
+            {
+                "command": command,
+                "wall_s_total": wall,
+                "threshold": THRESHOLD,
+                "budgets": {e: ENVS[e] for e in args.envs},
+                "variants": VARIANTS,
+                "table": text,
+                "runs": runs,
+            },
+            indent=1,
+        )
+        + "\n"
+    )
 
 
 if __name__ == "__main__":

@@ -67,9 +67,11 @@ def table(runs: list[dict[str, Any]]) -> str:
     lines = ["| phase | seconds | share of wall |", "|---|---:|---:|"]
     lines += [f"| {name} | {s:.1f} | {s / median['wall_s']:.0%} |" for name, s in rows]
     walls = [r["wall_s"] for r in runs]
-    lines.append(f"\n{median['env_steps']:,} env steps; {median['steps_per_s']:.0f} steps/s end to end "
-                 f"(wall min/median/max {min(walls):.1f}/{statistics.median(walls):.1f}/{max(walls):.1f} s, "
-                 f"{len(runs)} run(s))")
+    lines.append(
+        f"\n{median['env_steps']:,} env steps; {median['steps_per_s']:.0f} steps/s end to end "
+        f"(wall min/median/max {min(walls):.1f}/{statistics.median(walls):.1f}/{max(walls):.1f} s, "
+        f"{len(runs)} run(s))"
+    )
     return "\n".join(lines)
 
 
@@ -83,8 +85,13 @@ def main() -> None:
     text = table(runs)
     print(text)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    result = {"command": "python benchmarks/throughput.py " + shlex.join(sys.argv[1:]), "overrides": args.overrides,
-              "cpu_count": os.cpu_count(), "runs": runs, "table": text}
+    result = {
+        "command": "python benchmarks/throughput.py " + shlex.join(sys.argv[1:]),
+        "overrides": args.overrides,
+        "cpu_count": os.cpu_count(),
+        "runs": runs,
+        "table": text,
+    }
     args.out.write_text(json.dumps(result, indent=1) + "\n")
 
 

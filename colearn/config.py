@@ -24,8 +24,18 @@ ADVANTAGES = ("gae", "return_to_go", "episode")
 ADVANTAGE_NORMS = ("std", "mean_std", "none")
 DISTILL_SOURCES = ("peer", "self", "both")
 DISTILL_SELECTIONS = ("success", "top")
-MERGE_OPERATORS = ("linear", "task_arithmetic", "slerp", "ties", "dare_linear", "dare_ties", "magnitude_prune",
-                   "della", "breadcrumbs", "model_stock")
+MERGE_OPERATORS = (
+    "linear",
+    "task_arithmetic",
+    "slerp",
+    "ties",
+    "dare_linear",
+    "dare_ties",
+    "magnitude_prune",
+    "della",
+    "breadcrumbs",
+    "model_stock",
+)
 MERGE_METHODS = (*MERGE_OPERATORS, "none", "evolve")  # none: keep the best partner; evolve: CMA-ES over an operator
 COMPAT_METRICS = ("cka", "cosine")
 FALLBACKS = ("best", "mixture")
@@ -61,8 +71,9 @@ class ModelConfig:
         if self.lora_rank < 0:
             raise ColearnError(f"model.lora_rank={self.lora_rank} must be >= 0 (0 disables LoRA)")
         if self.source == "tiny" and self.hidden_size % self.num_heads:
-            raise ColearnError(f"model.hidden_size={self.hidden_size} must be divisible by "
-                               f"model.num_heads={self.num_heads}")
+            raise ColearnError(
+                f"model.hidden_size={self.hidden_size} must be divisible by model.num_heads={self.num_heads}"
+            )
         check_one_of("model.dtype", self.dtype, DTYPES)
 
 

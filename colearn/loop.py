@@ -33,21 +33,21 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from colearn.rundir.checkpoint import latest_generation, latest_intact, load_checkpoint, mark_resumable, save_checkpoint
-from colearn.config import Config, EnvSpec
 from colearn.analysis.dynamics import forgetting, main_scores, pair_metrics, probe_set, transfer
 from colearn.breeding.compatibility import Compatibility, measure
+from colearn.breeding.integrate import ModeParams, evaluate_modes
+from colearn.breeding.mixture import route_params, save_mixture
+from colearn.breeding.offspring import Merged, Mixture, Offspring, make_offspring
+from colearn.config import Config, EnvSpec
 from colearn.errors import ColearnError
 from colearn.experience.evaluate import EnvScore, evaluate, headline, normalized_by_env, return_scorer
-from colearn.breeding.integrate import ModeParams, evaluate_modes
+from colearn.experience.rollout import EpisodeMeta, collect, env_info, group_seeds
 from colearn.experience.store import ExperienceStore
 from colearn.learning.learn import learn, select_for_distillation
-from colearn.rundir.logger import Logger, truncate_metrics
-from colearn.breeding.mixture import route_params, save_mixture
 from colearn.models.build import build_ancestor, resolve_device
-from colearn.breeding.offspring import Merged, Mixture, Offspring, make_offspring
 from colearn.models.partner import Partner
-from colearn.experience.rollout import EpisodeMeta, collect, env_info, group_seeds
+from colearn.rundir.checkpoint import latest_generation, latest_intact, load_checkpoint, mark_resumable, save_checkpoint
+from colearn.rundir.logger import Logger, truncate_metrics
 from colearn.rundir.runlock import RunLock
 
 log = logging.getLogger(__name__)
@@ -118,8 +118,12 @@ class StopOnSignal:
     def _handle(self, signum: int, frame: Any) -> None:
         if self.requested:
             where = f" with: colearn resume {self.run_dir}" if self.run_dir else ""
-            print(f"colearn: stopped at once by a second {signal.Signals(signum).name}; resume from the last "
-                  f"checkpoint{where}", file=sys.stderr, flush=True)
+            print(
+                f"colearn: stopped at once by a second {signal.Signals(signum).name}; resume from the last "
+                f"checkpoint{where}",
+                file=sys.stderr,
+                flush=True,
+            )
             # SystemExit, not KeyboardInterrupt: no traceback, and `with` blocks (the run lock) still unwind
             raise SystemExit(128 + signum)
         self.requested = signal.Signals(signum).name
@@ -184,11 +188,24 @@ def run_held(cfg: Config, run_dir: Path, state: LoopState | None, restart: bool)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     state = state or resume_state(cfg, run_dir, restart) or initial_state(cfg)
-    ctx = Context(cfg, run_dir, ExperienceStore(run_dir / "experience"), Logger(run_dir, purge_step=state.env_steps),
-                  {e.name: e for e in cfg.env.suite})
+    ctx = Context(
+        cfg,
+        run_dir,
+        ExperienceStore(run_dir / "experience"),
+        Logger(run_dir, purge_step=state.env_steps),
+        {e.name: e for e in cfg.env.suite},
+    )
     total = cfg.loop.generations * cfg.loop.rounds
-    with StopOnSignal(run_dir) as stop, tqdm(total=total, initial=state.generation * cfg.loop.rounds + state.round,
-                                      disable=not cfg.progress, desc="colearn", unit="round") as bar:
+    with (
+        StopOnSignal(run_dir) as stop,
+        tqdm(
+            total=total,
+            initial=state.generation * cfg.loop.rounds + state.round,
+            disable=not cfg.progress,
+            desc="colearn",
+            unit="round",
+        ) as bar,
+    ):
         ctx.stop, ctx.bar = stop, bar
         ctx.probe = probe_set(cfg.env.suite, cfg.probe_size, cfg.seed)
         if (state.generation, state.round, state.env_steps) == (0, 0, 0):
@@ -220,12 +237,22 @@ def resume_state(cfg: Config, run_dir: Path, restart: bool = False) -> LoopState
             return start_over(run_dir, restart)
         path, (meta, partners, ancestor), note = found
     log.info("continuing from %s", path)
-    print(f"colearn: continuing from {path.relative_to(run_dir)} (generation {meta['generation']}, "
-          f"round {meta['round']}){note}")
+    print(
+        f"colearn: continuing from {path.relative_to(run_dir)} (generation {meta['generation']}, "
+        f"round {meta['round']}){note}"
+    )
     ExperienceStore(run_dir / "experience").truncate(meta["experience_shards"])
     truncate_metrics(run_dir, meta["metrics_lines"])
-    return LoopState(meta["generation"], meta["round"], ancestor, partners, meta["env_steps"], meta["lineage"],
-                     meta["last_scores"], meta["score_history"])
+    return LoopState(
+        meta["generation"],
+        meta["round"],
+        ancestor,
+        partners,
+        meta["env_steps"],
+        meta["lineage"],
+        meta["last_scores"],
+        meta["score_history"],
+    )
 
 
 def start_over(run_dir: Path, restart: bool) -> None:
@@ -234,9 +261,11 @@ def start_over(run_dir: Path, restart: bool) -> None:
     metrics = run_dir / "metrics.jsonl"
     written = bool(store.shards) or (metrics.exists() and metrics.stat().st_size > 0)
     if written and not restart:
-        raise ColearnError(f"run directory {str(run_dir)!r} has metrics or experience but no intact round or "
-                           "generation checkpoint to continue from; nothing was deleted. To discard them and start "
-                           f"over: colearn resume {run_dir} --restart")
+        raise ColearnError(
+            f"run directory {str(run_dir)!r} has metrics or experience but no intact round or "
+            "generation checkpoint to continue from; nothing was deleted. To discard them and start "
+            f"over: colearn resume {run_dir} --restart"
+        )
     if written:
         print(f"colearn: no intact checkpoint in {run_dir}; --restart: discarding its metrics and experience")
     store.truncate(0)
@@ -250,8 +279,11 @@ def checkpoint(state: LoopState, ctx: Context) -> None:
     """Writes a round-boundary checkpoint: the loop can resume exactly from here."""
     with ctx.timed("checkpoint"):
         ctx.log.sync()  # the metrics lines the checkpoint counts are on disk before it is
-        path = save_checkpoint(ctx.run_dir / "checkpoints", state,
-                               {"experience_shards": len(ctx.store.shards), "metrics_lines": ctx.log.lines})
+        path = save_checkpoint(
+            ctx.run_dir / "checkpoints",
+            state,
+            {"experience_shards": len(ctx.store.shards), "metrics_lines": ctx.log.lines},
+        )
         if state.round == 0 and state.generation > 0:  # a generation's end: its directory can seed a resume
             mark_resumable(ctx.run_dir / "checkpoints" / f"gen_{state.generation - 1:04d}", path)
 
@@ -301,8 +333,13 @@ def run_generation(state: LoopState, ctx: Context, bar: tqdm) -> None:
 
 def log_times(state: LoopState, ctx: Context) -> None:
     """Logs the wall seconds spent per phase since the last such event (a checkpoint's falls in the next one)."""
-    ctx.log.write("timing", state.env_steps, generation=state.generation, round=state.round,
-                  **{f"time/{k}": round(v, 4) for k, v in ctx.seconds.items()})
+    ctx.log.write(
+        "timing",
+        state.env_steps,
+        generation=state.generation,
+        round=state.round,
+        **{f"time/{k}": round(v, 4) for k, v in ctx.seconds.items()},
+    )
     ctx.seconds.clear()
 
 
@@ -312,8 +349,9 @@ def play(partner: Partner, index: int, state: LoopState, ctx: Context) -> list[d
     rows = []
     for j, name in enumerate(partner.envs):
         path = (state.generation, state.round, index, j)
-        seeds = group_seeds(np.random.default_rng(seed_for(cfg, 1, *path)), cfg.rollout.episodes,
-                            cfg.rollout.group_size)
+        seeds = group_seeds(
+            np.random.default_rng(seed_for(cfg, 1, *path)), cfg.rollout.episodes, cfg.rollout.group_size
+        )
         generator = torch.Generator().manual_seed(seed_for(cfg, 2, *path))
         meta = EpisodeMeta(cfg.run_id or ctx.run_dir.name, state.generation, state.round, partner.name)
         with ctx.timed("act"):
@@ -344,18 +382,34 @@ def train(
     sources = {"peer": peer, "self": own, "both": own + peer}[cfg.learn.distill_from]
     distill = select_for_distillation(sources, cfg.learn.distill_select, cfg.learn.distill_top_fraction)
     if cfg.learn.distill_coef and not distill:
-        ctx.log.write("distill_skipped", state.env_steps, partner=partner.name, **here,
-                      reason=f"no {cfg.learn.distill_select} episodes from {cfg.learn.distill_from} this round")
+        ctx.log.write(
+            "distill_skipped",
+            state.env_steps,
+            partner=partner.name,
+            **here,
+            reason=f"no {cfg.learn.distill_select} episodes from {cfg.learn.distill_from} this round",
+        )
     with ctx.timed("learn"):
-        stats = learn(partner, own, peer, distill, cfg.learn, seed_for(cfg, 3, state.generation, state.round, index),
-                      teacher, cfg.rollout.temperature, cfg.rollout.gamma)
+        stats = learn(
+            partner,
+            own,
+            peer,
+            distill,
+            cfg.learn,
+            seed_for(cfg, 3, state.generation, state.round, index),
+            teacher,
+            cfg.rollout.temperature,
+            cfg.rollout.gamma,
+        )
     from_peer = [r for r in distill if r["partner"] != partner.name]
     stats["distill/from_peer_share"] = len(from_peer) / len(distill) if distill else 0.0
     # how the imitated peer actions fared: the mean return of the episodes they came from
-    stats["distill/peer_episode_return"] = (sum(r["episode_return"] for r in from_peer) / len(from_peer)
-                                            if from_peer else 0.0)
-    ctx.log.write("learn", state.env_steps, partner=partner.name, **here,
-                  **{f"{k}/{partner.name}": v for k, v in stats.items()})
+    stats["distill/peer_episode_return"] = (
+        sum(r["episode_return"] for r in from_peer) / len(from_peer) if from_peer else 0.0
+    )
+    ctx.log.write(
+        "learn", state.env_steps, partner=partner.name, **here, **{f"{k}/{partner.name}": v for k, v in stats.items()}
+    )
     warn_on_collapse(partner, stats, cfg, ctx, state)
     return stats
 
@@ -369,8 +423,9 @@ def warn_on_collapse(partner: Partner, stats: dict[str, float], cfg: Config, ctx
         problems.append(f"policy entropy {stats['entropy']:.3f} < learn.collapse_entropy")
     for p in problems:
         log.warning("partner %s gen %d round %d: %s", partner.name, state.generation, state.round, p)
-        ctx.log.write("warning", state.env_steps, partner=partner.name, generation=state.generation,
-                      round=state.round, message=p)
+        ctx.log.write(
+            "warning", state.env_steps, partner=partner.name, generation=state.generation, round=state.round, message=p
+        )
 
 
 def assess(partner: Partner, label: str, state: LoopState, ctx: Context) -> list[EnvScore]:
@@ -385,8 +440,7 @@ def assess_mixture(mixture: dict[str, str], state: LoopState, ctx: Context) -> l
     """Evaluates the mixture offspring (merge.fallback=mixture: each env routed to the partner best on it)
     and logs it as the offspring; `save_generation` writes it as a mixture directory of the partners."""
     params = route_params([p.name for p in state.partners], mixture)
-    records = evaluate_modes(state.partners, list(ctx.suite.values()), ["route"], ctx.cfg.eval, ctx.cfg.rollout,
-                             params)
+    records = evaluate_modes(state.partners, list(ctx.suite.values()), ["route"], ctx.cfg.eval, ctx.cfg.rollout, params)
     scores = [EnvScore(**{f: r[f] for f in EnvScore.__dataclass_fields__}) for r in records]
     log_scores(scores, list(mixture), "offspring", state, ctx)
     return scores
@@ -395,11 +449,25 @@ def assess_mixture(mixture: dict[str, str], state: LoopState, ctx: Context) -> l
 def log_scores(scores: list[EnvScore], own_envs: list[str], label: str, state: LoopState, ctx: Context) -> None:
     for s in scores:
         ctx.log.write(
-            "eval", state.env_steps, generation=state.generation, round=state.round, partner=label, env=s.env,
-            policy=s.policy, own_env=s.env in own_envs, mean_return=s.mean_return, success=s.success,
-            optimal=s.optimal, random=s.random, normalized=s.normalized, episodes=s.episodes, exact=s.exact,
-            **{f"return/{s.policy}/{label}/{s.env}": s.mean_return, f"normalized/{s.policy}/{label}/{s.env}":
-               s.normalized},
+            "eval",
+            state.env_steps,
+            generation=state.generation,
+            round=state.round,
+            partner=label,
+            env=s.env,
+            policy=s.policy,
+            own_env=s.env in own_envs,
+            mean_return=s.mean_return,
+            success=s.success,
+            optimal=s.optimal,
+            random=s.random,
+            normalized=s.normalized,
+            episodes=s.episodes,
+            exact=s.exact,
+            **{
+                f"return/{s.policy}/{label}/{s.env}": s.mean_return,
+                f"normalized/{s.policy}/{label}/{s.env}": s.normalized,
+            },
         )
 
 
@@ -423,8 +491,9 @@ def assess_integration(state: LoopState, ctx: Context) -> None:
     params = ModeParams(icfg.average, icfg.threshold, icfg.top_k)
     for mode in icfg.modes:
         ctx.show(f"integrate ({mode})")
-        for record in evaluate_modes(state.partners, list(ctx.suite.values()), [mode], ctx.cfg.eval,
-                                     ctx.cfg.rollout, params):
+        for record in evaluate_modes(
+            state.partners, list(ctx.suite.values()), [mode], ctx.cfg.eval, ctx.cfg.rollout, params
+        ):
             ctx.log.write("integrate", state.env_steps, generation=state.generation, **record)
 
 
@@ -438,9 +507,17 @@ def breed(state: LoopState, ctx: Context) -> Offspring:
     search_fn = return_scorer(suite, cfg.eval, cfg.rollout, cfg.eval.seed + 20_000)
     # the last round's measurement, unless the run resumed after it (the weights have not changed since)
     measured, ctx.compat = ctx.compat, None
-    return make_offspring(state.ancestor, state.partners, scores, cfg.merge, evaluate_fn=validate_fn,
-                          search_fn=search_fn, probe=ctx.probe, measured=measured,
-                          env_scores=main_scores(state.last_scores))
+    return make_offspring(
+        state.ancestor,
+        state.partners,
+        scores,
+        cfg.merge,
+        evaluate_fn=validate_fn,
+        search_fn=search_fn,
+        probe=ctx.probe,
+        measured=measured,
+        env_scores=main_scores(state.last_scores),
+    )
 
 
 def record_lineage(state: LoopState, ctx: Context, offspring: Offspring, child: list[EnvScore]) -> None:
@@ -450,9 +527,17 @@ def record_lineage(state: LoopState, ctx: Context, offspring: Offspring, child: 
     parent_scores = {p.name: normalized_by_env(state.last_scores[p.name]) for p in state.partners}
     child_scores = normalized_by_env(child)
     gain = {env: v - max(ps[env] for ps in parent_scores.values()) for env, v in child_scores.items()}
-    node = {"id": f"gen{g}/offspring", "generation": g, "parents": [f"gen{g}/{p.name}" for p in state.partners],
-            "ancestor": f"gen{g}/ancestor", "recipe": recipe, "scores": child_scores,
-            "parent_scores": parent_scores, "merge_gain": gain, "env_steps": state.env_steps}
+    node = {
+        "id": f"gen{g}/offspring",
+        "generation": g,
+        "parents": [f"gen{g}/{p.name}" for p in state.partners],
+        "ancestor": f"gen{g}/ancestor",
+        "recipe": recipe,
+        "scores": child_scores,
+        "parent_scores": parent_scores,
+        "merge_gain": gain,
+        "env_steps": state.env_steps,
+    }
     state.lineage.append(node)
     write_json_atomic(ctx.run_dir / "lineage.json", state.lineage)
     gate = dataclasses.asdict(offspring.gate) if offspring.gate is not None else {}
@@ -460,10 +545,18 @@ def record_lineage(state: LoopState, ctx: Context, offspring: Offspring, child: 
     numbers = {f"merge/compat/{k}": v for k, v in (offspring.compat or {}).items() if isinstance(v, float)}
     numbers |= {f"merge/gate/{k}": v for k, v in gate.items() if isinstance(v, float)}
     numbers |= {f"merge/lora/{k}": v for k, v in lora.items() if isinstance(v, float)}
-    ctx.log.write("merge", state.env_steps, generation=g, method=recipe["method"], outcome=recipe["outcome"],
-                  promoted=offspring.promoted, recipe=recipe, **numbers,
-                  **{f"merge/gain/{env}": v for env, v in gain.items()},
-                  **{"merge/gain": sum(gain.values()) / max(len(gain), 1)})
+    ctx.log.write(
+        "merge",
+        state.env_steps,
+        generation=g,
+        method=recipe["method"],
+        outcome=recipe["outcome"],
+        promoted=offspring.promoted,
+        recipe=recipe,
+        **numbers,
+        **{f"merge/gain/{env}": v for env, v in gain.items()},
+        **{"merge/gain": sum(gain.values()) / max(len(gain), 1)},
+    )
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
@@ -513,9 +606,15 @@ def promote(state: LoopState, ctx: Context, offspring: Offspring) -> None:
     if not offspring.promoted:
         return
     node = state.lineage[-1]
-    write_json_atomic(ctx.run_dir / "deployed.json", {
-        "generation": state.generation, "path": f"checkpoints/gen_{state.generation:04d}/offspring",
-        "scores": node["scores"], "recipe": node["recipe"]})
+    write_json_atomic(
+        ctx.run_dir / "deployed.json",
+        {
+            "generation": state.generation,
+            "path": f"checkpoints/gen_{state.generation:04d}/offspring",
+            "scores": node["scores"],
+            "recipe": node["recipe"],
+        },
+    )
 
 
 def next_generation(state: LoopState, offspring: Offspring, ctx: Context) -> None:

@@ -36,9 +36,7 @@ class AdditionEnv(gym.Env):
         self._a = 0
         self._b = 0
 
-    def reset(
-        self, *, seed: int | None = None, options: dict[str, Any] | None = None
-    ) -> tuple[str, dict[str, Any]]:
+    def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None) -> tuple[str, dict[str, Any]]:
         """Draw a new problem; returns ``("a+b=", info)``."""
         super().reset(seed=seed)
         high = 10**self.digits

@@ -19,9 +19,7 @@ _TOLERANCE = 1e-10
 _MAX_ITERATIONS = 100_000
 
 
-def dense_model(
-    P: TransitionTable, n_states: int, n_actions: int
-) -> tuple[np.ndarray, np.ndarray]:
+def dense_model(P: TransitionTable, n_states: int, n_actions: int) -> tuple[np.ndarray, np.ndarray]:
     """Convert a gymnasium transition table into dense arrays.
 
     Returns ``(continue_probs, expected_reward)``: ``continue_probs[s, a, s2]`` is
@@ -77,8 +75,7 @@ def value_table(
             return new_values
         values = new_values
     raise RuntimeError(
-        f"value iteration did not converge in {_MAX_ITERATIONS} iterations; "
-        "use a finite horizon or gamma < 1"
+        f"value iteration did not converge in {_MAX_ITERATIONS} iterations; use a finite horizon or gamma < 1"
     )
 
 
@@ -98,9 +95,7 @@ def optimal_return(
     """
     initial = np.asarray(initial_distribution, dtype=np.float64)
     if initial.shape != (n_states,):
-        raise ValueError(
-            f"initial_distribution has shape {initial.shape}, expected ({n_states},)"
-        )
+        raise ValueError(f"initial_distribution has shape {initial.shape}, expected ({n_states},)")
     values = value_table(P, n_states, n_actions, horizon, gamma)
     return float(initial @ values)
 

@@ -61,8 +61,14 @@ def make_frozen_lake(
     """Return a text FrozenLake (actions ``left down right up``); ``position_line=False`` shows only the map."""
     inner = make_inner("FrozenLake-v1", map_name=map_name, is_slippery=is_slippery, **env_kwargs)
     renderer = None if position_line else render_frozen_lake_map
-    return TextEnv(inner, FROZEN_LAKE_ACTIONS, invalid_penalty=invalid_penalty, horizon=horizon, renderer=renderer,
-                   render_mode=render_mode)
+    return TextEnv(
+        inner,
+        FROZEN_LAKE_ACTIONS,
+        invalid_penalty=invalid_penalty,
+        horizon=horizon,
+        renderer=renderer,
+        render_mode=render_mode,
+    )
 
 
 def make_taxi(
@@ -123,17 +129,17 @@ def _entry(factory_name: str) -> str:
 
 # id -> (factory, max_episode_steps, kwargs); TextEnv's planning horizon mirrors the limit
 _REGISTRATIONS: dict[str, tuple[str, int | None, dict[str, Any]]] = {
-    "colearn/FrozenLake-v0": (
-        "make_frozen_lake", 100, {"map_name": "4x4", "is_slippery": False, "horizon": 100}
-    ),
+    "colearn/FrozenLake-v0": ("make_frozen_lake", 100, {"map_name": "4x4", "is_slippery": False, "horizon": 100}),
     "colearn/FrozenLakeSlippery-v0": (
-        "make_frozen_lake", 100, {"map_name": "4x4", "is_slippery": True, "horizon": 100}
+        "make_frozen_lake",
+        100,
+        {"map_name": "4x4", "is_slippery": True, "horizon": 100},
     ),
-    "colearn/FrozenLake8x8-v0": (
-        "make_frozen_lake", 200, {"map_name": "8x8", "is_slippery": False, "horizon": 200}
-    ),
+    "colearn/FrozenLake8x8-v0": ("make_frozen_lake", 200, {"map_name": "8x8", "is_slippery": False, "horizon": 200}),
     "colearn/FrozenLake8x8Slippery-v0": (
-        "make_frozen_lake", 200, {"map_name": "8x8", "is_slippery": True, "horizon": 200}
+        "make_frozen_lake",
+        200,
+        {"map_name": "8x8", "is_slippery": True, "horizon": 200},
     ),
     "colearn/Taxi-v0": ("make_taxi", 200, {"horizon": 200}),
     # one answer ends the episode (terminated), so no TimeLimit: it would also report truncation on that step

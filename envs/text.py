@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any, Literal, SupportsFloat
 
 import gymnasium as gym
@@ -56,8 +56,12 @@ class TextEnv(gym.Wrapper, gym.utils.RecordConstructorArgs):
         # render_mode is left out: gymnasium passes it to the entry point (spec.kwargs), and check_env remakes
         # the env with each render mode, which must not change the recorded wrapper
         gym.utils.RecordConstructorArgs.__init__(
-            self, action_names=action_names, invalid_penalty=invalid_penalty, renderer=renderer,
-            success_reward=success_reward, horizon=horizon,
+            self,
+            action_names=action_names,
+            invalid_penalty=invalid_penalty,
+            renderer=renderer,
+            success_reward=success_reward,
+            horizon=horizon,
         )
         super().__init__(env)
         # env.unwrapped.spec, not env.spec: a wrapper caches its spec on first read, and gymnasium.make
@@ -70,18 +74,14 @@ class TextEnv(gym.Wrapper, gym.utils.RecordConstructorArgs):
             )
         self._render_mode = render_mode
         self._check_spaces(env)
-        self.action_names: list[str] = _checked_names(
-            action_names, env.action_space.n, self._env_name
-        )
+        self.action_names: list[str] = _checked_names(action_names, env.action_space.n, self._env_name)
         self._lookup = {name.lower(): i for i, name in enumerate(self.action_names)}
         self.invalid_penalty = float(invalid_penalty)
         self.success_reward = success_reward
         self.renderer: Renderer = renderer if renderer is not None else renderer_for(env)
         self.horizon = horizon
         self.observation_space = spaces.Text(max_length=OBS_MAX_LENGTH, charset=TEXT_CHARSET)
-        self.action_space = spaces.Text(
-            max_length=ACTION_MAX_LENGTH, min_length=0, charset=TEXT_CHARSET
-        )
+        self.action_space = spaces.Text(max_length=ACTION_MAX_LENGTH, min_length=0, charset=TEXT_CHARSET)
         self._last_obs: Any = None
         self._last_text: str | None = None
         self._optimal_cache: dict[int | None, float | None] = {}
@@ -135,17 +135,13 @@ class TextEnv(gym.Wrapper, gym.utils.RecordConstructorArgs):
         """Return the text rendering of a raw inner observation."""
         return self.renderer(self.env, obs)
 
-    def reset(
-        self, *, seed: int | None = None, options: dict[str, Any] | None = None
-    ) -> tuple[str, dict[str, Any]]:
+    def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None) -> tuple[str, dict[str, Any]]:
         """Reset the inner env; returns ``(text_obs, info)``."""
         obs, info = self.env.reset(seed=seed, options=options)
         self._remember(obs)
         return self._last_text, {**info, "invalid_action": False, "success": False}
 
-    def step(
-        self, action: str | int | np.integer
-    ) -> tuple[str, float, bool, bool, dict[str, Any]]:
+    def step(self, action: str | int | np.integer) -> tuple[str, float, bool, bool, dict[str, Any]]:
         """Step with a text (or index) action.
 
         Returns ``(text_obs, reward, terminated, truncated, info)``.
@@ -155,10 +151,16 @@ class TextEnv(gym.Wrapper, gym.utils.RecordConstructorArgs):
         index = self.parse_action(action)
         if index is None:
             # The inner env is untouched so the agent sees the same state again.
-            return self._last_text, self.invalid_penalty, False, False, {
-                "invalid_action": True,
-                "success": False,
-            }
+            return (
+                self._last_text,
+                self.invalid_penalty,
+                False,
+                False,
+                {
+                    "invalid_action": True,
+                    "success": False,
+                },
+            )
         inner_action = int(self.env.action_space.start) + index
         obs, reward, terminated, truncated, info = self.env.step(inner_action)
         self._remember(obs)
@@ -186,9 +188,7 @@ class TextEnv(gym.Wrapper, gym.utils.RecordConstructorArgs):
         step's reward), or None without a table or without terminating transitions."""
         return self._goal_reward
 
-    def optimal_return(
-        self, horizon: int | None | Literal["registered"] = "registered"
-    ) -> float | None:
+    def optimal_return(self, horizon: int | None | Literal["registered"] = "registered") -> float | None:
         """Return the expected optimal return of the inner env, or None without a ``P`` table.
 
         ``horizon="registered"`` uses ``self.horizon`` (the registered time
@@ -203,9 +203,7 @@ class TextEnv(gym.Wrapper, gym.utils.RecordConstructorArgs):
             self._optimal_cache[horizon] = self._plan(horizon)
         return self._optimal_cache[horizon]
 
-    def random_return(
-        self, horizon: int | None | Literal["registered"] = "registered"
-    ) -> float | None:
+    def random_return(self, horizon: int | None | Literal["registered"] = "registered") -> float | None:
         """Return the expected return of the uniformly random policy over ``action_names``, exact by
         dynamic programming over the ``P`` table, or None without a table or without a time limit.
 
@@ -215,8 +213,13 @@ class TextEnv(gym.Wrapper, gym.utils.RecordConstructorArgs):
             horizon = self.horizon
         if horizon not in self._random_cache:
             table = self._table()
-            self._random_cache[horizon] = None if table is None or horizon is None else plan_random_return(
-                table, len(table), int(self.env.action_space.n), self._initial_distribution(len(table)), horizon)
+            self._random_cache[horizon] = (
+                None
+                if table is None or horizon is None
+                else plan_random_return(
+                    table, len(table), int(self.env.action_space.n), self._initial_distribution(len(table)), horizon
+                )
+            )
         return self._random_cache[horizon]
 
     def tabular_model(self) -> TabularModel | None:
@@ -251,9 +254,7 @@ class TextEnv(gym.Wrapper, gym.utils.RecordConstructorArgs):
             return None
         n_states = len(table)
         initial = self._initial_distribution(n_states)
-        return plan_optimal_return(
-            table, n_states, int(self.env.action_space.n), initial, horizon
-        )
+        return plan_optimal_return(table, n_states, int(self.env.action_space.n), initial, horizon)
 
     def _initial_distribution(self, n_states: int) -> np.ndarray:
         """Return the start-state distribution as a length-``n_states`` array."""
@@ -290,18 +291,20 @@ def _goal_reward(table: Any) -> float | None:
     """Return the highest reward of a terminating transition in ``table`` (None without one)."""
     if table is None:
         return None
-    rewards = [float(r) for actions in table.values() for transitions in actions.values()
-               for _, _, r, done in transitions if done]
+    rewards = [
+        float(r)
+        for actions in table.values()
+        for transitions in actions.values()
+        for _, _, r, done in transitions
+        if done
+    ]
     return max(rewards) if rewards else None
 
 
 def _checked_names(names: Sequence[str], n_actions: int, env_name: str) -> list[str]:
     """Return ``names`` as a list; raise EnvConfigError if they can't name ``n_actions`` actions."""
     if isinstance(names, str) or not isinstance(names, Sequence):
-        raise EnvConfigError(
-            f"env.action_names must be a list of {n_actions} strings for {env_name}, "
-            f"got {names!r}"
-        )
+        raise EnvConfigError(f"env.action_names must be a list of {n_actions} strings for {env_name}, got {names!r}")
     names = list(names)
     if len(names) != n_actions:
         raise EnvConfigError(
@@ -311,13 +314,11 @@ def _checked_names(names: Sequence[str], n_actions: int, env_name: str) -> list[
     for name in names:
         if not isinstance(name, str) or not name or any(ch.isspace() for ch in name):
             raise EnvConfigError(
-                f"env.action_names entry {name!r} is invalid; each name must be a "
-                "non-empty string without whitespace"
+                f"env.action_names entry {name!r} is invalid; each name must be a non-empty string without whitespace"
             )
     lowered = [name.lower() for name in names]
     if len(set(lowered)) != len(lowered):
         raise EnvConfigError(
-            f"env.action_names {names} has duplicates (case-insensitive); give each action "
-            "a unique name"
+            f"env.action_names {names} has duplicates (case-insensitive); give each action a unique name"
         )
     return names

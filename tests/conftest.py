@@ -87,9 +87,17 @@ def partner(ancestor, model_cfg):
 # thread), and collected by the `cli_runs` fixture.
 
 CLI_TINY = [
-    "loop.generations=1", "loop.rounds=1", "rollout.episodes=8", "rollout.group_size=4", "rollout.num_envs=8",
-    "eval.episodes=2", "model.hidden_size=32", "model.intermediate_size=64", "model.num_layers=1",
-    "model.num_heads=2", "progress=false",
+    "loop.generations=1",
+    "loop.rounds=1",
+    "rollout.episodes=8",
+    "rollout.group_size=4",
+    "rollout.num_envs=8",
+    "eval.episodes=2",
+    "model.hidden_size=32",
+    "model.intermediate_size=64",
+    "model.num_layers=1",
+    "model.num_heads=2",
+    "progress=false",
 ]
 
 # name -> (overrides, what the one error line must name)
@@ -132,8 +140,9 @@ def _start_cli_jobs() -> None:
     }
     _cli_jobs["root"] = root
     _cli_jobs["procs"] = {
-        name: subprocess.Popen(colearn_command() + args, cwd=root, env=env, stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True)
+        name: subprocess.Popen(
+            colearn_command() + args, cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
         for name, args in jobs.items()
     }
 

@@ -61,7 +61,7 @@ def test_tiny_run_writes_a_complete_run_directory(cli_runs):
     lines = out.splitlines()
     header = next(i for i, line in enumerate(lines) if line.startswith("policy"))
     assert all(e in lines[header] for e in envs)
-    table_rows = [line.split()[0] for line in lines[header + 2:] if line and not line.startswith("run directory")]
+    table_rows = [line.split()[0] for line in lines[header + 2 :] if line and not line.startswith("run directory")]
     assert table_rows[-1] == "optimal"
     assert {*partners, "offspring"} <= set(table_rows)
     assert f"run directory: {run_dir}" in out
@@ -142,11 +142,18 @@ REJECTED = [
     pytest.param(["rollout.gamma=-3"], "rollout.gamma", id="negative_gamma"),
     pytest.param(["merge.weights=[1.0,1.0,1.0]"], "merge.weights", id="a_weight_per_partner"),
     pytest.param(["merge=ties", "+merge.params.gama=0.1"], "merge.params.gama", id="unknown_merge_param"),
-    pytest.param(["merge=evolve", "merge.base_method=slerp", "+merge.params.epsilon=0.1"], "merge.params.epsilon",
-                 id="unknown_param_of_the_searched_operator"),
+    pytest.param(
+        ["merge=evolve", "merge.base_method=slerp", "+merge.params.epsilon=0.1"],
+        "merge.params.epsilon",
+        id="unknown_param_of_the_searched_operator",
+    ),
     pytest.param(["+merge.groups={block*: {densty: 0.5}}"], "densty", id="unknown_group_override"),
-    pytest.param(["device=cuda"], "device", id="cuda_missing",
-                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is present")),
+    pytest.param(
+        ["device=cuda"],
+        "device",
+        id="cuda_missing",
+        marks=pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is present"),
+    ),
 ]
 
 
@@ -167,5 +174,3 @@ def test_a_bad_env_argument_stops_the_run_with_one_line_naming_it(capsys):
         checked_config(overrides)
     assert stop.value.code == 2
     assert capsys.readouterr().err == "colearn: error: env.digits must be an int >= 1, got 0\n"
-
-

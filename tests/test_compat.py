@@ -8,7 +8,13 @@ import math
 import pytest
 import torch
 
-from colearn.breeding.compatibility import linear_cka, sign_conflict_rate, task_vector, task_vector_cosine, weight_distance
+from colearn.breeding.compatibility import (
+    linear_cka,
+    sign_conflict_rate,
+    task_vector,
+    task_vector_cosine,
+    weight_distance,
+)
 
 torch.set_num_threads(1)
 

@@ -19,9 +19,19 @@ from colearn.experience.store import ExperienceStore
 CONF = Path(CONF_DIR)
 GROUPS = {g: sorted(p.stem for p in (CONF / g).glob("*.yaml")) for g in ("model", "env", "learn", "merge")}
 PRESETS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
-TINY = ["loop.generations=2", "loop.rounds=1", "rollout.episodes=8", "rollout.group_size=4", "rollout.num_envs=8",
-        "eval.episodes=1", "model.hidden_size=32", "model.intermediate_size=64", "model.num_layers=1",
-        "model.num_heads=2", "probe_size=4"]
+TINY = [
+    "loop.generations=2",
+    "loop.rounds=1",
+    "rollout.episodes=8",
+    "rollout.group_size=4",
+    "rollout.num_envs=8",
+    "eval.episodes=1",
+    "model.hidden_size=32",
+    "model.intermediate_size=64",
+    "model.num_layers=1",
+    "model.num_heads=2",
+    "probe_size=4",
+]
 
 
 def composed(overrides: list[str]):
@@ -136,8 +146,11 @@ def test_every_experiment_preset_runs_end_to_end(preset, tmp_path):
     for e in learn:
         name, here = e["partner"], (e["generation"], e["round"])
         peer = sum(n for (g, r, p), n in steps.items() if (g, r) == here and p != name)
-        expected = (steps[(*here, name)] * bool(cfg.learn.rl_coef) + peer * sees_peer
-                    + e[f"learn/distill_rows/{name}"] * bool(cfg.learn.distill_coef))
+        expected = (
+            steps[(*here, name)] * bool(cfg.learn.rl_coef)
+            + peer * sees_peer
+            + e[f"learn/distill_rows/{name}"] * bool(cfg.learn.distill_coef)
+        )
         assert e[f"learn/rows/{name}"] == expected and steps[(*here, name)] > 0
         if not cfg.loop.exchange:
             assert e[f"loss/peer_rl/{name}"] == 0.0
@@ -146,8 +159,17 @@ def test_every_experiment_preset_runs_end_to_end(preset, tmp_path):
 def test_lora_partners_can_keep_the_offspring_as_an_adapter_on_the_unchanged_base(tmp_path):
     from safetensors.torch import load_file
 
-    cfg = composed(["model=tiny_lora", "model.lora_rank=2", "merge.lora_offspring=adapter", "merge.gate=false",
-                    *TINY, "loop.generations=1", "progress=false"])
+    cfg = composed(
+        [
+            "model=tiny_lora",
+            "model.lora_rank=2",
+            "merge.lora_offspring=adapter",
+            "merge.gate=false",
+            *TINY,
+            "loop.generations=1",
+            "progress=false",
+        ]
+    )
     loop.run(cfg, tmp_path)
     recipe = json.loads((tmp_path / "lineage.json").read_text())[0]["recipe"]
     assert recipe["outcome"] == "merged" and recipe["lora"]["lora_offspring"] == "adapter"

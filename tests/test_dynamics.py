@@ -7,9 +7,9 @@ import copy
 import pytest
 import torch
 
-from colearn.config import EnvSpec
 from colearn.analysis.dynamics import forgetting, main_scores, pair_metrics, probe_set, transfer
 from colearn.breeding.compatibility import measure
+from colearn.config import EnvSpec
 from colearn.experience.evaluate import EnvScore
 from colearn.models.partner import Partner, hidden_states
 
@@ -48,8 +48,16 @@ def permuted(base: Partner, name: str, seed: int) -> Partner:
     perm = torch.randperm(base.cfg.hidden_size, generator=torch.Generator().manual_seed(seed))
     with torch.no_grad():
         for key, w in p.model.named_parameters():
-            if key.endswith(("embed_tokens.weight", "q_proj.weight", "k_proj.weight", "v_proj.weight",
-                             "gate_proj.weight", "up_proj.weight")):
+            if key.endswith(
+                (
+                    "embed_tokens.weight",
+                    "q_proj.weight",
+                    "k_proj.weight",
+                    "v_proj.weight",
+                    "gate_proj.weight",
+                    "up_proj.weight",
+                )
+            ):
                 w.copy_(w[:, perm])  # reads the hidden state
             elif key.endswith(("o_proj.weight", "down_proj.weight")):
                 w.copy_(w[perm, :])  # writes the hidden state
@@ -107,7 +115,9 @@ def test_cka_ignores_permuted_units_and_scale_that_weight_distance_sees(base, pr
     with torch.no_grad():
         louder.model.model.norm.weight.mul_(3.0)  # the last hidden states, scaled isotropically
     assert torch.allclose(hidden_states(louder, probe), 3 * hidden_states(base, probe), atol=1e-4)
-    assert pair_metrics(measure(base, [base.clone("A"), louder], probe))["compat/cka/A~C"] == pytest.approx(1.0, abs=1e-6)
+    assert pair_metrics(measure(base, [base.clone("A"), louder], probe))["compat/cka/A~C"] == pytest.approx(
+        1.0, abs=1e-6
+    )
 
 
 def test_task_vector_metrics_see_agreeing_and_opposing_updates(base, probe):
@@ -118,8 +128,16 @@ def test_task_vector_metrics_see_agreeing_and_opposing_updates(base, probe):
     assert oppose["compat/cosine/A~C"] == pytest.approx(-1.0) and oppose["compat/sign_conflict/A~C"] == 1.0
     # each moved by the same vector length; apart by twice that
     assert oppose["weights/distance/A~C"] == pytest.approx(2 * oppose["weights/distance/A"], rel=1e-4)
-    assert set(oppose) == {"compat/cka/A~C", "compat/cosine/A~C", "compat/sign_conflict/A~C", "weights/distance/A~C",
-                           "compat/cka/A~ancestor", "compat/cka/C~ancestor", "weights/distance/A", "weights/distance/C"}
+    assert set(oppose) == {
+        "compat/cka/A~C",
+        "compat/cosine/A~C",
+        "compat/sign_conflict/A~C",
+        "weights/distance/A~C",
+        "compat/cka/A~ancestor",
+        "compat/cka/C~ancestor",
+        "weights/distance/A",
+        "weights/distance/C",
+    }
 
 
 def score(env: str, policy: str, normalized: float) -> EnvScore:

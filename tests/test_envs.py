@@ -260,9 +260,7 @@ def test_coin_chain_finite_horizon_by_hand():
         assert optimal_return(P, 2, 2, [1.0, 0.0], horizon=h) == pytest.approx(1 - 0.5**h)
     # quit (0.6) beats one flip (0.5); with 2 steps flip-then-quit gives 0.5 + 0.5*0.6
     P = coin_table(quit_reward=0.6)
-    assert [optimal_return(P, 2, 2, [1, 0], horizon=h) for h in (1, 2, 3)] == pytest.approx(
-        [0.6, 0.8, 0.9]
-    )
+    assert [optimal_return(P, 2, 2, [1, 0], horizon=h) for h in (1, 2, 3)] == pytest.approx([0.6, 0.8, 0.9])
 
 
 def test_coin_chain_infinite_horizon():
@@ -333,8 +331,9 @@ def test_taxi_render_and_success():
     assert lines[4][1] == "|" and lines[4][5] == "|"
     pr, pc = taxi.locs[pass_idx]
     dr, dc = taxi.locs[dest_idx]
-    assert lines[5] == (f"taxi at row {row} col {col}, passenger at row {pr} col {pc}, "
-                        f"destination at row {dr} col {dc}")
+    assert lines[5] == (
+        f"taxi at row {row} col {col}, passenger at row {pr} col {pc}, destination at row {dr} col {dc}"
+    )
 
     # drive greedily on the exact values: success only on the final dropoff
     continue_probs, expected_reward = dense_model(taxi.P, 500, 6)
@@ -455,8 +454,13 @@ def test_generic_wrapper_cliff_walking():
     assert env.spec.max_episode_steps == 100
     info = text_env_info("colearn/Text-v0", env_id="CliffWalking-v1", action_names=CLIFF_NAMES)
     assert info.pop("random_return") < -1000  # a random walk falls off the cliff again and again
-    assert info == {"action_names": CLIFF_NAMES, "optimal_return": -13.0, "max_episode_steps": 100,
-                    "answer_charset": None, "answer_length": None}
+    assert info == {
+        "action_names": CLIFF_NAMES,
+        "optimal_return": -13.0,
+        "max_episode_steps": 100,
+        "answer_charset": None,
+        "answer_length": None,
+    }
 
 
 def test_generic_wrapper_options():
@@ -471,8 +475,10 @@ def test_generic_wrapper_options():
     assert env.step("r")[0] == RIGHT_OF_START
     assert env.step("x")[1] == -3.0
     # the inner env's registered limit (100) is the default
-    assert text_env_info("colearn/Text-v0", env_id="FrozenLake-v1",
-                         action_names=["L", "D", "R", "U"])["max_episode_steps"] == 100
+    assert (
+        text_env_info("colearn/Text-v0", env_id="FrozenLake-v1", action_names=["L", "D", "R", "U"])["max_episode_steps"]
+        == 100
+    )
 
 
 def test_generic_wrapper_tuple_observation():
@@ -559,5 +565,9 @@ def test_random_return_is_the_uniform_policys_exact_return():
         expected, _ = model.score(np.full((n_states, n_actions), 1 / n_actions))
         assert text_env_info(env_id)["random_return"] == pytest.approx(expected, abs=1e-12)
     assert text_env_info("colearn/FrozenLake-v0")["random_return"] == pytest.approx(0.01394, abs=1e-5)
-    assert gym.make("colearn/Text-v0", env_id="Blackjack-v1", action_names=["stick", "hit"]).get_wrapper_attr(
-        "random_return")() is None
+    assert (
+        gym.make("colearn/Text-v0", env_id="Blackjack-v1", action_names=["stick", "hit"]).get_wrapper_attr(
+            "random_return"
+        )()
+        is None
+    )

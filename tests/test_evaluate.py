@@ -13,8 +13,11 @@ from envs import text_env_model
 from envs.planning import value_table
 from envs.registry import make_inner
 
-CLIFF = EnvSpec("colearn/Text-v0", name="Cliff",
-                kwargs={"env_id": "CliffWalking-v1", "action_names": ["up", "right", "down", "left"]})
+CLIFF = EnvSpec(
+    "colearn/Text-v0",
+    name="Cliff",
+    kwargs={"env_id": "CliffWalking-v1", "action_names": ["up", "right", "down", "left"]},
+)
 TAXI = EnvSpec("colearn/Taxi-v0", name="Taxi")
 LAKE = EnvSpec("colearn/FrozenLake-v0", name="Lake")
 
@@ -70,14 +73,17 @@ def test_frozen_lake_scores_are_the_fraction_of_the_optimum():
     assert env_score(LAKE, "greedy", 0.25, 0.25, 4).normalized == 0.25
 
 
-@pytest.mark.parametrize("mean_return, optimal, random, expected", [
-    (-13.0, -13.0, -1083.0, 1.0),
-    (-1083.0, -13.0, -1083.0, 0.0),
-    (-548.0, -13.0, -1083.0, 0.5),
-    (0.0, 1.0, 0.99995, 0.0),  # a random walk on a map without holes: the floor stays 0
-    (0.5, 1.0, None, 0.5),  # no transition table (Addition): random counts as 0
-    (-3.0, None, None, -3.0),  # no known optimum: the raw return
-    (0.0, 0.0, 0.0, 0.0),  # a time limit too short to reach the goal: nothing to normalize by
-])
+@pytest.mark.parametrize(
+    "mean_return, optimal, random, expected",
+    [
+        (-13.0, -13.0, -1083.0, 1.0),
+        (-1083.0, -13.0, -1083.0, 0.0),
+        (-548.0, -13.0, -1083.0, 0.5),
+        (0.0, 1.0, 0.99995, 0.0),  # a random walk on a map without holes: the floor stays 0
+        (0.5, 1.0, None, 0.5),  # no transition table (Addition): random counts as 0
+        (-3.0, None, None, -3.0),  # no known optimum: the raw return
+        (0.0, 0.0, 0.0, 0.0),  # a time limit too short to reach the goal: nothing to normalize by
+    ],
+)
 def test_normalized_return_by_hand(mean_return, optimal, random, expected):
     assert normalized_return(mean_return, optimal, random) == pytest.approx(expected)

@@ -21,8 +21,16 @@ def states() -> tuple[dict[str, torch.Tensor], list[dict[str, torch.Tensor]]]:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-                                         num_attention_heads=2, num_key_value_heads=2, vocab_size=40))
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+            vocab_size=40,
+        )
+    )
     ancestor = {k: v.detach().clone() for k, v in model.state_dict().items()}
     partners = []
     for seed in (1, 2):
@@ -80,10 +88,11 @@ def test_cma_es_finds_unequal_group_weights_that_beat_the_uniform_recipe(states)
     assert result.fitness > result.uniform_fitness + 0.2
     assert result.fitness > 0.4 * result.uniform_fitness
     # The returned recipe is the one that scored `fitness`, and it moved toward the true weights.
-    merged = merge_state_dicts(ancestor, partners, Recipe("task_arithmetic", result.recipe.weights, groups=result.recipe.groups))
+    merged = merge_state_dicts(
+        ancestor, partners, Recipe("task_arithmetic", result.recipe.weights, groups=result.recipe.groups)
+    )
     assert fitness(merged) == pytest.approx(result.fitness, abs=1e-9)
-    err = np.mean([abs(a - b) for g in groups
-                   for a, b in zip(result.recipe.groups[g]["weights"], truth[g]["weights"])])
+    err = np.mean([abs(a - b) for g in groups for a, b in zip(result.recipe.groups[g]["weights"], truth[g]["weights"])])
     assert err < np.mean([abs(0.5 - w) for g in groups for w in truth[g]["weights"]])
 
     again = search(ancestor, partners, fitness, cfg)
@@ -101,8 +110,7 @@ def test_a_budget_of_one_returns_the_start_recipe(states):
 def test_return_scorer_scores_greedy_on_its_own_seeds(partner, line_spec, lake_spec, monkeypatch):
     import colearn.experience.evaluate
     from colearn.config import EvalConfig, RolloutConfig
-    from colearn.experience.evaluate import EnvScore
-    from colearn.experience.evaluate import return_scorer
+    from colearn.experience.evaluate import EnvScore, return_scorer
 
     seen = []
 

@@ -7,22 +7,45 @@ import shutil
 
 import pytest
 
-from colearn.experience import store as experience
 from colearn.errors import ColearnError
+from colearn.experience import store as experience
 from colearn.experience.store import FEATURES, ExperienceStore
 
 
-def row(i: int, partner: str = "A", env: str = "Lake", generation: int = 0, round: int = 0,
-        success: bool = False, **overrides) -> dict:
+def row(
+    i: int,
+    partner: str = "A",
+    env: str = "Lake",
+    generation: int = 0,
+    round: int = 0,
+    success: bool = False,
+    **overrides,
+) -> dict:
     """A complete step record with exactly representable float32 values."""
     r = {
-        "run_id": "run", "generation": generation, "round": round, "partner": partner,
-        "env_id": f"colearn/{env}-v0", "env": env, "episode_id": f"{partner}/g{generation}/r{round}/{env}/{i}",
-        "seed": 10_000_000_000 + i, "step": i % 3, "observation": f"obs {i}\nline", "action": "left",
-        "legal_actions": ["left", "down"], "action_charset": "", "prompt_ids": [1, 2, i], "action_ids": [7],
+        "run_id": "run",
+        "generation": generation,
+        "round": round,
+        "partner": partner,
+        "env_id": f"colearn/{env}-v0",
+        "env": env,
+        "episode_id": f"{partner}/g{generation}/r{round}/{env}/{i}",
+        "seed": 10_000_000_000 + i,
+        "step": i % 3,
+        "observation": f"obs {i}\nline",
+        "action": "left",
+        "legal_actions": ["left", "down"],
+        "action_charset": "",
+        "prompt_ids": [1, 2, i],
+        "action_ids": [7],
         "logprob": -0.5,
-        "reward": float(i % 2), "return_to_go": 1.5, "done": i % 3 == 2, "terminated": i % 3 == 2,
-        "invalid": False, "success": success, "episode_return": 0.25,
+        "reward": float(i % 2),
+        "return_to_go": 1.5,
+        "done": i % 3 == 2,
+        "terminated": i % 3 == 2,
+        "invalid": False,
+        "success": success,
+        "episode_return": 0.25,
     }
     r.update(overrides)
     return r

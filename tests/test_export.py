@@ -16,9 +16,8 @@ from peft import AutoPeftModelForCausalLM, PeftModel
 from transformers import AutoModelForCausalLM
 
 from colearn import loop
-from colearn.config import Config, EnvConfig, EnvSpec, EvalConfig, LoopConfig, MergeConfig, PartnerSpec
-from colearn.config import RolloutConfig
 from colearn.cli.export import main as export
+from colearn.config import Config, EnvConfig, EnvSpec, EvalConfig, LoopConfig, MergeConfig, PartnerSpec, RolloutConfig
 from colearn.models.build import build_ancestor
 from colearn.models.partner import Partner
 from tests.conftest import LAKE_ID, tiny_model_config
@@ -78,10 +77,15 @@ def lora_run(tmp_path_factory) -> Path:
     run_dir = tmp_path_factory.mktemp("lora") / "run"
     suite = [EnvSpec(LAKE_ID, "Lake"), EnvSpec(LAKE_ID, "Line", {"desc": ["SFG"]})]
     partners = [PartnerSpec("A", ["Lake"]), PartnerSpec("B", ["Line"])]
-    cfg = Config(model=LORA, env=EnvConfig(suite=suite, partners=partners),
-                 loop=LoopConfig(generations=1, rounds=1), rollout=RolloutConfig(episodes=8, group_size=4, num_envs=8),
-                 eval=EvalConfig(episodes=2, sampled=True), merge=MergeConfig(lora_offspring="adapter", gate=False),
-                 progress=False)
+    cfg = Config(
+        model=LORA,
+        env=EnvConfig(suite=suite, partners=partners),
+        loop=LoopConfig(generations=1, rounds=1),
+        rollout=RolloutConfig(episodes=8, group_size=4, num_envs=8),
+        eval=EvalConfig(episodes=2, sampled=True),
+        merge=MergeConfig(lora_offspring="adapter", gate=False),
+        progress=False,
+    )
     loop.run(cfg, run_dir)
     (run_dir / ".hydra").mkdir()
     OmegaConf.save(OmegaConf.structured(cfg), run_dir / ".hydra" / "config.yaml")
@@ -122,10 +126,12 @@ def test_export_card_says_prompt_acting_and_scores(lora_run, tmp_path, elsewhere
     assert "## Prompt format" in card and PROMPT in card and "left, down, right, up" in card
     events = [json.loads(line) for line in (lora_run / "metrics.jsonl").read_text().splitlines()]
     evals = [e for e in events if e["event"] == "eval" and e["partner"] == "offspring" and e["generation"] == 0]
-    assert {(e["env"], e["policy"]) for e in evals} == {(env, p) for env in ("Lake", "Line")
-                                                         for p in ("greedy", "sampled")}
-    rows = re.findall(r"^\| (Lake|Line) \| (greedy|sampled) \| (\S+) \| (\S+) \| (\S+) \| (\S+) \| (\S+) \|$", card,
-                      re.M)
+    assert {(e["env"], e["policy"]) for e in evals} == {
+        (env, p) for env in ("Lake", "Line") for p in ("greedy", "sampled")
+    }
+    rows = re.findall(
+        r"^\| (Lake|Line) \| (greedy|sampled) \| (\S+) \| (\S+) \| (\S+) \| (\S+) \| (\S+) \|$", card, re.M
+    )
     assert len(rows) == 4
     for env, policy, mean_return, success, optimum, normalized, episodes in rows:
         e = next(e for e in evals if (e["env"], e["policy"]) == (env, policy))

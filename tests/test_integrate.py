@@ -13,12 +13,19 @@ import math
 import pytest
 import torch
 
+from colearn.breeding.integrate import (
+    MODES,
+    Integrated,
+    ModeParams,
+    check_and_control_logprobs,
+    consultative_logprobs,
+    ensemble_logprobs,
+    env_map_of,
+    evaluate_modes,
+    get_mode,
+)
 from colearn.config import EnvSpec, EvalConfig, RolloutConfig
 from colearn.errors import ColearnError
-from colearn.breeding.integrate import (
-    MODES, Integrated, ModeParams, check_and_control_logprobs, consultative_logprobs, ensemble_logprobs,
-    env_map_of, evaluate_modes, get_mode,
-)
 from colearn.models.partner import Partner
 from colearn.models.policy import legal_action_logprobs
 
@@ -135,13 +142,16 @@ def test_confidence_router_scores_both_envs_of_two_specialists(base):
     """Each expert is sure on its own line and uncertain on the other's: without being told the env, the
     confidence router follows the right expert on both lines and solves both."""
     uniform = [0.25] * 4
-    left = trained(base, "L", ["MirrorLine"], {**dict.fromkeys(MIRROR_OBS, [1, 0, 0, 0]),
-                                               **dict.fromkeys(LINE_OBS, uniform)})
-    right = trained(base, "R", ["Line"], {**dict.fromkeys(LINE_OBS, [0, 0, 1, 0]),
-                                          **dict.fromkeys(MIRROR_OBS, uniform)})
+    left = trained(
+        base, "L", ["MirrorLine"], {**dict.fromkeys(MIRROR_OBS, [1, 0, 0, 0]), **dict.fromkeys(LINE_OBS, uniform)}
+    )
+    right = trained(
+        base, "R", ["Line"], {**dict.fromkeys(LINE_OBS, [0, 0, 1, 0]), **dict.fromkeys(MIRROR_OBS, uniform)}
+    )
     eval_cfg, rollout_cfg = EvalConfig(episodes=2), RolloutConfig(episodes=2, group_size=1, num_envs=2)
-    records = evaluate_modes([left, right], [LINE, MIRROR], ["route_confidence", "route", "ensemble"], eval_cfg,
-                             rollout_cfg)
+    records = evaluate_modes(
+        [left, right], [LINE, MIRROR], ["route_confidence", "route", "ensemble"], eval_cfg, rollout_cfg
+    )
     score = {(r["mode"], r["env"]): r["normalized"] for r in records}
     assert score[("route_confidence", "Line")] == 1.0 and score[("route_confidence", "MirrorLine")] == 1.0
     assert score[("route", "Line")] == 1.0 and score[("route", "MirrorLine")] == 1.0

@@ -19,8 +19,18 @@ import colearn
 ROOT = Path(colearn.__file__).parent
 FOUNDATION = {"config", "errors"}  # imported by every stage; config imports errors, errors nothing
 # what a light command (`colearn merge`) must not load; envs is colearn's sibling package of gymnasium envs
-HEAVY = {"transformers", "peft", "trl", "datasets", "gymnasium", "envs", "hydra", "omegaconf", "matplotlib",
-         "tensorboard"}
+HEAVY = {
+    "transformers",
+    "peft",
+    "trl",
+    "datasets",
+    "gymnasium",
+    "envs",
+    "hydra",
+    "omegaconf",
+    "matplotlib",
+    "tensorboard",
+}
 
 
 @dataclass(frozen=True)
@@ -143,8 +153,10 @@ def test_imports_between_stages_point_the_declared_way():
             else:
                 allowed = declared(here) | FOUNDATION
             if there not in allowed:
-                wrong.append(f"{MODULES[module].relative_to(ROOT.parent)}:{imp.line} imports {imp.target} "
-                             f"({here} may import {sorted(allowed)})")
+                wrong.append(
+                    f"{MODULES[module].relative_to(ROOT.parent)}:{imp.line} imports {imp.target} "
+                    f"({here} may import {sorted(allowed)})"
+                )
     assert not wrong, "\n".join(wrong)
 
 
@@ -196,7 +208,10 @@ def test_merge_command_modules_are_light():
 def test_layout_test_sees_a_cycle(monkeypatch):
     """The checks above could fail: a stage that imported one that imports it would be reported."""
     fake = dict(IMPORTS)
-    fake["colearn.models.partner"] = [*IMPORTS["colearn.models.partner"], Import("colearn.breeding.mixture", 1, "function")]
+    fake["colearn.models.partner"] = [
+        *IMPORTS["colearn.models.partner"],
+        Import("colearn.breeding.mixture", 1, "function"),
+    ]
     monkeypatch.setattr(sys.modules[__name__], "IMPORTS", fake)
     with pytest.raises(AssertionError, match="models/partner.py:1 imports colearn.breeding.mixture"):
         test_imports_between_stages_point_the_declared_way()

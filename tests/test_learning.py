@@ -10,14 +10,37 @@ import pytest
 import torch
 
 from colearn import loop
-from colearn.config import (Config, EnvConfig, EnvSpec, EvalConfig, LearnConfig, LoopConfig, MergeConfig, PartnerSpec,
-                            RolloutConfig)
+from colearn.config import (
+    Config,
+    EnvConfig,
+    EnvSpec,
+    EvalConfig,
+    LearnConfig,
+    LoopConfig,
+    MergeConfig,
+    PartnerSpec,
+    RolloutConfig,
+)
 from colearn.experience.evaluate import evaluate
-from colearn.learning.learn import (Item, approx_kl, batch_loss, clipped_pg_loss, gae, gae_advantages, group_advantages, learn,
-                           merged, normalized, peer_pg_loss, select_for_distillation, step_advantages, value_head_for)
+from colearn.experience.rollout import EpisodeMeta, collect
+from colearn.learning.learn import (
+    Item,
+    approx_kl,
+    batch_loss,
+    clipped_pg_loss,
+    gae,
+    gae_advantages,
+    group_advantages,
+    learn,
+    merged,
+    normalized,
+    peer_pg_loss,
+    select_for_distillation,
+    step_advantages,
+    value_head_for,
+)
 from colearn.models.build import build_ancestor
 from colearn.models.partner import Partner
-from colearn.experience.rollout import EpisodeMeta, collect
 from tests.conftest import LAKE_ID, tiny_model_config
 
 SMALL_LAKE = EnvSpec(LAKE_ID, name="Small", kwargs={"desc": ["SFF", "FHF", "HFG"]})
@@ -44,9 +67,22 @@ def rows_of(episodes: list[list[float]], seeds: list[int], gamma: float = 1.0) -
             g = r + gamma * g
             rtg.insert(0, g)
         for t in range(len(rewards)):
-            rows.append({"partner": "A", "env": "E", "generation": 0, "round": 0, "seed": seed, "step": t,
-                         "episode_id": f"e{e}", "return_to_go": rtg[t], "observation": f"s{t}",
-                         "success": rewards[-1] > 0, "invalid": False, "episode_return": sum(rewards)})
+            rows.append(
+                {
+                    "partner": "A",
+                    "env": "E",
+                    "generation": 0,
+                    "round": 0,
+                    "seed": seed,
+                    "step": t,
+                    "episode_id": f"e{e}",
+                    "return_to_go": rtg[t],
+                    "observation": f"s{t}",
+                    "success": rewards[-1] > 0,
+                    "invalid": False,
+                    "episode_return": sum(rewards),
+                }
+            )
     return rows
 
 
@@ -131,19 +167,34 @@ def test_distillation_imitates_successful_paths_without_their_loops():
     for r, obs in zip(rows, ["A", "B", "A", "C", "D", "A", "B"]):  # episode e0 goes A B A C D: A-B-A is a loop
         r["observation"] = obs
     kept = select_for_distillation(rows, "success", 1.0)
-    assert [(r["episode_id"], r["observation"], r["step"]) for r in kept] == [("e0", "A", 2), ("e0", "C", 3),
-                                                                             ("e0", "D", 4)]
+    assert [(r["episode_id"], r["observation"], r["step"]) for r in kept] == [
+        ("e0", "A", 2),
+        ("e0", "C", 3),
+        ("e0", "D", 4),
+    ]
 
 
 def small_config(seed: int, generations: int, rounds: int, **learn) -> Config:
     return Config(
-        seed=seed, model=tiny_model_config(),
+        seed=seed,
+        model=tiny_model_config(),
         env=EnvConfig(suite=[SMALL_LAKE], partners=[PartnerSpec("A", ["Small"]), PartnerSpec("B", ["Small"])]),
         rollout=RolloutConfig(episodes=64, group_size=8, num_envs=64, gamma=0.95),
-        learn=LearnConfig(**{"lr": 3e-3, "batch_size": 128, "epochs": 4, "advantage": "return_to_go",
-                             "distill_from": "both", "peer_rl_coef": 1.0, "distill_coef": 1.0, "entropy_coef": 0.01,
-                             **learn}),
-        loop=LoopConfig(generations=generations, rounds=rounds), eval=EvalConfig(episodes=8, sampled=True),
+        learn=LearnConfig(
+            **{
+                "lr": 3e-3,
+                "batch_size": 128,
+                "epochs": 4,
+                "advantage": "return_to_go",
+                "distill_from": "both",
+                "peer_rl_coef": 1.0,
+                "distill_coef": 1.0,
+                "entropy_coef": 0.01,
+                **learn,
+            }
+        ),
+        loop=LoopConfig(generations=generations, rounds=rounds),
+        eval=EvalConfig(episodes=8, sampled=True),
         progress=False,
     )
 
@@ -180,8 +231,9 @@ def test_distillation_alone_transfers_a_skill(learned_run, partner_factory):
     """A fresh student that never acts in the env learns it from a skilled partner's successful episodes."""
     teacher, student = learned_run[0].partners[0], partner_factory(seed=2)
     spec, rollout = SMALL_LAKE, RolloutConfig(episodes=64, group_size=8, num_envs=64)
-    rows = collect(teacher, spec, list(range(64)), rollout, torch.Generator().manual_seed(0),
-                   EpisodeMeta(partner="teacher"))
+    rows = collect(
+        teacher, spec, list(range(64)), rollout, torch.Generator().manual_seed(0), EpisodeMeta(partner="teacher")
+    )
     successes = select_for_distillation(rows, "success", 1.0)
     assert successes, "the trained teacher should succeed on the 3x3 lake"
     ev = EvalConfig(episodes=64, greedy=False, sampled=True)
@@ -199,8 +251,9 @@ def test_the_partners_steps_alone_transfer_a_skill(learned_run, partner_factory)
     spec = SMALL_LAKE
     # the partner explores at a high temperature, so its episodes both succeed and fail
     rollout = RolloutConfig(episodes=256, group_size=8, num_envs=64, temperature=6.0)
-    rows = collect(teacher, spec, list(range(256)), rollout, torch.Generator().manual_seed(0),
-                   EpisodeMeta(partner="teacher"))
+    rows = collect(
+        teacher, spec, list(range(256)), rollout, torch.Generator().manual_seed(0), EpisodeMeta(partner="teacher")
+    )
     outcomes = {r["episode_id"]: r["success"] for r in rows}
     assert 0.1 < sum(outcomes.values()) / len(outcomes) < 0.9, sum(outcomes.values()) / len(outcomes)
     ev = EvalConfig(episodes=64, greedy=True, sampled=True)
@@ -218,8 +271,14 @@ def test_merged_items_give_the_loss_and_gradient_of_their_steps(partner_factory)
     """Steps that share kind, prompt, action, behaviour log-prob and advantage sign train as one item: the loss
     and every gradient are those of the steps one by one."""
     partner = partner_factory(seed=4)
-    rows = collect(partner, SMALL_LAKE, list(range(32)), RolloutConfig(episodes=32, group_size=4, num_envs=32),
-                   torch.Generator().manual_seed(0), EpisodeMeta(partner="A"))
+    rows = collect(
+        partner,
+        SMALL_LAKE,
+        list(range(32)),
+        RolloutConfig(episodes=32, group_size=4, num_envs=32),
+        torch.Generator().manual_seed(0),
+        EpisodeMeta(partner="A"),
+    )
     gen = torch.Generator().manual_seed(1)
     adv, targets = torch.randn(2, len(rows), generator=gen).tolist()
     steps = [Item(kind, r, a, t) for kind in ("own", "peer") for r, a, t in zip(rows, adv, targets)]
@@ -228,8 +287,10 @@ def test_merged_items_give_the_loss_and_gradient_of_their_steps(partner_factory)
     assert len(items) < len(steps) / 3 and sum(it.count for it in items) == len(steps)
     # merging what was merged in two halves gives the same items as merging once
     half = len(steps) // 2
-    twice = {(it.kind, tuple(it.row["prompt_ids"]), it.row["action"], it.adv > 0): it
-             for it in merged(merged(steps[:half]) + merged(steps[half:]))}
+    twice = {
+        (it.kind, tuple(it.row["prompt_ids"]), it.row["action"], it.adv > 0): it
+        for it in merged(merged(steps[:half]) + merged(steps[half:]))
+    }
     for it in items:
         again = twice[(it.kind, tuple(it.row["prompt_ids"]), it.row["action"], it.adv > 0)]
         assert again.count == it.count
@@ -254,8 +315,14 @@ def test_merged_items_give_the_loss_and_gradient_of_their_steps(partner_factory)
 
 def test_non_finite_loss_skips_the_update_and_keeps_weights(partner_factory):
     partner = partner_factory(seed=3)
-    rows = collect(partner, SMALL_LAKE, list(range(8)), RolloutConfig(episodes=8, group_size=1, num_envs=8),
-                   torch.Generator().manual_seed(0), EpisodeMeta(partner="A"))
+    rows = collect(
+        partner,
+        SMALL_LAKE,
+        list(range(8)),
+        RolloutConfig(episodes=8, group_size=1, num_envs=8),
+        torch.Generator().manual_seed(0),
+        EpisodeMeta(partner="A"),
+    )
     for r in rows:
         r["success"] = True
     with torch.no_grad():
@@ -282,8 +349,10 @@ def test_a_round_without_successes_skips_distillation_and_says_so(tmp_path):
 def test_incompatible_partners_fall_back_to_a_routed_mixture(tmp_path):
     cfg = small_config(seed=0, generations=1, rounds=1)
     cfg.merge = MergeConfig(compat_metric="cosine", compat_threshold=0.99, fallback="mixture")
-    cfg.env = EnvConfig(suite=[SMALL_LAKE, EnvSpec(LAKE_ID, "Line", {"desc": ["SFG"]})],
-                        partners=[PartnerSpec("A", ["Small"]), PartnerSpec("B", ["Line"])])
+    cfg.env = EnvConfig(
+        suite=[SMALL_LAKE, EnvSpec(LAKE_ID, "Line", {"desc": ["SFG"]})],
+        partners=[PartnerSpec("A", ["Small"]), PartnerSpec("B", ["Line"])],
+    )
     loop.run(cfg, tmp_path)
     node = json.loads((tmp_path / "lineage.json").read_text())[0]
     assert node["recipe"]["outcome"] == "fallback" and "cosine" in node["recipe"]["reason"]

@@ -59,7 +59,11 @@ def tiny_llama():
 
     torch.manual_seed(0)
     config = LlamaConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
         vocab_size=50,
     )
     return LlamaForCausalLM(config)
@@ -197,7 +201,8 @@ def test_model_stock_interpolates_between_ancestor_and_average():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("part", [1 << 21, 20_000])  # one sort, or value ranges sorted one at a time
 def test_ascending_order_equals_numpy_stable_argsort(dtype, part, monkeypatch):
-    # DELLA's magnitude order (colearn.merging.operators.ascending_order), with ties, zeros (repeated cut values) and a NaN
+    # DELLA's magnitude order (colearn.merging.operators.ascending_order), with ties, zeros (repeated cut values)
+    # and a NaN
     import colearn.merging.operators
     from colearn.merging.operators import ascending_order
 
@@ -239,10 +244,14 @@ def test_magnitude_trimming_matches_peft_topk_on_large_tensors():
     deltas[1][::7] = 0.0  # exact zeros, as in weights a partner never changed
     weights = w(1.0, 0.7, 1.3)
     for density in (0.05, 0.5, 0.93):
-        assert torch.allclose(op("ties")(deltas, weights, density, 0), merge_utils.ties(deltas, weights, density),
-                              atol=1e-6)
-        assert torch.allclose(op("magnitude_prune")(deltas, weights, density, 0),
-                              merge_utils.magnitude_prune(deltas, weights, density), atol=1e-6)
+        assert torch.allclose(
+            op("ties")(deltas, weights, density, 0), merge_utils.ties(deltas, weights, density), atol=1e-6
+        )
+        assert torch.allclose(
+            op("magnitude_prune")(deltas, weights, density, 0),
+            merge_utils.magnitude_prune(deltas, weights, density),
+            atol=1e-6,
+        )
     frequency = op("ties")(deltas, weights, 0.5, 0, majority_sign_method="frequency")
     assert torch.allclose(frequency, merge_utils.ties(deltas, weights, 0.5, "frequency"), atol=1e-6)
 
@@ -255,7 +264,9 @@ def test_a_missed_bracket_still_gives_the_exact_trim(method, monkeypatch):
     generator = torch.Generator().manual_seed(3)
     deltas = [torch.randn(300_000, generator=generator) for _ in range(2)]
     right = op(method)(deltas, w(1.0, 1.0), 0.4, 0)
-    monkeypatch.setattr(colearn.merging.trimming, "_bracket", lambda sample, n, k: (5.0, 6.0))  # above every |x| ~ N(0,1)
+    monkeypatch.setattr(
+        colearn.merging.trimming, "_bracket", lambda sample, n, k: (5.0, 6.0)
+    )  # above every |x| ~ N(0,1)
     assert torch.allclose(op(method)(deltas, w(1.0, 1.0), 0.4, 0), right, atol=1e-6)
     if method == "ties":
         from peft.utils import merge_utils
@@ -276,13 +287,18 @@ def breadcrumbs_by_sorting(delta: torch.Tensor, density: float, gamma: float) ->
 
 
 LARGE_CASES = [
-    ("ties", 0.3, {}), ("ties", 0.7, {"majority_sign_method": "frequency"}), ("magnitude_prune", 0.5, {}),
-    ("breadcrumbs", 0.6, {"gamma": 0.05}), ("model_stock", 1.0, {}), ("task_arithmetic", 1.0, {}),
+    ("ties", 0.3, {}),
+    ("ties", 0.7, {"majority_sign_method": "frequency"}),
+    ("magnitude_prune", 0.5, {}),
+    ("breadcrumbs", 0.6, {"gamma": 0.05}),
+    ("model_stock", 1.0, {}),
+    ("task_arithmetic", 1.0, {}),
 ]
 
 
-def reference_merge(method: str, deltas: list[torch.Tensor], weights: list[float], density: float,
-                    params: dict) -> torch.Tensor:
+def reference_merge(
+    method: str, deltas: list[torch.Tensor], weights: list[float], density: float, params: dict
+) -> torch.Tensor:
     """The merged task vector by peft's merge_utils on whole tensors, or by hand where peft has no such method."""
     from peft.utils import merge_utils
 
@@ -408,8 +424,10 @@ def test_magnitude_thresholds_are_exact_k_th_largest():
     base = torch.randn(400_000, generator=generator)
     unchanged = base + torch.randn(400_000, generator=generator) * (torch.rand(400_000, generator=generator) < 0.3)
     ks = [0, 1, 1000, 200_000, 399_999, 400_000]
-    cases = [(TaskVectors([heavy, ties_], None, torch.float32, chunk_size=4096), [heavy, ties_]),
-             (TaskVectors([unchanged], base, torch.float32), [unchanged - base])]  # 70% of it zeros
+    cases = [
+        (TaskVectors([heavy, ties_], None, torch.float32, chunk_size=4096), [heavy, ties_]),
+        (TaskVectors([unchanged], base, torch.float32), [unchanged - base]),
+    ]  # 70% of it zeros
     for tv, deltas in cases:
         got = magnitude_thresholds(tv, ks)
         for i, tensor in enumerate(deltas):
@@ -446,7 +464,9 @@ def test_identical_partners_return_the_partner(method, llama_state):
     ancestor = {k: v for k, v in list(llama_state.items())[:6]}
     partner = perturbed(ancestor, seed=1)
     params = {"gamma": 0.0} if method == "breadcrumbs" else {}
-    merged = merge_state_dicts(ancestor, [partner, partner], Recipe(method, default_weights(method, 2), 1.0, params=params))
+    merged = merge_state_dicts(
+        ancestor, [partner, partner], Recipe(method, default_weights(method, 2), 1.0, params=params)
+    )
     for key in ancestor:
         assert torch.allclose(merged[key], partner[key], atol=1e-6), key
 
@@ -483,7 +503,9 @@ def test_shape_mismatch_names_the_first_tensor():
         merge_state_dicts(ancestor, [good, bad], Recipe("linear", [0.5, 0.5]))
     assert str(error.value) == message
     with pytest.raises(MergeError, match="partner 0 lacks tensor 'model.norm.weight'"):
-        merge_state_dicts(ancestor, [{"model.layers.0.mlp.up_proj.weight": torch.zeros(64, 256)}], Recipe("linear", [1.0]))
+        merge_state_dicts(
+            ancestor, [{"model.layers.0.mlp.up_proj.weight": torch.zeros(64, 256)}], Recipe("linear", [1.0])
+        )
     with pytest.raises(MergeError, match="has shape"):
         merge_tensor("x", torch.zeros(2), [torch.zeros(3)], Recipe("linear", [1.0]))
 
@@ -552,7 +574,9 @@ def test_dtype_is_preserved_and_seeds_do_not_depend_on_key_order(llama_state):
     merged = merge_state_dicts(ancestor, partners, Recipe("dare_ties", [1, 1], 0.5, seed=3))
     assert all(v.dtype == torch.bfloat16 for v in merged.values())
     reverse = lambda sd: dict(reversed(list(sd.items())))  # noqa: E731
-    again = merge_state_dicts(reverse(ancestor), [reverse(p) for p in partners], Recipe("dare_ties", [1, 1], 0.5, seed=3))
+    again = merge_state_dicts(
+        reverse(ancestor), [reverse(p) for p in partners], Recipe("dare_ties", [1, 1], 0.5, seed=3)
+    )
     assert all(torch.equal(merged[k], again[k]) for k in merged)
     other = merge_state_dicts(ancestor, partners, Recipe("dare_ties", [1, 1], 0.5, seed=4))
     assert any(not torch.equal(merged[k], other[k]) for k in merged)
@@ -631,10 +655,12 @@ def test_write_like_takes_any_order_and_names_a_tensor_that_does_not_fit_or_is_m
     with open(tmp_path / "out.safetensors", "wb") as out:
         write_like(layout, ((k, state[k]) for k in reversed(order)), out)
     assert all(torch.equal(v, state[k]) for k, v in load_file(tmp_path / "out.safetensors").items())
-    for tensors, message in [([("a", torch.arange(4.0))], "'a' .* a slot of 12 bytes"),
-                             ([("e", torch.ones(1))], "'e' .* no slot"),
-                             ([("a", state["a"]), ("a", state["a"])], "'a' .* a slot already written"),
-                             ([(k, state[k]) for k in ("a", "big", "c")], "lacks 1 of its layout's tensors, the first 'd'")]:
+    for tensors, message in [
+        ([("a", torch.arange(4.0))], "'a' .* a slot of 12 bytes"),
+        ([("e", torch.ones(1))], "'e' .* no slot"),
+        ([("a", state["a"]), ("a", state["a"])], "'a' .* a slot already written"),
+        ([(k, state[k]) for k in ("a", "big", "c")], "lacks 1 of its layout's tensors, the first 'd'"),
+    ]:
         with open(tmp_path / "bad.safetensors", "wb") as out, pytest.raises(MergeError, match=message):
             write_like(layout, iter(tensors), out)
 

@@ -12,10 +12,10 @@ import yaml
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM
 
-from colearn.errors import ColearnError
 from colearn.cli.merge import main
-from colearn.models.weights import dense_state
+from colearn.errors import ColearnError
 from colearn.models.partner import Partner
+from colearn.models.weights import dense_state
 
 torch.set_num_threads(1)
 
@@ -60,8 +60,18 @@ def expected_linear(lora_dirs, ancestor) -> dict[str, torch.Tensor]:
 
 def test_adapters_merge_folded_into_the_base_model(lora_dirs, ancestor, tmp_path):
     out = tmp_path / "folded"
-    main(["--base", str(lora_dirs["base"]), "--recipe", recipe(tmp_path, method="linear"), "--out", str(out),
-          str(lora_dirs["A"]), str(lora_dirs["B"])])
+    main(
+        [
+            "--base",
+            str(lora_dirs["base"]),
+            "--recipe",
+            recipe(tmp_path, method="linear"),
+            "--out",
+            str(out),
+            str(lora_dirs["A"]),
+            str(lora_dirs["B"]),
+        ]
+    )
     model = AutoModelForCausalLM.from_pretrained(out)
     got = model.state_dict()
     want = expected_linear(lora_dirs, ancestor)
@@ -75,8 +85,20 @@ def test_adapters_merge_folded_into_the_base_model(lora_dirs, ancestor, tmp_path
 
 def test_adapters_merge_kept_as_an_adapter(lora_dirs, ancestor, tmp_path):
     out = tmp_path / "adapter"
-    main(["--base", str(lora_dirs["base"]), "--recipe", recipe(tmp_path, method="linear", lora_offspring="adapter"),
-          "--rank", "4", "--out", str(out), str(lora_dirs["A"]), str(lora_dirs["B"])])
+    main(
+        [
+            "--base",
+            str(lora_dirs["base"]),
+            "--recipe",
+            recipe(tmp_path, method="linear", lora_offspring="adapter"),
+            "--rank",
+            "4",
+            "--out",
+            str(out),
+            str(lora_dirs["A"]),
+            str(lora_dirs["B"]),
+        ]
+    )
     config = json.loads((out / "adapter_config.json").read_text())
     assert config["r"] == 4 and config["base_model_name_or_path"] == str(lora_dirs["base"].resolve())
     # q_proj sums two rank-2 changes: rank 4 holds it exactly, so peft folds it to the dense merge
@@ -87,8 +109,20 @@ def test_adapters_merge_kept_as_an_adapter(lora_dirs, ancestor, tmp_path):
     assert recorded["lora"]["rank"] == 4 and recorded["lora"]["truncation_error"] < 1e-5
     # rank 1 cannot: the error is the best rank-1 approximation's (Eckart-Young), recorded
     low = tmp_path / "rank1"
-    main(["--base", str(lora_dirs["base"]), "--recipe", recipe(tmp_path, method="linear", lora_offspring="adapter"),
-          "--rank", "1", "--out", str(low), str(lora_dirs["A"]), str(lora_dirs["B"])])
+    main(
+        [
+            "--base",
+            str(lora_dirs["base"]),
+            "--recipe",
+            recipe(tmp_path, method="linear", lora_offspring="adapter"),
+            "--rank",
+            "1",
+            "--out",
+            str(low),
+            str(lora_dirs["A"]),
+            str(lora_dirs["B"]),
+        ]
+    )
     base = ancestor[0].state_dict()
     tails = heads = 0.0
     for key in [k for k in want if want[k].dim() == 2]:
@@ -107,8 +141,18 @@ def test_colearn_lora_checkpoints_merge_relative_to_the_ancestor_adapter(ancesto
     for p in [root, *partners]:
         p.save(tmp_path / p.name)
     out = tmp_path / "child"
-    main(["--base", str(tmp_path / "ancestor"), "--recipe", recipe(tmp_path, method="task_arithmetic",
-          weights=[0.7, 0.4]), "--out", str(out), str(tmp_path / "A"), str(tmp_path / "B")])
+    main(
+        [
+            "--base",
+            str(tmp_path / "ancestor"),
+            "--recipe",
+            recipe(tmp_path, method="task_arithmetic", weights=[0.7, 0.4]),
+            "--out",
+            str(out),
+            str(tmp_path / "A"),
+            str(tmp_path / "B"),
+        ]
+    )
     got = AutoModelForCausalLM.from_pretrained(out).state_dict()
     r, a, b = dense_state(root), dense_state(partners[0]), dense_state(partners[1])
     for key in r:
@@ -119,31 +163,87 @@ def test_colearn_lora_checkpoints_merge_relative_to_the_ancestor_adapter(ancesto
 def test_adapter_inputs_that_cannot_merge_are_one_line_errors(lora_dirs, ancestor, tmp_path):
     base = str(lora_dirs["base"])
     with pytest.raises(ColearnError, match="both LoRA adapter and full checkpoints"):
-        main(["--base", base, "--recipe", recipe(tmp_path, method="linear"), "--out", str(tmp_path / "x"),
-              str(lora_dirs["A"]), base])
+        main(
+            [
+                "--base",
+                base,
+                "--recipe",
+                recipe(tmp_path, method="linear"),
+                "--out",
+                str(tmp_path / "x"),
+                str(lora_dirs["A"]),
+                base,
+            ]
+        )
     dora = adapter_model(ancestor[0], 6, use_dora=True)
     dora.save_pretrained(tmp_path / "dora")
     with pytest.raises(ColearnError, match="plain LoRA adapters only"):
-        main(["--base", base, "--recipe", recipe(tmp_path, method="linear"), "--out", str(tmp_path / "y"),
-              str(lora_dirs["A"]), str(tmp_path / "dora")])
+        main(
+            [
+                "--base",
+                base,
+                "--recipe",
+                recipe(tmp_path, method="linear"),
+                "--out",
+                str(tmp_path / "y"),
+                str(lora_dirs["A"]),
+                str(tmp_path / "dora"),
+            ]
+        )
     with pytest.raises(ColearnError, match="--rank"):
-        main(["--base", base, "--recipe", recipe(tmp_path, method="linear", lora_offspring="adapter"),
-              "--rank", "0", "--out", str(tmp_path / "z"), str(lora_dirs["A"]), str(lora_dirs["B"])])
+        main(
+            [
+                "--base",
+                base,
+                "--recipe",
+                recipe(tmp_path, method="linear", lora_offspring="adapter"),
+                "--rank",
+                "0",
+                "--out",
+                str(tmp_path / "z"),
+                str(lora_dirs["A"]),
+                str(lora_dirs["B"]),
+            ]
+        )
     assert not any((tmp_path / n).exists() for n in "xyz")
 
 
 def test_search_over_adapters_scores_folded_candidates_and_writes_the_recipe_it_found(lora_dirs, tmp_path, capsys):
     out = tmp_path / "searched"
-    main(["--base", str(lora_dirs["base"]), "--recipe", recipe(tmp_path, method="evolve", base_method="linear"),
-          "--out", str(out), "--search", "--env", "colearn/FrozenLake-v0", "--budget", "3", "--episodes", "2",
-          str(lora_dirs["A"]), str(lora_dirs["B"])])
+    main(
+        [
+            "--base",
+            str(lora_dirs["base"]),
+            "--recipe",
+            recipe(tmp_path, method="evolve", base_method="linear"),
+            "--out",
+            str(out),
+            "--search",
+            "--env",
+            "colearn/FrozenLake-v0",
+            "--budget",
+            "3",
+            "--episodes",
+            "2",
+            str(lora_dirs["A"]),
+            str(lora_dirs["B"]),
+        ]
+    )
     assert "held-out: uniform" in capsys.readouterr().out
     found = yaml.safe_load((tmp_path / "searched.recipe.yaml").read_text())
     assert found["method"] == "linear" and len(found["search"]["curve"]) == 3
     # the written recipe, applied without a search, gives the same folded model
     again = tmp_path / "again"
-    main(["--recipe", str(tmp_path / "searched.recipe.yaml"), "--out", str(again), str(lora_dirs["A"]),
-          str(lora_dirs["B"])])
+    main(
+        [
+            "--recipe",
+            str(tmp_path / "searched.recipe.yaml"),
+            "--out",
+            str(again),
+            str(lora_dirs["A"]),
+            str(lora_dirs["B"]),
+        ]
+    )
     first = AutoModelForCausalLM.from_pretrained(out).state_dict()
     second = AutoModelForCausalLM.from_pretrained(again).state_dict()
     assert all(torch.equal(first[k], second[k]) for k in first)

@@ -14,9 +14,9 @@ from PIL import Image
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from colearn.cli.merge import load_recipe, main
 from colearn.errors import ColearnError
 from colearn.merging.merge import Recipe, merge_state_dicts
-from colearn.cli.merge import load_recipe, main
 from colearn.models.partner import Partner
 
 torch.set_num_threads(1)
@@ -59,8 +59,18 @@ def expected(ckpts: dict[str, Path], **recipe_fields) -> dict[str, torch.Tensor]
 
 def test_merge_writes_a_checkpoint_that_loads_generates_and_equals_the_in_memory_merge(ckpts, tmp_path, capsys):
     out = tmp_path / "child"
-    main(["--base", str(ckpts["base"]), "--recipe", recipe(tmp_path, method="ties", weights=[1.0, 0.8], density=0.5,
-          seed=3), "--out", str(out), str(ckpts["A"]), str(ckpts["B"])])
+    main(
+        [
+            "--base",
+            str(ckpts["base"]),
+            "--recipe",
+            recipe(tmp_path, method="ties", weights=[1.0, 0.8], density=0.5, seed=3),
+            "--out",
+            str(out),
+            str(ckpts["A"]),
+            str(ckpts["B"]),
+        ]
+    )
     assert f"wrote {out} (ties" in capsys.readouterr().out
     model = AutoModelForCausalLM.from_pretrained(out)
     want = expected(ckpts, method="ties", weights=[1.0, 0.8], density=0.5, seed=3)
@@ -84,8 +94,18 @@ def test_sharded_checkpoints_merge_shard_by_shard_like_a_single_file(ckpts, tmp_
     assert len(files) > 2 and (ckpts["base_s"] / "model.safetensors.index.json").is_file()
     groups = {"embed": {"weights": [1.0, 0.0]}}  # matches a group in one shard only
     out = tmp_path / "child"
-    main(["--base", str(ckpts["base_s"]), "--recipe", recipe(tmp_path, method="linear", groups=groups),
-          "--out", str(out), str(ckpts["A_s"]), str(ckpts["B_s"])])
+    main(
+        [
+            "--base",
+            str(ckpts["base_s"]),
+            "--recipe",
+            recipe(tmp_path, method="linear", groups=groups),
+            "--out",
+            str(out),
+            str(ckpts["A_s"]),
+            str(ckpts["B_s"]),
+        ]
+    )
     assert sorted(p.name for p in out.glob("*.safetensors")) == files
     state = AutoModelForCausalLM.from_pretrained(out).state_dict()
     want = expected(ckpts, method="linear", weights=[0.5, 0.5], groups=groups)
@@ -94,8 +114,16 @@ def test_sharded_checkpoints_merge_shard_by_shard_like_a_single_file(ckpts, tmp_
 
 def test_the_base_can_come_from_the_recipe(ckpts, tmp_path):
     out = tmp_path / "child"
-    main(["--recipe", recipe(tmp_path, method="linear", base=str(ckpts["base"])), "--out", str(out),
-          str(ckpts["A"]), str(ckpts["B"])])
+    main(
+        [
+            "--recipe",
+            recipe(tmp_path, method="linear", base=str(ckpts["base"])),
+            "--out",
+            str(out),
+            str(ckpts["A"]),
+            str(ckpts["B"]),
+        ]
+    )
     assert (out / "model.safetensors").is_file()
 
 
@@ -107,28 +135,47 @@ def other_tokenizer_ckpt(ckpts, tmp_path_factory) -> Path:
     tokenizer_json = (ckpts["A"] / "tokenizer.json").read_text().replace('"Action:"', '"Act:"')
     for f in ckpts["A"].iterdir():
         if f.name.startswith(("tokenizer", "special_tokens")):
-            (path / f.name).write_text(f.read_text().replace('"Action:"', '"Act:"') if f.suffix == ".json" else
-                                       f.read_text())
+            (path / f.name).write_text(
+                f.read_text().replace('"Action:"', '"Act:"') if f.suffix == ".json" else f.read_text()
+            )
     (path / "tokenizer.json").write_text(tokenizer_json)
     return path
 
 
-@pytest.mark.parametrize("fields, argv_extra, message", [
-    ({"method": "tiess"}, [], r"^merge\.method: 'tiess' is not one of linear, .*\bties\b.*, none, evolve$"),
-    ({"method": "ties", "density": 1.5}, [], r"merge.density=1.5 must be in \(0, 1\]"),
-    ({"method": "linear", "weights": [0.2, 0.3, 0.5]}, [], r"merge.weights has 3 entries for 2 partners"),
-    ({"method": "linear", "weights": [0.0, 0.0]}, [], r"are all zero"),
-    ({"method": "linear", "densty": 0.5}, [], r"recipe key 'densty' is unknown"),
-    ({"method": "evolve"}, [], r"add --search and --env"),
-    ({"method": "ties"}, ["--search"], r"--search needs --env ids"),
-    # the searched operator: an operator, never none or evolve
-    ({"method": "evolve", "base_method": "nope"}, [], r"^merge\.base_method: 'nope' is not one of linear, .*\bties\b.*, "
-                                                      r"model_stock$"),
-])
+@pytest.mark.parametrize(
+    "fields, argv_extra, message",
+    [
+        ({"method": "tiess"}, [], r"^merge\.method: 'tiess' is not one of linear, .*\bties\b.*, none, evolve$"),
+        ({"method": "ties", "density": 1.5}, [], r"merge.density=1.5 must be in \(0, 1\]"),
+        ({"method": "linear", "weights": [0.2, 0.3, 0.5]}, [], r"merge.weights has 3 entries for 2 partners"),
+        ({"method": "linear", "weights": [0.0, 0.0]}, [], r"are all zero"),
+        ({"method": "linear", "densty": 0.5}, [], r"recipe key 'densty' is unknown"),
+        ({"method": "evolve"}, [], r"add --search and --env"),
+        ({"method": "ties"}, ["--search"], r"--search needs --env ids"),
+        # the searched operator: an operator, never none or evolve
+        (
+            {"method": "evolve", "base_method": "nope"},
+            [],
+            r"^merge\.base_method: 'nope' is not one of linear, .*\bties\b.*, "
+            r"model_stock$",
+        ),
+    ],
+)
 def test_bad_recipes_are_one_line_user_errors(ckpts, tmp_path, fields, argv_extra, message):
     with pytest.raises(ColearnError, match=message):
-        main(["--base", str(ckpts["base"]), "--recipe", recipe(tmp_path, **fields), "--out", str(tmp_path / "o"),
-              str(ckpts["A"]), str(ckpts["B"]), *argv_extra])
+        main(
+            [
+                "--base",
+                str(ckpts["base"]),
+                "--recipe",
+                recipe(tmp_path, **fields),
+                "--out",
+                str(tmp_path / "o"),
+                str(ckpts["A"]),
+                str(ckpts["B"]),
+                *argv_extra,
+            ]
+        )
     assert not (tmp_path / "o").exists()
 
 
@@ -153,9 +200,24 @@ def test_mismatched_architecture_exits_2_with_one_line_naming_the_tensor(ckpts, 
     wide.save_pretrained(tmp_path / "wide")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     done = subprocess.run(
-        [sys.executable, "-m", "colearn.cli", "merge", "--base", str(ckpts["base"]), "--recipe",
-         recipe(tmp_path, method="linear"), "--out", str(tmp_path / "o"), str(ckpts["A"]), str(tmp_path / "wide")],
-        capture_output=True, text=True, env=env, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "colearn.cli",
+            "merge",
+            "--base",
+            str(ckpts["base"]),
+            "--recipe",
+            recipe(tmp_path, method="linear"),
+            "--out",
+            str(tmp_path / "o"),
+            str(ckpts["A"]),
+            str(tmp_path / "wide"),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
     )
     assert done.returncode == 2, done.stderr
     lines = done.stderr.strip().splitlines()
@@ -166,9 +228,25 @@ def test_mismatched_architecture_exits_2_with_one_line_naming_the_tensor(ckpts, 
 
 def test_search_writes_the_best_recipe_next_to_a_loadable_output(ckpts, tmp_path, capsys):
     out = tmp_path / "child"
-    main(["--base", str(ckpts["base"]), "--recipe", recipe(tmp_path, method="evolve", base_method="ties", seed=1),
-          "--out", str(out), "--search", "--env", "colearn/FrozenLake-v0", "--budget", "4", "--episodes", "2",
-          str(ckpts["A"]), str(ckpts["B"])])
+    main(
+        [
+            "--base",
+            str(ckpts["base"]),
+            "--recipe",
+            recipe(tmp_path, method="evolve", base_method="ties", seed=1),
+            "--out",
+            str(out),
+            "--search",
+            "--env",
+            "colearn/FrozenLake-v0",
+            "--budget",
+            "4",
+            "--episodes",
+            "2",
+            str(ckpts["A"]),
+            str(ckpts["B"]),
+        ]
+    )
     printed = capsys.readouterr().out
     assert "held-out: uniform" in printed
     plot = tmp_path / "child.search.png"

@@ -16,10 +16,10 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
-from colearn.merging import mergekit_methods
-from colearn.errors import ColearnError
-from colearn.merging.merge import tensor_seed
 from colearn.cli.merge import main
+from colearn.errors import ColearnError
+from colearn.merging import mergekit_methods
+from colearn.merging.merge import tensor_seed
 from colearn.merging.mergekit_recipe import parse_recipe
 
 HEAVY = ("transformers", "gymnasium", "datasets", "hydra", "peft", "trl")
@@ -31,12 +31,21 @@ def pair(tmp_path_factory) -> dict[str, Path]:
     by deltas of equal scale, so their signs often disagree."""
     root = tmp_path_factory.mktemp("pair")
     generator = torch.Generator().manual_seed(0)
-    base = {"w": torch.randn(3, 4, generator=generator), "v": torch.randn(5, generator=generator),
-            "step": torch.tensor([7])}
+    base = {
+        "w": torch.randn(3, 4, generator=generator),
+        "v": torch.randn(5, generator=generator),
+        "step": torch.tensor([7]),
+    }
     dirs = {}
     for name in ("base", "A", "B"):
-        state = base if name == "base" else {k: (t + torch.randn(t.shape, generator=generator)
-                                                 if t.is_floating_point() else t) for k, t in base.items()}
+        state = (
+            base
+            if name == "base"
+            else {
+                k: (t + torch.randn(t.shape, generator=generator) if t.is_floating_point() else t)
+                for k, t in base.items()
+            }
+        )
         (root / name).mkdir()
         save_file(state, root / name / "model.safetensors", metadata={"format": "pt"})
         (root / name / "config.json").write_text(json.dumps({"model_type": "toy", "torch_dtype": "float32"}))
@@ -46,6 +55,7 @@ def pair(tmp_path_factory) -> dict[str, Path]:
 
 def merged(pair: dict[str, Path], tmp_path: Path, recipe: dict, *extra: str) -> dict[str, torch.Tensor]:
     """Runs `colearn merge --recipe <recipe with model names replaced by paths>` and returns the output's tensors."""
+
     def path(value):
         return str(pair[value]) if value in pair else value
 
@@ -94,8 +104,9 @@ def l1_rescaled(delta: list[float], kept: list[float]) -> list[float]:
     return [k * sum(map(abs, delta)) / sum(map(abs, kept)) for k in kept]
 
 
-def elected_by_hand(base: torch.Tensor, deltas: list[list[float]], weights: list[float],
-                    normalize: bool) -> torch.Tensor:
+def elected_by_hand(
+    base: torch.Tensor, deltas: list[list[float]], weights: list[float], normalize: bool
+) -> torch.Tensor:
     """base + the weighted deltas whose sign is the sign of their sum (+ at 0), over the sum of their weights."""
     out = []
     for i, b in enumerate(flat(base)):
@@ -117,8 +128,14 @@ def deltas_of(pair: dict[str, Path], key: str) -> tuple[torch.Tensor, list[list[
 
 
 def test_linear_is_the_weighted_mean_of_the_models_themselves(pair, tmp_path):
-    out = merged(pair, tmp_path, {"merge_method": "linear", "models": [
-        {"model": "A", "parameters": {"weight": 2.0}}, {"model": "B", "parameters": {"weight": 1.0}}]})
+    out = merged(
+        pair,
+        tmp_path,
+        {
+            "merge_method": "linear",
+            "models": [{"model": "A", "parameters": {"weight": 2.0}}, {"model": "B", "parameters": {"weight": 1.0}}],
+        },
+    )
     for key in ("w", "v"):
         want = linear_by_hand([tensors(pair, "A")[key], tensors(pair, "B")[key]], [2.0, 1.0])
         torch.testing.assert_close(out[key], want.float(), atol=1e-6, rtol=0)
@@ -126,33 +143,59 @@ def test_linear_is_the_weighted_mean_of_the_models_themselves(pair, tmp_path):
 
 
 def test_linear_without_normalize_sums_and_takes_the_base_as_a_model(pair, tmp_path):
-    out = merged(pair, tmp_path, {"merge_method": "linear", "base_model": "base", "parameters": {
-        "normalize": False, "weight": 0.5}, "models": [{"model": "A"}, {"model": "B", "parameters": {"weight": 0.25}}]})
+    out = merged(
+        pair,
+        tmp_path,
+        {
+            "merge_method": "linear",
+            "base_model": "base",
+            "parameters": {"normalize": False, "weight": 0.5},
+            "models": [{"model": "A"}, {"model": "B", "parameters": {"weight": 0.25}}],
+        },
+    )
     want = linear_by_hand([tensors(pair, n)["w"] for n in ("base", "A", "B")], [0.5, 0.5, 0.25], normalize=False)
     torch.testing.assert_close(out["w"], want.float(), atol=1e-6, rtol=0)
 
 
 def test_slerp_without_a_base_interpolates_the_two_models_full_weights(pair, tmp_path):
-    out = merged(pair, tmp_path, {"merge_method": "slerp", "parameters": {"t": 0.3},
-                                  "models": [{"model": "A"}, {"model": "B"}]})
+    out = merged(
+        pair, tmp_path, {"merge_method": "slerp", "parameters": {"t": 0.3}, "models": [{"model": "A"}, {"model": "B"}]}
+    )
     for key in ("w", "v"):
         want = slerp_by_hand(0.3, tensors(pair, "A")[key], tensors(pair, "B")[key])
         torch.testing.assert_close(out[key], want.float(), atol=1e-6, rtol=0)
 
 
 def test_slerp_with_a_base_model_starts_from_it(pair, tmp_path):
-    out = merged(pair, tmp_path, {"merge_method": "slerp", "base_model": "B", "parameters": {"t": 0.8},
-                                  "models": [{"model": "A"}, {"model": "B"}]})
+    out = merged(
+        pair,
+        tmp_path,
+        {
+            "merge_method": "slerp",
+            "base_model": "B",
+            "parameters": {"t": 0.8},
+            "models": [{"model": "A"}, {"model": "B"}],
+        },
+    )
     want = slerp_by_hand(0.8, tensors(pair, "B")["w"], tensors(pair, "A")["w"])
     torch.testing.assert_close(out["w"], want.float(), atol=1e-6, rtol=0)
 
 
 def test_ties_elects_signs_on_weighted_task_vectors_and_divides_by_the_agreeing_weights(pair, tmp_path):
     weights, densities = [1.0, 0.3], [0.5, 0.75]
-    out = merged(pair, tmp_path, {"merge_method": "ties", "base_model": "base", "models": [
-        {"model": "base"},
-        {"model": "A", "parameters": {"weight": weights[0], "density": densities[0]}},
-        {"model": "B", "parameters": {"weight": weights[1], "density": densities[1]}}]})
+    out = merged(
+        pair,
+        tmp_path,
+        {
+            "merge_method": "ties",
+            "base_model": "base",
+            "models": [
+                {"model": "base"},
+                {"model": "A", "parameters": {"weight": weights[0], "density": densities[0]}},
+                {"model": "B", "parameters": {"weight": weights[1], "density": densities[1]}},
+            ],
+        },
+    )
     for key in ("w", "v"):
         base, deltas = deltas_of(pair, key)
         trimmed = [top_magnitudes(d, density) for d, density in zip(deltas, densities)]
@@ -160,17 +203,38 @@ def test_ties_elects_signs_on_weighted_task_vectors_and_divides_by_the_agreeing_
         torch.testing.assert_close(out[key], want.float(), atol=1e-6, rtol=0)
     # colearn's own ties (count division, unweighted election) gives another tensor here
     (tmp_path / "colearn.yaml").write_text(yaml.safe_dump({"method": "ties", "weights": weights, "density": 0.5}))
-    main(["--base", str(pair["base"]), "--recipe", str(tmp_path / "colearn.yaml"), "--out", str(tmp_path / "own"),
-          str(pair["A"]), str(pair["B"])])
+    main(
+        [
+            "--base",
+            str(pair["base"]),
+            "--recipe",
+            str(tmp_path / "colearn.yaml"),
+            "--out",
+            str(tmp_path / "own"),
+            str(pair["A"]),
+            str(pair["B"]),
+        ]
+    )
     assert not torch.allclose(load_file(tmp_path / "own" / "model.safetensors")["w"], out["w"], atol=1e-3)
 
 
 def test_dare_ties_draws_seeded_masks_rescales_to_the_l1_norm_and_elects_signs(pair, tmp_path):
     weights, densities, seed = [1.0, 0.5], [0.5, 0.7], 11
-    out = merged(pair, tmp_path, {"merge_method": "dare_ties", "base_model": "base", "parameters": {"normalize": True},
-                                  "models": [{"model": "A", "parameters": {"weight": 1.0, "density": 0.5}},
-                                             {"model": "B", "parameters": {"weight": 0.5, "density": 0.7}}]},
-                 "--seed", str(seed))
+    out = merged(
+        pair,
+        tmp_path,
+        {
+            "merge_method": "dare_ties",
+            "base_model": "base",
+            "parameters": {"normalize": True},
+            "models": [
+                {"model": "A", "parameters": {"weight": 1.0, "density": 0.5}},
+                {"model": "B", "parameters": {"weight": 0.5, "density": 0.7}},
+            ],
+        },
+        "--seed",
+        str(seed),
+    )
     for key in ("w", "v"):
         base, deltas = deltas_of(pair, key)
         generator = torch.Generator().manual_seed(tensor_seed(seed, key))
@@ -180,24 +244,46 @@ def test_dare_ties_draws_seeded_masks_rescales_to_the_l1_norm_and_elects_signs(p
             kept.append(l1_rescaled(delta, [d * m for d, m in zip(delta, mask)]))
         want = elected_by_hand(base, kept, weights, normalize=True)
         torch.testing.assert_close(out[key], want.float(), atol=1e-6, rtol=0)
-    again = merged(pair, tmp_path / "again", {"merge_method": "dare_ties", "base_model": "base", "models": [
-        {"model": "A", "parameters": {"weight": 1.0, "density": 0.5}},
-        {"model": "B", "parameters": {"weight": 0.5, "density": 0.7}}]}, "--seed", str(seed))
+    again = merged(
+        pair,
+        tmp_path / "again",
+        {
+            "merge_method": "dare_ties",
+            "base_model": "base",
+            "models": [
+                {"model": "A", "parameters": {"weight": 1.0, "density": 0.5}},
+                {"model": "B", "parameters": {"weight": 0.5, "density": 0.7}},
+            ],
+        },
+        "--seed",
+        str(seed),
+    )
     assert not torch.allclose(again["w"], out["w"])  # normalize defaults to false for dare_ties, as in mergekit
 
 
 def test_mergekit_defaults_follow_its_registry(pair):
     models = [{"model": str(pair["A"]), "parameters": {"weight": 1.0}}]
-    normalize = {m: parse_recipe({"merge_method": m, "base_model": str(pair["base"]), "parameters": {"weight": 1.0},
-                                  "models": models}).params["normalize"]
-                 for m in ("linear", "task_arithmetic", "ties", "dare_ties", "dare_linear")}
-    assert normalize == {"linear": True, "task_arithmetic": False, "ties": True, "dare_ties": False,
-                         "dare_linear": False}
+    normalize = {
+        m: parse_recipe(
+            {"merge_method": m, "base_model": str(pair["base"]), "parameters": {"weight": 1.0}, "models": models}
+        ).params["normalize"]
+        for m in ("linear", "task_arithmetic", "ties", "dare_ties", "dare_linear")
+    }
+    assert normalize == {
+        "linear": True,
+        "task_arithmetic": False,
+        "ties": True,
+        "dare_ties": False,
+        "dare_linear": False,
+    }
 
 
 def test_dtype_sets_the_output_tensors_and_config(pair, tmp_path):
-    recipe = {"merge_method": "linear", "dtype": "bfloat16", "models": [
-        {"model": "A", "parameters": {"weight": 1.0}}, {"model": "B", "parameters": {"weight": 1.0}}]}
+    recipe = {
+        "merge_method": "linear",
+        "dtype": "bfloat16",
+        "models": [{"model": "A", "parameters": {"weight": 1.0}}, {"model": "B", "parameters": {"weight": 1.0}}],
+    }
     out = merged(pair, tmp_path, recipe)
     want = linear_by_hand([tensors(pair, "A")["w"], tensors(pair, "B")["w"]], [1.0, 1.0]).float().bfloat16()
     assert out["w"].dtype == torch.bfloat16 and torch.equal(out["w"], want)
@@ -213,14 +299,24 @@ def test_mergekit_methods_run_on_the_inputs_device():
     models = [base + torch.randn(64, 32, generator=generator) for _ in range(2)]
     on_gpu = [base.cuda(), *(m.cuda() for m in models)]
     for sparsification, consensus in ((None, False), ("magnitude", True)):
-        cpu = mergekit_methods.generalized_task_arithmetic(base, models, [1.0, 0.5], [0.5, 0.7], sparsification,
-                                                           consensus, normalize=True, rescale=False)
-        gpu = mergekit_methods.generalized_task_arithmetic(on_gpu[0], on_gpu[1:], [1.0, 0.5], [0.5, 0.7],
-                                                           sparsification, consensus, normalize=True, rescale=False)
+        cpu = mergekit_methods.generalized_task_arithmetic(
+            base, models, [1.0, 0.5], [0.5, 0.7], sparsification, consensus, normalize=True, rescale=False
+        )
+        gpu = mergekit_methods.generalized_task_arithmetic(
+            on_gpu[0], on_gpu[1:], [1.0, 0.5], [0.5, 0.7], sparsification, consensus, normalize=True, rescale=False
+        )
         assert gpu.device.type == "cuda" and torch.allclose(gpu.cpu(), cpu, atol=1e-5)
-    dare = mergekit_methods.generalized_task_arithmetic(on_gpu[0], on_gpu[1:], [1.0, 0.5], [0.5, 0.7], "random", True,
-                                                        normalize=False, rescale=True,
-                                                        generator=torch.Generator(device="cuda").manual_seed(1))
+    dare = mergekit_methods.generalized_task_arithmetic(
+        on_gpu[0],
+        on_gpu[1:],
+        [1.0, 0.5],
+        [0.5, 0.7],
+        "random",
+        True,
+        normalize=False,
+        rescale=True,
+        generator=torch.Generator(device="cuda").manual_seed(1),
+    )
     assert dare.device.type == "cuda" and torch.isfinite(dare).all()
     slerp = mergekit_methods.slerp(0.3, on_gpu[1], on_gpu[2])
     assert torch.allclose(slerp.cpu(), mergekit_methods.slerp(0.3, models[0], models[1]), atol=1e-5)
@@ -229,20 +325,27 @@ def test_mergekit_methods_run_on_the_inputs_device():
 # --------------------------------------------------------------------------- what is not supported
 
 
-@pytest.mark.parametrize("change, key", [
-    ({"slices": [{"sources": []}]}, "'slices'"),
-    ({"tokenizer_source": "union"}, "'tokenizer_source'"),
-    ({"merge_method": "della"}, "'merge_method'"),
-    ({"models": [{"model": "A", "parameters": {"weight": [0.0, 1.0]}}]}, "'models[0].parameters.weight'"),
-    ({"parameters": {"density": [{"filter": "mlp", "value": 0.5}, {"value": 1.0}]}}, "'parameters.density'"),
-    ({"models": [{"model": "A", "parameters": {"weight": 1.0, "gamma": 0.1}}]}, "'models[0].parameters.gamma'"),
-    ({"models": [{"model": "A+some/lora", "parameters": {"weight": 1.0}}]}, "'models[0].model'"),
-    ({"models": [{"model": "A", "layer_range": [0, 2]}]}, "'models[0].layer_range'"),
-    ({"base_model": None}, "base_model"),
-])
+@pytest.mark.parametrize(
+    "change, key",
+    [
+        ({"slices": [{"sources": []}]}, "'slices'"),
+        ({"tokenizer_source": "union"}, "'tokenizer_source'"),
+        ({"merge_method": "della"}, "'merge_method'"),
+        ({"models": [{"model": "A", "parameters": {"weight": [0.0, 1.0]}}]}, "'models[0].parameters.weight'"),
+        ({"parameters": {"density": [{"filter": "mlp", "value": 0.5}, {"value": 1.0}]}}, "'parameters.density'"),
+        ({"models": [{"model": "A", "parameters": {"weight": 1.0, "gamma": 0.1}}]}, "'models[0].parameters.gamma'"),
+        ({"models": [{"model": "A+some/lora", "parameters": {"weight": 1.0}}]}, "'models[0].model'"),
+        ({"models": [{"model": "A", "layer_range": [0, 2]}]}, "'models[0].layer_range'"),
+        ({"base_model": None}, "base_model"),
+    ],
+)
 def test_unsupported_mergekit_features_are_one_line_errors_naming_the_key(pair, tmp_path, change, key):
-    recipe = {"merge_method": "ties", "base_model": "base",
-              "models": [{"model": "A", "parameters": {"weight": 1.0}}], **change}
+    recipe = {
+        "merge_method": "ties",
+        "base_model": "base",
+        "models": [{"model": "A", "parameters": {"weight": 1.0}}],
+        **change,
+    }
     with pytest.raises(ColearnError) as error:
         merged(pair, tmp_path, recipe)
     assert key in str(error.value) and "\n" not in str(error.value)
@@ -250,8 +353,15 @@ def test_unsupported_mergekit_features_are_one_line_errors_naming_the_key(pair, 
 
 
 def test_a_mergekit_recipe_takes_no_checkpoint_arguments(pair, tmp_path):
-    (tmp_path / "mk.yml").write_text(yaml.safe_dump({"merge_method": "slerp", "parameters": {"t": 0.5}, "models": [
-        {"model": str(pair["A"])}, {"model": str(pair["B"])}]}))
+    (tmp_path / "mk.yml").write_text(
+        yaml.safe_dump(
+            {
+                "merge_method": "slerp",
+                "parameters": {"t": 0.5},
+                "models": [{"model": str(pair["A"])}, {"model": str(pair["B"])}],
+            }
+        )
+    )
     with pytest.raises(ColearnError, match="CHECKPOINT arguments do not go with a mergekit recipe"):
         main(["--recipe", str(tmp_path / "mk.yml"), "--out", str(tmp_path / "o"), str(pair["A"]), str(pair["B"])])
 
@@ -266,21 +376,41 @@ def test_colearn_merge_runs_without_importing_the_training_stack(pair, tmp_path,
         tokenizer.save_pretrained(tmp_path / name)
         for f in pair[name].iterdir():
             (tmp_path / name / f.name).write_bytes(f.read_bytes())
-    recipe = {"merge_method": "ties", "base_model": str(tmp_path / "base"), "models": [
-        {"model": str(tmp_path / n), "parameters": {"weight": 1.0, "density": 0.5}} for n in ("A", "B")]}
+    recipe = {
+        "merge_method": "ties",
+        "base_model": str(tmp_path / "base"),
+        "models": [{"model": str(tmp_path / n), "parameters": {"weight": 1.0, "density": 0.5}} for n in ("A", "B")],
+    }
     (tmp_path / "mk.yml").write_text(yaml.safe_dump(recipe))
     (tmp_path / "bad.yml").write_text(yaml.safe_dump({**recipe, "tokenizer_source": "union"}))
-    script = ("import sys; from colearn.cli.main import main; sys.argv = ['colearn', 'merge', *sys.argv[1:]]\n"
-              "try:\n    main()\nfinally:\n"
-              f"    print('loaded:', sorted(m for m in {HEAVY!r} if m in sys.modules))")
+    script = (
+        "import sys; from colearn.cli.main import main; sys.argv = ['colearn', 'merge', *sys.argv[1:]]\n"
+        "try:\n    main()\nfinally:\n"
+        f"    print('loaded:', sorted(m for m in {HEAVY!r} if m in sys.modules))"
+    )
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, "-c", script, "--recipe", str(tmp_path / "mk.yml"), "--out",
-                           str(tmp_path / "out")], capture_output=True, text=True, env=env, timeout=300, check=False)
+    done = subprocess.run(
+        [sys.executable, "-c", script, "--recipe", str(tmp_path / "mk.yml"), "--out", str(tmp_path / "out")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+        check=False,
+    )
     assert done.returncode == 0, done.stderr
     assert "loaded: []" in done.stdout and (tmp_path / "out" / "tokenizer.json").is_file()
-    done = subprocess.run([sys.executable, "-c", script, "--recipe", str(tmp_path / "bad.yml"), "--out",
-                           str(tmp_path / "bad")], capture_output=True, text=True, env=env, timeout=300, check=False)
+    done = subprocess.run(
+        [sys.executable, "-c", script, "--recipe", str(tmp_path / "bad.yml"), "--out", str(tmp_path / "bad")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+        check=False,
+    )
     assert done.returncode == 2 and "loaded: []" in done.stdout
-    assert done.stderr.strip().splitlines() == [(
-        "colearn: error: mergekit key 'tokenizer_source' is not supported by colearn merge: tokenizer merging (the "
-        "output takes the base model's tokenizer)")]
+    assert done.stderr.strip().splitlines() == [
+        (
+            "colearn: error: mergekit key 'tokenizer_source' is not supported by colearn merge: tokenizer merging (the "
+            "output takes the base model's tokenizer)"
+        )
+    ]

@@ -10,14 +10,13 @@ import pytest
 import torch
 
 from colearn import loop
-from colearn.config import (Config, EnvConfig, EnvSpec, EvalConfig, LoopConfig, MergeConfig, PartnerSpec,
-                            RolloutConfig)
+from colearn.breeding.mixture import load_mixture, read_manifest, save_mixture
+from colearn.cli.export import main as export_main
+from colearn.config import Config, EnvConfig, EnvSpec, EvalConfig, LoopConfig, MergeConfig, PartnerSpec, RolloutConfig
 from colearn.errors import ColearnError
 from colearn.experience.evaluate import evaluate, normalized_by_env
-from colearn.cli.export import main as export_main
-from colearn.breeding.mixture import load_mixture, read_manifest, save_mixture
-from colearn.models.directories import MIXTURE_MANIFEST, is_mixture
 from colearn.models.build import build_ancestor, load_pretrained
+from colearn.models.directories import MIXTURE_MANIFEST, is_mixture
 from colearn.models.partner import Partner
 from tests.conftest import LAKE_ID, tiny_model_config
 from tests.test_integrate import ACTIONS, LINE_OBS, MIRROR_OBS, trained
@@ -106,8 +105,10 @@ def test_lora_members_round_trip_as_adapters(corpus, tmp_path):
         assert hasattr(after.model, "peft_config")
         want, got = dense_state(before), dense_state(after)
         assert want.keys() == got.keys() and all(torch.allclose(want[k], got[k]) for k in want)
-    assert not torch.allclose(dense_state(loaded[0])["model.layers.0.self_attn.q_proj.weight"],
-                              dense_state(loaded[1])["model.layers.0.self_attn.q_proj.weight"])
+    assert not torch.allclose(
+        dense_state(loaded[0])["model.layers.0.self_attn.q_proj.weight"],
+        dense_state(loaded[1])["model.layers.0.self_attn.q_proj.weight"],
+    )
 
 
 def test_mixture_mistakes_are_user_errors(pair, tmp_path):
@@ -128,10 +129,15 @@ LINES = [EnvSpec(LAKE_ID, "Line", {"desc": ["SFG"]}), EnvSpec(LAKE_ID, "MirrorLi
 def mixture_run_config() -> Config:
     """Independent partners on mirrored lines, never 0.99-cosine alike: they fall back to a mixture."""
     env = EnvConfig(suite=LINES, partners=[PartnerSpec("A", ["Line"]), PartnerSpec("B", ["MirrorLine"])])
-    return Config(model=tiny_model_config(), env=env, loop=LoopConfig(generations=1, rounds=1, exchange=False),
-                  rollout=RolloutConfig(episodes=8, group_size=4, num_envs=8),
-                  eval=EvalConfig(episodes=2, sampled=True), progress=False,
-                  merge=MergeConfig(compat_metric="cosine", compat_threshold=0.99, fallback="mixture"))
+    return Config(
+        model=tiny_model_config(),
+        env=env,
+        loop=LoopConfig(generations=1, rounds=1, exchange=False),
+        rollout=RolloutConfig(episodes=8, group_size=4, num_envs=8),
+        eval=EvalConfig(episodes=2, sampled=True),
+        progress=False,
+        merge=MergeConfig(compat_metric="cosine", compat_threshold=0.99, fallback="mixture"),
+    )
 
 
 @pytest.fixture(scope="module")
@@ -140,8 +146,12 @@ def mixture_run(ancestor, pair, tmp_path_factory) -> tuple[Path, loop.LoopState]
     left, right = pair
     cfg = mixture_run_config()
     model, tokenizer = ancestor
-    start = loop.LoopState(0, 0, Partner("ancestor", model, tokenizer, cfg.model),
-                           [right.clone("A", ["Line"]), left.clone("B", ["MirrorLine"])])
+    start = loop.LoopState(
+        0,
+        0,
+        Partner("ancestor", model, tokenizer, cfg.model),
+        [right.clone("A", ["Line"]), left.clone("B", ["MirrorLine"])],
+    )
     run_dir = tmp_path_factory.mktemp("mixture_run")
     return run_dir, loop.run(cfg, run_dir, start)
 
@@ -180,6 +190,9 @@ def test_exported_mixture_loads_and_scores_what_the_lineage_says(mixture_run, tm
     scores = [s for spec in LINES for s in evaluate(policy.in_env(spec.name), [spec], cfg.eval, cfg.rollout)]
     assert normalized_by_env(scores) == {"Line": 1.0, "MirrorLine": 1.0}
     logged = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    sampled = {e["env"]: e["mean_return"] for e in logged
-               if e["event"] == "eval" and e["partner"] == "offspring" and e["policy"] == "sampled"}
+    sampled = {
+        e["env"]: e["mean_return"]
+        for e in logged
+        if e["event"] == "eval" and e["partner"] == "offspring" and e["policy"] == "sampled"
+    }
     assert {s.env: s.mean_return for s in scores if s.policy == "sampled"} == sampled

@@ -8,12 +8,12 @@ import math
 import pytest
 import torch
 
-from colearn.config import MergeConfig
-from colearn.errors import ColearnError
 from colearn.breeding.compatibility import Compatibility, Drift, PairCompat, measure
 from colearn.breeding.offspring import Copy, Merged, Mixture, make_offspring
-from colearn.models.weights import dense_state
+from colearn.config import MergeConfig
+from colearn.errors import ColearnError
 from colearn.models.partner import Partner
+from colearn.models.weights import dense_state
 
 torch.set_num_threads(1)
 
@@ -65,14 +65,23 @@ def test_compatibility_orders_identical_slightly_different_and_unrelated(family,
 
 def test_the_offspring_decides_on_a_measurement_it_is_given(family):
     root, a, b, _ = family
-    low = Compatibility({("A", "B"): PairCompat(cosine=0.25, sign_conflict=0.4, distance=1.0, cka=0.9)},
-                        {"A": Drift(0.5, None), "B": Drift(0.5, None)})
+    low = Compatibility(
+        {("A", "B"): PairCompat(cosine=0.25, sign_conflict=0.4, distance=1.0, cka=0.9)},
+        {"A": Drift(0.5, None), "B": Drift(0.5, None)},
+    )
     cfg = MergeConfig(method="linear", gate=False, compat_metric="cosine", compat_threshold=0.5)
     result = make_offspring(root, [a, b], {"A": 0.2, "B": 0.1}, cfg, measured=low)
     assert isinstance(result, Copy) and result.source == "A"
     assert result.reason == "cosine 0.2500 < merge.compat_threshold 0.5"
-    assert result.compat == {"cosine": 0.25, "sign_conflict": 0.4, "cka": 0.9, "pair": ["A", "B"], "metric": "cosine",
-                             "threshold": 0.5, "compatible": False}
+    assert result.compat == {
+        "cosine": 0.25,
+        "sign_conflict": 0.4,
+        "cka": 0.9,
+        "pair": ["A", "B"],
+        "metric": "cosine",
+        "threshold": 0.5,
+        "compatible": False,
+    }
     # A and B are independent perturbations (their own cosine is ~0): given a high one, they merge all the same
     high = Compatibility({("A", "B"): PairCompat(cosine=0.75, sign_conflict=0.1, distance=1.0, cka=None)}, low.drift)
     assert isinstance(make_offspring(root, [a, b], {"A": 0.2, "B": 0.1}, cfg, measured=high), Merged)
@@ -161,8 +170,14 @@ def test_gate_rejects_an_offspring_worse_than_the_best_parent_by_more_than_the_t
     gate = result.gate
     assert gate.offspring == 0.7 and gate.best_parent == 0.8 and gate.parents == {"A": 0.5, "B": 0.8}
     assert gate.passed is passed is result.promoted and gate.tolerance == tolerance
-    assert result.recipe()["gate"] == {"offspring": 0.7, "best_parent": 0.8, "parents": {"A": 0.5, "B": 0.8},
-                                       "tolerance": tolerance, "passed": passed, "fallback": gate.fallback}
+    assert result.recipe()["gate"] == {
+        "offspring": 0.7,
+        "best_parent": 0.8,
+        "parents": {"A": 0.5, "B": 0.8},
+        "tolerance": tolerance,
+        "passed": passed,
+        "fallback": gate.fallback,
+    }
     if passed:
         assert isinstance(result, Merged) and gate.fallback is None and not same_weights(result.partner, b)
     else:

@@ -15,8 +15,12 @@ from colearn.models.partner import Partner
 from colearn.models.policy import continuation_stats, legal_action_logprobs
 
 LAKE_ACTIONS = ["left", "down", "right", "up"]
-GRIDS = ["SFFF\nFHFH\nFFFH\nHFFG".replace("S", "P", 1), "SPFF\nFHFH\nFFFH\nHFFG", "SFFF\nFPFH\nFFFH\nHFFG",
-         "SFFF\nFHFH\nFFPH\nHFFG"]
+GRIDS = [
+    "SFFF\nFHFH\nFFFH\nHFFG".replace("S", "P", 1),
+    "SPFF\nFHFH\nFFFH\nHFFG",
+    "SFFF\nFPFH\nFFFH\nHFFG",
+    "SFFF\nFHFH\nFFPH\nHFFG",
+]
 # prompts of different lengths, so batches are padded
 MIXED = [GRIDS[0], "3+4=", GRIDS[2], "12+34=", "9+9="]
 
@@ -66,8 +70,9 @@ def test_constrained_actions_are_legal_with_their_logprobs(sharp, greedy):
     assert len(acts.texts) == len(acts.logprobs) == len(acts.token_ids) == len(MIXED) * 4
     assert set(acts.texts) <= set(LAKE_ACTIONS)
     assert all(lp <= 0 for lp in acts.logprobs)
-    fresh = legal_action_logprobs(sharp.model, sharp.prompt_ids(MIXED * 4), sharp.action_ids(LAKE_ACTIONS),
-                                  sharp.tokenizer.pad_token_id)
+    fresh = legal_action_logprobs(
+        sharp.model, sharp.prompt_ids(MIXED * 4), sharp.action_ids(LAKE_ACTIONS), sharp.tokenizer.pad_token_id
+    )
     chosen = fresh[torch.arange(len(acts.texts)), [LAKE_ACTIONS.index(t) for t in acts.texts]]
     assert torch.allclose(torch.tensor(acts.logprobs), chosen, atol=1e-5)
     for text, ids in zip(acts.texts, acts.token_ids):
@@ -87,8 +92,9 @@ def test_batched_legal_logprobs_equal_unpadded_forward_passes(sharp):
 
 def test_greedy_picks_the_argmax(sharp):
     acts = sharp.act(MIXED, LAKE_ACTIONS, greedy=True, generator=gen())
-    logps = legal_action_logprobs(sharp.model, sharp.prompt_ids(MIXED), sharp.action_ids(LAKE_ACTIONS),
-                                  sharp.tokenizer.pad_token_id)
+    logps = legal_action_logprobs(
+        sharp.model, sharp.prompt_ids(MIXED), sharp.action_ids(LAKE_ACTIONS), sharp.tokenizer.pad_token_id
+    )
     assert acts.texts == [LAKE_ACTIONS[i] for i in logps.argmax(-1).tolist()]
     assert len(set(acts.texts)) > 1  # the sharp partner's argmax depends on the observation
     # greedy ignores the generator
@@ -110,8 +116,9 @@ def test_sample_frequencies_match_probabilities(request, who, temperature):
     n = 4000
     obs = [GRIDS[1]] * n
     acts = who.act(obs, LAKE_ACTIONS, greedy=False, generator=gen(0), temperature=temperature)
-    probs = legal_action_logprobs(who.model, who.prompt_ids(obs[:1]), who.action_ids(LAKE_ACTIONS),
-                                  who.tokenizer.pad_token_id, temperature).exp()[0]
+    probs = legal_action_logprobs(
+        who.model, who.prompt_ids(obs[:1]), who.action_ids(LAKE_ACTIONS), who.tokenizer.pad_token_id, temperature
+    ).exp()[0]
     assert probs.max() - probs.min() > 0.2  # far from uniform, so the check can tell distributions apart
     freqs = torch.tensor([acts.texts.count(a) / n for a in LAKE_ACTIONS])
     assert torch.allclose(freqs, probs, atol=0.03), (freqs, probs)
@@ -122,8 +129,17 @@ def test_sample_frequencies_match_probabilities(request, who, temperature):
 
 def test_temperature_sharpens_the_distribution(partner):
     def top(temperature):
-        return legal_action_logprobs(partner.model, partner.prompt_ids(GRIDS[:1]), partner.action_ids(LAKE_ACTIONS),
-                                     partner.tokenizer.pad_token_id, temperature).exp().max()
+        return (
+            legal_action_logprobs(
+                partner.model,
+                partner.prompt_ids(GRIDS[:1]),
+                partner.action_ids(LAKE_ACTIONS),
+                partner.tokenizer.pad_token_id,
+                temperature,
+            )
+            .exp()
+            .max()
+        )
 
     assert top(0.1) > top(1.0) + 0.2
     assert top(0.01) > 0.99
@@ -168,8 +184,10 @@ def test_generation_held_to_a_charset_uses_only_its_tokens_with_renormalized_log
         by_hand = sum(float(steps[len(prompt) - 1 + k, allowed.index(t)]) for k, t in enumerate(ids))
         assert lp == pytest.approx(by_hand, abs=1e-4)
         assert lp > unpadded_sequence_logprob(partner, prompt, ids)  # the unheld policy spreads over every token
-    rows = [{"legal_actions": [], "action_charset": "0123456789", "prompt_ids": p, "action_ids": ids}
-            for p, ids in zip(partner.prompt_ids(problems), acts.token_ids)]
+    rows = [
+        {"legal_actions": [], "action_charset": "0123456789", "prompt_ids": p, "action_ids": ids}
+        for p, ids in zip(partner.prompt_ids(problems), acts.token_ids)
+    ]
     with torch.no_grad():
         recomputed, _, _ = row_logprobs(partner, rows)
     assert torch.allclose(recomputed, torch.tensor(acts.logprobs), atol=1e-4)
@@ -232,8 +250,9 @@ def test_multi_token_actions_form_a_distribution(sharp, partner):
 
 def test_mixed_single_and_multi_token_legal_set_is_a_distribution(partner):
     legal = ["left", "north"]  # one single-token, one multi-token action: the continuation path
-    logps = legal_action_logprobs(partner.model, partner.prompt_ids(MIXED), partner.action_ids(legal),
-                                  partner.tokenizer.pad_token_id)
+    logps = legal_action_logprobs(
+        partner.model, partner.prompt_ids(MIXED), partner.action_ids(legal), partner.tokenizer.pad_token_id
+    )
     assert torch.allclose(logps.exp().sum(-1), torch.ones(len(MIXED)), atol=1e-5)
 
 
@@ -260,13 +279,15 @@ def test_save_then_load_gives_identical_logprobs(sharp, tmp_path):
     reopened = Partner("R", hf_model, hf_tok, sharp.cfg)
     loaded = Partner.load(tmp_path / "ckpt", "L", sharp.cfg)
     loaded.model.eval()
-    ref = legal_action_logprobs(sharp.model, sharp.prompt_ids(MIXED), sharp.action_ids(LAKE_ACTIONS),
-                                sharp.tokenizer.pad_token_id)
+    ref = legal_action_logprobs(
+        sharp.model, sharp.prompt_ids(MIXED), sharp.action_ids(LAKE_ACTIONS), sharp.tokenizer.pad_token_id
+    )
     for other in (reopened, loaded):
         assert other.prompt_ids(MIXED) == sharp.prompt_ids(MIXED)
         assert other.action_ids(LAKE_ACTIONS) == sharp.action_ids(LAKE_ACTIONS)
-        got = legal_action_logprobs(other.model, other.prompt_ids(MIXED), other.action_ids(LAKE_ACTIONS),
-                                    other.tokenizer.pad_token_id)
+        got = legal_action_logprobs(
+            other.model, other.prompt_ids(MIXED), other.action_ids(LAKE_ACTIONS), other.tokenizer.pad_token_id
+        )
         assert torch.equal(got, ref)
         a = other.act(MIXED, LAKE_ACTIONS, greedy=False, generator=gen(4))
         b = sharp.act(MIXED, LAKE_ACTIONS, greedy=False, generator=gen(4))
@@ -295,7 +316,8 @@ def test_lora_partner_saves_and_loads_as_adapter(corpus, tmp_path):
     loaded = Partner.load(tmp_path, "A", cfg)
     loaded.model.eval()
     ref = legal_action_logprobs(model, partner.prompt_ids(MIXED), partner.action_ids(LAKE_ACTIONS), tok.pad_token_id)
-    got = legal_action_logprobs(loaded.model, loaded.prompt_ids(MIXED), loaded.action_ids(LAKE_ACTIONS),
-                                loaded.tokenizer.pad_token_id)
+    got = legal_action_logprobs(
+        loaded.model, loaded.prompt_ids(MIXED), loaded.action_ids(LAKE_ACTIONS), loaded.tokenizer.pad_token_id
+    )
     assert torch.allclose(got, ref, atol=1e-6)
     assert any(p.requires_grad for n, p in loaded.model.named_parameters() if "lora_" in n)

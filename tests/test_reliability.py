@@ -43,8 +43,9 @@ def weights(path: Path) -> dict[str, torch.Tensor]:
 
 def two_generations(merge: str = "linear", keep_generations: int = 0) -> Config:
     cfg = tiny_config(generations=2, rounds=1)
-    return dataclasses.replace(cfg, merge=MergeConfig(method=merge),
-                               loop=dataclasses.replace(cfg.loop, keep_generations=keep_generations))
+    return dataclasses.replace(
+        cfg, merge=MergeConfig(method=merge), loop=dataclasses.replace(cfg.loop, keep_generations=keep_generations)
+    )
 
 
 @pytest.fixture(scope="module")
@@ -104,8 +105,8 @@ def test_resume_without_round_checkpoints_continues_from_the_newest_generation(t
     assert (state.generation, state.round) == (1, 0)
     assert "continuing from checkpoints/gen_0000" in capsys.readouterr().out
     meta = json.loads((straight / "checkpoints" / "gen_0000" / "resume.json").read_text())
-    assert events(run_dir) == events(straight)[:meta["metrics_lines"]]
-    assert steps(run_dir) == steps(straight)[:len(steps(run_dir))]
+    assert events(run_dir) == events(straight)[: meta["metrics_lines"]]
+    assert steps(run_dir) == steps(straight)[: len(steps(run_dir))]
     assert len(ExperienceStore(run_dir / "experience").shards) == meta["experience_shards"]
 
     loop.run(cfg, run_dir)
@@ -188,11 +189,20 @@ def custom_code_dir(tmp_path, tokenizer) -> Path:
     (d / "configuration_evil.py").write_text(
         f"from pathlib import Path\nPath({str(marker)!r}).write_text('ran')\n"
         "from transformers import PretrainedConfig\n\n\nclass EvilConfig(PretrainedConfig):\n"
-        "    model_type = 'evil'\n")
-    (d / "config.json").write_text(json.dumps({
-        "model_type": "evil", "architectures": ["EvilForCausalLM"],
-        "auto_map": {"AutoConfig": "configuration_evil.EvilConfig",
-                     "AutoModelForCausalLM": "configuration_evil.EvilConfig"}}))
+        "    model_type = 'evil'\n"
+    )
+    (d / "config.json").write_text(
+        json.dumps(
+            {
+                "model_type": "evil",
+                "architectures": ["EvilForCausalLM"],
+                "auto_map": {
+                    "AutoConfig": "configuration_evil.EvilConfig",
+                    "AutoModelForCausalLM": "configuration_evil.EvilConfig",
+                },
+            }
+        )
+    )
     return d
 
 
@@ -232,5 +242,6 @@ def test_a_second_signal_stops_at_once_with_one_line(capsys):
             os.kill(os.getpid(), signal.SIGTERM)
     assert stopped.value.code == 128 + signal.SIGTERM
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == ["colearn: stopped at once by a second SIGTERM; resume from the last checkpoint with: "
-                   "colearn resume RUN"]
+    assert err == [
+        "colearn: stopped at once by a second SIGTERM; resume from the last checkpoint with: colearn resume RUN"
+    ]

@@ -14,22 +14,30 @@ import matplotlib.pyplot as plt
 import pytest
 from PIL import Image
 
-from colearn.cli.main import subcommand
-from colearn.config import Config, EnvConfig, EnvSpec, EvalConfig, LoopConfig, ModelConfig, PartnerSpec, RolloutConfig
 from colearn.analysis.dynamics import pair_metrics, probe_set
-from colearn.breeding.compatibility import measure
-from colearn.errors import ColearnError
-from colearn.breeding.integrate import evaluate_modes
 from colearn.analysis.lineage_plot import MAX_WIDTH, lineage_figure, lineage_layout
-from colearn.rundir.logger import Logger, read_metrics
-from colearn.loop import LoopState, run
 from colearn.analysis.plots import merge_gain_figure, merge_gains, search_figure, transfer_figure
 from colearn.analysis.report import searches_of, t_interval, t_quantile, write_compare, write_report
+from colearn.breeding.compatibility import measure
+from colearn.breeding.integrate import evaluate_modes
+from colearn.cli.main import subcommand
+from colearn.config import Config, EnvConfig, EnvSpec, EvalConfig, LoopConfig, ModelConfig, PartnerSpec, RolloutConfig
+from colearn.errors import ColearnError
+from colearn.loop import LoopState, run
+from colearn.rundir.logger import Logger, read_metrics
 
-SUITE = [EnvSpec("colearn/FrozenLake-v0", name="Line", kwargs={"desc": ["SFG"]}),
-         EnvSpec("colearn/FrozenLake-v0", name="MirrorLine", kwargs={"desc": ["GFS"]})]
-PLOTS = ["report_returns.png", "report_lineage.png", "report_merge_gain.png", "report_modes.png", "report_compat.png",
-         "report_learning_from.png"]
+SUITE = [
+    EnvSpec("colearn/FrozenLake-v0", name="Line", kwargs={"desc": ["SFG"]}),
+    EnvSpec("colearn/FrozenLake-v0", name="MirrorLine", kwargs={"desc": ["GFS"]}),
+]
+PLOTS = [
+    "report_returns.png",
+    "report_lineage.png",
+    "report_merge_gain.png",
+    "report_modes.png",
+    "report_compat.png",
+    "report_learning_from.png",
+]
 
 
 def tiny_config() -> Config:
@@ -114,9 +122,13 @@ def test_report_table_holds_the_final_scores(full_run):
 def test_report_of_a_plain_run_says_what_is_missing(plain_run):
     html = write_report(plain_run).read_text()
     # a pair always logs compatibility; integration modes only when integrate.modes is set
-    assert sorted(images_of(html)) == ["report_compat.png", "report_learning_from.png", "report_lineage.png",
-                                       "report_merge_gain.png",
-                                       "report_returns.png"]
+    assert sorted(images_of(html)) == [
+        "report_compat.png",
+        "report_learning_from.png",
+        "report_lineage.png",
+        "report_merge_gain.png",
+        "report_returns.png",
+    ]
     assert "Not available: no integrate events in this run." in html
     assert "Merge recipe search" not in html and not (plain_run / "report_search.png").exists()  # no empty section
 
@@ -146,10 +158,23 @@ def test_compare_groups_presets_and_seeds(plain_run, tmp_path, capsys):
         (run_dir / ".hydra").mkdir(parents=True)
         shutil.copy(plain_run / "metrics.jsonl", run_dir / "metrics.jsonl")
         (run_dir / ".hydra" / "overrides.yaml").write_text(
-            f"- experiment={preset}\n- seed={seed}\n- loop.generations=2\n")
+            f"- experiment={preset}\n- seed={seed}\n- loop.generations=2\n"
+        )
         log = Logger(run_dir, tensorboard=False)
-        log.write("eval", 10_000, generation=2, round=0, partner="offspring", env="Line", policy="greedy",
-                  own_env=False, mean_return=value, success=value, optimal=1.0, normalized=value)
+        log.write(
+            "eval",
+            10_000,
+            generation=2,
+            round=0,
+            partner="offspring",
+            env="Line",
+            policy="greedy",
+            own_env=False,
+            mean_return=value,
+            success=value,
+            optimal=1.0,
+            normalized=value,
+        )
         log.close()
     subcommand("compare")([str(tmp_path)])
     html = (tmp_path / "compare.html").read_text()
@@ -177,16 +202,24 @@ FITNESS = [0.30, 0.10, 0.55, 0.40, 0.70, 0.20]
 
 def search_record(fitness: list[float], heldout: float | None = 0.45, heldout_uniform: float | None = 0.25) -> dict:
     running = [max(fitness[: i + 1]) for i in range(len(fitness))]
-    record = {"budget": len(fitness), "fitness": max(fitness), "uniform_fitness": fitness[0],
-              "curve": [{"evaluation": i, "fitness": f, "best": b} for i, (f, b) in enumerate(zip(fitness, running))]}
+    record = {
+        "budget": len(fitness),
+        "fitness": max(fitness),
+        "uniform_fitness": fitness[0],
+        "curve": [{"evaluation": i, "fitness": f, "best": b} for i, (f, b) in enumerate(zip(fitness, running))],
+    }
     if heldout is not None:
         record |= {"heldout": heldout, "heldout_uniform": heldout_uniform}
     return record
 
 
 def test_search_figure_draws_candidates_best_so_far_uniform_and_held_out():
-    fig = search_figure({"generation 0 (ties)": search_record(FITNESS), "generation 1 (ties)": search_record(
-        [0.5, 0.6, 0.2], heldout=None)})
+    fig = search_figure(
+        {
+            "generation 0 (ties)": search_record(FITNESS),
+            "generation 1 (ties)": search_record([0.5, 0.6, 0.2], heldout=None),
+        }
+    )
     first, second = fig.axes[:2]
     assert [first.get_title(), second.get_title()] == ["generation 0 (ties)", "generation 1 (ties)"]
     assert first.get_xlabel() == "evaluation" and "mean normalized return" in first.get_ylabel()
@@ -198,8 +231,8 @@ def test_search_figure_draws_candidates_best_so_far_uniform_and_held_out():
     assert list(lines["uniform recipe (evaluation 0)"].get_ydata()) == [0.30, 0.30]  # a horizontal line
     dots = {c.get_label(): c.get_offsets().tolist() for c in first.collections}
     assert dots["candidate"] == [[i, f] for i, f in enumerate(FITNESS)]
-    (x_uniform, y_uniform), = dots["held-out: uniform recipe"]
-    (x_best, y_best), = dots["held-out: best recipe"]
+    ((x_uniform, y_uniform),) = dots["held-out: uniform recipe"]
+    ((x_best, y_best),) = dots["held-out: best recipe"]
     assert (y_uniform, y_best) == (0.25, 0.45) and x_uniform == x_best > 5  # right of the last evaluation
     assert max(first.get_xticks()) == 5  # evaluations are numbered; the held-out column is not
     assert "held-out" in [t.get_text() for t in first.texts]
@@ -219,13 +252,18 @@ def test_report_of_a_searched_run_plots_the_search(plain_run, tmp_path):
     for name in run_dir.glob("report*"):
         name.unlink()
     lineage = json.loads((run_dir / "lineage.json").read_text())
-    lineage[0]["recipe"] = {"method": "copy_best", "outcome": "fallback", "gate": {"passed": False},
-                            "attempted": {"method": "evolve", "base_method": "dare_ties",
-                                          "search": search_record([0.2, 0.4], heldout=0.1)}}
+    lineage[0]["recipe"] = {
+        "method": "copy_best",
+        "outcome": "fallback",
+        "gate": {"passed": False},
+        "attempted": {"method": "evolve", "base_method": "dare_ties", "search": search_record([0.2, 0.4], heldout=0.1)},
+    }
     lineage[1]["recipe"] = {"method": "evolve", "base_method": "ties", "search": search_record(FITNESS)}
     (run_dir / "lineage.json").write_text(json.dumps(lineage))
-    assert searches_of(lineage) == {"generation 0 (dare_ties, gate failed: not used)": search_record(
-        [0.2, 0.4], heldout=0.1), "generation 1 (ties)": search_record(FITNESS)}
+    assert searches_of(lineage) == {
+        "generation 0 (dare_ties, gate failed: not used)": search_record([0.2, 0.4], heldout=0.1),
+        "generation 1 (ties)": search_record(FITNESS),
+    }
     assert searches_of([{"generation": 0, "recipe": {"method": "copy_best", "outcome": "fallback"}}]) == {}
     html = write_report(run_dir).read_text()
     section = html.split("<h2>Merge recipe search</h2>")[1].split("<h2>")[0]
@@ -248,15 +286,23 @@ def five_generations(lineage: list[dict]) -> list[dict]:
         node["generation"] = g
         node["parents"] = [f"gen{g}/{p.split('/')[-1]}" for p in node["parents"]]
         if g == 2:
-            node["recipe"] = {"method": "copy_best", "source": "A", "outcome": "fallback",
-                              "gate": {"passed": False, "offspring": 0.1, "best_parent": 0.6}}
+            node["recipe"] = {
+                "method": "copy_best",
+                "source": "A",
+                "outcome": "fallback",
+                "gate": {"passed": False, "offspring": 0.1, "best_parent": 0.6},
+            }
         nodes.append(node)
     return nodes
 
 
 def overlap(a, b, margin: float = 0.05) -> bool:
-    return (a.left < b.right + margin and b.left < a.right + margin
-            and a.bottom < b.top + margin and b.bottom < a.top + margin)
+    return (
+        a.left < b.right + margin
+        and b.left < a.right + margin
+        and a.bottom < b.top + margin
+        and b.bottom < a.top + margin
+    )
 
 
 def test_lineage_of_five_generations_lays_out_boxes_that_neither_overlap_nor_clip(plain_run):
@@ -266,21 +312,25 @@ def test_lineage_of_five_generations_lays_out_boxes_that_neither_overlap_nor_cli
     assert len(keys) == len(set(keys))
     assert {f"gen{g}/{who}" for g in range(5) for who in ("A", "B", "offspring")} | {"gen0/ancestor"} <= set(keys)
     assert [(a, b) for a, b in itertools.combinations(layout.boxes, 2) if overlap(a, b)] == []
-    assert all(0 <= b.left and b.right <= layout.width and 0 <= b.bottom and b.top <= layout.height
-               for b in layout.boxes)
+    assert all(
+        0 <= b.left and b.right <= layout.width and 0 <= b.bottom and b.top <= layout.height for b in layout.boxes
+    )
     assert layout.width <= MAX_WIDTH  # five generations wrap onto rows instead of shrinking on the page
     for g in range(5):  # each partner descends from its generation's ancestor and into its offspring
         assert (f"gen{g}/A", f"gen{g}/offspring") in layout.arrows
-        assert any(target == f"gen{g}/A" and source in (f"gen{g}/ancestor", f"gen{g - 1}/offspring")
-                   for source, target in layout.arrows)
+        assert any(
+            target == f"gen{g}/A" and source in (f"gen{g}/ancestor", f"gen{g - 1}/offspring")
+            for source, target in layout.arrows
+        )
     # the measured text fits its box once drawn
     fig = lineage_figure(lineage)
     fig.canvas.draw()
     inches = fig.dpi_scale_trans.inverted()
     for text in (t for t in fig.axes[0].texts if t.get_gid()):
         box, drawn = layout.box(text.get_gid()), text.get_window_extent().transformed(inches)
-        assert box.left <= drawn.x0 and drawn.x1 <= box.right and box.bottom <= drawn.y0 and drawn.y1 <= box.top, \
+        assert box.left <= drawn.x0 and drawn.x1 <= box.right and box.bottom <= drawn.y0 and drawn.y1 <= box.top, (
             text.get_gid()
+        )
     plt.close(fig)
 
 
@@ -288,11 +338,19 @@ def test_a_merge_the_gate_rejected_shows_its_own_loss(plain_run, tmp_path):
     events = read_metrics(plain_run)
     merges = [e for e in events if e["event"] == "merge"]
     rejected = merges[0]
-    rejected.update(method="copy_best", outcome="fallback", promoted=False,
-                    recipe={"method": "copy_best", "source": "A", "outcome": "fallback",
-                            "gate": {"offspring": 0.25, "best_parent": 0.75, "passed": False},
-                            "attempted": {"method": "ties", "density": 0.5}},
-                    **{f"merge/gain/{env}": 0.0 for env in ("Line", "MirrorLine")})  # the fallback copy's
+    rejected.update(
+        method="copy_best",
+        outcome="fallback",
+        promoted=False,
+        recipe={
+            "method": "copy_best",
+            "source": "A",
+            "outcome": "fallback",
+            "gate": {"offspring": 0.25, "best_parent": 0.75, "passed": False},
+            "attempted": {"method": "ties", "density": 0.5},
+        },
+        **{f"merge/gain/{env}": 0.0 for env in ("Line", "MirrorLine")},
+    )  # the fallback copy's
     gains = merge_gains(events)
     assert (gains[0].status, gains[0].method, gains[0].validation, gains[0].by_env) == ("rejected", "ties", -0.5, {})
     fig = merge_gain_figure(events)

@@ -18,14 +18,24 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from colearn import loop
-from colearn.rundir.checkpoint import latest_intact
 from colearn.config import Config, EnvConfig, EnvSpec, EvalConfig, LoopConfig, PartnerSpec, RolloutConfig, Stage
 from colearn.experience.store import ExperienceStore
+from colearn.rundir.checkpoint import latest_intact
 from tests.conftest import LAKE_ID, tiny_model_config
 
-TINY = ["loop.generations=2", "loop.rounds=2", "rollout.episodes=16", "rollout.group_size=4", "rollout.num_envs=16",
-        "eval.episodes=2", "model.hidden_size=32", "model.intermediate_size=64", "model.num_layers=1",
-        "model.num_heads=2", "progress=false"]
+TINY = [
+    "loop.generations=2",
+    "loop.rounds=2",
+    "rollout.episodes=16",
+    "rollout.group_size=4",
+    "rollout.num_envs=16",
+    "eval.episodes=2",
+    "model.hidden_size=32",
+    "model.intermediate_size=64",
+    "model.num_layers=1",
+    "model.num_heads=2",
+    "progress=false",
+]
 CLI = [sys.executable, "-m", "colearn.cli"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
 
@@ -34,8 +44,10 @@ def events(run_dir: Path) -> list[tuple]:
     """The run's metrics without wall-clock times (which differ between runs by nature): each event's `time`,
     and the per-phase seconds of the timing events."""
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [tuple(sorted((k, json.dumps(v)) for k, v in r.items() if k != "time" and not k.startswith("time/")))
-            for r in rows]
+    return [
+        tuple(sorted((k, json.dumps(v)) for k, v in r.items() if k != "time" and not k.startswith("time/")))
+        for r in rows
+    ]
 
 
 def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 240) -> None:
@@ -56,8 +68,9 @@ def uninterrupted(tmp_path_factory) -> Path:
 
 def test_killed_and_resumed_run_equals_the_uninterrupted_one(uninterrupted, tmp_path):
     run_dir = tmp_path / "run"
-    proc = subprocess.Popen([*CLI, f"hydra.run.dir={run_dir}", *TINY], env=ENV,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [*CLI, f"hydra.run.dir={run_dir}", *TINY], env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     wait_for(run_dir / "checkpoints" / "round_g0000_r001", proc)
     time.sleep(random.Random(7).uniform(0.0, 2.0))  # a seeded moment somewhere in the next round
     proc.send_signal(signal.SIGKILL)
@@ -80,10 +93,12 @@ def test_runs_started_at_once_in_one_directory_leave_it_to_the_first(uninterrupt
     run_dir = tmp_path / "run"
     (run_dir / ".hydra").mkdir(parents=True)
     shutil.copy(uninterrupted / ".hydra" / "config.yaml", run_dir / ".hydra" / "config.yaml")
-    commands = [[*CLI, "resume", str(run_dir)], [*CLI, "resume", str(run_dir)],
-                [*CLI, f"hydra.run.dir={run_dir}", *TINY]]
-    procs = [subprocess.Popen(c, env=ENV, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-             for c in commands]
+    commands = [
+        [*CLI, "resume", str(run_dir)],
+        [*CLI, "resume", str(run_dir)],
+        [*CLI, f"hydra.run.dir={run_dir}", *TINY],
+    ]
+    procs = [subprocess.Popen(c, env=ENV, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE) for c in commands]
     errors = [p.communicate(timeout=600)[1] for p in procs]
     codes = [p.returncode for p in procs]
     assert sorted(codes) == [0, 2, 2], errors
@@ -99,8 +114,9 @@ def test_runs_started_at_once_in_one_directory_leave_it_to_the_first(uninterrupt
 
 def test_sigterm_writes_a_checkpoint_and_exits_cleanly(tmp_path):
     run_dir = tmp_path / "run"
-    proc = subprocess.Popen([*CLI, f"hydra.run.dir={run_dir}", *TINY], env=ENV, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [*CLI, f"hydra.run.dir={run_dir}", *TINY], env=ENV, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
     wait_for(run_dir / "checkpoints" / "round_g0000_r001", proc)
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=240)
@@ -116,9 +132,14 @@ def test_sigterm_writes_a_checkpoint_and_exits_cleanly(tmp_path):
 def tiny_config(generations: int = 1, rounds: int = 2, **env) -> Config:
     suite = [EnvSpec(LAKE_ID, "Lake"), EnvSpec(LAKE_ID, "Line", {"desc": ["SFG"]})]
     env_cfg = EnvConfig(suite=suite, partners=[PartnerSpec("A", ["Lake"]), PartnerSpec("B", ["Line"])], **env)
-    return Config(model=tiny_model_config(), env=env_cfg, loop=LoopConfig(generations=generations, rounds=rounds),
-                  rollout=RolloutConfig(episodes=8, group_size=4, num_envs=8), eval=EvalConfig(episodes=1),
-                  progress=False)
+    return Config(
+        model=tiny_model_config(),
+        env=env_cfg,
+        loop=LoopConfig(generations=generations, rounds=rounds),
+        rollout=RolloutConfig(episodes=8, group_size=4, num_envs=8),
+        eval=EvalConfig(episodes=1),
+        progress=False,
+    )
 
 
 def test_a_damaged_checkpoint_falls_back_to_the_last_good_one(tmp_path, capsys):
@@ -145,8 +166,9 @@ def test_curriculum_moves_partners_to_new_envs(tmp_path):
     acted = {(r["generation"], r["partner"], r["env"]) for r in rows}
     assert acted == {(0, "A", "Lake"), (0, "B", "Line"), (1, "A", "Line"), (1, "B", "Lake")}
     dynamics = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert any(k.startswith("forgetting/") for e in dynamics if e["event"] == "dynamics" and e["generation"] == 1
-               for k in e)
+    assert any(
+        k.startswith("forgetting/") for e in dynamics if e["event"] == "dynamics" and e["generation"] == 1 for k in e
+    )
 
 
 def test_export_writes_a_model_that_loads_and_generates(uninterrupted, tmp_path):

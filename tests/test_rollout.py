@@ -11,9 +11,9 @@ import torch
 
 from colearn.config import EnvSpec, RolloutConfig
 from colearn.errors import ColearnError
+from colearn.experience.rollout import EpisodeMeta, acting_mode, collect, env_info, group_seeds
 from colearn.experience.store import FEATURES, ExperienceStore
 from colearn.learning.learn import row_logprobs
-from colearn.experience.rollout import EpisodeMeta, acting_mode, collect, env_info, group_seeds
 
 LAKE_ACTIONS = ["left", "down", "right", "up"]
 META = EpisodeMeta(run_id="run", generation=1, round=2, partner="A")
@@ -113,8 +113,9 @@ def test_prompt_and_action_ids_are_the_tokenized_texts(lake_rows, tokenizer, mod
     for r in lake_rows[:40]:
         prompt = model_cfg.prompt_template.format(obs=r["observation"])
         assert r["prompt_ids"] == tokenizer(prompt)["input_ids"]
-        assert r["action_ids"] == tokenizer(model_cfg.action_prefix + r["action"], add_special_tokens=False)[
-            "input_ids"]
+        assert (
+            r["action_ids"] == tokenizer(model_cfg.action_prefix + r["action"], add_special_tokens=False)["input_ids"]
+        )
 
 
 def test_prompt_ids_equal_partner_prompt_ids(lake_rows, partner):
@@ -246,7 +247,6 @@ def test_unknown_env_id_is_a_colearn_error(partner):
 
 def test_async_vectorization_gives_the_same_records(partner, line_spec):
     sync = play(partner, line_spec, seeds=[3, 3, 4, 4], episodes=4, group_size=2, num_envs=2)
-    asyn = play(partner, line_spec, seeds=[3, 3, 4, 4], episodes=4, group_size=2, num_envs=2,
-                vectorization="async")
+    asyn = play(partner, line_spec, seeds=[3, 3, 4, 4], episodes=4, group_size=2, num_envs=2, vectorization="async")
     assert sync == asyn
     assert not math.isnan(sum(r["logprob"] for r in sync))

@@ -20,13 +20,25 @@ import colearn.loop
 import colearn.merging.evolve
 from colearn.breeding.compatibility import measure
 from colearn.cli.console import logs_above_bars
-from colearn.config import (Config, EnvConfig, EnvSpec, EvalConfig, IntegrateConfig, LoopConfig, MergeConfig,
-                            ModelConfig, PartnerSpec, RolloutConfig)
-from colearn.rundir.logger import read_metrics, tensorboard_scalars
+from colearn.config import (
+    Config,
+    EnvConfig,
+    EnvSpec,
+    EvalConfig,
+    IntegrateConfig,
+    LoopConfig,
+    MergeConfig,
+    ModelConfig,
+    PartnerSpec,
+    RolloutConfig,
+)
 from colearn.loop import run
+from colearn.rundir.logger import read_metrics, tensorboard_scalars
 
-SUITE = [EnvSpec("colearn/FrozenLake-v0", name="Line", kwargs={"desc": ["SFG"]}),
-         EnvSpec("colearn/FrozenLake-v0", name="MirrorLine", kwargs={"desc": ["GFS"]})]
+SUITE = [
+    EnvSpec("colearn/FrozenLake-v0", name="Line", kwargs={"desc": ["SFG"]}),
+    EnvSpec("colearn/FrozenLake-v0", name="MirrorLine", kwargs={"desc": ["GFS"]}),
+]
 
 
 class RecordingBar(tqdm):
@@ -98,8 +110,15 @@ def test_tensorboard_has_one_series_per_tag_with_one_point_per_step(run_dir):
 
 
 def test_tensorboard_gets_only_finite_namespaced_numbers():
-    fields = {"generation": 1, "mean_return": 0.5, "return/greedy/A/Line": 0.5, "merge/gate/passed": True,
-              "loss/A": float("nan"), "env": "Line", "time/eval": 0.25}
+    fields = {
+        "generation": 1,
+        "mean_return": 0.5,
+        "return/greedy/A/Line": 0.5,
+        "merge/gate/passed": True,
+        "loss/A": float("nan"),
+        "env": "Line",
+        "time/eval": 0.25,
+    }
     assert tensorboard_scalars(fields) == {"return/greedy/A/Line": 0.5, "time/eval": 0.25}
 
 
@@ -108,7 +127,7 @@ def test_the_progress_bar_names_each_phase_of_a_generations_end(run_dir):
     updates = [i for i, (kind, _) in enumerate(calls) if kind == "update"]
     assert len(updates) == 4  # one per round
     # between the generation's last round and the next generation's first action: the end's phases, in order
-    end = [desc for kind, desc in calls[updates[1] + 1:] if kind == "phase"]
+    end = [desc for kind, desc in calls[updates[1] + 1 :] if kind == "phase"]
     end = end[: end.index("colearn: act")]
     assert end[:2] == ["colearn: integrate", "colearn: integrate (route)"]
     assert end.index("colearn: integrate (ensemble)") < end.index("colearn: breed") < end.index("colearn: eval")
@@ -144,7 +163,7 @@ def test_log_lines_and_warnings_print_above_the_bar_not_onto_it(capsys):
     text = capsys.readouterr().err
     for message in ("entropy collapsed", "a library complains"):
         before = text.split(message)[0]
-        line = before[max(before.rfind("\r"), before.rfind("\n")) + 1:]  # what the terminal line held before it
+        line = before[max(before.rfind("\r"), before.rfind("\n")) + 1 :]  # what the terminal line held before it
         assert "1/3" not in line, repr(line)
     assert "2/3" in text.split("a library complains")[-1]  # the bar is drawn again below the messages
 

@@ -93,5 +93,9 @@ def forgetting(history: list[Scores], current: Scores) -> dict[str, float]:
 
 def transfer(current: Scores, partners: list[Partner]) -> dict[str, float]:
     """Returns transfer/unseen_return/<partner>/<env>: normalized return on each env the partner never acts in."""
-    return {f"transfer/unseen_return/{p.name}/{env}": value
-            for p in partners for env, value in current.get(p.name, {}).items() if env not in p.envs}
+    return {
+        f"transfer/unseen_return/{p.name}/{env}": value
+        for p in partners
+        for env, value in current.get(p.name, {}).items()
+        if env not in p.envs
+    }

@@ -95,8 +95,9 @@ def mean_or_none(scores: dict[str, float]) -> float | None:
 
 
 def score_lines(scores: dict[str, float], gains: dict[str, float] | None = None) -> str:
-    return "\n".join(f"{env} {v:.2f}" + (f" ({gains[env]:+.2f})" if gains and env in gains else "")
-                     for env, v in scores.items())
+    return "\n".join(
+        f"{env} {v:.2f}" + (f" ({gains[env]:+.2f})" if gains and env in gains else "") for env, v in scores.items()
+    )
 
 
 def how_made(recipe: dict[str, Any]) -> str:
@@ -122,8 +123,9 @@ def node_boxes(node: dict[str, Any]) -> Generation:
     for pid in node.get("parents", []):
         name = pid.split("/")[-1]
         scores = node.get("parent_scores", {}).get(name, {})
-        partners.append((f"gen{g}/{name}", f"{name} · gen {g}\n{score_lines(scores)}".rstrip("\n"),
-                         mean_or_none(scores)))
+        partners.append(
+            (f"gen{g}/{name}", f"{name} · gen {g}\n{score_lines(scores)}".rstrip("\n"), mean_or_none(scores))
+        )
     scores = node.get("scores", {})
     made = textwrap.fill(how_made(node.get("recipe", {})), METHOD_WIDTH)
     text = f"offspring · gen {g}\n{made}\n{score_lines(scores, node.get('merge_gain'))}"
@@ -215,14 +217,44 @@ def lineage_figure(lineage: list[dict[str, Any]]) -> Figure | None:
     ax.set_xlim(0, layout.width)
     ax.set_ylim(0, layout.height)
     for b in layout.boxes:
-        ax.add_patch(FancyBboxPatch((b.left, b.bottom), b.width, b.height, boxstyle="round,pad=0,rounding_size=0.06",
-                                    facecolor=score_color(b.score), edgecolor="0.35", linewidth=1))
-        ax.text(b.x, b.y, b.text, ha="center", va="center", multialignment="center", fontsize=FONT_SIZE,
-                parse_math=False, gid=b.key)
+        ax.add_patch(
+            FancyBboxPatch(
+                (b.left, b.bottom),
+                b.width,
+                b.height,
+                boxstyle="round,pad=0,rounding_size=0.06",
+                facecolor=score_color(b.score),
+                edgecolor="0.35",
+                linewidth=1,
+            )
+        )
+        ax.text(
+            b.x,
+            b.y,
+            b.text,
+            ha="center",
+            va="center",
+            multialignment="center",
+            fontsize=FONT_SIZE,
+            parse_math=False,
+            gid=b.key,
+        )
     for source, target in layout.arrows:
         s, t = layout.box(source), layout.box(target)
-        ax.annotate("", xy=(t.left, t.y), xytext=(s.right, s.y),
-                    arrowprops=dict(arrowstyle="-|>", color="0.35", shrinkA=1, shrinkB=1, lw=1.1))
-    ax.text(layout.width / 2, layout.height - MARGIN, TITLE, ha="center", va="top", fontsize=TITLE_SIZE,
-            fontweight="bold", parse_math=False)
+        ax.annotate(
+            "",
+            xy=(t.left, t.y),
+            xytext=(s.right, s.y),
+            arrowprops=dict(arrowstyle="-|>", color="0.35", shrinkA=1, shrinkB=1, lw=1.1),
+        )
+    ax.text(
+        layout.width / 2,
+        layout.height - MARGIN,
+        TITLE,
+        ha="center",
+        va="top",
+        fontsize=TITLE_SIZE,
+        fontweight="bold",
+        parse_math=False,
+    )
     return fig

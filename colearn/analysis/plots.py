@@ -28,8 +28,15 @@ ENV_COLORS = ["#17becf", "#9467bd", "#bcbd22", "#e377c2", "#8c564b"]  # envs: ap
 ENV_STYLES = [("-", "o"), ("--", "s"), ("-.", "^"), (":", "D"), ((0, (5, 1, 1, 1, 1, 1)), "v")]  # (line, marker)
 CEILING = dict(color="0.45", linestyle="--", linewidth=1.2)
 REJECTED = "#d62728"  # a merge the promotion gate refused
-plt.rcParams.update({"figure.dpi": 100, "axes.spines.top": False, "axes.spines.right": False,
-                     "axes.titleweight": "bold", "font.size": 10})
+plt.rcParams.update(
+    {
+        "figure.dpi": 100,
+        "axes.spines.top": False,
+        "axes.spines.right": False,
+        "axes.titleweight": "bold",
+        "font.size": 10,
+    }
+)
 
 
 def colors_for(names: list[str]) -> dict[str, str]:
@@ -60,8 +67,9 @@ def merge_steps(events: list[Event]) -> list[tuple[int, int]]:
 def mark_merges(ax, merges: list[tuple[int, int]]) -> None:
     for step, gen in merges:
         ax.axvline(step, color="0.85", linewidth=1, zorder=0)
-        ax.text(step, 1.0, f" merge {gen}", transform=ax.get_xaxis_transform(), fontsize=8, color="0.5",
-                va="top", ha="left")
+        ax.text(
+            step, 1.0, f" merge {gen}", transform=ax.get_xaxis_transform(), fontsize=8, color="0.5", va="top", ha="left"
+        )
 
 
 def returns_figure(events: list[Event]) -> Figure | None:
@@ -85,14 +93,29 @@ def returns_figure(events: list[Event]) -> Figure | None:
                 pts = points(here, owner, policy)
                 if pts:
                     xs, ys = zip(*(start + pts))
-                    ax.plot(xs, ys, style, marker="o", markersize=2 + widths[owner], linewidth=widths[owner],
-                            color=colors[owner], label=f"{owner} {policy}")
+                    ax.plot(
+                        xs,
+                        ys,
+                        style,
+                        marker="o",
+                        markersize=2 + widths[owner],
+                        linewidth=widths[owner],
+                        color=colors[owner],
+                        label=f"{owner} {policy}",
+                    )
             faint = 1 if policy == "greedy" else 0.45
             for owner, marker, size in (("ancestor", "D", 45), ("offspring", "*", 150)):
                 pts = points(here, owner, policy)
                 if pts:
-                    ax.scatter(*zip(*pts), marker=marker, s=size if policy == "greedy" else size / 2,
-                               color=colors[owner], zorder=3, alpha=faint, label=f"{owner} {policy}")
+                    ax.scatter(
+                        *zip(*pts),
+                        marker=marker,
+                        s=size if policy == "greedy" else size / 2,
+                        color=colors[owner],
+                        zorder=3,
+                        alpha=faint,
+                        label=f"{owner} {policy}",
+                    )
         if has_ceiling(here):
             ax.axhline(1.0, **CEILING, label="optimal")
         mark_merges(ax, merge_steps(events))
@@ -174,23 +197,45 @@ def merge_gain_figure(events: list[Event]) -> Figure | None:
     for j, env in enumerate(envs):
         here = [(i, g.by_env[env]) for i, g in enumerate(gains) if env in g.by_env]
         if here:
-            bars = ax.bar([i + offset(j) for i, _ in here], [v for _, v in here], width * 0.95,
-                          color=ENV_COLORS[j % len(ENV_COLORS)], label=env)
+            bars = ax.bar(
+                [i + offset(j) for i, _ in here],
+                [v for _, v in here],
+                width * 0.95,
+                color=ENV_COLORS[j % len(ENV_COLORS)],
+                label=env,
+            )
             ax.bar_label(bars, gain_labels([v for _, v in here]), fontsize=8, padding=2)
-    for status, style in (("promoted", dict(color="0.45", label="all envs, gate's validation episodes")),
-                          ("rejected", dict(color="white", edgecolor=REJECTED, hatch="//", linewidth=1.2,
-                                            label="merge the gate rejected (validation episodes)"))):
+    for status, style in (
+        ("promoted", dict(color="0.45", label="all envs, gate's validation episodes")),
+        (
+            "rejected",
+            dict(
+                color="white",
+                edgecolor=REJECTED,
+                hatch="//",
+                linewidth=1.2,
+                label="merge the gate rejected (validation episodes)",
+            ),
+        ),
+    ):
         here = [(i, g.validation) for i, g in enumerate(gains) if g.status == status and g.validation is not None]
         if here:
             bars = ax.bar([i + offset(slots - 1) for i, _ in here], [v for _, v in here], width * 0.95, **style)
-            ax.bar_label(bars, gain_labels([v for _, v in here]), fontsize=8, padding=2,
-                         color=REJECTED if status == "rejected" else "k")
+            ax.bar_label(
+                bars,
+                gain_labels([v for _, v in here]),
+                fontsize=8,
+                padding=2,
+                color=REJECTED if status == "rejected" else "k",
+            )
     for i, g in enumerate(gains):
         if g.status == "not merged":
             ax.text(i, 0, f"no merge\n({g.note})", ha="center", va="bottom", fontsize=8, color="0.4")
     ax.axhline(0, color="0.3", linewidth=0.8)
-    ax.set_xticks(range(len(gains)), [f"gen {g.generation}\n{g.method}" + ("\nrejected" if g.status == "rejected"
-                                                                            else "") for g in gains])
+    ax.set_xticks(
+        range(len(gains)),
+        [f"gen {g.generation}\n{g.method}" + ("\nrejected" if g.status == "rejected" else "") for g in gains],
+    )
     for tick, g in zip(ax.get_xticklabels(), gains):
         if g.status == "rejected":
             tick.set_color(REJECTED)
@@ -229,7 +274,7 @@ def compat_figure(events: list[Event]) -> Figure | None:
     cols = min(len(panels), 2)
     rows = (len(panels) + 1) // 2
     fig, axes = plt.subplots(rows, cols, figsize=(5.5 * cols, 3.0 * rows), squeeze=False)
-    for ax in axes.flat[len(panels):]:
+    for ax in axes.flat[len(panels) :]:
         ax.set_axis_off()
     colors = colors_for([o for o in dict.fromkeys(e["partner"] for e in of(events, "eval")) if o not in FIXED])
     for ax, (prefix, title) in zip(axes.flat, panels):
@@ -271,12 +316,17 @@ def modes_figure(events: list[Event]) -> Figure | None:
     labels = list(rows)[::-1]  # barh draws bottom-up: keep partners on top
     envs = list(dict.fromkeys(env for scores in mixed.values() for env in scores))
     colors = colors_for(list(singles) + ["mode"])
-    fig, axes = plt.subplots(1, len(envs), figsize=(min(4.6 * len(envs), 11.5), 0.9 + 0.3 * len(rows)),
-                             squeeze=False, sharey=True)
+    fig, axes = plt.subplots(
+        1, len(envs), figsize=(min(4.6 * len(envs), 11.5), 0.9 + 0.3 * len(rows)), squeeze=False, sharey=True
+    )
     for ax, env in zip(axes[0], envs):
         values = [rows[label].get(env, float("nan")) for label in labels]
-        bars = ax.barh(range(len(labels)), values, height=0.7,
-                       color=[colors.get(label, "#8da0cb") if label in singles else "#8da0cb" for label in labels])
+        bars = ax.barh(
+            range(len(labels)),
+            values,
+            height=0.7,
+            color=[colors.get(label, "#8da0cb") if label in singles else "#8da0cb" for label in labels],
+        )
         ax.bar_label(bars, fmt="%.2f", fontsize=8, padding=2)
         if has_ceiling([e for e in modes if e["env"] == env]):
             ax.axvline(1.0, **CEILING)
@@ -284,8 +334,11 @@ def modes_figure(events: list[Event]) -> Figure | None:
         ax.set_title(env, fontsize=10)
         ax.set_xlabel("normalized return")
     axes[0][0].set_yticks(range(len(labels)), [lab if lab in singles else f"{lab} (mode)" for lab in labels])
-    fig.suptitle(f"Partners alone, merged (offspring) and integrated (modes), generation {gen}, {policy}",
-                 fontsize=10, fontweight="bold")
+    fig.suptitle(
+        f"Partners alone, merged (offspring) and integrated (modes), generation {gen}, {policy}",
+        fontsize=10,
+        fontweight="bold",
+    )
     fig.tight_layout()
     return fig
 
@@ -313,10 +366,23 @@ def sweep_figure(curves: dict[str, dict[str, list[tuple[float, float, float]]]],
             if env not in per_env:
                 continue
             xs, ys, hw = zip(*per_env[env])
-            ax.plot(xs, ys, marker="o", markersize=2 + widths[preset], linewidth=widths[preset], color=colors[preset],
-                    label=preset)
-            ax.fill_between(xs, [y - h for y, h in zip(ys, hw)], [y + h for y, h in zip(ys, hw)],
-                            color=colors[preset], alpha=0.18, linewidth=0)
+            ax.plot(
+                xs,
+                ys,
+                marker="o",
+                markersize=2 + widths[preset],
+                linewidth=widths[preset],
+                color=colors[preset],
+                label=preset,
+            )
+            ax.fill_between(
+                xs,
+                [y - h for y, h in zip(ys, hw)],
+                [y + h for y, h in zip(ys, hw)],
+                color=colors[preset],
+                alpha=0.18,
+                linewidth=0,
+            )
         if ceiling:
             ax.axhline(1.0, **CEILING, label="optimal")
         ax.set_title(env)
@@ -348,8 +414,16 @@ def transfer_figure(events: list[Event]) -> Figure | None:
             partner, env = key.split("/")[-2:]
             line, marker = ENV_STYLES[envs.index(env) % len(ENV_STYLES)]
             xs, ys = zip(*series[key])
-            ax.plot(xs, ys, linestyle=line, marker=marker, markersize=3 + widths[partner], linewidth=widths[partner],
-                    color=colors.get(partner, "0.5"), label=f"{partner} on {env}")
+            ax.plot(
+                xs,
+                ys,
+                linestyle=line,
+                marker=marker,
+                markersize=3 + widths[partner],
+                linewidth=widths[partner],
+                color=colors.get(partner, "0.5"),
+                label=f"{partner} on {env}",
+            )
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("environment steps")
         ax.set_ylabel("normalized return")
@@ -370,9 +444,10 @@ def search_figure(searches: dict[str, dict[str, Any]]) -> Figure | None:
         return None
     cols = min(len(searches), 3)
     rows = -(-len(searches) // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(min(4.0 * cols + 2.8, 12.5), 3.3 * rows),
-                             squeeze=False, sharey=True)  # + room for the legend on the right
-    for ax in axes.flat[len(searches):]:
+    fig, axes = plt.subplots(
+        rows, cols, figsize=(min(4.0 * cols + 2.8, 12.5), 3.3 * rows), squeeze=False, sharey=True
+    )  # + room for the legend on the right
+    for ax in axes.flat[len(searches) :]:
         ax.set_axis_off()
     for ax, (label, record) in zip(axes.flat, searches.items()):
         search_panel(ax, record)
@@ -408,13 +483,39 @@ def search_panel(ax, record: dict[str, Any]) -> None:
         width = max(2.0, 0.22 * len(xs))  # wide enough for a value label on each side of the markers
         edge, right = right + width / 2, right + width
         ax.axvline(xs[-1] + 0.5, color="0.85", linewidth=1, zorder=0)
-        ax.text(edge, 0.02, "held-out", transform=ax.get_xaxis_transform(), ha="center", va="bottom",
-                fontsize=8, color="0.4", bbox=dict(facecolor="white", edgecolor="none", pad=1), zorder=2.5)
+        ax.text(
+            edge,
+            0.02,
+            "held-out",
+            transform=ax.get_xaxis_transform(),
+            ha="center",
+            va="bottom",
+            fontsize=8,
+            color="0.4",
+            bbox=dict(facecolor="white", edgecolor="none", pad=1),
+            zorder=2.5,
+        )
     for key, marker, size, color, name, side in heldout:  # uniform's value on the left, the winner's on the right
-        ax.scatter([edge], [record[key]], marker=marker, s=size, color=color, edgecolor="black", linewidth=0.6,
-                   zorder=4, label=f"held-out: {name}")
-        ax.annotate(f"{record[key]:.2f}", (edge, record[key]), xytext=(9 * side, 0), textcoords="offset points",
-                    ha="left" if side > 0 else "right", va="center", fontsize=8)
+        ax.scatter(
+            [edge],
+            [record[key]],
+            marker=marker,
+            s=size,
+            color=color,
+            edgecolor="black",
+            linewidth=0.6,
+            zorder=4,
+            label=f"held-out: {name}",
+        )
+        ax.annotate(
+            f"{record[key]:.2f}",
+            (edge, record[key]),
+            xytext=(9 * side, 0),
+            textcoords="offset points",
+            ha="left" if side > 0 else "right",
+            va="center",
+            fontsize=8,
+        )
     ax.set_xlim(-0.5, right)
     ticks = MaxNLocator(integer=True, nbins=6).tick_values(0, xs[-1])
     ax.set_xticks([int(t) for t in ticks if 0 <= t <= xs[-1]])  # no number under the held-out column

@@ -12,15 +12,16 @@ import base64
 import html
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import yaml
 
 from colearn.analysis import plots
-from colearn.errors import ColearnError
 from colearn.analysis.lineage_plot import lineage_figure
+from colearn.errors import ColearnError
 from colearn.rundir.logger import read_metrics
 
 Event = dict[str, Any]
@@ -46,8 +47,13 @@ def load_run(path: str | Path) -> Run:
     if not events:
         raise ColearnError(f"{str(path / 'metrics.jsonl')!r} is empty; the run logged nothing yet")
     lineage = json.loads((path / "lineage.json").read_text()) if (path / "lineage.json").is_file() else []
-    return Run(path, events, lineage, read_yaml(path / ".hydra" / "config.yaml") or {},
-               read_yaml(path / ".hydra" / "overrides.yaml") or [])
+    return Run(
+        path,
+        events,
+        lineage,
+        read_yaml(path / ".hydra" / "config.yaml") or {},
+        read_yaml(path / ".hydra" / "overrides.yaml") or [],
+    )
 
 
 def read_yaml(path: Path) -> Any:
@@ -56,9 +62,38 @@ def read_yaml(path: Path) -> Any:
 
 # -- numbers for tables ---------------------------------------------------------------------------------
 
-T_975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
-         2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048,
-         2.045, 2.042]  # Student t 97.5% quantiles, df = 1..30
+T_975 = [
+    12.706,
+    4.303,
+    3.182,
+    2.776,
+    2.571,
+    2.447,
+    2.365,
+    2.306,
+    2.262,
+    2.228,
+    2.201,
+    2.179,
+    2.160,
+    2.145,
+    2.131,
+    2.120,
+    2.110,
+    2.101,
+    2.093,
+    2.086,
+    2.080,
+    2.074,
+    2.069,
+    2.064,
+    2.060,
+    2.056,
+    2.052,
+    2.048,
+    2.045,
+    2.042,
+]  # Student t 97.5% quantiles, df = 1..30
 
 
 def t_quantile(df: int) -> float:
@@ -113,36 +148,68 @@ dt { color: #666; } dd { margin: 0; }
 SECTIONS: list[tuple[str, str, Callable[[Run], Any], str, str | None]] = [
     # (file stem, heading, figure of the run, caption, what is missing when there is no figure; None: the
     # section only exists in runs that have it, e.g. a merge search, so other runs get no empty heading)
-    ("returns", "Return against environment steps", lambda r: plots.returns_figure(r.events),
-     "Evaluation on fixed seeds after every round. Solid: greedy policy, dotted: sampled; stars: each "
-     "generation's offspring; dashed: the optimal return (value iteration); grey verticals: merges.",
-     "no eval events"),
-    ("lineage", "Lineage", lambda r: lineage_figure(r.lineage),
-     "Each generation's partners start as copies of the ancestor and are merged into the offspring, which "
-     "becomes the next ancestor. Scores: normalized greedy return per env.", "no lineage.json yet"),
-    ("merge_gain", "Merge gain", lambda r: plots.merge_gain_figure(r.events),
-     "The merged model's normalized return minus its better parent's. Colored bars: per env on the evaluation "
-     "seeds, for a merge that became the offspring. Grey: the promotion gate's measure, mean over envs on its "
-     "validation episodes; red hatched: a merge the gate rejected (the offspring was then a fallback, so its "
-     "loss is the merge's, not the offspring's).", "no merge events"),
-    ("search", "Merge recipe search", lambda r: plots.search_figure(searches_of(r.lineage)),
-     "CMA-ES over the merge recipe (merge=evolve), per generation: every candidate's fitness, the best so far "
-     "and the uniform recipe it started from. Fitness on the search episodes is optimistic, since the winner "
-     "was picked on those very episodes; the held-out scores at the right, on episodes the search never saw, "
-     "are the numbers to trust.", None),
-    ("modes", "Integration modes", lambda r: plots.modes_figure(r.events),
-     "The partners integrated at inference time (lavender: route, ensemble, check-and-control, consultative) "
-     "next to each partner alone and the merged offspring, on the same evaluation seeds.",
-     "no integrate events in this run"),
-    ("compat", "Compatibility over time", lambda r: plots.compat_figure(r.events),
-     "How alike the partners are: CKA of hidden states on a fixed probe set, cosine and sign conflicts "
-     "of their task vectors, and distance in weight space.", "no compat/* metrics in this run"),
-    ("learning_from", "Who learns what from whom", lambda r: plots.transfer_figure(r.events),
-     "Left: each partner's normalized greedy return on envs it never acted in (learned only from its "
-     "partner's experience and the merges). Right: forgetting, each partner's best-so-far minus current "
-     "return per env (above 0: something learned earlier was lost, e.g. when a curriculum moved on). "
-     "Color: the partner; line style and marker: the env.",
-     "no dynamics events in this run"),
+    (
+        "returns",
+        "Return against environment steps",
+        lambda r: plots.returns_figure(r.events),
+        "Evaluation on fixed seeds after every round. Solid: greedy policy, dotted: sampled; stars: each "
+        "generation's offspring; dashed: the optimal return (value iteration); grey verticals: merges.",
+        "no eval events",
+    ),
+    (
+        "lineage",
+        "Lineage",
+        lambda r: lineage_figure(r.lineage),
+        "Each generation's partners start as copies of the ancestor and are merged into the offspring, which "
+        "becomes the next ancestor. Scores: normalized greedy return per env.",
+        "no lineage.json yet",
+    ),
+    (
+        "merge_gain",
+        "Merge gain",
+        lambda r: plots.merge_gain_figure(r.events),
+        "The merged model's normalized return minus its better parent's. Colored bars: per env on the evaluation "
+        "seeds, for a merge that became the offspring. Grey: the promotion gate's measure, mean over envs on its "
+        "validation episodes; red hatched: a merge the gate rejected (the offspring was then a fallback, so its "
+        "loss is the merge's, not the offspring's).",
+        "no merge events",
+    ),
+    (
+        "search",
+        "Merge recipe search",
+        lambda r: plots.search_figure(searches_of(r.lineage)),
+        "CMA-ES over the merge recipe (merge=evolve), per generation: every candidate's fitness, the best so far "
+        "and the uniform recipe it started from. Fitness on the search episodes is optimistic, since the winner "
+        "was picked on those very episodes; the held-out scores at the right, on episodes the search never saw, "
+        "are the numbers to trust.",
+        None,
+    ),
+    (
+        "modes",
+        "Integration modes",
+        lambda r: plots.modes_figure(r.events),
+        "The partners integrated at inference time (lavender: route, ensemble, check-and-control, consultative) "
+        "next to each partner alone and the merged offspring, on the same evaluation seeds.",
+        "no integrate events in this run",
+    ),
+    (
+        "compat",
+        "Compatibility over time",
+        lambda r: plots.compat_figure(r.events),
+        "How alike the partners are: CKA of hidden states on a fixed probe set, cosine and sign conflicts "
+        "of their task vectors, and distance in weight space.",
+        "no compat/* metrics in this run",
+    ),
+    (
+        "learning_from",
+        "Who learns what from whom",
+        lambda r: plots.transfer_figure(r.events),
+        "Left: each partner's normalized greedy return on envs it never acted in (learned only from its "
+        "partner's experience and the merges). Right: forgetting, each partner's best-so-far minus current "
+        "return per env (above 0: something learned earlier was lost, e.g. when a curriculum moved on). "
+        "Color: the partner; line style and marker: the env.",
+        "no dynamics events in this run",
+    ),
 ]
 
 
@@ -193,8 +260,10 @@ def embedded_png(fig, path: Path, alt: str) -> str:
 
 
 def page(title: str, parts: list[str]) -> str:
-    return (f'<!doctype html>\n<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
-            f"<style>{CSS}</style></head><body>\n" + "\n".join(parts) + "\n</body></html>\n")
+    return (
+        f'<!doctype html>\n<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
+        f"<style>{CSS}</style></head><body>\n" + "\n".join(parts) + "\n</body></html>\n"
+    )
 
 
 def header_html(run: Run) -> str:
@@ -214,11 +283,16 @@ def header_html(run: Run) -> str:
     }
     if cfg.get("model"):
         m = cfg["model"]
-        facts["model"] = (f"{m.get('source')} (hidden {m.get('hidden_size')}, {m.get('num_layers')} layers)"
-                          if m.get("source") == "tiny" else str(m.get("source")))
+        facts["model"] = (
+            f"{m.get('source')} (hidden {m.get('hidden_size')}, {m.get('num_layers')} layers)"
+            if m.get("source") == "tiny"
+            else str(m.get("source"))
+        )
     rows = "".join(f"<dt>{html.escape(k)}</dt><dd>{html.escape(str(v))}</dd>" for k, v in facts.items() if v)
-    return (f"<h1>colearn run <code>{html.escape(run.path.name)}</code></h1>"
-            f'<p class="sub">{html.escape(str(run.path.resolve()))}</p><dl>{rows}</dl>')
+    return (
+        f"<h1>colearn run <code>{html.escape(run.path.name)}</code></h1>"
+        f'<p class="sub">{html.escape(str(run.path.resolve()))}</p><dl>{rows}</dl>'
+    )
 
 
 def schedule(evals: list[Event]) -> str:
@@ -247,12 +321,19 @@ def final_table_html(events: list[Event]) -> str:
         rows.append(f"<tr><td>{html.escape(owner)} <span class='muted'>{policy}, gen {gen}</span></td>{tds}</tr>")
     for key in ("random", "optimal"):
         value = {env: next((c[env].get(key) for c in finals.values() if env in c), None) for env in envs}
-        rows.append(f"<tr><td class='muted'>{key} return</td>" + "".join(
-            f"<td class='muted'>{value[e]:.2f}</td>" if value[e] is not None else "<td class='muted'>?</td>"
-            for e in envs) + "</tr>")
-    return (f"<table><tr><th>policy</th>{head}</tr>{''.join(rows)}</table>"
-            "<p class='cap'>Each cell: normalized return (1 optimal; 0 the random policy where it loses reward, "
-            "else no reward), then (mean return, success rate) on the evaluation seeds.</p>")
+        rows.append(
+            f"<tr><td class='muted'>{key} return</td>"
+            + "".join(
+                f"<td class='muted'>{value[e]:.2f}</td>" if value[e] is not None else "<td class='muted'>?</td>"
+                for e in envs
+            )
+            + "</tr>"
+        )
+    return (
+        f"<table><tr><th>policy</th>{head}</tr>{''.join(rows)}</table>"
+        "<p class='cap'>Each cell: normalized return (1 optimal; 0 the random policy where it loses reward, "
+        "else no reward), then (mean return, success rate) on the evaluation seeds.</p>"
+    )
 
 
 def best_of(values: list[float]) -> float | None:
@@ -264,19 +345,26 @@ def score_cell(e: Event | None, best: float | None) -> str:
     if e is None:
         return "<td class='muted'>–</td>"
     cls = " class='best'" if best is not None and e["normalized"] == best else ""
-    return (f"<td{cls}>{e['normalized']:.2f} <span class='muted'>({e['mean_return']:.2f}, "
-            f"{100 * e['success']:.0f}%)</span></td>")
+    return (
+        f"<td{cls}>{e['normalized']:.2f} <span class='muted'>({e['mean_return']:.2f}, "
+        f"{100 * e['success']:.0f}%)</span></td>"
+    )
 
 
 def warnings_html(events: list[Event]) -> str:
     """Returns the run's warnings and skipped distillations, folded away (they are context, not results)."""
-    notes = [f"gen {e.get('generation')} round {e.get('round')} {e.get('partner')}: "
-             f"{e.get('message') or e.get('reason')}" for e in events if e["event"] in ("warning", "distill_skipped")]
+    notes = [
+        f"gen {e.get('generation')} round {e.get('round')} {e.get('partner')}: {e.get('message') or e.get('reason')}"
+        for e in events
+        if e["event"] in ("warning", "distill_skipped")
+    ]
     if not notes:
         return ""
     items = "".join(f"<li>{html.escape(n)}</li>" for n in notes)
-    return (f"<h2>Warnings</h2><details><summary>{len(notes)} warnings and skipped distillations</summary>"
-            f"<ul style='font-size:13px'>{items}</ul></details>")
+    return (
+        f"<h2>Warnings</h2><details><summary>{len(notes)} warnings and skipped distillations</summary>"
+        f"<ul style='font-size:13px'>{items}</ul></details>"
+    )
 
 
 # -- comparing a sweep ----------------------------------------------------------------------------------
@@ -296,10 +384,13 @@ def load_sweep(sweep_dir: str | Path) -> list[Run]:
 def preset_groups(runs: list[Run]) -> dict[str, list[Run]]:
     """Returns runs grouped by preset: their overrides except seed= and those every run shares, so seeds
     are replicates of one preset (label "defaults" when nothing else varies)."""
+
     def varying(run: Run) -> list[str]:
         keys = [o for o in run.overrides if not o.split("=")[0].lstrip("+~").endswith("seed")]
-        return sorted((o for o in keys if not all(o in r.overrides for r in runs)),
-                      key=lambda o: (not o.startswith("experiment="), o))
+        return sorted(
+            (o for o in keys if not all(o in r.overrides for r in runs)),
+            key=lambda o: (not o.startswith("experiment="), o),
+        )
 
     groups: dict[str, list[Run]] = {}
     for run in runs:
@@ -328,8 +419,9 @@ def partner_curve(run: Run) -> dict[str, dict[tuple[int, int], tuple[float, floa
         if e["policy"] == policy and e["partner"] != "offspring":
             key = (e["generation"], -1 if e["partner"] == "ancestor" else e["round"])
             acc.setdefault(e["env"], {}).setdefault(key, []).append((e["step"], e["normalized"]))
-    return {env: {k: (pts[0][0], sum(v for _, v in pts) / len(pts)) for k, pts in per.items()}
-            for env, per in acc.items()}
+    return {
+        env: {k: (pts[0][0], sum(v for _, v in pts) / len(pts)) for k, pts in per.items()} for env, per in acc.items()
+    }
 
 
 def preset_curves(runs: list[Run]) -> dict[str, list[tuple[float, float, float]]]:
@@ -359,8 +451,10 @@ def preset_stats(groups: dict[str, list[Run]], owners: Callable[[str], bool]) ->
         for f in fs:
             f["mean over envs"] = sum(f[e] for e in envs if e in f) / max(sum(e in f for e in envs), 1)
     cols = envs + ["mean over envs"]
-    return cols, {label: {c: t_interval([f[c] for f in fs if c in f]) for c in cols if any(c in f for f in fs)}
-                  for label, fs in finals.items()}
+    return cols, {
+        label: {c: t_interval([f[c] for f in fs if c in f]) for c in cols if any(c in f for f in fs)}
+        for label, fs in finals.items()
+    }
 
 
 def compare_table_html(groups: dict[str, list[Run]], owners: Callable[[str], bool]) -> str:
@@ -413,21 +507,25 @@ def write_compare(sweep_dir: str | Path, groups: dict[str, list[Run]] | None = N
     path = Path(sweep_dir)
     groups = groups or preset_groups(load_sweep(path))
     shared = sorted(set.intersection(*(set(r.overrides) for rs in groups.values() for r in rs)))
-    parts = [f"<h1>colearn sweep <code>{html.escape(path.name)}</code></h1>",
-             f'<p class="sub">{html.escape(str(path.resolve()))}<br>{sum(map(len, groups.values()))} runs; '
-             f"shared overrides: {html.escape(' '.join(shared) or 'none')}</p>",
-             "<h2>Final offspring</h2><p class='cap'>The last generation's offspring (what a run hands on): "
-             "normalized return, mean over seeds ± 95% t-interval half-width (– with one seed).</p>",
-             compare_table_html(groups, lambda owner: owner == "offspring"),
-             "<h2>Final partners</h2><p class='cap'>Mean over partners of their last evaluation.</p>",
-             compare_table_html(groups, lambda owner: owner not in plots.FIXED)]
+    parts = [
+        f"<h1>colearn sweep <code>{html.escape(path.name)}</code></h1>",
+        f'<p class="sub">{html.escape(str(path.resolve()))}<br>{sum(map(len, groups.values()))} runs; '
+        f"shared overrides: {html.escape(' '.join(shared) or 'none')}</p>",
+        "<h2>Final offspring</h2><p class='cap'>The last generation's offspring (what a run hands on): "
+        "normalized return, mean over seeds ± 95% t-interval half-width (– with one seed).</p>",
+        compare_table_html(groups, lambda owner: owner == "offspring"),
+        "<h2>Final partners</h2><p class='cap'>Mean over partners of their last evaluation.</p>",
+        compare_table_html(groups, lambda owner: owner not in plots.FIXED),
+    ]
     curves = {label: preset_curves(runs) for label, runs in groups.items()}
     evals = [e for rs in groups.values() for r in rs for e in plots.of(r.events, "eval")]
     fig = plots.sweep_figure(curves, plots.has_ceiling(evals))
     if fig is not None:
-        parts += ["<h2>Return against environment steps</h2><p class='cap'>Partners' mean normalized return "
-                  "per preset; band: 95% t-interval over seeds.</p>",
-                  embedded_png(fig, path / "compare_returns.png", "return against environment steps")]
+        parts += [
+            "<h2>Return against environment steps</h2><p class='cap'>Partners' mean normalized return "
+            "per preset; band: 95% t-interval over seeds.</p>",
+            embedded_png(fig, path / "compare_returns.png", "return against environment steps"),
+        ]
     out = path / "compare.html"
     out.write_text(page(f"colearn sweep {path.name}", parts), encoding="utf-8")
     return out

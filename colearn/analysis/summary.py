@@ -24,6 +24,10 @@ def summary_table(scores: dict[str, list[EnvScore]]) -> str:
             lines.append(f"{owner + ' ' + kind:<22}" + row)
     for name in ("random", "optimal"):
         value = {s.env: getattr(s, name) for ss in scores.values() for s in ss}
-        lines.append(f"{name:<22}" + "".join(
-            f"{value[e]:>{width}.2f}        " if value[e] is not None else f"{'?':>{width}}        " for e in envs))
+        lines.append(
+            f"{name:<22}"
+            + "".join(
+                f"{value[e]:>{width}.2f}        " if value[e] is not None else f"{'?':>{width}}        " for e in envs
+            )
+        )
     return "\n".join(lines)

@@ -21,7 +21,6 @@ from torch import Tensor
 from colearn.models.partner import Partner, hidden_states
 from colearn.models.weights import dense_state
 
-
 _SAME_ARCHITECTURE = "compare models of one architecture"
 
 
@@ -181,6 +180,8 @@ def measure(ancestor: Partner, partners: Sequence[Partner], probe: Sequence[str]
         )
         for a, b in itertools.combinations(weights, 2)
     }
-    drift = {name: Drift(weight_distance(w, base), linear_cka(states[name], base_states) if states else None)
-             for name, w in weights.items()}
+    drift = {
+        name: Drift(weight_distance(w, base), linear_cka(states[name], base_states) if states else None)
+        for name, w in weights.items()
+    }
     return Compatibility(pairs, drift)

@@ -30,8 +30,9 @@ and cannot be combined token-free, so the env's expert (route, with `env_map`) o
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -142,8 +143,9 @@ def route(logps: list[Tensor], p: ModeParams, env: str | None, greedy: bool, gen
     return routed(logps, confidence_route(logps), greedy, gen)
 
 
-def route_by_confidence(logps: list[Tensor], p: ModeParams, env: str | None, greedy: bool,
-                        gen: torch.Generator) -> Decision:
+def route_by_confidence(
+    logps: list[Tensor], p: ModeParams, env: str | None, greedy: bool, gen: torch.Generator
+) -> Decision:
     """A router over observations alone: the member with the higher max-probability decides."""
     return routed(logps, confidence_route(logps), greedy, gen)
 
@@ -157,8 +159,9 @@ def ensemble(logps: list[Tensor], p: ModeParams, env: str | None, greedy: bool, 
     return Decision(choice, at(composite, choice), votes.argmax(0))
 
 
-def check_and_control(logps: list[Tensor], p: ModeParams, env: str | None, greedy: bool,
-                      gen: torch.Generator) -> Decision:
+def check_and_control(
+    logps: list[Tensor], p: ModeParams, env: str | None, greedy: bool, gen: torch.Generator
+) -> Decision:
     """Member 0 proposes (samples, or its argmax when greedy); member 1 vetoes a proposal it gives less than
     `threshold` and then decides (samples, or its argmax) among the actions it accepts."""
     proposer, checker = logps
@@ -170,8 +173,7 @@ def check_and_control(logps: list[Tensor], p: ModeParams, env: str | None, greed
     return Decision(choice, at(composite, choice), veto.long())
 
 
-def consultative(logps: list[Tensor], p: ModeParams, env: str | None, greedy: bool,
-                 gen: torch.Generator) -> Decision:
+def consultative(logps: list[Tensor], p: ModeParams, env: str | None, greedy: bool, gen: torch.Generator) -> Decision:
     """Member 0 offers its top_k actions; member 1 picks among them by its own probabilities."""
     proposer, chooser = logps
     composite = consultative_logprobs(proposer, chooser, p.top_k)
@@ -180,7 +182,7 @@ def consultative(logps: list[Tensor], p: ModeParams, env: str | None, greedy: bo
 
 
 # (member log-probs (batch, K) each, params, env or None, greedy, generator) -> decision
-ModeFn = Callable[[list[Tensor], ModeParams, Optional[str], bool, torch.Generator], Decision]
+ModeFn = Callable[[list[Tensor], ModeParams, str | None, bool, torch.Generator], Decision]
 
 MODES: dict[str, ModeFn] = {
     "route": route,
@@ -216,8 +218,10 @@ class Integrated:
     def __post_init__(self) -> None:
         self._decide = get_mode(self.mode)
         if self.mode in PAIR_ONLY and len(self.members) != 2:
-            raise ColearnError(f"integrate mode {self.mode!r} needs 2 members (proposer, checker), "
-                               f"got {len(self.members)}: {[m.name for m in self.members]}")
+            raise ColearnError(
+                f"integrate mode {self.mode!r} needs 2 members (proposer, checker), "
+                f"got {len(self.members)}: {[m.name for m in self.members]}"
+            )
         if not self.members:
             raise ColearnError(f"integrate mode {self.mode!r} needs at least one member")
         self.name = self.name or self.mode
@@ -242,16 +246,26 @@ class Integrated:
         return bound
 
     @torch.no_grad()
-    def act(self, observations: list[str], legal: list[str] | None, greedy: bool, generator: torch.Generator,
-            temperature: float = 1.0, max_new_tokens: int = 8, cache: dict | None = None,
-            charset: str | None = None) -> Actions:
+    def act(
+        self,
+        observations: list[str],
+        legal: list[str] | None,
+        greedy: bool,
+        generator: torch.Generator,
+        temperature: float = 1.0,
+        max_new_tokens: int = 8,
+        cache: dict | None = None,
+        charset: str | None = None,
+    ) -> Actions:
         """Returns one action per observation, chosen by the mode (see the module docstring for log-probs).
         `cache` holds each member's scored observations while the weights are fixed (`Partner.action_logprobs`)."""
         if not legal:
             return self._act_alone(observations, greedy, generator, temperature, max_new_tokens, charset)
         cache = {} if cache is None else cache
-        logps = [m.action_logprobs(observations, legal, temperature, cache.setdefault(i, {})).cpu()
-                 for i, m in enumerate(self.members)]
+        logps = [
+            m.action_logprobs(observations, legal, temperature, cache.setdefault(i, {})).cpu()
+            for i, m in enumerate(self.members)
+        ]
         d = self._decide(logps, self.params, self.env, greedy, generator)
         for m in d.decider.tolist():
             self.decisions[m] += 1
@@ -263,8 +277,9 @@ class Integrated:
         """Generate mode: the env's expert (route) or member 0 acts alone."""
         index = self.params.env_map.get(self.env, 0) if self.mode == "route" and self.env else 0
         self.decisions[index] += len(observations)
-        return self.members[index].act(observations, None, greedy, generator, temperature, max_new_tokens,
-                                       charset=charset)
+        return self.members[index].act(
+            observations, None, greedy, generator, temperature, max_new_tokens, charset=charset
+        )
 
 
 def env_map_of(members: list[Partner]) -> dict[str, int]:
@@ -276,8 +291,14 @@ def env_map_of(members: list[Partner]) -> dict[str, int]:
     return mapping
 
 
-def evaluate_modes(members: list[Partner], suite: list[EnvSpec], modes: list[str], eval_cfg: EvalConfig,
-                   rollout_cfg: RolloutConfig, params: ModeParams | None = None) -> list[dict[str, Any]]:
+def evaluate_modes(
+    members: list[Partner],
+    suite: list[EnvSpec],
+    modes: list[str],
+    eval_cfg: EvalConfig,
+    rollout_cfg: RolloutConfig,
+    params: ModeParams | None = None,
+) -> list[dict[str, Any]]:
     """Returns one record per (mode, env, evaluated policy) of the members integrated under each mode,
     evaluated by `evaluate.evaluate` on its fixed seeds: fields mode, members, env, policy, mean_return,
     success, optimal, normalized, episodes, the namespaced `integrate/<policy>/<mode>/<env>` (normalized
@@ -297,6 +318,13 @@ def evaluate_modes(members: list[Partner], suite: list[EnvSpec], modes: list[str
         total = max(sum(policy.decisions), 1)
         shares = {f"integrate/share/{mode}/{m.name}": n / total for m, n in zip(members, policy.decisions)}
         for i, s in enumerate(scores):  # the shares are the mode's, not an env's: on its first record only
-            records.append({"mode": mode, "members": [m.name for m in members], **s.as_dict(),
-                            f"integrate/{s.policy}/{mode}/{s.env}": s.normalized, **(shares if i == 0 else {})})
+            records.append(
+                {
+                    "mode": mode,
+                    "members": [m.name for m in members],
+                    **s.as_dict(),
+                    f"integrate/{s.policy}/{mode}/{s.env}": s.normalized,
+                    **(shares if i == 0 else {}),
+                }
+            )
     return records

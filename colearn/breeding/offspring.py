@@ -99,8 +99,16 @@ class Copy(Offspring):
         if self.reason is None:
             return {"method": "copy_best", "source": self.source, "outcome": "copy"}
         attempted = {"attempted": self.attempted} if self.attempted is not None else {}
-        return {"method": "copy_best", "source": self.source, "outcome": "fallback", "fallback": self.fallback_name,
-                "reason": self.reason, "compat": self.compat, "gate": self._gate_record(), **attempted}
+        return {
+            "method": "copy_best",
+            "source": self.source,
+            "outcome": "fallback",
+            "fallback": self.fallback_name,
+            "reason": self.reason,
+            "compat": self.compat,
+            "gate": self._gate_record(),
+            **attempted,
+        }
 
     @property
     def fallback_name(self) -> str:
@@ -137,8 +145,9 @@ def merged_weights(ancestor: Partner, partners: Sequence[Partner], recipe: Recip
     return merge_state_dicts(dense_state(ancestor), [dense_state(p) for p in partners], recipe)
 
 
-def offspring_from(ancestor: Partner, weights: Mapping[str, torch.Tensor], lora_offspring: str = "fold",
-                   name: str = "offspring") -> tuple[Partner, dict[str, Any]]:
+def offspring_from(
+    ancestor: Partner, weights: Mapping[str, torch.Tensor], lora_offspring: str = "fold", name: str = "offspring"
+) -> tuple[Partner, dict[str, Any]]:
     """Returns a new partner with the ancestor's architecture (and adapter layout) holding `weights`, and a
     record of how a LoRA offspring was made ({} for full-weight partners).
 
@@ -163,8 +172,10 @@ def refactorized_adapter(model: Any, weights: Mapping[str, torch.Tensor]) -> dic
     returns {rank, truncation_error}."""
     config = model.peft_config[model.active_adapter]
     if config.rank_pattern or config.alpha_pattern:
-        raise ColearnError("merge.lora_offspring=adapter needs one LoRA rank for every module (no rank_pattern or "
-                           "alpha_pattern); use merge.lora_offspring=fold")
+        raise ColearnError(
+            "merge.lora_offspring=adapter needs one LoRA rank for every module (no rank_pattern or "
+            "alpha_pattern); use merge.lora_offspring=fold"
+        )
     base = untied(copy.deepcopy(model).unload().state_dict())
     adapted = list(lora_factors(get_peft_model_state_dict(model)))
     scaling = lora_scaling(config.r, config.lora_alpha, config.use_rslora)
@@ -202,7 +213,10 @@ def incompatibility(compat: Mapping[str, Any], cfg: MergeConfig) -> str | None:
 
 
 def evolved_weights(
-    ancestor: Partner, partners: Sequence[Partner], cfg: MergeConfig, search_fn: Scorer | None,
+    ancestor: Partner,
+    partners: Sequence[Partner],
+    cfg: MergeConfig,
+    search_fn: Scorer | None,
     evaluate_fn: Scorer | None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Returns the weights of the recipe CMA-ES found (merge.method=evolve) and that recipe with its search record.
@@ -215,8 +229,12 @@ def evolved_weights(
     base, states = dense_state(ancestor), [dense_state(p) for p in partners]
     candidate = _dense_candidate(ancestor)
     result = search(base, states, lambda state: fitness_on(candidate, state, search_fn), cfg)
-    record: dict[str, Any] = {"budget": cfg.search_budget, "fitness": result.fitness,
-                              "uniform_fitness": result.uniform_fitness, "curve": result.curve}
+    record: dict[str, Any] = {
+        "budget": cfg.search_budget,
+        "fitness": result.fitness,
+        "uniform_fitness": result.uniform_fitness,
+        "curve": result.curve,
+    }
     if evaluate_fn is not None:
         uniform = merge_state_dicts(base, states, start_recipe(cfg, len(partners)))
         record["heldout_uniform"] = fitness_on(candidate, uniform, evaluate_fn)
@@ -241,8 +259,9 @@ def gate_decision(offspring_score: float, parent_scores: Mapping[str, float], cf
     """Returns the promotion decision: passed when offspring >= best parent - merge.gate_tolerance."""
     best_parent = max(parent_scores.values())
     passed = offspring_score >= best_parent - cfg.gate_tolerance
-    return Gate(offspring_score, best_parent, dict(parent_scores), cfg.gate_tolerance, passed,
-                None if passed else cfg.fallback)
+    return Gate(
+        offspring_score, best_parent, dict(parent_scores), cfg.gate_tolerance, passed, None if passed else cfg.fallback
+    )
 
 
 def mixture_map(partners: Sequence[Partner], env_scores: Mapping[str, Mapping[str, float]] | None) -> dict[str, str]:
@@ -254,21 +273,32 @@ def mixture_map(partners: Sequence[Partner], env_scores: Mapping[str, Mapping[st
     if not env_scores:
         return {env: p.name for p in partners for env in p.envs}
     envs = dict.fromkeys(env for p in partners for env in env_scores.get(p.name, {}))
-    return {env: max((p for p in partners if env in env_scores.get(p.name, {})),
-                     key=lambda p: env_scores[p.name][env]).name for env in envs}
+    return {
+        env: max((p for p in partners if env in env_scores.get(p.name, {})), key=lambda p: env_scores[p.name][env]).name
+        for env in envs
+    }
 
 
 def fallback(
-    partners: Sequence[Partner], parent_scores: Mapping[str, float], cfg: MergeConfig, reason: str,
-    env_scores: Mapping[str, Mapping[str, float]] | None, **decision: Any,
+    partners: Sequence[Partner],
+    parent_scores: Mapping[str, float],
+    cfg: MergeConfig,
+    reason: str,
+    env_scores: Mapping[str, Mapping[str, float]] | None,
+    **decision: Any,
 ) -> Copy:
     """Returns the merge.fallback offspring and why a merge was not taken: a copy of the best partner
     (fallback=best), or a `Mixture` routing each env to its best partner (fallback=mixture).  `decision`
     holds the compat, gate or gate_skipped, and attempted fields of the result."""
     best = max(partners, key=lambda p: parent_scores[p.name])
     if cfg.fallback == "mixture":
-        return Mixture(partner=best.clone("offspring"), source=best.name, reason=reason,
-                       routing=mixture_map(partners, env_scores), **decision)
+        return Mixture(
+            partner=best.clone("offspring"),
+            source=best.name,
+            reason=reason,
+            routing=mixture_map(partners, env_scores),
+            **decision,
+        )
     return Copy(partner=best.clone("offspring"), source=best.name, reason=reason, **decision)
 
 
@@ -305,8 +335,9 @@ def make_offspring(
     reason = incompatibility(compat, cfg)
     compat["compatible"] = reason is None
     if reason is not None:
-        return fallback(partners, parent_scores, cfg, reason, env_scores, compat=compat,
-                        gate_skipped="partners incompatible")
+        return fallback(
+            partners, parent_scores, cfg, reason, env_scores, compat=compat, gate_skipped="partners incompatible"
+        )
     if cfg.method == "evolve":
         weights, recipe = evolved_weights(ancestor, partners, cfg, search_fn, evaluate_fn)
     else:
@@ -319,11 +350,22 @@ def make_offspring(
         merged.gate_skipped = "merge.gate is off" if not cfg.gate else "no evaluate_fn was given"
         return merged
     offspring_score = recipe.get("search", {}).get("heldout")
-    merged.gate = gate_decision(offspring_score if offspring_score is not None else float(evaluate_fn(child)),
-                                parent_scores, cfg)
+    merged.gate = gate_decision(
+        offspring_score if offspring_score is not None else float(evaluate_fn(child)), parent_scores, cfg
+    )
     if not merged.gate.passed:
-        reason = (f"offspring {merged.gate.offspring:.4f} < best parent {merged.gate.best_parent:.4f} "
-                  f"- merge.gate_tolerance {cfg.gate_tolerance}")
-        return fallback(partners, parent_scores, cfg, reason, env_scores, compat=compat, gate=merged.gate,
-                        attempted=merged.attempt())
+        reason = (
+            f"offspring {merged.gate.offspring:.4f} < best parent {merged.gate.best_parent:.4f} "
+            f"- merge.gate_tolerance {cfg.gate_tolerance}"
+        )
+        return fallback(
+            partners,
+            parent_scores,
+            cfg,
+            reason,
+            env_scores,
+            compat=compat,
+            gate=merged.gate,
+            attempted=merged.attempt(),
+        )
     return merged

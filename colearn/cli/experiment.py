@@ -58,8 +58,10 @@ def validate(cfg) -> None:
 def report_end(state: loop.LoopState, run_dir: Path) -> None:
     """Prints how the run ended: the summary table, or how to continue a run stopped by a signal."""
     if state.stopped_by:
-        print(f"colearn: stopped by {state.stopped_by} at generation {state.generation} round {state.round}; "
-              f"continue with: colearn resume {run_dir}")
+        print(
+            f"colearn: stopped by {state.stopped_by} at generation {state.generation} round {state.round}; "
+            f"continue with: colearn resume {run_dir}"
+        )
         return
     print(summary_table(state.last_scores))
     print(f"run directory: {run_dir}")

@@ -17,15 +17,15 @@ from typing import Any
 
 import gymnasium as gym
 
-from colearn.config import Config
-from colearn.errors import ColearnError
-from colearn.rundir.logger import read_metrics
 from colearn.breeding.mixture import UNMAPPED, read_manifest
-from colearn.models.directories import is_mixture
-from colearn.models.partner import ADAPTER_CONFIG, BASE_DIR, point_adapter_at_base
 from colearn.cli.console import quiet_libraries
 from colearn.cli.resume import run_config
+from colearn.config import Config
+from colearn.errors import ColearnError
 from colearn.experience.rollout import acting_mode  # importing it registers the colearn/... env ids
+from colearn.models.directories import is_mixture
+from colearn.models.partner import ADAPTER_CONFIG, BASE_DIR, point_adapter_at_base
+from colearn.rundir.logger import read_metrics
 
 
 def chosen_generation(run_dir: Path, generation: int | None) -> int:
@@ -40,8 +40,10 @@ def chosen_generation(run_dir: Path, generation: int | None) -> int:
     gens = [int(d.parent.name.removeprefix("gen_")) for d in sorted(run_dir.glob("checkpoints/gen_*/offspring"))]
     if not gens:
         raise ColearnError(f"{str(run_dir)!r} has no checkpoints/gen_*/offspring; has a generation finished?")
-    raise ColearnError(f"{str(run_dir)!r} has no deployed.json (no offspring passed the promotion gate); pick one "
-                       f"with --generation N (saved: {', '.join(map(str, gens))})")
+    raise ColearnError(
+        f"{str(run_dir)!r} has no deployed.json (no offspring passed the promotion gate); pick one "
+        f"with --generation N (saved: {', '.join(map(str, gens))})"
+    )
 
 
 def check_output(out: Path) -> None:
@@ -54,11 +56,18 @@ def lineage_lines(node: dict[str, Any] | None) -> list[str]:
     """Returns the card's lineage, scores per env against the parents and recipe sections (markdown lines)."""
     if node is None:
         return ["No lineage record was found for this generation."]
-    lines = ["## Lineage", "", f"- parents: {', '.join(node['parents'])}", f"- ancestor: {node['ancestor']}",
-             f"- environment steps so far: {node.get('env_steps')}", "",
-             "## Against its parents (normalized return; 1.0 = optimal)", "",
-             "| env | offspring | " + " | ".join(node["parent_scores"]) + " |",
-             "|---|---|" + "---|" * len(node["parent_scores"])]
+    lines = [
+        "## Lineage",
+        "",
+        f"- parents: {', '.join(node['parents'])}",
+        f"- ancestor: {node['ancestor']}",
+        f"- environment steps so far: {node.get('env_steps')}",
+        "",
+        "## Against its parents (normalized return; 1.0 = optimal)",
+        "",
+        "| env | offspring | " + " | ".join(node["parent_scores"]) + " |",
+        "|---|---|" + "---|" * len(node["parent_scores"]),
+    ]
     for env, score in node["scores"].items():
         parents = " | ".join(f"{ps.get(env, float('nan')):.3f}" for ps in node["parent_scores"].values())
         lines.append(f"| {env} | {score:.3f} | {parents} |")
@@ -70,8 +79,11 @@ def offspring_scores(run_dir: Path, generation: int) -> list[dict[str, Any]]:
     (env, policy), in the order first logged."""
     if not (run_dir / "metrics.jsonl").is_file():
         return []
-    latest = {(e["env"], e["policy"]): e for e in read_metrics(run_dir)
-              if e.get("event") == "eval" and e.get("partner") == "offspring" and e.get("generation") == generation}
+    latest = {
+        (e["env"], e["policy"]): e
+        for e in read_metrics(run_dir)
+        if e.get("event") == "eval" and e.get("partner") == "offspring" and e.get("generation") == generation
+    }
     return list(latest.values())
 
 
@@ -79,16 +91,26 @@ def scores_lines(scores: list[dict[str, Any]]) -> list[str]:
     """Returns the card's section on the model's own scores: return, success, optimum per env and policy."""
     if not scores:
         return ["## Scores", "", "The run's metrics.jsonl has no evaluation of this offspring.", ""]
-    lines = ["## Scores", "", "| env | policy | mean return | success | optimum | normalized | episodes |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        "## Scores",
+        "",
+        "| env | policy | mean return | success | optimum | normalized | episodes |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for s in scores:
         optimum = "unknown" if s.get("optimal") is None else f"{s['optimal']:.3f}"
         episodes = "exact" if s.get("exact") else s.get("episodes", "?")
-        lines.append(f"| {s['env']} | {s['policy']} | {s['mean_return']:.3f} | {s['success']:.3f} | {optimum} | "
-                     f"{s['normalized']:.3f} | {episodes} |")
-    return lines + ["", "greedy takes the most probable action, sampled draws it from the policy; normalized is the "
-                    "mean return over the optimum (value iteration over the env's transition table); episodes "
-                    "\"exact\" is the expected value computed over that table, no sampling.", ""]
+        lines.append(
+            f"| {s['env']} | {s['policy']} | {s['mean_return']:.3f} | {s['success']:.3f} | {optimum} | "
+            f"{s['normalized']:.3f} | {episodes} |"
+        )
+    return lines + [
+        "",
+        "greedy takes the most probable action, sampled draws it from the policy; normalized is the "
+        "mean return over the optimum (value iteration over the env's transition table); episodes "
+        '"exact" is the expected value computed over that table, no sampling.',
+        "",
+    ]
 
 
 def prompt_lines(cfg: Config) -> list[str]:
@@ -97,57 +119,108 @@ def prompt_lines(cfg: Config) -> list[str]:
     first = gym.make(suite[0].id, **suite[0].kwargs)
     example = cfg.model.prompt_template.format(obs=first.reset(seed=cfg.eval.seed)[0])
     first.close()
-    lines = ["## Prompt format", "", f"A prompt is the env's text observation in the template "
-             f"`{cfg.model.prompt_template!r}` (a Python format string with `obs`); the action continues it as "
-             f"`{cfg.model.action_prefix!r}` followed by the action's text. A prompt in {suite[0].name}:", "",
-             "```", example, "```", "", "| env | gymnasium id | kwargs | actions |", "|---|---|---|---|"]
+    lines = [
+        "## Prompt format",
+        "",
+        f"A prompt is the env's text observation in the template "
+        f"`{cfg.model.prompt_template!r}` (a Python format string with `obs`); the action continues it as "
+        f"`{cfg.model.action_prefix!r}` followed by the action's text. A prompt in {suite[0].name}:",
+        "",
+        "```",
+        example,
+        "```",
+        "",
+        "| env | gymnasium id | kwargs | actions |",
+        "|---|---|---|---|",
+    ]
     for spec in suite:
         legal = acting_mode(spec, cfg.rollout.mode)
         actions = ", ".join(legal) if legal else f"free text (generated, at most {cfg.rollout.max_new_tokens} tokens)"
         lines.append(f"| {spec.name} | {spec.id} | {json.dumps(spec.kwargs) if spec.kwargs else ''} | {actions} |")
-    return lines + ["", "With action names the policy scores each one as a continuation of the prompt and takes the "
-                    "most probable (greedy) or samples one at the run's temperature "
-                    f"({cfg.rollout.temperature}).", ""]
+    return lines + [
+        "",
+        "With action names the policy scores each one as a continuation of the prompt and takes the "
+        "most probable (greedy) or samples one at the run's temperature "
+        f"({cfg.rollout.temperature}).",
+        "",
+    ]
 
 
 def acting_lines(cfg: Config, out: Path, lora: bool) -> list[str]:
     """Returns the card's section on loading the model and acting with it in the run's first env."""
     where, spec = str(out.resolve()), cfg.env.suite[0]
-    model_cfg = (f"ModelConfig(prompt_template={cfg.model.prompt_template!r}, action_prefix={cfg.model.action_prefix!r}"
-                 f", dtype={cfg.model.dtype!r})")
+    model_cfg = (
+        f"ModelConfig(prompt_template={cfg.model.prompt_template!r}, action_prefix={cfg.model.action_prefix!r}"
+        f", dtype={cfg.model.dtype!r})"
+    )
     legal = acting_mode(spec, cfg.rollout.mode)
     make_args = "".join(f", {k}={v!r}" for k, v in spec.kwargs.items())
-    code = ["import gymnasium as gym", "import torch", "", "import envs  # colearn's text envs: registers colearn/...",
-            "from colearn.config import ModelConfig", "from colearn.models.partner import Partner", "",
-            f"policy = Partner.load({where!r}, 'offspring', {model_cfg})",
-            f"env = gym.make({spec.id!r}{make_args})",
-            f"legal = {legal!r}  # None: the model writes its action as free text",
-            "observation, _ = env.reset(seed=0)", "done = False", "while not done:",
-            "    action = policy.act([observation], legal, greedy=True, generator=torch.Generator(),",
-            f"                        max_new_tokens={cfg.rollout.max_new_tokens}).texts[0]",
-            "    observation, reward, terminated, truncated, _ = env.step(action)",
-            "    done = terminated or truncated"]
+    code = [
+        "import gymnasium as gym",
+        "import torch",
+        "",
+        "import envs  # colearn's text envs: registers colearn/...",
+        "from colearn.config import ModelConfig",
+        "from colearn.models.partner import Partner",
+        "",
+        f"policy = Partner.load({where!r}, 'offspring', {model_cfg})",
+        f"env = gym.make({spec.id!r}{make_args})",
+        f"legal = {legal!r}  # None: the model writes its action as free text",
+        "observation, _ = env.reset(seed=0)",
+        "done = False",
+        "while not done:",
+        "    action = policy.act([observation], legal, greedy=True, generator=torch.Generator(),",
+        f"                        max_new_tokens={cfg.rollout.max_new_tokens}).texts[0]",
+        "    observation, reward, terminated, truncated, _ = env.step(action)",
+        "    done = terminated or truncated",
+    ]
     loader = "peft's AutoPeftModelForCausalLM" if lora else "transformers' AutoModelForCausalLM"
-    lines = ["## Acting", "", "```python", *code, "```", "",
-             f"Without colearn's acting code, {loader}.from_pretrained({where!r}) loads the model and "
-             "AutoTokenizer.from_pretrained the tokenizer; build prompts as above."]
+    lines = [
+        "## Acting",
+        "",
+        "```python",
+        *code,
+        "```",
+        "",
+        f"Without colearn's acting code, {loader}.from_pretrained({where!r}) loads the model and "
+        "AutoTokenizer.from_pretrained the tokenizer; build prompts as above.",
+    ]
     if lora:
-        lines += ["", f"This is a LoRA adapter on the frozen base model in `{BASE_DIR}/`; adapter_config.json names "
-                  f"`{where}/{BASE_DIR}` by absolute path. Once this directory has moved to DIR, peft's call needs "
-                  "the base named: `PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(DIR + "
-                  f'"/{BASE_DIR}"), DIR)`; `Partner.load(DIR, ...)` finds `{BASE_DIR}/` by itself.']
+        lines += [
+            "",
+            f"This is a LoRA adapter on the frozen base model in `{BASE_DIR}/`; adapter_config.json names "
+            f"`{where}/{BASE_DIR}` by absolute path. Once this directory has moved to DIR, peft's call needs "
+            "the base named: `PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(DIR + "
+            f'"/{BASE_DIR}"), DIR)`; `Partner.load(DIR, ...)` finds `{BASE_DIR}/` by itself.',
+        ]
     return lines + [""]
 
 
-def model_card(node: dict[str, Any] | None, generation: int, run_dir: Path, cfg: Config | None,
-               scores: list[dict[str, Any]], out: Path, lora: bool) -> str:
+def model_card(
+    node: dict[str, Any] | None,
+    generation: int,
+    run_dir: Path,
+    cfg: Config | None,
+    scores: list[dict[str, Any]],
+    out: Path,
+    lora: bool,
+) -> str:
     """Returns the README.md of the exported model: prompt format, how to act, its scores, then lineage, scores
     against its parents and the recipe that made it. Without the run's config (`cfg` None) the prompt and acting
     sections say so."""
     library = "peft" if lora else "transformers"
     tags = "[colearn, lora]" if lora else "[colearn]"
-    lines = ["---", f"library_name: {library}", f"tags: {tags}", "---", "",
-             f"# colearn offspring, generation {generation}", "", f"Exported from run `{run_dir}`.", ""]
+    lines = [
+        "---",
+        f"library_name: {library}",
+        f"tags: {tags}",
+        "---",
+        "",
+        f"# colearn offspring, generation {generation}",
+        "",
+        f"Exported from run `{run_dir}`.",
+        "",
+    ]
     if cfg is None:
         lines += ["The run has no .hydra/config.yaml, so its prompt format is unknown here.", ""]
     else:
@@ -155,18 +228,33 @@ def model_card(node: dict[str, Any] | None, generation: int, run_dir: Path, cfg:
     return "\n".join(lines + scores_lines(scores) + lineage_lines(node)) + "\n"
 
 
-def mixture_card(node: dict[str, Any] | None, generation: int, run_dir: Path, manifest: dict[str, Any],
-                 out: Path, scores: list[dict[str, Any]]) -> str:
+def mixture_card(
+    node: dict[str, Any] | None,
+    generation: int,
+    run_dir: Path,
+    manifest: dict[str, Any],
+    out: Path,
+    scores: list[dict[str, Any]],
+) -> str:
     """Returns the README.md of an exported mixture: what it is, its routing table (env -> member), how to
     load it, its scores, then lineage and recipe as for one model."""
     reason = (node or {}).get("recipe", {}).get("reason")
     why = f"merge.fallback=mixture: {reason}" if reason else "merge.fallback=mixture"
-    lines = ["---", "library_name: transformers", "tags: [colearn, mixture]", "---", "",
-             f"# colearn offspring, generation {generation}: a mixture of {', '.join(manifest['members'])}", "",
-             f"Exported from run `{run_dir}`.", "",
-             f"This offspring is not one model. The partners were not averaged ({why}); they are kept side by "
-             "side and each env is routed to the member best on it. `mixture.json` holds the routing table; each "
-             "member is a Hugging Face directory under `members/<name>/`.", ""]
+    lines = [
+        "---",
+        "library_name: transformers",
+        "tags: [colearn, mixture]",
+        "---",
+        "",
+        f"# colearn offspring, generation {generation}: a mixture of {', '.join(manifest['members'])}",
+        "",
+        f"Exported from run `{run_dir}`.",
+        "",
+        f"This offspring is not one model. The partners were not averaged ({why}); they are kept side by "
+        "side and each env is routed to the member best on it. `mixture.json` holds the routing table; each "
+        "member is a Hugging Face directory under `members/<name>/`.",
+        "",
+    ]
     lines += routing_lines(manifest) + loading_lines(manifest, out, run_dir) + scores_lines(scores)
     return "\n".join(lines + lineage_lines(node)) + "\n"
 
@@ -181,16 +269,30 @@ def routing_lines(manifest: dict[str, Any]) -> list[str]:
 def loading_lines(manifest: dict[str, Any], out: Path, run_dir: Path) -> list[str]:
     """Returns the card's section on loading the mixture (colearn.breeding.mixture.load_mixture) or one member alone."""
     env = next(iter(manifest["env_map"]), "ENV")
-    code = ["from pathlib import Path", "", "import torch", "from colearn.breeding.mixture import load_mixture",
-            "from colearn.cli.resume import run_config", "",
-            f'policy = load_mixture({str(out)!r}, run_config(Path({str(run_dir)!r})).model, "cpu")',
-            f"act = policy.in_env({env!r}).act  # the env's name picks the member that decides",
-            "actions = act(observations, legal_actions, greedy=True, generator=torch.Generator())"]
+    code = [
+        "from pathlib import Path",
+        "",
+        "import torch",
+        "from colearn.breeding.mixture import load_mixture",
+        "from colearn.cli.resume import run_config",
+        "",
+        f'policy = load_mixture({str(out)!r}, run_config(Path({str(run_dir)!r})).model, "cpu")',
+        f"act = policy.in_env({env!r}).act  # the env's name picks the member that decides",
+        "actions = act(observations, legal_actions, greedy=True, generator=torch.Generator())",
+    ]
     member = f"{out}/members/{manifest['members'][0]}"
-    return ["## Loading", "", "```python", *code, "```", "",
-            "`load_mixture` needs the run's model config (`run_config`), or a `colearn.config.ModelConfig` with the "
-            "same prompt_template, action_prefix and dtype. One member alone loads with "
-            f'`AutoModelForCausalLM.from_pretrained("{member}")`.', ""]
+    return [
+        "## Loading",
+        "",
+        "```python",
+        *code,
+        "```",
+        "",
+        "`load_mixture` needs the run's model config (`run_config`), or a `colearn.config.ModelConfig` with the "
+        "same prompt_template, action_prefix and dtype. One member alone loads with "
+        f'`AutoModelForCausalLM.from_pretrained("{member}")`.',
+        "",
+    ]
 
 
 def copy_with_card(source: Path, out: Path, card: str) -> None:
@@ -217,8 +319,12 @@ def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(prog="colearn export", description=__doc__)
     parser.add_argument("run_dir", type=Path)
     parser.add_argument("out", type=Path)
-    parser.add_argument("--generation", type=int, default=None,
-                        help="default: the deployed generation (deployed.json); needed when there is none")
+    parser.add_argument(
+        "--generation",
+        type=int,
+        default=None,
+        help="default: the deployed generation (deployed.json); needed when there is none",
+    )
     args = parser.parse_args(argv)
     quiet_libraries()
     check_output(args.out)
@@ -234,8 +340,10 @@ def main(argv: list[str]) -> None:
         manifest = read_manifest(source)
         copy_with_card(source, args.out, mixture_card(node, gen, args.run_dir, manifest, args.out, scores))
         routes = ", ".join(f"{env} -> {member}" for env, member in manifest["env_map"].items())
-        print(f"exported generation {gen} to {args.out}: a mixture of {', '.join(manifest['members'])} "
-              f"routed by env ({routes}); load it with colearn.breeding.mixture.load_mixture")
+        print(
+            f"exported generation {gen} to {args.out}: a mixture of {', '.join(manifest['members'])} "
+            f"routed by env ({routes}); load it with colearn.breeding.mixture.load_mixture"
+        )
         return
     cfg = run_config(args.run_dir) if (args.run_dir / ".hydra" / "config.yaml").is_file() else None
     lora = (source / ADAPTER_CONFIG).is_file()

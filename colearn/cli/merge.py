@@ -34,15 +34,33 @@ from typing import Any
 import yaml
 from safetensors import safe_open
 
-from colearn.merging.adapters import AdapterInputs, base_model_dir, folded_states, is_adapter, write_adapter, write_folded
-from colearn.merging.adapters import read_inputs as read_adapters
 from colearn.config import EnvSpec, EvalConfig, MergeConfig, ModelConfig, RolloutConfig
 from colearn.errors import ColearnError
+from colearn.merging.adapters import (
+    AdapterInputs,
+    base_model_dir,
+    folded_states,
+    is_adapter,
+    write_adapter,
+    write_folded,
+)
+from colearn.merging.adapters import read_inputs as read_adapters
 from colearn.merging.evolve import search, start_recipe
 from colearn.merging.merge import Recipe, merge_state_dicts
-from colearn.merging.merge_io import (MERGEKIT_COPY, TOKENIZER_FILES, Checkpoint, check_architectures, check_output,
-                              check_tokenizers, copy_side_files, read_checkpoint, read_state, retype_side_files,
-                              staged, tokenizer_source)
+from colearn.merging.merge_io import (
+    MERGEKIT_COPY,
+    TOKENIZER_FILES,
+    Checkpoint,
+    check_architectures,
+    check_output,
+    check_tokenizers,
+    copy_side_files,
+    read_checkpoint,
+    read_state,
+    retype_side_files,
+    staged,
+    tokenizer_source,
+)
 from colearn.merging.mergekit_recipe import MergekitRecipe, is_mergekit, merged_tensor, parse_recipe
 from colearn.merging.operators import METHODS
 from colearn.merging.streaming import atomic_file, merge_safetensors_files, outputs, read_layout, retyped, write_like
@@ -70,20 +88,35 @@ class Inputs:
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="colearn merge", description=__doc__.split("\n\n")[0])
-    p.add_argument("partners", nargs="*", metavar="CHECKPOINT", help="partner checkpoint directories (>= 2; none "
-                                                                     "with a mergekit recipe, which names its models)")
+    p.add_argument(
+        "partners",
+        nargs="*",
+        metavar="CHECKPOINT",
+        help="partner checkpoint directories (>= 2; none with a mergekit recipe, which names its models)",
+    )
     p.add_argument("--base", help="the common ancestor's directory (default: the recipe's `base`)")
-    p.add_argument("--recipe", required=True, help="recipe YAML: MergeConfig fields and optionally base, or a "
-                                                    "mergekit YAML (merge_method, base_model, models, ...)")
-    p.add_argument("--seed", type=int, help="seed of the random operators' draws (default: the recipe's seed; 0 for "
-                                            "a mergekit recipe)")
+    p.add_argument(
+        "--recipe",
+        required=True,
+        help="recipe YAML: MergeConfig fields and optionally base, or a "
+        "mergekit YAML (merge_method, base_model, models, ...)",
+    )
+    p.add_argument(
+        "--seed",
+        type=int,
+        help="seed of the random operators' draws (default: the recipe's seed; 0 for a mergekit recipe)",
+    )
     p.add_argument("--out", required=True, help="output directory (must not exist or be empty)")
     p.add_argument("--search", action="store_true", help="search per-layer-group weights/densities with CMA-ES")
     p.add_argument("--env", action="append", default=[], metavar="ID", help="with --search: env id to score on")
     p.add_argument("--budget", type=int, help="with --search: candidate evaluations (default: search_budget)")
     p.add_argument("--episodes", type=int, default=16, help="with --search: episodes per env per evaluation")
-    p.add_argument("--rank", type=int, help="LoRA partners with lora_offspring: adapter: the output adapter's rank "
-                                            "(default: the largest partner rank)")
+    p.add_argument(
+        "--rank",
+        type=int,
+        help="LoRA partners with lora_offspring: adapter: the output adapter's rank "
+        "(default: the largest partner rank)",
+    )
     return p
 
 
@@ -122,18 +155,25 @@ def merge_by_mergekit_recipe(data: dict[str, Any], args: argparse.Namespace) -> 
     """Merges the models a mergekit recipe names into --out, with mergekit's semantics
     (`colearn.merging.mergekit_recipe`); the output takes the reference model's (base_model's, else models[0]'s)
     config, tokenizer and layout."""
-    for flag, given in (("CHECKPOINT arguments", args.partners), ("--base", args.base), ("--search", args.search),
-                        ("--rank", args.rank is not None)):
+    for flag, given in (
+        ("CHECKPOINT arguments", args.partners),
+        ("--base", args.base),
+        ("--search", args.search),
+        ("--rank", args.rank is not None),
+    ):
         if given:
-            raise ColearnError(f"{flag} do not go with a mergekit recipe, which names its models (base_model, "
-                               "models[].model); drop them or write a colearn recipe (method: ...)")
+            raise ColearnError(
+                f"{flag} do not go with a mergekit recipe, which names its models (base_model, "
+                "models[].model); drop them or write a colearn recipe (method: ...)"
+            )
     recipe = parse_recipe(data)
     out = Path(args.out)
     check_output(out)
     for path in recipe.inputs:
         if path.is_dir() and is_adapter(path):
-            raise ColearnError(f"mergekit recipe model {str(path)!r} is a LoRA adapter; merge adapters with a "
-                               "colearn recipe")
+            raise ColearnError(
+                f"mergekit recipe model {str(path)!r} is a LoRA adapter; merge adapters with a colearn recipe"
+            )
     reference = read_checkpoint(recipe.reference, "mergekit recipe")
     check_architectures(reference, [read_checkpoint(p, "mergekit recipe") for p in recipe.inputs[1:]])
     check_tokenizers(recipe.reference, recipe.inputs[1:])
@@ -144,8 +184,9 @@ def merge_by_mergekit_recipe(data: dict[str, Any], args: argparse.Namespace) -> 
         if recipe.output_dtype is not None:
             retype_side_files(tmp, recipe.output_dtype)
         shutil.copy2(args.recipe, tmp / MERGEKIT_COPY)
-    print(f"wrote {out} (mergekit {recipe.method}, {len(reference.shapes)} tensors, "
-          f"{time.perf_counter() - started:.1f}s)")
+    print(
+        f"wrote {out} (mergekit {recipe.method}, {len(reference.shapes)} tensors, {time.perf_counter() - started:.1f}s)"
+    )
 
 
 def write_mergekit_weights(recipe: MergekitRecipe, reference: Checkpoint, tmp: Path, seed: int) -> None:
@@ -237,8 +278,9 @@ def read_inputs(base: Path, partners: list[Path]) -> Inputs:
 # --------------------------------------------------------------------------- output
 
 
-def write_merge(inputs: Inputs, out: Path, cfg: MergeConfig, search_record: dict[str, Any] | None = None,
-                rank: int | None = None) -> None:
+def write_merge(
+    inputs: Inputs, out: Path, cfg: MergeConfig, search_record: dict[str, Any] | None = None, rank: int | None = None
+) -> None:
     """Writes the merged checkpoint to `out` (via a sibling temp dir, renamed when complete)."""
     recipe = checked_recipe(cfg, len(inputs.partners))
     adapter_out = cfg.lora_offspring == "adapter"
@@ -260,8 +302,9 @@ def write_merge(inputs: Inputs, out: Path, cfg: MergeConfig, search_record: dict
             for name in TOKENIZER_FILES:
                 if (source / name).is_file():
                     shutil.copy2(source / name, tmp / name)
-        write_recipe(tmp / "merge_recipe.yaml", dataclasses.replace(cfg, weights=recipe.weights), inputs,
-                     search_record, record)
+        write_recipe(
+            tmp / "merge_recipe.yaml", dataclasses.replace(cfg, weights=recipe.weights), inputs, search_record, record
+        )
 
 
 def write_weights(inputs: Inputs, recipe: Recipe, tmp: Path) -> None:
@@ -272,15 +315,25 @@ def write_weights(inputs: Inputs, recipe: Recipe, tmp: Path) -> None:
     recipe.check_groups_match(inputs.model.shapes)
     for file, keys in inputs.model.files.items():
         # a shard need not hold every layer group the recipe names
-        merge_safetensors_files(inputs.model.path / file, [p.path / file for p in inputs.full], tmp / file,
-                                recipe.restricted_to(keys))
+        merge_safetensors_files(
+            inputs.model.path / file, [p.path / file for p in inputs.full], tmp / file, recipe.restricted_to(keys)
+        )
 
 
-def write_recipe(path: Path, cfg: MergeConfig, inputs: Inputs, search_record: dict[str, Any] | None,
-                 record: dict[str, Any] | None = None) -> None:
+def write_recipe(
+    path: Path,
+    cfg: MergeConfig,
+    inputs: Inputs,
+    search_record: dict[str, Any] | None,
+    record: dict[str, Any] | None = None,
+) -> None:
     """Writes the recipe YAML (loadable again with --recipe) with the inputs, the search record and `record`."""
-    data: dict[str, Any] = {"base": str(inputs.base.resolve()), **_recipe_fields(cfg),
-                            "partners": [str(p.resolve()) for p in inputs.partners], **(record or {})}
+    data: dict[str, Any] = {
+        "base": str(inputs.base.resolve()),
+        **_recipe_fields(cfg),
+        "partners": [str(p.resolve()) for p in inputs.partners],
+        **(record or {}),
+    }
     if search_record is not None:
         data["search"] = search_record
     path.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
@@ -329,19 +382,32 @@ def searched_config(inputs: Inputs, cfg: MergeConfig, args: argparse.Namespace) 
             raise ColearnError(f"--search cannot load the merged tensors into the base's model class: {e}") from e
         return float(scorer(candidate))
 
-    print(f"search: {cfg.search_budget} candidates on {', '.join(args.env)} ({args.episodes} episodes per env "
-          "each), then the best and the uniform recipe on held-out episodes", flush=True)
+    print(
+        f"search: {cfg.search_budget} candidates on {', '.join(args.env)} ({args.episodes} episodes per env "
+        "each), then the best and the uniform recipe on held-out episodes",
+        flush=True,
+    )
     result = search(ancestor, states, lambda state: scored(state, on_search), cfg)
     uniform = scored(merge_state_dicts(ancestor, states, start_recipe(cfg, len(states))), on_heldout)
     best = scored(merge_state_dicts(ancestor, states, result.recipe), on_heldout)
-    print(f"search: {cfg.search_budget} evaluations on {args.env}; uniform {result.uniform_fitness:.4f} -> best "
-          f"{result.fitness:.4f} on search episodes; held-out: uniform {uniform:.4f}, best {best:.4f}")
-    record = {"envs": list(args.env), "episodes": args.episodes, "budget": cfg.search_budget,
-              "fitness": result.fitness, "uniform_fitness": result.uniform_fitness,
-              "heldout": best, "heldout_uniform": uniform, "curve": result.curve}
+    print(
+        f"search: {cfg.search_budget} evaluations on {args.env}; uniform {result.uniform_fitness:.4f} -> best "
+        f"{result.fitness:.4f} on search episodes; held-out: uniform {uniform:.4f}, best {best:.4f}"
+    )
+    record = {
+        "envs": list(args.env),
+        "episodes": args.episodes,
+        "budget": cfg.search_budget,
+        "fitness": result.fitness,
+        "uniform_fitness": result.uniform_fitness,
+        "heldout": best,
+        "heldout_uniform": uniform,
+        "curve": result.curve,
+    }
     found = result.recipe
-    return dataclasses.replace(cfg, method=found.method, weights=found.weights, density=found.density,
-                               groups=found.groups), record
+    return dataclasses.replace(
+        cfg, method=found.method, weights=found.weights, density=found.density, groups=found.groups
+    ), record
 
 
 def write_search_plot(path: Path, record: dict[str, Any]) -> Path:
@@ -369,5 +435,3 @@ def candidate_partner(inputs: Inputs) -> Any:
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return Partner("candidate", model, tokenizer, ModelConfig(source=str(inputs.model.path)))
-
-

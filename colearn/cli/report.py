@@ -18,8 +18,9 @@ def report_main(argv: list[str]) -> None:
 
 def compare_main(argv: list[str]) -> None:
     """`colearn compare SWEEP_DIR`: prints the presets' final scores and writes SWEEP_DIR/compare.html."""
-    parser = argparse.ArgumentParser(prog="colearn compare",
-                                     description="Compare the presets of a Hydra multirun: SWEEP_DIR/compare.html.")
+    parser = argparse.ArgumentParser(
+        prog="colearn compare", description="Compare the presets of a Hydra multirun: SWEEP_DIR/compare.html."
+    )
     parser.add_argument("sweep_dir", help="a multirun directory (one subdirectory per run)")
     args = parser.parse_args(argv)
     groups = preset_groups(load_sweep(args.sweep_dir))

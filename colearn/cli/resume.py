@@ -25,9 +25,12 @@ def run_config(run_dir: Path) -> Config:
 def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(prog="colearn resume", description=__doc__)
     parser.add_argument("run_dir", type=Path, help="a run directory (outputs/<date>/<time>)")
-    parser.add_argument("--restart", action="store_true",
-                        help="when no round or generation checkpoint is intact, discard the run's metrics and "
-                             "experience and start over (without it, such a resume stops and deletes nothing)")
+    parser.add_argument(
+        "--restart",
+        action="store_true",
+        help="when no round or generation checkpoint is intact, discard the run's metrics and "
+        "experience and start over (without it, such a resume stops and deletes nothing)",
+    )
     args = parser.parse_args(argv)
     quiet_libraries()
     cfg = run_config(args.run_dir)

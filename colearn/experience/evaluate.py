@@ -12,8 +12,8 @@ import numpy as np
 import torch
 
 from colearn.config import EnvSpec, EvalConfig, RolloutConfig
-from colearn.models.partner import Partner
 from colearn.experience.rollout import EpisodeMeta, acting_mode, collect, env_info
+from colearn.models.partner import Partner
 from envs import text_env_model
 from envs.text import TabularModel
 
@@ -42,8 +42,9 @@ def score_of(rows: list[dict[str, Any]], env: EnvSpec, policy: str) -> EnvScore:
     return env_score(env, policy, mean_return, success, len(finals))
 
 
-def env_score(env: EnvSpec, policy: str, mean_return: float, success: float, episodes: int,
-              exact: bool = False) -> EnvScore:
+def env_score(
+    env: EnvSpec, policy: str, mean_return: float, success: float, episodes: int, exact: bool = False
+) -> EnvScore:
     """Returns the score of a policy's mean return and success in the env, against the env's optimum."""
     info = env_info(env)
     optimal, random = info["optimal_return"], info["random_return"]
@@ -85,8 +86,16 @@ def evaluate(
                 scores.append(exact_score(partner, env, model, policy, rollout.temperature))
                 continue
             generator = torch.Generator().manual_seed(cfg.seed)
-            rows = collect(partner, env, seeds, rollout, generator, EpisodeMeta(partner=partner.name),
-                           greedy=policy == "greedy", venvs=venvs)
+            rows = collect(
+                partner,
+                env,
+                seeds,
+                rollout,
+                generator,
+                EpisodeMeta(partner=partner.name),
+                greedy=policy == "greedy",
+                venvs=venvs,
+            )
             scores.append(score_of(rows, env, policy))
     return scores
 
@@ -125,8 +134,9 @@ def headline(scores: list[EnvScore]) -> float:
     return sum(chosen) / max(len(chosen), 1)
 
 
-def return_scorer(suite: Sequence[EnvSpec], cfg: EvalConfig, rollout: RolloutConfig, seed: int,
-                  episodes: int | None = None) -> Callable[[Partner], float]:
+def return_scorer(
+    suite: Sequence[EnvSpec], cfg: EvalConfig, rollout: RolloutConfig, seed: int, episodes: int | None = None
+) -> Callable[[Partner], float]:
     """Returns policy -> mean normalized greedy return over the suite on episodes seeded seed, seed+1, ...
 
     Give the search and the held-out validation different seeds (e.g. eval.seed + 20000 and

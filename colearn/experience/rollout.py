@@ -32,7 +32,9 @@ def env_info(spec: EnvSpec) -> dict[str, Any]:
     try:
         return colearn_envs.text_env_info(spec.id, **spec.kwargs)
     except gym.error.Error as e:
-        raise ColearnError(f"env id {spec.id!r} is not registered: {e}; known colearn ids: {colearn_envs.ENV_IDS}") from e
+        raise ColearnError(
+            f"env id {spec.id!r} is not registered: {e}; known colearn ids: {colearn_envs.ENV_IDS}"
+        ) from e
 
 
 def acting_mode(spec: EnvSpec, mode: str) -> list[str] | None:
@@ -108,18 +110,20 @@ def collect(
         reset_seeds: dict[int, int] = {}
         for j, i in enumerate(live):
             obs[i], reward, terminated, truncated, info = outcomes[i]
-            steps[i].append({
-                "legal_actions": legal or [],
-                "action_charset": charset or "",
-                "observation": observations[j],
-                "action": acts.texts[j],
-                "prompt_ids": prompts[j],
-                "action_ids": acts.token_ids[j],
-                "logprob": float(acts.logprobs[j]),
-                "reward": float(reward),
-                "invalid": bool(info.get("invalid_action", False)),
-                "step_success": bool(info.get("success", False)),
-            })
+            steps[i].append(
+                {
+                    "legal_actions": legal or [],
+                    "action_charset": charset or "",
+                    "observation": observations[j],
+                    "action": acts.texts[j],
+                    "prompt_ids": prompts[j],
+                    "action_ids": acts.token_ids[j],
+                    "logprob": float(acts.logprobs[j]),
+                    "reward": float(reward),
+                    "invalid": bool(info.get("invalid_action", False)),
+                    "step_success": bool(info.get("success", False)),
+                }
+            )
             if terminated or truncated:
                 episodes.append(finish_episode(steps[i], slots.pop(i), meta, spec, bool(terminated), cfg.gamma))
                 steps[i] = []
@@ -179,9 +183,19 @@ def finish_episode(
     episode_id = f"{meta.partner}/g{meta.generation}/r{meta.round}/{spec.name}/{episode_index}"
     for t, r in enumerate(rows):
         r.update(
-            run_id=meta.run_id, generation=meta.generation, round=meta.round, partner=meta.partner,
-            env_id=spec.id, env=spec.name, episode_id=episode_id, seed=seed, step=t,
-            return_to_go=rtg[t], done=t == len(rows) - 1, terminated=terminated and t == len(rows) - 1,
-            success=success, episode_return=float(sum(rewards)),
+            run_id=meta.run_id,
+            generation=meta.generation,
+            round=meta.round,
+            partner=meta.partner,
+            env_id=spec.id,
+            env=spec.name,
+            episode_id=episode_id,
+            seed=seed,
+            step=t,
+            return_to_go=rtg[t],
+            done=t == len(rows) - 1,
+            terminated=terminated and t == len(rows) - 1,
+            success=success,
+            episode_return=float(sum(rewards)),
         )
     return rows

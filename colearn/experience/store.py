@@ -113,8 +113,11 @@ def load(run_dir: str | Path) -> datasets.Dataset:
     root = Path(run_dir) / "experience"
     if not root.is_dir():
         raise ColearnError(f"{str(run_dir)!r} has no experience/ directory; is it a colearn run directory?")
-    shards = [datasets.load_from_disk(str(d)) for d in sorted(root.glob("shard_*"))
-              if d.is_dir() and not d.name.endswith(".tmp")]
+    shards = [
+        datasets.load_from_disk(str(d))
+        for d in sorted(root.glob("shard_*"))
+        if d.is_dir() and not d.name.endswith(".tmp")
+    ]
     if not shards:
         return datasets.Dataset.from_dict({k: [] for k in FEATURES}, features=FEATURES)
     return datasets.concatenate_datasets(shards)

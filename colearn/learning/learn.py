@@ -21,7 +21,13 @@ import torch.nn.functional as F
 
 from colearn.config import LearnConfig
 from colearn.models.partner import Partner, new_value_head
-from colearn.models.policy import continuation_outputs, continuation_stats, entropy_of, last_outputs, legal_action_logprobs
+from colearn.models.policy import (
+    continuation_outputs,
+    continuation_stats,
+    entropy_of,
+    last_outputs,
+    legal_action_logprobs,
+)
 
 log = logging.getLogger(__name__)
 
@@ -149,7 +155,7 @@ def loop_free(episode: list[dict[str, Any]]) -> list[dict[str, Any]]:
     seen: dict[str, int] = {}
     for r in episode:
         if r["observation"] in seen:
-            del path[seen[r["observation"]]:]
+            del path[seen[r["observation"]] :]
             seen = {p["observation"]: i for i, p in enumerate(path)}
         seen[r["observation"]] = len(path)
         path.append(r)
@@ -279,8 +285,12 @@ def merged(items: list[Item]) -> list[Item]:
 
 
 def training_rows(
-    partner: Partner, own: list[dict[str, Any]], peer: list[dict[str, Any]], distill: list[dict[str, Any]],
-    cfg: LearnConfig, gamma: float,
+    partner: Partner,
+    own: list[dict[str, Any]],
+    peer: list[dict[str, Any]],
+    distill: list[dict[str, Any]],
+    cfg: LearnConfig,
+    gamma: float,
 ) -> list[Item]:
     """Returns the round's training steps, one item each: own and peer steps with their advantages (normalized per
     kind by learn.advantage_norm) and value targets, and the distillation rows."""
@@ -314,10 +324,20 @@ def learn(
     and the distillation set (SFT on action tokens); returns the round's training statistics.
     `gamma` discounts rewards in GAE (learn.advantage=gae)."""
     items = training_rows(partner, own, peer, distill, cfg, gamma)
-    stats = {"loss/rl": 0.0, "loss/peer_rl": 0.0, "loss/distill": 0.0, "loss/kl": 0.0, "loss/value": 0.0,
-             "entropy": 0.0, "learn/approx_kl": 0.0, "learn/updates": 0, "learn/skipped_nonfinite": 0,
-             "learn/rows": len(items),
-             "learn/distill_rows": len(distill), "learn/reward_std": _reward_std(own)}
+    stats = {
+        "loss/rl": 0.0,
+        "loss/peer_rl": 0.0,
+        "loss/distill": 0.0,
+        "loss/kl": 0.0,
+        "loss/value": 0.0,
+        "entropy": 0.0,
+        "learn/approx_kl": 0.0,
+        "learn/updates": 0,
+        "learn/skipped_nonfinite": 0,
+        "learn/rows": len(items),
+        "learn/distill_rows": len(distill),
+        "learn/reward_std": _reward_std(own),
+    }
     if not items:
         return stats
     optimizer = optimizer_for(partner, cfg)
@@ -378,8 +398,15 @@ def batch_loss(
     acting = (mask["own"] | mask["peer"]) * n
     ent = (entropy * acting).sum() / acting.sum().clamp(min=1)
     distilled = mask["distill"].tolist()
-    kl = mutual_kl(partner, teacher, [r for r, m in zip(rows, distilled) if m],
-                   [it.count for it, m in zip(batch, distilled) if m]) / steps["distill"]
+    kl = (
+        mutual_kl(
+            partner,
+            teacher,
+            [r for r, m in zip(rows, distilled) if m],
+            [it.count for it, m in zip(batch, distilled) if m],
+        )
+        / steps["distill"]
+    )
     value_loss = torch.zeros((), device=device)
     if critic:  # the partner's steps count by their importance weight, as in SEAC's critic
         targets = torch.tensor([it.target for it in batch], device=device, dtype=torch.float32)
@@ -389,9 +416,18 @@ def batch_loss(
     loss = cfg.rl_coef * rl + cfg.peer_rl_coef * peer_rl + cfg.distill_coef * distill - cfg.entropy_coef * ent
     loss = loss + cfg.mutual_kl_coef * kl + cfg.value_coef * value_loss
     own_kl = approx_kl(policy_lp.detach(), behaviour, mask["own"] * n)
-    parts = {k: v.item() for k, v in {"loss/rl": rl, "loss/peer_rl": peer_rl, "loss/distill": distill,
-                                      "loss/kl": kl, "loss/value": value_loss, "entropy": ent,
-                                      "learn/approx_kl": own_kl}.items()}
+    parts = {
+        k: v.item()
+        for k, v in {
+            "loss/rl": rl,
+            "loss/peer_rl": peer_rl,
+            "loss/distill": distill,
+            "loss/kl": kl,
+            "loss/value": value_loss,
+            "entropy": ent,
+            "learn/approx_kl": own_kl,
+        }.items()
+    }
     return loss, parts
 
 
@@ -405,7 +441,9 @@ def approx_kl(logp: torch.Tensor, behaviour: torch.Tensor, weight: torch.Tensor)
     return ((log_ratio.exp() - 1 - log_ratio) * weight).sum() / total
 
 
-def mutual_kl(partner: Partner, teacher: Partner | None, rows: list[dict[str, Any]], weights: list[int]) -> torch.Tensor:
+def mutual_kl(
+    partner: Partner, teacher: Partner | None, rows: list[dict[str, Any]], weights: list[int]
+) -> torch.Tensor:
     """Returns the weighted sum of KL(teacher || partner) over the legal actions of the constrained rows
     (0 without a teacher); a row's weight is the number of steps it stands for."""
     if teacher is None:
@@ -418,11 +456,13 @@ def mutual_kl(partner: Partner, teacher: Partner | None, rows: list[dict[str, An
     for legal, group in by_legal.items():
         prompts = [list(r["prompt_ids"]) for r, _ in group]
         weight = torch.tensor([w for _, w in group], device=partner.device, dtype=torch.float32)
-        mine = legal_action_logprobs(partner.model, prompts, partner.action_ids(list(legal)),
-                                     partner.tokenizer.pad_token_id)
+        mine = legal_action_logprobs(
+            partner.model, prompts, partner.action_ids(list(legal)), partner.tokenizer.pad_token_id
+        )
         with torch.no_grad():
-            theirs = legal_action_logprobs(teacher.model, prompts, teacher.action_ids(list(legal)),
-                                           teacher.tokenizer.pad_token_id)
+            theirs = legal_action_logprobs(
+                teacher.model, prompts, teacher.action_ids(list(legal)), teacher.tokenizer.pad_token_id
+            )
         total = total + ((theirs.exp() * (theirs - mine)).sum(-1) * weight).sum()
     return total
 

@@ -64,11 +64,15 @@ def read_adapter(path: Path, role: str) -> Adapter:
     where = f"{role} adapter {str(path)!r}"
     config = json.loads((path / CONFIG).read_text(encoding="utf-8"))
     if config.get("peft_type", "LORA") != "LORA" or config.get("use_dora"):
-        raise ColearnError(f"{where} is a {config.get('peft_type')} adapter (use_dora={config.get('use_dora')}); "
-                           "colearn merge handles plain LoRA adapters only")
+        raise ColearnError(
+            f"{where} is a {config.get('peft_type')} adapter (use_dora={config.get('use_dora')}); "
+            "colearn merge handles plain LoRA adapters only"
+        )
     if config.get("rank_pattern") or config.get("alpha_pattern"):
-        raise ColearnError(f"{where} sets rank_pattern/alpha_pattern; colearn merge needs one rank and alpha per "
-                           "adapter: fold it into its base (merge_and_unload) and merge the full checkpoints")
+        raise ColearnError(
+            f"{where} sets rank_pattern/alpha_pattern; colearn merge needs one rank and alpha per "
+            "adapter: fold it into its base (merge_and_unload) and merge the full checkpoints"
+        )
     if not (path / WEIGHTS).is_file():
         raise ColearnError(f"{where} has no {WEIGHTS}; save it with save_pretrained(dir, safe_serialization=True)")
     try:
@@ -89,8 +93,10 @@ def base_model_dir(base: Path) -> Path:
     named = json.loads((base / CONFIG).read_text(encoding="utf-8")).get("base_model_name_or_path")
     if named and (Path(named) / "config.json").is_file():
         return Path(named)
-    raise ColearnError(f"adapter {str(base)!r} names base model {named!r}, which is not a local directory; pass the "
-                       "base model's directory as --base")
+    raise ColearnError(
+        f"adapter {str(base)!r} names base model {named!r}, which is not a local directory; pass the "
+        "base model's directory as --base"
+    )
 
 
 @dataclass
@@ -121,9 +127,11 @@ def read_inputs(base: Path, partners: list[Path], shapes: Mapping[str, Sequence[
         for key, (a, b) in adapter.factors.items():
             out_in = (b.shape[0], a.shape[1])
             if key not in shapes or tuple(shapes[key]) not in (out_in, out_in[::-1]):
-                raise ColearnError(f"adapter {str(adapter.path)!r} adapts {key!r} with shape {out_in}, which the base "
-                                   f"model {str(base_model)!r} {'lacks' if key not in shapes else 'shapes otherwise'}; "
-                                   "merge adapters trained on one base")
+                raise ColearnError(
+                    f"adapter {str(adapter.path)!r} adapts {key!r} with shape {out_in}, which the base "
+                    f"model {str(base_model)!r} {'lacks' if key not in shapes else 'shapes otherwise'}; "
+                    "merge adapters trained on one base"
+                )
     keys = {k for adapter in [*([ancestor] if ancestor else []), *found] for k in adapter.factors}
     return AdapterInputs(base_model, ancestor, found, [k for k in shapes if k in keys])
 
@@ -162,16 +170,25 @@ def write_adapter(inputs: AdapterInputs, recipe: Recipe, tmp: Path, rank: int) -
     changes = merged_changes(inputs, recipe)
     state, error = refactorized(changes, rank, 1.0, bool(inputs.partners[0].config.get("fan_in_fan_out")))
     save_file({k: v.contiguous() for k, v in state.items()}, tmp / WEIGHTS, metadata={"format": "pt"})
-    config = {**inputs.partners[0].config, "r": rank, "lora_alpha": rank, "use_rslora": False, "rank_pattern": {},
-              "alpha_pattern": {}, "base_model_name_or_path": str(inputs.base_model.resolve()),
-              "target_modules": sorted({k.removesuffix(".weight").rsplit(".", 1)[-1] for k in changes})}
+    config = {
+        **inputs.partners[0].config,
+        "r": rank,
+        "lora_alpha": rank,
+        "use_rslora": False,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+        "base_model_name_or_path": str(inputs.base_model.resolve()),
+        "target_modules": sorted({k.removesuffix(".weight").rsplit(".", 1)[-1] for k in changes}),
+    }
     (tmp / CONFIG).write_text(json.dumps(config, indent=2), encoding="utf-8")
     return error
 
 
-def folded_states(inputs: AdapterInputs, base_state: dict[str, Tensor]) -> tuple[dict[str, Tensor],
-                                                                                 list[dict[str, Tensor]]]:
+def folded_states(
+    inputs: AdapterInputs, base_state: dict[str, Tensor]
+) -> tuple[dict[str, Tensor], list[dict[str, Tensor]]]:
     """Returns the ancestor's and the partners' full weights (base model + each one's change), in memory."""
+
     def folded(adapter: Adapter | None) -> dict[str, Tensor]:
         state = dict(base_state)
         for key in adapter.factors if adapter else ():

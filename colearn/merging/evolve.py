@@ -106,8 +106,9 @@ def recipe_at(space: SearchSpace, x: np.ndarray, start: Recipe) -> Recipe:
     squashed = _sigmoid(point.reshape(len(space.groups), space.per_group))  # (groups, per)
     groups = {}
     for name, row in zip(space.groups, squashed):
-        override: dict[str, Any] = {"weights": [round(float(space.max_weight * v), _DIGITS)
-                                                for v in row[: space.n_partners]]}
+        override: dict[str, Any] = {
+            "weights": [round(float(space.max_weight * v), _DIGITS) for v in row[: space.n_partners]]
+        }
         if space.with_density:
             override["density"] = round(float(MIN_DENSITY + (1 - MIN_DENSITY) * row[-1]), _DIGITS)
         groups[name] = override
@@ -163,8 +164,12 @@ def search(
     with bar:
         uniform = scored(start)
         rng = np.random.default_rng(cfg.seed)
-        options = {"seed": np.nan, "randn": lambda *shape: rng.standard_normal(shape), "verbose": -9,
-                   "popsize": _population_size(space.dim, cfg.search_budget)}
+        options = {
+            "seed": np.nan,
+            "randn": lambda *shape: rng.standard_normal(shape),
+            "verbose": -9,
+            "popsize": _population_size(space.dim, cfg.search_budget),
+        }
         with _numpy_global_rng_kept():
             es = _strategy(initial_point(space, start), cfg.search_sigma, options)
             while len(curve) < cfg.search_budget:

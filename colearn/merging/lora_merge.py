@@ -64,8 +64,10 @@ def lora_deltas(
     `scaling` is one number or a dict by base weight key (see `lora_scaling`);
     `fan_in_fan_out` transposes dW for Conv1D bases such as GPT-2's, stored (in, out).
     """
-    return {base_key: lora_delta(a, b, _scaling_of(scaling, base_key), fan_in_fan_out)
-            for base_key, (a, b) in lora_factors(adapter_state).items()}
+    return {
+        base_key: lora_delta(a, b, _scaling_of(scaling, base_key), fan_in_fan_out)
+        for base_key, (a, b) in lora_factors(adapter_state).items()
+    }
 
 
 def lora_delta(a: Tensor, b: Tensor, scaling: float, fan_in_fan_out: bool = False) -> Tensor:
@@ -137,8 +139,12 @@ def merge_lora(
 
 
 def adapter_for(
-    base_state: Mapping[str, Tensor], weights: Mapping[str, Tensor], adapted: Sequence[str], rank: int,
-    scaling: float, fan_in_fan_out: bool = False,
+    base_state: Mapping[str, Tensor],
+    weights: Mapping[str, Tensor],
+    adapted: Sequence[str],
+    rank: int,
+    scaling: float,
+    fan_in_fan_out: bool = False,
 ) -> tuple[dict[str, Tensor], float]:
     """Returns (adapter state, relative error): a rank-`rank` adapter on `base_state` approximating `weights`.
 

@@ -22,8 +22,16 @@ import torch
 from torch import Tensor
 
 from colearn.config import MergeConfig
-from colearn.merging.operators import (RANDOM_METHODS, MergeError, Plan, default_weights, get_method, merge_into,
-                               method_params, plan)
+from colearn.merging.operators import (
+    RANDOM_METHODS,
+    MergeError,
+    Plan,
+    default_weights,
+    get_method,
+    merge_into,
+    method_params,
+    plan,
+)
 from colearn.merging.task_vectors import TaskVectors
 
 # --------------------------------------------------------------------------- layer groups
@@ -105,8 +113,15 @@ class Recipe:
         (default merge.method; evolve passes its base_method)."""
         method = method or cfg.method
         weights = list(cfg.weights) or default_weights(method, n_partners)
-        return cls(method, weights, cfg.density, cfg.to_ancestor, dict(cfg.params),
-                   {k: dict(v) for k, v in cfg.groups.items()}, cfg.seed)
+        return cls(
+            method,
+            weights,
+            cfg.density,
+            cfg.to_ancestor,
+            dict(cfg.params),
+            {k: dict(v) for k, v in cfg.groups.items()},
+            cfg.seed,
+        )
 
     def as_dict(self) -> dict[str, Any]:
         """Returns the recipe as plain data (for YAML, lineage.json and metrics)."""
@@ -143,8 +158,11 @@ class Recipe:
         """Returns the recipe of one layer group: every `groups` entry whose pattern fnmatch-matches the group
         overrides the global values, in order (later entries win); keys other than weights, density and
         to_ancestor are operator params."""
-        values: dict[str, Any] = {"weights": list(self.weights), "density": self.density,
-                                  "to_ancestor": self.to_ancestor}
+        values: dict[str, Any] = {
+            "weights": list(self.weights),
+            "density": self.density,
+            "to_ancestor": self.to_ancestor,
+        }
         params = dict(self.params)
         for pattern, override in self.groups.items():
             if fnmatch.fnmatchcase(group, pattern):
@@ -235,8 +253,14 @@ def _shared_buffer(key: str, partners: Sequence[Tensor]) -> Tensor:
     return partners[0].clone()
 
 
-def merge_tensor(key: str, ancestor: Tensor, partners: Sequence[Tensor], recipe: Recipe,
-                 out: Tensor | None = None, planned: Plan | None = None) -> Tensor:
+def merge_tensor(
+    key: str,
+    ancestor: Tensor,
+    partners: Sequence[Tensor],
+    recipe: Recipe,
+    out: Tensor | None = None,
+    planned: Plan | None = None,
+) -> Tensor:
     """Returns ancestor + (1 - to_ancestor) * merged task vector for one tensor, in the ancestor's dtype.
 
     The recipe (checked by the caller) applies with its `groups` overrides for the key's
@@ -261,8 +285,17 @@ def merge_tensor(key: str, ancestor: Tensor, partners: Sequence[Tensor], recipe:
     if out is None or out.numel() < ancestor.numel() or out.dtype != ancestor.dtype:
         out = torch.empty(ancestor.numel(), dtype=ancestor.dtype, device=ancestor.device)  # (n,)
     out = out[: ancestor.numel()]
-    merge_into(out, here.method, tv, weights, here.density, tensor_seed(here.seed, key), here.params,
-               step=1 - here.to_ancestor, planned=planned)
+    merge_into(
+        out,
+        here.method,
+        tv,
+        weights,
+        here.density,
+        tensor_seed(here.seed, key),
+        here.params,
+        step=1 - here.to_ancestor,
+        planned=planned,
+    )
     return out.view_as(ancestor)
 
 
@@ -272,8 +305,12 @@ def plan_tensor(key: str, ancestor: Tensor, partners: Sequence[Tensor], recipe: 
     planning ahead: tensors `merge_tensor` copies, mismatched shapes (it raises), and the random operators, whose
     plans can hold a whole tensor (DELLA's keep probabilities: two at once would break the memory bound)."""
     here = recipe.for_group(layer_group(key))
-    if (here.method in RANDOM_METHODS or not ancestor.is_floating_point() or here.to_ancestor == 1
-            or any(p.shape != ancestor.shape for p in partners)):
+    if (
+        here.method in RANDOM_METHODS
+        or not ancestor.is_floating_point()
+        or here.to_ancestor == 1
+        or any(p.shape != ancestor.shape for p in partners)
+    ):
         return None
     tv, weights = _task_vectors(ancestor, partners, here)
     return plan(here.method, tv, weights, here.density, here.params)

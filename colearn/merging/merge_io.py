@@ -18,8 +18,8 @@ from safetensors.torch import load_file
 from tokenizers import Tokenizer
 
 from colearn.errors import ColearnError
-from colearn.models.directories import refuse_custom_code
 from colearn.merging.streaming import read_layout
+from colearn.models.directories import refuse_custom_code
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
@@ -27,8 +27,16 @@ SINGLE = "model.safetensors"
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf")
 MERGEKIT_COPY = "mergekit_config.yml"  # a mergekit recipe's copy in OUT, named as mergekit names it
 _SKIPPED = {"pytorch_model.bin.index.json", "merge_recipe.yaml", MERGEKIT_COPY}
-TOKENIZER_FILES = {"tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-                   "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja"}
+TOKENIZER_FILES = {
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+    "chat_template.jinja",
+}
 
 
 @dataclass
@@ -49,8 +57,11 @@ def read_checkpoint(path: Path, role: str) -> Checkpoint:
     if not path.is_dir():
         raise ColearnError(f"{role} checkpoint {str(path)!r} is not a directory")
     if not (path / "config.json").is_file():
-        hint = ("it is a mixture of several models (mixture.json); merge its members/<name> directories instead"
-                if (path / "mixture.json").is_file() else "is it a Hugging Face model directory?")
+        hint = (
+            "it is a mixture of several models (mixture.json); merge its members/<name> directories instead"
+            if (path / "mixture.json").is_file()
+            else "is it a Hugging Face model directory?"
+        )
         raise ColearnError(f"{role} checkpoint {str(path)!r} has no config.json: {hint}")
     if (path / INDEX).is_file():
         weight_map = json.loads((path / INDEX).read_text(encoding="utf-8"))["weight_map"]
@@ -60,8 +71,10 @@ def read_checkpoint(path: Path, role: str) -> Checkpoint:
     elif (path / SINGLE).is_file():
         files = {SINGLE: []}
     else:
-        raise ColearnError(f"{role} checkpoint {str(path)!r} has no {SINGLE} or {INDEX}; re-save it with "
-                           "save_pretrained(dir, safe_serialization=True)")
+        raise ColearnError(
+            f"{role} checkpoint {str(path)!r} has no {SINGLE} or {INDEX}; re-save it with "
+            "save_pretrained(dir, safe_serialization=True)"
+        )
     shapes = {}
     for file in files:
         with safe_open(os.fspath(path / file), framework="pt") as handle:
@@ -90,11 +103,15 @@ def check_architectures(base: Checkpoint, partners: list[Checkpoint]) -> None:
         mismatch = first_mismatch(base, partner)
         if mismatch or partner.model_type != base.model_type:
             types = f"model_type {partner.model_type!r} vs {base.model_type!r}"
-            raise ColearnError(f"{where} has another architecture than the base ({types}): "
-                               f"{mismatch or 'same tensors'}; merge checkpoints of one architecture")
+            raise ColearnError(
+                f"{where} has another architecture than the base ({types}): "
+                f"{mismatch or 'same tensors'}; merge checkpoints of one architecture"
+            )
         if partner.files != base.files:
-            raise ColearnError(f"{where} is sharded differently from the base {str(base.path)!r}; re-save all "
-                               "checkpoints with the same save_pretrained(max_shard_size=...)")
+            raise ColearnError(
+                f"{where} is sharded differently from the base {str(base.path)!r}; re-save all "
+                "checkpoints with the same save_pretrained(max_shard_size=...)"
+            )
 
 
 def check_tokenizers(base: Path, partners: list[Path]) -> None:
@@ -124,10 +141,16 @@ def _vocab(path: Path) -> dict[int, str] | None:
     """
     if (path / "tokenizer.json").is_file():
         try:
-            return {token_id: token for token, token_id in
-                    Tokenizer.from_file(os.fspath(path / "tokenizer.json")).get_vocab(with_added_tokens=True).items()}
+            return {
+                token_id: token
+                for token, token_id in Tokenizer.from_file(os.fspath(path / "tokenizer.json"))
+                .get_vocab(with_added_tokens=True)
+                .items()
+            }
         except Exception as e:  # tokenizers raises a bare Exception for a file it cannot parse
-            raise ColearnError(f"checkpoint {str(path)!r} has a tokenizer.json that does not load: {e}".splitlines()[0]) from e
+            raise ColearnError(
+                f"checkpoint {str(path)!r} has a tokenizer.json that does not load: {e}".splitlines()[0]
+            ) from e
     if not any((path / f).is_file() for f in ("tokenizer_config.json", "tokenizer.model")):
         return None
     from transformers import AutoTokenizer  # only for tokenizers without tokenizer.json: it costs seconds to import
@@ -186,7 +209,9 @@ def retype_side_files(tmp: Path, dtype: torch.dtype) -> None:
     (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
     if (tmp / INDEX).is_file():
         index = json.loads((tmp / INDEX).read_text(encoding="utf-8"))
-        total = sum(max((span[1] for span in read_layout(tmp / f).spans.values()), default=0)
-                    for f in set(index["weight_map"].values()))
+        total = sum(
+            max((span[1] for span in read_layout(tmp / f).spans.values()), default=0)
+            for f in set(index["weight_map"].values())
+        )
         index.setdefault("metadata", {})["total_size"] = total
         (tmp / INDEX).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")

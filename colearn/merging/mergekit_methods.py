@@ -96,10 +96,18 @@ def consensus_mask(weighted: Tensor) -> Tensor:
     return (weighted.sign() == majority).to(weighted.dtype)
 
 
-def generalized_task_arithmetic(base: Tensor, models: Sequence[Tensor], weights: Sequence[float],
-                                densities: Sequence[float], sparsification: str | None, consensus: bool,
-                                normalize: bool, rescale: bool, lambda_: float = 1.0,
-                                generator: torch.Generator | None = None) -> Tensor:
+def generalized_task_arithmetic(
+    base: Tensor,
+    models: Sequence[Tensor],
+    weights: Sequence[float],
+    densities: Sequence[float],
+    sparsification: str | None,
+    consensus: bool,
+    normalize: bool,
+    rescale: bool,
+    lambda_: float = 1.0,
+    generator: torch.Generator | None = None,
+) -> Tensor:
     """Returns base + lambda_ * the merged task vector of `models` (mergekit's generalized task arithmetic).
 
     `sparsification` is None, "magnitude" (TIES) or "random" (DARE, drawing from

@@ -51,8 +51,12 @@ _GTA_PER_MODEL = {"weight": None, "density": 1.0}
 
 
 def _gta(normalize: bool, rescale: bool, sparsification: str | None, consensus: bool) -> Method:
-    return Method({"normalize": normalize, "rescale": rescale, "lambda": 1.0, "int8_mask": False}, _GTA_PER_MODEL,
-                  sparsification, consensus)
+    return Method(
+        {"normalize": normalize, "rescale": rescale, "lambda": 1.0, "int8_mask": False},
+        _GTA_PER_MODEL,
+        sparsification,
+        consensus,
+    )
 
 
 # mergekit's registry (mergekit/merge_methods/registry.py): defaults as there
@@ -98,14 +102,18 @@ def parse_recipe(data: Mapping[str, Any]) -> MergekitRecipe:
     name = data.get("merge_method")
     if name not in METHODS:
         hint = "" if name is None else f" ({name!r} is not one of them)"
-        raise MergeError(f"mergekit key 'merge_method' must be one of {list(METHODS)}{hint}; a colearn recipe "
-                         "(method: ...) names colearn's own operators")
+        raise MergeError(
+            f"mergekit key 'merge_method' must be one of {list(METHODS)}{hint}; a colearn recipe "
+            "(method: ...) names colearn's own operators"
+        )
     method = METHODS[name]
     top = _parameters(data.get("parameters"), "parameters", [*method.globals, *method.per_model], name)
     models = _models(data.get("models"))
     base = _path(data.get("base_model"), "base_model")
-    per_model = [_parameters(params, f"models[{i}].parameters", list(method.per_model), name)
-                 for i, (_, params) in enumerate(models)]
+    per_model = [
+        _parameters(params, f"models[{i}].parameters", list(method.per_model), name)
+        for i, (_, params) in enumerate(models)
+    ]
     paths = [path for path, _ in models]
     params = {key: top.get(key, default) for key, default in method.globals.items()}
     if name == "slerp":
@@ -115,8 +123,10 @@ def parse_recipe(data: Mapping[str, Any]) -> MergekitRecipe:
         entries = [(p, v, f"models[{i}]") for i, (p, v) in enumerate(zip(paths, per_model))]
         if base is not None and base not in paths:
             if "weight" not in top:
-                raise MergeError("mergekit's linear merges base_model as one more model, and it has no weight: list "
-                                 "it under models with parameters.weight, set parameters.weight, or drop base_model")
+                raise MergeError(
+                    "mergekit's linear merges base_model as one more model, and it has no weight: list "
+                    "it under models with parameters.weight, set parameters.weight, or drop base_model"
+                )
             entries.insert(0, (base, {}, "base_model"))
         reference = base if base is not None else paths[0]
         entries.sort(key=lambda entry: entry[0] != reference)  # the reference first, the others in order
@@ -135,15 +145,15 @@ def parse_recipe(data: Mapping[str, Any]) -> MergekitRecipe:
     for density, (_, _, i) in zip(densities, others):
         if not 0 < density:
             raise MergeError(f"models[{i}].parameters.density={density} must be > 0")
-    return MergekitRecipe(name, base, [base, *(p for p, _, _ in others)], weights, densities, params,
-                          *_dtypes(data))
+    return MergekitRecipe(name, base, [base, *(p for p, _, _ in others)], weights, densities, params, *_dtypes(data))
 
 
 def _slerp(paths: list[Path], base: Path | None, params: dict[str, Any], data: Mapping[str, Any]) -> MergekitRecipe:
     ends = list(dict.fromkeys([*([base] if base is not None else []), *paths]))
     if len(ends) != 2:
-        raise MergeError(f"mergekit's slerp interpolates exactly 2 models (base_model and models together), got "
-                         f"{len(ends)}")
+        raise MergeError(
+            f"mergekit's slerp interpolates exactly 2 models (base_model and models together), got {len(ends)}"
+        )
     if params["t"] is None:
         raise MergeError("mergekit's slerp needs parameters.t (0 gives base_model, or models[0] without one)")
     return MergekitRecipe("slerp", ends[0], ends, [], [], params, *_dtypes(data))
@@ -158,8 +168,9 @@ def _models(value: Any) -> list[tuple[Path, Mapping[str, Any]]]:
             raise MergeError(f"mergekit key 'models[{i}]' must be a mapping with model: DIR")
         for key in entry:
             if key not in ("model", "parameters"):
-                raise MergeError(f"mergekit key 'models[{i}].{key}' is not supported; a model takes model and "
-                                 "parameters")
+                raise MergeError(
+                    f"mergekit key 'models[{i}].{key}' is not supported; a model takes model and parameters"
+                )
         out.append((_path(entry["model"], f"models[{i}].model"), entry.get("parameters") or {}))
     return out
 
@@ -171,8 +182,10 @@ def _path(value: Any, key: str) -> Path | None:
         raise MergeError(f"mergekit key {key!r} must be a local model directory (a string), got {value!r}")
     path = Path(value).expanduser()
     if "+" in value and not path.exists():
-        raise MergeError(f"mergekit key {key!r} is {value!r}: model+LoRA references are not supported; merge "
-                         "LoRA adapters with a colearn recipe")
+        raise MergeError(
+            f"mergekit key {key!r} is {value!r}: model+LoRA references are not supported; merge "
+            "LoRA adapters with a colearn recipe"
+        )
     return path
 
 
@@ -183,15 +196,20 @@ def _parameters(value: Any, where: str, allowed: Sequence[str], method: str) -> 
         raise MergeError(f"mergekit key {where!r} must be a mapping of parameter names to values")
     for key, setting in value.items():
         if key not in allowed:
-            raise MergeError(f"mergekit key '{where}.{key}' is not a parameter of {method} that colearn reads; it "
-                             f"reads {list(allowed)}")
+            raise MergeError(
+                f"mergekit key '{where}.{key}' is not a parameter of {method} that colearn reads; it "
+                f"reads {list(allowed)}"
+            )
         if isinstance(setting, list):
             kind = "filters" if any(isinstance(s, Mapping) for s in setting) else "gradients"
-            raise MergeError(f"mergekit key '{where}.{key}' is a list: per-layer parameter {kind} are not "
-                             "supported; give one value")
+            raise MergeError(
+                f"mergekit key '{where}.{key}' is a list: per-layer parameter {kind} are not supported; give one value"
+            )
         if isinstance(setting, Mapping):
-            raise MergeError(f"mergekit key '{where}.{key}' is a mapping: per-layer parameter filters are not "
-                             "supported; give one value")
+            raise MergeError(
+                f"mergekit key '{where}.{key}' is a mapping: per-layer parameter filters are not "
+                "supported; give one value"
+            )
         wants_flag = isinstance(METHODS[method].globals.get(key), bool)
         if wants_flag and not isinstance(setting, bool):
             raise MergeError(f"mergekit key '{where}.{key}' must be true or false, got {setting!r}")
@@ -236,6 +254,15 @@ def merged_tensor(key: str, tensors: Sequence[Tensor], recipe: MergekitRecipe, s
         method = METHODS[recipe.method]
         generator = torch.Generator(device=reference.device).manual_seed(tensor_seed(seed, key))
         merged = mergekit_methods.generalized_task_arithmetic(
-            inputs[0], inputs[1:], recipe.weights, recipe.densities, method.sparsification, method.consensus,
-            bool(params["normalize"]), bool(params["rescale"]), float(params["lambda"]), generator)
+            inputs[0],
+            inputs[1:],
+            recipe.weights,
+            recipe.densities,
+            method.sparsification,
+            method.consensus,
+            bool(params["normalize"]),
+            bool(params["rescale"]),
+            float(params["lambda"]),
+            generator,
+        )
     return merged.to(recipe.output_dtype or reference.dtype)

@@ -411,8 +411,9 @@ def _run(plan: Plan, tv: TaskVectors) -> Iterator[tuple[slice, Tensor | None, Te
         yield where, base, plan.merge(where, deltas)
 
 
-def merged_chunks(method: str, tv: TaskVectors, weights: Tensor, density: float, seed: int,
-                  params: dict | None = None) -> Iterator[tuple[slice, Tensor | None, Tensor]]:
+def merged_chunks(
+    method: str, tv: TaskVectors, weights: Tensor, density: float, seed: int, params: dict | None = None
+) -> Iterator[tuple[slice, Tensor | None, Tensor]]:
     """Yields (where, base there or None, merged task vector there) of `method` over the tensor, chunk by chunk in
     order.
 
@@ -423,8 +424,17 @@ def merged_chunks(method: str, tv: TaskVectors, weights: Tensor, density: float,
         yield from _run(plan(method, tv, weights, density, params), tv)
 
 
-def merge_into(out: Tensor, method: str, tv: TaskVectors, weights: Tensor, density: float, seed: int,
-               params: dict | None = None, step: float = 1.0, planned: Plan | None = None) -> None:
+def merge_into(
+    out: Tensor,
+    method: str,
+    tv: TaskVectors,
+    weights: Tensor,
+    density: float,
+    seed: int,
+    params: dict | None = None,
+    step: float = 1.0,
+    planned: Plan | None = None,
+) -> None:
     """Writes base + step * merged task vector of `method` into the flat `out` (any float dtype; tv has a base).
 
     A merge that is a combination sum_i c_i * delta_i with c_i >= 0 and step * sum_i c_i <= 1
@@ -462,8 +472,14 @@ def _convex_into(out: Tensor, tv: TaskVectors, scaled: list[float]) -> None:
             out[where].copy_(target)
 
 
-def merge_task_vectors(method: str, deltas: Sequence[Tensor], weights: Sequence[float] | Tensor,
-                       density: float = 1.0, seed: int = 0, **params: object) -> Tensor:
+def merge_task_vectors(
+    method: str,
+    deltas: Sequence[Tensor],
+    weights: Sequence[float] | Tensor,
+    density: float = 1.0,
+    seed: int = 0,
+    **params: object,
+) -> Tensor:
     """Returns the merged task vector of N same-shaped task vectors (no recipe checks: see colearn.merging.merge)."""
     dtype = torch.promote_types(deltas[0].dtype, torch.float32)
     tv = TaskVectors([d.reshape(-1) for d in deltas], None, dtype)

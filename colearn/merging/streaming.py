@@ -123,10 +123,17 @@ def write_like(layout: Layout, tensors: Iterator[tuple[str, Tensor]], out: Binar
             span = layout.spans.get(key)
             data = tensor_bytes(tensor)
             if span is None or key in written or data.nbytes != span[1] - span[0]:
-                slot = "no slot" if span is None else "a slot already written" if key in written else \
-                    f"a slot of {span[1] - span[0]} bytes"
-                raise MergeError(f"tensor {key!r} ({data.nbytes} bytes) has {slot} in the output; partners must "
-                                 f"share the ancestor's architecture")
+                slot = (
+                    "no slot"
+                    if span is None
+                    else "a slot already written"
+                    if key in written
+                    else f"a slot of {span[1] - span[0]} bytes"
+                )
+                raise MergeError(
+                    f"tensor {key!r} ({data.nbytes} bytes) has {slot} in the output; partners must "
+                    f"share the ancestor's architecture"
+                )
             written.add(key)
             if pending is not None:
                 pending.result()  # one at a time: a tensor's writeback starts once it is all written
@@ -141,7 +148,7 @@ def write_like(layout: Layout, tensors: Iterator[tuple[str, Tensor]], out: Binar
 def _write_at(out: BinaryIO, data: memoryview, offset: int) -> None:
     view = data.cast("B")
     while view.nbytes:  # pwrite may write less than asked
-        view = view[os.pwrite(out.fileno(), view, offset + data.nbytes - view.nbytes):]
+        view = view[os.pwrite(out.fileno(), view, offset + data.nbytes - view.nbytes) :]
     _start_writeback(out, offset, data.nbytes)
 
 
@@ -188,12 +195,26 @@ def merge_safetensors_files(
         check_same_tensors(_header_shapes(ancestor), [_header_shapes(p) for p in partners])
         recipe.check_groups_match(layout.spans)
         with atomic_file(out_path) as out:
-            write_like(layout, outputs(layout, ancestor, partners, partial(merge_tensor, recipe=recipe),
-                                       partial(plan_tensor, recipe=recipe)), out)
+            write_like(
+                layout,
+                outputs(
+                    layout,
+                    ancestor,
+                    partners,
+                    partial(merge_tensor, recipe=recipe),
+                    partial(plan_tensor, recipe=recipe),
+                ),
+                out,
+            )
 
 
-def outputs(layout: Layout, ancestor: Any, partners: Sequence[Any], compute: Callable[..., Tensor],
-            plan: Callable[[str, Tensor, list[Tensor]], Any] | None = None) -> Iterator[tuple[str, Tensor]]:
+def outputs(
+    layout: Layout,
+    ancestor: Any,
+    partners: Sequence[Any],
+    compute: Callable[..., Tensor],
+    plan: Callable[[str, Tensor, list[Tensor]], Any] | None = None,
+) -> Iterator[tuple[str, Tensor]]:
     """Yields (key, compute(key, ancestor's tensor, partners' tensors, out=buffer, planned=...)) in `merge_order`, for
     `write_like`: a pipeline over two cores.
 
@@ -225,8 +246,10 @@ def outputs(layout: Layout, ancestor: Any, partners: Sequence[Any], compute: Cal
             # Several tensors ahead while they are small (the thread's work varies more than the merge's), but a plan
             # may be as large as its tensor: at most the largest tensor's bytes beyond the next one.
             nonlocal submitted
-            while submitted < len(keys) and (len(upcoming) < 2 or sum(b for b, _ in upcoming) - upcoming[0][0]
-                                             + sizes[keys[submitted]] <= sizes[largest]):
+            while submitted < len(keys) and (
+                len(upcoming) < 2
+                or sum(b for b, _ in upcoming) - upcoming[0][0] + sizes[keys[submitted]] <= sizes[largest]
+            ):
                 upcoming.append((sizes[keys[submitted]], ahead.submit(ready, keys[submitted])))
                 submitted += 1
 
@@ -244,8 +267,9 @@ def outputs(layout: Layout, ancestor: Any, partners: Sequence[Any], compute: Cal
             if buffer is None or buffer.numel() < base.numel():
                 # a large tensor takes a spare (faulted in while small ones merged); a small one, fresh memory
                 large = bool(spares) and base.dtype == like.dtype and 2 * base.numel() > like.numel()
-                buffer = buffers[base.dtype] = spares.pop().result() if large else torch.empty(base.numel(),
-                                                                                               dtype=base.dtype)
+                buffer = buffers[base.dtype] = (
+                    spares.pop().result() if large else torch.empty(base.numel(), dtype=base.dtype)
+                )
             yield key, compute(key, base, found, out=buffer, planned=planned)
 
 

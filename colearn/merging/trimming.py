@@ -76,12 +76,15 @@ def _bracket(sample: Tensor, n: int, k: int) -> tuple[float, float]:
     p = min(max(k / n, 0.0), 1.0)
     position, margin = (1 - p) * m, 4 * math.sqrt(m * p * (1 - p)) + 4
     low, high = math.floor(position - margin), math.ceil(position + margin)
-    return (float(sample.kthvalue(low + 1).values) if low >= 0 else -math.inf,
-            float(sample.kthvalue(high + 1).values) if high < m else math.inf)
+    return (
+        float(sample.kthvalue(low + 1).values) if low >= 0 else -math.inf,
+        float(sample.kthvalue(high + 1).values) if high < m else math.inf,
+    )
 
 
-def _count_pass(tv: TaskVectors, brackets: list[list[tuple[float, float]]]
-                ) -> tuple[list[list[int]], list[list[Tensor]]]:
+def _count_pass(
+    tv: TaskVectors, brackets: list[list[tuple[float, float]]]
+) -> tuple[list[list[int]], list[list[Tensor]]]:
     """Returns, per task vector i and its bracket j, the number of magnitudes above the bracket and the nonzero
     magnitudes inside it, from one pass over the chunks."""
     above = [[torch.zeros((), dtype=torch.float64, device=tv.device) for _ in row] for row in brackets]

@@ -7,8 +7,15 @@ from pathlib import Path
 
 import torch
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedModel
-from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    PreTrainedTokenizerFast,
+)
 
 from colearn.config import ModelConfig
 from colearn.errors import ColearnError
@@ -83,8 +90,10 @@ def load_pretrained(path: str, dtype: str = "float32") -> tuple[PreTrainedModel,
     if not p.is_dir():
         raise ColearnError(f"model.source={path!r} is not a directory; give a local Hugging Face model dir or 'tiny'")
     if is_mixture(p):  # a mixture offspring (merge.fallback=mixture) holds several models, not one
-        raise ColearnError(f"model.source={path!r} is a colearn mixture, not one model; start from one of its "
-                           f"members: model.source={path}/members/<name>")
+        raise ColearnError(
+            f"model.source={path!r} is a colearn mixture, not one model; start from one of its "
+            f"members: model.source={path}/members/<name>"
+        )
     refuse_custom_code(p, "model.source")
     try:
         tokenizer = AutoTokenizer.from_pretrained(p, trust_remote_code=False)
@@ -108,8 +117,14 @@ def with_lora(model: PreTrainedModel, cfg: ModelConfig) -> PreTrainedModel:
         return model
     from peft import LoraConfig, get_peft_model
 
-    lora = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, target_modules=list(cfg.lora_targets),
-                      lora_dropout=0.0, bias="none", task_type="CAUSAL_LM")
+    lora = LoraConfig(
+        r=cfg.lora_rank,
+        lora_alpha=cfg.lora_alpha,
+        target_modules=list(cfg.lora_targets),
+        lora_dropout=0.0,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
     try:
         return get_peft_model(model, lora)
     except ValueError as e:

@@ -28,5 +28,7 @@ def refuse_custom_code(path: Path, role: str) -> None:
         except (OSError, ValueError):
             continue  # absent or unreadable: the loader itself reports what is missing
         if isinstance(config, dict) and config.get("auto_map"):
-            raise ColearnError(f"{role} {str(path)!r} needs its own Python code ({name} has auto_map), which "
-                               "colearn never runs; use a model whose architecture transformers ships")
+            raise ColearnError(
+                f"{role} {str(path)!r} needs its own Python code ({name} has auto_map), which "
+                "colearn never runs; use a model whose architecture transformers ships"
+            )

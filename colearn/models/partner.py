@@ -9,15 +9,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from torch import Tensor
 from safetensors.torch import load_file, save_file
+from torch import Tensor
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from colearn.config import ModelConfig
 from colearn.errors import ColearnError
 from colearn.models.directories import is_mixture, refuse_custom_code
 from colearn.models.policy import continuation_stats, legal_action_logprobs, right_padded
-
 
 VALUE_HEAD_FILE = "value_head.safetensors"  # beside the model's own files in a partner directory
 BASE_DIR = "base"  # in a LoRA partner's directory: the frozen base model the adapter applies to
@@ -95,12 +94,19 @@ class Partner:
         caller for as long as the weights do not change."""
         if legal:
             return self._act_constrained(observations, legal, greedy, generator, temperature, cache)
-        return self._act_generate(self.prompt_ids(observations), greedy, generator, temperature, max_new_tokens,
-                                  self.answer_ids(charset))
+        return self._act_generate(
+            self.prompt_ids(observations), greedy, generator, temperature, max_new_tokens, self.answer_ids(charset)
+        )
 
     @torch.no_grad()
-    def action_logprobs(self, observations: list[str], legal: list[str], temperature: float = 1.0,
-                        cache: dict | None = None, chunk: int = 256) -> torch.Tensor:
+    def action_logprobs(
+        self,
+        observations: list[str],
+        legal: list[str],
+        temperature: float = 1.0,
+        cache: dict | None = None,
+        chunk: int = 256,
+    ) -> torch.Tensor:
         """Returns log pi(a | observation) over the legal actions, (observations, K).
 
         Envs repeat observations (the episodes of a group start alike; small maps have few states), so each
@@ -112,8 +118,12 @@ class Partner:
         if missing:
             prompts = self.prompt_ids(missing)
             action_ids, pad = self.action_ids(legal), self.tokenizer.pad_token_id
-            logps = torch.cat([legal_action_logprobs(self.model, prompts[i : i + chunk], action_ids, pad, temperature)
-                               for i in range(0, len(prompts), chunk)])
+            logps = torch.cat(
+                [
+                    legal_action_logprobs(self.model, prompts[i : i + chunk], action_ids, pad, temperature)
+                    for i in range(0, len(prompts), chunk)
+                ]
+            )
             cache.update(((o, key), row) for o, row in zip(missing, logps))
         return torch.stack([cache[(o, key)] for o in observations])
 
@@ -138,9 +148,15 @@ class Partner:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             out = self.model.generate(
-                input_ids=ids, attention_mask=mask.to(self.device), max_new_tokens=max_new_tokens,
-                do_sample=not greedy, temperature=temperature if not greedy else None, top_k=None, top_p=None,
-                pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                input_ids=ids,
+                attention_mask=mask.to(self.device),
+                max_new_tokens=max_new_tokens,
+                do_sample=not greedy,
+                temperature=temperature if not greedy else None,
+                top_k=None,
+                top_p=None,
+                pad_token_id=tok.pad_token_id,
+                eos_token_id=tok.eos_token_id,
                 suppress_tokens=None if allowed is None else sorted(set(range(self._vocab_size())) - set(allowed)),
             )
         conts = [self._until_eos(row) for row in out[:, longest:].tolist()]
@@ -157,8 +173,14 @@ class Partner:
 
     def clone(self, name: str, envs: list[str] | None = None) -> Partner:
         """Returns a copy with its own weights (and value head) and no optimizer state."""
-        return Partner(name, copy.deepcopy(self.model), self.tokenizer, self.cfg, list(envs or self.envs),
-                       value_head=copy.deepcopy(self.value_head))
+        return Partner(
+            name,
+            copy.deepcopy(self.model),
+            self.tokenizer,
+            self.cfg,
+            list(envs or self.envs),
+            value_head=copy.deepcopy(self.value_head),
+        )
 
     def save(self, path: str | Path, home: str | Path | None = None) -> None:
         """Writes weights, tokenizer and optimizer state into `path` (a Hugging Face model directory).
@@ -184,8 +206,10 @@ class Partner:
         """Returns the partner saved at `path` (weights and tokenizer; optimizer state stays on disk)."""
         path = Path(path)
         if is_mixture(path):
-            raise ColearnError(f"checkpoint {str(path)!r} is a mixture of several models (mixture.json), not one "
-                               "partner; load it with colearn.breeding.mixture.load_mixture(path, cfg, device)")
+            raise ColearnError(
+                f"checkpoint {str(path)!r} is a mixture of several models (mixture.json), not one "
+                "partner; load it with colearn.breeding.mixture.load_mixture(path, cfg, device)"
+            )
         if not (path / "config.json").exists() and not (path / "adapter_config.json").exists():
             raise ColearnError(f"checkpoint {str(path)!r} has no config.json; is it a colearn/HF model directory?")
         refuse_custom_code(path, "checkpoint")
@@ -195,8 +219,9 @@ class Partner:
 
             # base/ beside the adapter, not adapter_config.json's absolute path: that one is stale once moved
             refuse_custom_code(path / BASE_DIR, "checkpoint")
-            base = AutoModelForCausalLM.from_pretrained(path / BASE_DIR, dtype=getattr(torch, cfg.dtype),
-                                                        trust_remote_code=False)
+            base = AutoModelForCausalLM.from_pretrained(
+                path / BASE_DIR, dtype=getattr(torch, cfg.dtype), trust_remote_code=False
+            )
             model = PeftModel.from_pretrained(base, path, is_trainable=True)
         else:
             model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, cfg.dtype), trust_remote_code=False)
@@ -247,16 +272,30 @@ def point_adapter_at_base(directory: Path, home: Path) -> None:
 
 def adapter_card(name: str, cfg: ModelConfig) -> str:
     """Returns the README.md of a LoRA partner directory: what it holds, its prompt format and how to load it."""
-    return "\n".join([
-        "---", "library_name: peft", "tags: [colearn, lora]", "---", "",
-        f"# colearn partner {name}", "",
-        f"A LoRA adapter (peft) on the frozen base model in `{BASE_DIR}/`. A prompt is the observation text put into "
-        f"the template {cfg.prompt_template!r} (a Python format string with `obs`); an action continues the prompt "
-        f"as {cfg.action_prefix!r} followed by the action's name.", "",
-        "```python", "from peft import AutoPeftModelForCausalLM", "from transformers import AutoTokenizer", "",
-        "model = AutoPeftModelForCausalLM.from_pretrained(DIR)  # DIR: this directory",
-        "tokenizer = AutoTokenizer.from_pretrained(DIR)", "```", "",
-        f"adapter_config.json names `{BASE_DIR}/` by its absolute path where the directory was written. Once it has "
-        f"moved, name the base yourself: `PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(DIR + "
-        f'"/{BASE_DIR}"), DIR)`.', "",
-    ])
+    return "\n".join(
+        [
+            "---",
+            "library_name: peft",
+            "tags: [colearn, lora]",
+            "---",
+            "",
+            f"# colearn partner {name}",
+            "",
+            f"A LoRA adapter (peft) on the frozen base model in `{BASE_DIR}/`. A prompt is the observation text put "
+            f"into the template {cfg.prompt_template!r} (a Python format string with `obs`); an action continues the "
+            f"prompt as {cfg.action_prefix!r} followed by the action's name.",
+            "",
+            "```python",
+            "from peft import AutoPeftModelForCausalLM",
+            "from transformers import AutoTokenizer",
+            "",
+            "model = AutoPeftModelForCausalLM.from_pretrained(DIR)  # DIR: this directory",
+            "tokenizer = AutoTokenizer.from_pretrained(DIR)",
+            "```",
+            "",
+            f"adapter_config.json names `{BASE_DIR}/` by its absolute path where the directory was written. Once it "
+            f"has moved, name the base yourself: `PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(DIR + "
+            f'"/{BASE_DIR}"), DIR)`.',
+            "",
+        ]
+    )

@@ -44,13 +44,23 @@ def last_outputs(
     ids = torch.full(mask.shape, pad_id, dtype=torch.long).masked_scatter(mask, tokens)  # row-major: rows in order
     mask = mask.long()
     positions = (mask.cumsum(1) - 1).clamp(min=0)  # pads take no position: same numbers as unpadded
-    out = model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device),
-                logits_to_keep=1, use_cache=False, output_hidden_states=hidden)  # no KV cache: nothing is generated
+    out = model(
+        input_ids=ids.to(device),
+        attention_mask=mask.to(device),
+        position_ids=positions.to(device),
+        logits_to_keep=1,
+        use_cache=False,
+        output_hidden_states=hidden,
+    )  # no KV cache: nothing is generated
     return out.logits[:, -1].float(), out.hidden_states[-1][:, -1].float() if hidden else None
 
 
 def continuation_stats(
-    model: torch.nn.Module, prompts: list[list[int]], conts: list[list[int]], pad_id: int, temperature: float = 1.0,
+    model: torch.nn.Module,
+    prompts: list[list[int]],
+    conts: list[list[int]],
+    pad_id: int,
+    temperature: float = 1.0,
     allowed: list[int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns (log-prob, mean token entropy), each (batch,), of each continuation given its prompt."""
@@ -59,8 +69,13 @@ def continuation_stats(
 
 
 def continuation_outputs(
-    model: torch.nn.Module, prompts: list[list[int]], conts: list[list[int]], pad_id: int, temperature: float = 1.0,
-    hidden: bool = True, allowed: list[int] | None = None,
+    model: torch.nn.Module,
+    prompts: list[list[int]],
+    conts: list[list[int]],
+    pad_id: int,
+    temperature: float = 1.0,
+    hidden: bool = True,
+    allowed: list[int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Returns (log-prob, mean token entropy), each (batch,), of each continuation given its prompt, and the
     final hidden state at each prompt's last token, (batch, hidden) (causal: it has not seen the continuation;

@@ -43,8 +43,9 @@ def load_weights(model: torch.nn.Module, weights: Mapping[str, torch.Tensor]) ->
     """Copies `weights` into the model; only names tied to a loaded tensor may be absent."""
     result = model.load_state_dict(weights, strict=False)
     if result.unexpected_keys or set(result.missing_keys) - _tied_names(model):
-        raise ValueError(f"weights do not fit the model: missing {result.missing_keys}, "
-                         f"unexpected {result.unexpected_keys}")
+        raise ValueError(
+            f"weights do not fit the model: missing {result.missing_keys}, unexpected {result.unexpected_keys}"
+        )
 
 
 def _tied_names(model: torch.nn.Module) -> set[str]:

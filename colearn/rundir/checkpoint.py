@@ -58,7 +58,9 @@ def save_checkpoint(root: Path, state: Any, extra: dict[str, Any]) -> Path:
         p.save(tmp / "partners" / p.name, home=final / "partners" / p.name)
     state.ancestor.save(tmp / "ancestor", home=final / "ancestor")
     meta = {
-        "generation": state.generation, "round": state.round, "env_steps": state.env_steps,
+        "generation": state.generation,
+        "round": state.round,
+        "env_steps": state.env_steps,
         "partners": [{"name": p.name, "envs": p.envs} for p in state.partners],
         "lineage": state.lineage,
         "score_history": state.score_history,
@@ -103,8 +105,7 @@ def is_intact(path: Path) -> bool:
 
 def latest_intact(root: Path) -> Path | None:
     """Returns the newest intact round checkpoint under `root`, logging each damaged one it skips."""
-    for d in sorted((d for d in root.glob("round_g*") if d.is_dir() and not d.name.endswith(".tmp")),
-                    reverse=True):
+    for d in sorted((d for d in root.glob("round_g*") if d.is_dir() and not d.name.endswith(".tmp")), reverse=True):
         if is_intact(d):
             return d
         log.warning("checkpoint %s is damaged (checksum mismatch or missing file); trying an older one", d)
@@ -123,8 +124,9 @@ def load_checkpoint(path: Path, cfg: Config) -> tuple[dict[str, Any], list[Partn
     return restored(meta), partners, ancestor
 
 
-def load_partner(path: Path, spec: dict[str, Any], cfg: Config, device: torch.device,
-                 optimizer: bool = True) -> Partner:
+def load_partner(
+    path: Path, spec: dict[str, Any], cfg: Config, device: torch.device, optimizer: bool = True
+) -> Partner:
     """Returns the partner `spec` ({name, envs}) with the weights at `path`, and with `optimizer` its
     optimizer state when `path` holds one."""
     partner = in_fresh_memory(Partner.load(path, spec["name"], cfg.model, device))
@@ -195,8 +197,10 @@ def load_generation(path: Path, cfg: Config) -> Loaded:
     if is_mixture(child):  # the loop seeds the next generation with the best partner's copy
         child = path / recipe["source"]
     going_on = recipe["method"] == "copy_best" and len(meta["partners"]) > 1
-    partners = [load_partner(path / spec["name"] if going_on else child, spec, cfg, device, optimizer=going_on)
-                for spec in meta["partners"]]
+    partners = [
+        load_partner(path / spec["name"] if going_on else child, spec, cfg, device, optimizer=going_on)
+        for spec in meta["partners"]
+    ]
     ancestor = in_fresh_memory(Partner.load(child, "ancestor", cfg.model, device))
     return restored(meta), partners, ancestor
 
@@ -205,9 +209,14 @@ def generation_note(path: Path, meta: dict[str, Any]) -> str:
     """Says that no round checkpoint was intact, and when the partners go on without their optimizer state."""
     recipe = meta["lineage"][-1]["recipe"]
     note = "; no round checkpoint was intact"
-    lost = recipe["method"] == "copy_best" and len(meta["partners"]) > 1 and not all(
-        (path / spec["name"] / "optimizer.pt").exists() for spec in meta["partners"])
+    lost = (
+        recipe["method"] == "copy_best"
+        and len(meta["partners"]) > 1
+        and not all((path / spec["name"] / "optimizer.pt").exists() for spec in meta["partners"])
+    )
     if lost:
-        note += ("; the partners' optimizer state was not kept there (loop.keep_generations), so they go on "
-                 "with fresh optimizers and the run will differ from an uninterrupted one")
+        note += (
+            "; the partners' optimizer state was not kept there (loop.keep_generations), so they go on "
+            "with fresh optimizers and the run will differ from an uninterrupted one"
+        )
     return note

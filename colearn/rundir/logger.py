@@ -55,8 +55,11 @@ class Logger:
 
 def tensorboard_scalars(fields: dict[str, Any]) -> dict[str, float]:
     """Returns the fields of an event that TensorBoard gets: finite numbers whose key is namespaced."""
-    return {key: value for key, value in fields.items() if "/" in key and isinstance(value, (int, float))
-            and not isinstance(value, bool) and math.isfinite(value)}
+    return {
+        key: value
+        for key, value in fields.items()
+        if "/" in key and isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    }
 
 
 def _jsonable(value: Any) -> Any:

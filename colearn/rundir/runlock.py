@@ -46,8 +46,7 @@ class RunLock:
             os.close(self._fd)  # the child's copy only: the parent still holds the lock
             self._fd = None
 
-    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, tb: TracebackType | None) -> None:
         if self._fd is not None:
             os.close(self._fd)  # closing the last descriptor releases the lock
             self._fd = None
@@ -70,8 +69,10 @@ def holder(run_dir: Path) -> int | None:
 
 def in_use_message(run_dir: Path, pid: int | None) -> str:
     who = f"process {pid}" if pid else "another process"
-    return (f"run directory {str(run_dir)!r} is in use by {who}; wait for it to end (or stop it) "
-            "before running or resuming in it")
+    return (
+        f"run directory {str(run_dir)!r} is in use by {who}; wait for it to end (or stop it) "
+        "before running or resuming in it"
+    )
 
 
 def _read_pid(fd: int) -> int:
