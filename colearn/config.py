@@ -64,7 +64,8 @@ class ModelConfig:
     action_prefix: str = " "  # put between the prompt and the action text
     lora_rank: int = 0  # 0 trains full weights; >0 wraps the model in a LoRA adapter of this rank (peft)
     lora_alpha: float = 16.0  # LoRA scaling numerator (scaling = alpha / rank)
-    lora_targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])  # module names
+    # module names LoRA adapts; []: peft's default for the model type (q_proj, v_proj on Llama; c_attn on GPT-2)
+    lora_targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
     dtype: str = "float32"  # torch dtype of the weights: one of DTYPES
 
     def __post_init__(self) -> None:

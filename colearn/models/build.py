@@ -120,7 +120,7 @@ def with_lora(model: PreTrainedModel, cfg: ModelConfig) -> PreTrainedModel:
     lora = LoraConfig(
         r=cfg.lora_rank,
         lora_alpha=cfg.lora_alpha,
-        target_modules=list(cfg.lora_targets),
+        target_modules=list(cfg.lora_targets) or None,  # None: peft's default modules for the model type
         lora_dropout=0.0,
         bias="none",
         task_type="CAUSAL_LM",
@@ -128,7 +128,10 @@ def with_lora(model: PreTrainedModel, cfg: ModelConfig) -> PreTrainedModel:
     try:
         return get_peft_model(model, lora)
     except ValueError as e:
-        raise ColearnError(f"model.lora_targets={list(cfg.lora_targets)} do not fit this model: {e}") from e
+        raise ColearnError(
+            f"model.lora_targets={list(cfg.lora_targets)} do not fit this model ({e}".splitlines()[0]
+            + "); name its linear modules, or [] for peft's default for the model type"
+        ) from e
 
 
 def build_ancestor(
