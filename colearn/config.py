@@ -69,6 +69,8 @@ class ModelConfig:
     dtype: str = "float32"  # torch dtype of the weights: one of DTYPES
 
     def __post_init__(self) -> None:
+        if not self.source:  # a preset for a downloaded model leaves it empty: Hydra's ??? would keep "tiny"
+            raise ColearnError("model.source is empty; this model preset needs model.source=/path/to/hf_model_dir")
         if self.lora_rank < 0:
             raise ColearnError(f"model.lora_rank={self.lora_rank} must be >= 0 (0 disables LoRA)")
         if self.source == "tiny" and self.hidden_size % self.num_heads:

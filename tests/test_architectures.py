@@ -138,3 +138,27 @@ def test_padded_batches_score_as_each_prompt_alone(model_type, tmp_path):
         batched, _ = continuation_stats(model, prompts, conts, pad)
         alone = torch.cat([continuation_stats(model, [p], [c], pad)[0] for p, c in zip(prompts, conts)])
         assert torch.allclose(batched, alone, atol=1e-5)
+
+
+PRESETS = {"smollm2_135m": "llama", "qwen2_5_0_5b_lora": "qwen2"}  # conf/model preset -> its model's architecture
+
+
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_a_real_model_preset_acts_with_a_local_directory(preset, tmp_path):
+    from peft import PeftModel
+
+    from colearn.models.build import build_ancestor
+
+    source = tiny_model_dir(PRESETS[preset], tmp_path)  # the real model's architecture, tiny and random
+    cfg = composed([f"model={preset}", f"model.source={source}"])
+    validate(cfg)
+    model, tokenizer = build_ancestor(cfg.model, [], [], seed=0)
+    assert isinstance(model, PeftModel) == (cfg.model.lora_rank > 0)
+    if cfg.model.lora_rank:  # every target module of the preset exists in the architecture and got an adapter
+        adapted = {n.split(".")[-4] for n, p in model.named_parameters() if "lora_A" in n and p.requires_grad}
+        assert adapted == set(cfg.model.lora_targets)
+    partner = Partner("A", model.eval(), tokenizer, cfg.model)
+    assert partner.prompt_ids(["SFG"])[0] == tokenizer(cfg.model.prompt_template.format(obs="SFG"))["input_ids"]
+    actions = ["left", "down", "right", "up"]
+    acted = partner.act(["SFG\nP at row 0 col 0"] * 3, actions, greedy=False, generator=torch.Generator())
+    assert all(t in actions for t in acted.texts) and all(lp < 0 for lp in acted.logprobs)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 
 from colearn import config, loop
 from colearn.cli.experiment import CONF_DIR, register_configs, to_config, validate
@@ -18,6 +19,7 @@ from colearn.experience.store import ExperienceStore
 
 CONF = Path(CONF_DIR)
 GROUPS = {g: sorted(p.stem for p in (CONF / g).glob("*.yaml")) for g in ("model", "env", "learn", "merge")}
+NEEDS_SOURCE = {o for o in GROUPS["model"] if OmegaConf.load(CONF / "model" / f"{o}.yaml").source == ""}
 PRESETS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
 TINY = [
     "loop.generations=2",
@@ -43,9 +45,10 @@ def composed(overrides: list[str]):
 @pytest.mark.parametrize("group,option", [(g, o) for g, opts in GROUPS.items() for o in opts])
 def test_every_group_option_composes_and_checks(group, option):
     overrides = [f"{group}={option}"]
-    if (group, option) == ("model", "local"):
-        overrides.append("model.source=/nonexistent")  # the one option that needs a path
-        cfg = composed(overrides)
+    if group == "model" and option in NEEDS_SOURCE:  # a local directory (tests/test_architectures.py loads each)
+        with pytest.raises(ColearnError, match="model.source is empty"):
+            composed(overrides)
+        cfg = composed([*overrides, "model.source=/nonexistent"])
         assert cfg.model.source == "/nonexistent"
         return
     cfg = composed(overrides)
