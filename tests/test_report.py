@@ -16,7 +16,7 @@ from PIL import Image
 
 from colearn.analysis.dynamics import pair_metrics, probe_set
 from colearn.analysis.lineage_plot import MAX_WIDTH, lineage_figure, lineage_layout
-from colearn.analysis.plots import merge_gain_figure, merge_gains, search_figure, transfer_figure
+from colearn.analysis.plots import merge_gain_figure, merge_gains, search_figure, sweep_figure, transfer_figure
 from colearn.analysis.report import searches_of, t_interval, t_quantile, write_compare, write_report
 from colearn.breeding.compatibility import measure
 from colearn.breeding.integrate import evaluate_modes
@@ -373,3 +373,13 @@ def test_transfer_panels_tell_a_partners_envs_apart(plain_run):
         assert all(len(set(s)) == len(s) for s in styles.values()), styles
     assert len(styles["A"]) == 2  # forgetting: A on both envs, each its own style
     plt.close(fig)
+
+
+def test_sweep_figure_scales_to_the_means_not_to_a_wide_interval():
+    """Two seeds give a t-interval of several units: the band is cut at the axes, which span the means and the
+    optimum."""
+    curves = {"full": {"Lake": [(0, 0.0, 0.0), (1000, 0.5, 6.35)]}, "independent": {"Lake": [(0, 0.0, 0.0)]}}
+    fig = sweep_figure(curves, ceiling=True)
+    low, high = fig.axes[0].get_ylim()
+    plt.close(fig)
+    assert -0.1 < low < 0 and 1 < high < 1.1

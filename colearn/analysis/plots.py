@@ -141,8 +141,12 @@ def legend_right(fig: Figure, ax) -> None:
             if lab not in labels:
                 handles.append(h)
                 labels.append(lab)
-    ax.legend(handles, labels, loc="upper left", bbox_to_anchor=(1.02, 1.0), frameon=False, fontsize=9)
+    legend = ax.legend(handles, labels, loc="upper left", bbox_to_anchor=(1.02, 1.0), frameon=False, fontsize=9)
+    # the panels are laid out without the legend (a tall one cannot fit beside them); saving with
+    # bbox_inches="tight" takes it in, once it counts again
+    legend.set_in_layout(False)
     fig.tight_layout()
+    legend.set_in_layout(True)
 
 
 @dataclass
@@ -361,6 +365,9 @@ def sweep_figure(curves: dict[str, dict[str, list[tuple[float, float, float]]]],
     colors = colors_for(list(curves))
     widths = {p: 1.5 + 1.5 * (len(curves) - 1 - i) / max(len(curves) - 1, 1) for i, p in enumerate(curves)}
     fig, axes = plt.subplots(1, len(envs), figsize=(min(5.2 * len(envs), 10.5), 3.6), squeeze=False, sharey=True)
+    means = [y for per_env in curves.values() for points in per_env.values() for _, y, _ in points]
+    # the means set the scale: with two or three seeds a t-interval is wide, and its band is cut at the axes
+    low, high = min(0.0, *means), max(1.0 if ceiling else 0.0, *means)
     for ax, env in zip(axes[0], envs):
         for preset, per_env in curves.items():
             if env not in per_env:
@@ -387,6 +394,7 @@ def sweep_figure(curves: dict[str, dict[str, list[tuple[float, float, float]]]],
             ax.axhline(1.0, **CEILING, label="optimal")
         ax.set_title(env)
         ax.set_xlabel("environment steps (mean over seeds)")
+        ax.set_ylim(low - 0.05 * (high - low or 1), high + 0.05 * (high - low or 1))
     axes[0][0].set_ylabel("partners' normalized return\n(mean, 95% interval over seeds)")
     legend_right(fig, axes[0][-1])
     return fig
