@@ -41,7 +41,7 @@ class Partner:
     value_head: torch.nn.Linear | None = None  # state value from the final hidden state (learn.advantage=gae)
     _prompt_cache: dict[str, list[int]] = field(default_factory=dict, repr=False)
     _action_cache: dict[str, list[int]] = field(default_factory=dict, repr=False)
-    _answer_cache: dict[str, list[int]] = field(default_factory=dict, repr=False)
+    _answer_cache: dict[str, tuple[list[int], list[int]]] = field(default_factory=dict, repr=False)
 
     @property
     def device(self) -> torch.device:
@@ -67,13 +67,18 @@ class Partner:
     def answer_ids(self, charset: str | None) -> list[int] | None:
         """Returns the token ids a free-form answer over `charset` may use: every token whose text is made of
         those characters (spaces around it aside), and the end of sequence; None (any token) without a charset."""
-        if not charset:
-            return None
+        return self._answer_tokens(charset)[0] if charset else None
+
+    def _answer_tokens(self, charset: str) -> tuple[list[int], list[int]]:
+        """Returns (`answer_ids`, every other id of the model's vocabulary: what generation suppresses), cached
+        per charset: acting asks at every step."""
         if charset not in self._answer_cache:
             chars = set(charset)
             texts = self.tokenizer.batch_decode([[i] for i in range(len(self.tokenizer))])
             ids = [i for i, t in enumerate(texts) if t.strip() and set(t.strip()) <= chars]
-            self._answer_cache[charset] = sorted({*ids, self.tokenizer.eos_token_id})
+            allowed = sorted({*ids, self.tokenizer.eos_token_id})
+            vocab = max(len(self.tokenizer), self.model.get_output_embeddings().weight.shape[0])
+            self._answer_cache[charset] = (allowed, sorted(set(range(vocab)) - set(allowed)))
         return self._answer_cache[charset]
 
     @torch.no_grad()
@@ -95,7 +100,7 @@ class Partner:
         if legal:
             return self._act_constrained(observations, legal, greedy, generator, temperature, cache)
         return self._act_generate(
-            self.prompt_ids(observations), greedy, generator, temperature, max_new_tokens, self.answer_ids(charset)
+            self.prompt_ids(observations), greedy, generator, temperature, max_new_tokens, charset
         )
 
     @torch.no_grad()
@@ -138,8 +143,9 @@ class Partner:
         picks = choice.tolist()
         return Actions([legal[i] for i in picks], [action_ids[i] for i in picks], chosen)
 
-    def _act_generate(self, prompts, greedy, generator, temperature, max_new_tokens, allowed) -> Actions:
+    def _act_generate(self, prompts, greedy, generator, temperature, max_new_tokens, charset) -> Actions:
         tok = self.tokenizer
+        allowed, suppressed = self._answer_tokens(charset) if charset else (None, None)
         flipped = [p[::-1] for p in prompts]
         longest = max(len(p) for p in prompts)
         ids = torch.tensor([[tok.pad_token_id] * (longest - len(p)) + p for p in prompts], device=self.device)
@@ -157,15 +163,12 @@ class Partner:
                 top_p=None,
                 pad_token_id=tok.pad_token_id,
                 eos_token_id=tok.eos_token_id,
-                suppress_tokens=None if allowed is None else sorted(set(range(self._vocab_size())) - set(allowed)),
+                suppress_tokens=suppressed,
             )
         conts = [self._until_eos(row) for row in out[:, longest:].tolist()]
         logps, _ = continuation_stats(self.model, prompts, conts, tok.pad_token_id, temperature, allowed)
         texts = [tok.decode(c, skip_special_tokens=True).strip().split("\n")[0] for c in conts]
         return Actions(texts, conts, logps.tolist())
-
-    def _vocab_size(self) -> int:
-        return max(len(self.tokenizer), self.model.get_output_embeddings().weight.shape[0])
 
     def _until_eos(self, row: list[int]) -> list[int]:
         eos = self.tokenizer.eos_token_id
