@@ -14,20 +14,8 @@ import yaml
 from colearn.cli.experiment import name_sweep_runs_by_swept_keys, sweep_subdir
 from colearn.cli.main import subcommand
 from colearn.experience import store as experience
+from tests.conftest import CLI_TINY
 
-TINY = [
-    "loop.generations=1",
-    "loop.rounds=1",
-    "rollout.episodes=8",
-    "rollout.group_size=4",
-    "rollout.num_envs=8",
-    "eval.episodes=2",
-    "model.hidden_size=32",
-    "model.intermediate_size=64",
-    "model.num_layers=1",
-    "model.num_heads=2",
-    "progress=false",
-]
 SHELL_SAFE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]*")
 
 
@@ -79,7 +67,7 @@ def sweep(tmp_path_factory):
             "colearn.cli",
             "-m",
             f"hydra.sweep.dir={root / 'sweep'}",
-            *TINY,
+            *CLI_TINY,
             "integrate.modes=[],[route]",
         ],
         cwd=root,
