@@ -38,7 +38,7 @@ MERGE_OPERATORS = (
 )
 MERGE_METHODS = (*MERGE_OPERATORS, "none", "evolve")  # none: keep the best partner; evolve: CMA-ES over an operator
 COMPAT_METRICS = ("cka", "cosine")
-FALLBACKS = ("best", "mixture")
+FALLBACKS = ("best", "mixture", "cluster")
 LORA_OFFSPRING = ("fold", "adapter")
 INTEGRATE_MODES = ("route", "route_confidence", "ensemble", "check_and_control", "consultative")
 ENSEMBLE_AVERAGES = ("probs", "logprobs")
@@ -193,7 +193,8 @@ class LearnConfig:
     distill_from: str = "peer"  # peer | self | both: whose successes to imitate
     distill_select: str = "success"  # success (episodes that reached the goal) | top (top fraction by return)
     distill_top_fraction: float = 0.25  # with distill_select=top
-    mutual_kl_coef: float = 0.0  # KL(peer || self) on the peer's states (deep mutual learning); 0 disables
+    mutual_kl_coef: float = 0.0  # KL(peer || self) on the peers' states, averaged over the peers (deep mutual
+    # learning); 0 disables
     collapse_entropy: float = 0.05  # warn when mean policy entropy falls below this (nats)
 
     def __post_init__(self) -> None:
@@ -230,8 +231,10 @@ class MergeConfig:
     search_max_weight: float = 1.5  # method=evolve: searched weights lie in [0, this]; densities in [0.05, 1]
     compat_metric: str = "cka"  # cka | cosine: the compatibility measure compared to compat_threshold
     compat_threshold: float = 0.0  # below it the partners are not averaged but fall back; 0 never falls back
-    fallback: str = "best"  # best | mixture: offspring if incompatible or gated out (mixture: the partners routed
-    # per env, saved as a mixture directory, see colearn.breeding.mixture)
+    fallback: str = "best"  # best | mixture | cluster: offspring if incompatible or gated out (mixture: the partners
+    # routed per env, saved as a mixture directory, see colearn.breeding.mixture; cluster: the partners grouped by
+    # compatibility, every pair of a group >= compat_threshold, each group merged and the groups routed per env,
+    # see colearn.breeding.clusters)
     gate: bool = True  # promote the offspring only if its validation score >= best parent's - gate_tolerance
     gate_tolerance: float = 0.05  # mean normalized return the offspring may lose against the best parent
     lora_offspring: str = "fold"  # LoRA partners: "fold" the merged change into the base under a fresh adapter,

@@ -6,7 +6,9 @@
 
 With merge.fallback=mixture, an offspring that is not a merge is the partners routed per env: it is
 evaluated and saved as that mixture (`colearn.breeding.mixture`), while the best partner's copy seeds the next
-generation (a mixture has no single set of weights to copy into the partners).
+generation (a mixture has no single set of weights to copy into the partners). With merge.fallback=cluster its
+members are the merges of the compatible clusters and the partners left alone; a partner of a merged cluster
+starts the next generation from its cluster's merge (`Offspring.next_partners`).
 
 May import: config, errors, models, experience, learning, rundir, merging, breeding, analysis.
 """
@@ -36,11 +38,12 @@ from tqdm.auto import tqdm
 from colearn.analysis.dynamics import forgetting, main_scores, pair_metrics, probe_set, transfer
 from colearn.breeding.compatibility import Compatibility, measure
 from colearn.breeding.integrate import ModeParams, evaluate_modes
+from colearn.breeding.kinds import Clustered, Merged, Mixture, Offspring
 from colearn.breeding.mixture import route_params, save_mixture
-from colearn.breeding.offspring import Merged, Mixture, Offspring, make_offspring
+from colearn.breeding.offspring import make_offspring
 from colearn.config import Config, EnvSpec
 from colearn.errors import ColearnError
-from colearn.experience.evaluate import EnvScore, evaluate, headline, normalized_by_env, return_scorer
+from colearn.experience.evaluate import EnvScore, env_scorer, evaluate, headline, normalized_by_env, return_scorer
 from colearn.experience.rollout import EpisodeMeta, collect, env_info, group_seeds
 from colearn.experience.store import ExperienceStore
 from colearn.learning.learn import learn, select_for_distillation
@@ -299,7 +302,7 @@ def run_generation(state: LoopState, ctx: Context, bar: tqdm) -> None:
         teachers = snapshot_teachers(state.partners, cfg)
         for i, partner in enumerate(state.partners):
             others = [p for p in state.partners if p is not partner] if cfg.loop.exchange else []
-            train(partner, i, others, teachers.get(partner.name), state, ctx)
+            train(partner, i, others, teachers.get(partner.name, []), state, ctx)
         for partner in state.partners:
             state.last_scores[partner.name] = assess(partner, partner.name, state, ctx)
         with ctx.timed("dynamics"):
@@ -317,7 +320,7 @@ def run_generation(state: LoopState, ctx: Context, bar: tqdm) -> None:
     with ctx.timed("breed"):
         offspring = breed(state, ctx)
     if isinstance(offspring, Mixture):
-        child_scores = assess_mixture(offspring.routing, state, ctx)
+        child_scores = assess_mixture(offspring, state, ctx)
     else:
         child_scores = assess(offspring.partner, "offspring", state, ctx)
     state.last_scores["offspring"] = child_scores
@@ -360,18 +363,18 @@ def play(partner: Partner, index: int, state: LoopState, ctx: Context) -> list[d
     return rows
 
 
-def snapshot_teachers(partners: list[Partner], cfg: Config) -> dict[str, Partner]:
-    """Returns, for mutual learning, a frozen copy of each partner's peer from before this round's updates."""
+def snapshot_teachers(partners: list[Partner], cfg: Config) -> dict[str, list[Partner]]:
+    """Returns, for mutual learning, each partner's peers as they were before this round's updates: frozen
+    copies (one per partner, shared) of every other partner, as in deep mutual learning with more than two
+    networks, where each learns from all the others (Zhang et al. 2018)."""
     if not cfg.learn.mutual_kl_coef or len(partners) < 2 or not cfg.loop.exchange:
         return {}
-    return {
-        p.name: Partner(q.name, copy.deepcopy(q.model), q.tokenizer, q.cfg)
-        for p, q in zip(partners, partners[1:] + partners[:1])
-    }
+    frozen = [Partner(q.name, copy.deepcopy(q.model), q.tokenizer, q.cfg) for q in partners]
+    return {p.name: [f for f in frozen if f.name != p.name] for p in partners}
 
 
 def train(
-    partner: Partner, index: int, others: list[Partner], teacher: Partner | None, state: LoopState, ctx: Context
+    partner: Partner, index: int, others: list[Partner], teachers: list[Partner], state: LoopState, ctx: Context
 ) -> dict[str, float]:
     """One learning phase of one partner on this round's experience, logged."""
     cfg = ctx.cfg
@@ -397,7 +400,7 @@ def train(
             distill,
             cfg.learn,
             seed_for(cfg, 3, state.generation, state.round, index),
-            teacher,
+            teachers,
             cfg.rollout.temperature,
             cfg.rollout.gamma,
         )
@@ -436,13 +439,14 @@ def assess(partner: Partner, label: str, state: LoopState, ctx: Context) -> list
     return scores
 
 
-def assess_mixture(mixture: dict[str, str], state: LoopState, ctx: Context) -> list[EnvScore]:
-    """Evaluates the mixture offspring (merge.fallback=mixture: each env routed to the partner best on it)
-    and logs it as the offspring; `save_generation` writes it as a mixture directory of the partners."""
-    params = route_params([p.name for p in state.partners], mixture)
-    records = evaluate_modes(state.partners, list(ctx.suite.values()), ["route"], ctx.cfg.eval, ctx.cfg.rollout, params)
+def assess_mixture(mixture: Mixture, state: LoopState, ctx: Context) -> list[EnvScore]:
+    """Evaluates the mixture offspring (merge.fallback=mixture or cluster: each env routed to the member best on
+    it) and logs it as the offspring; `save_generation` writes it as a mixture directory of its members."""
+    params = route_params([m.name for m in mixture.members], mixture.routing)
+    suite = list(ctx.suite.values())
+    records = evaluate_modes(mixture.members, suite, ["route"], ctx.cfg.eval, ctx.cfg.rollout, params)
     scores = [EnvScore(**{f: r[f] for f in EnvScore.__dataclass_fields__}) for r in records]
-    log_scores(scores, list(mixture), "offspring", state, ctx)
+    log_scores(scores, list(mixture.routing), "offspring", state, ctx)
     return scores
 
 
@@ -504,6 +508,7 @@ def breed(state: LoopState, ctx: Context) -> Offspring:
     scores = {p.name: headline(state.last_scores[p.name]) for p in state.partners}
     # validation and search episodes are disjoint from the reported evaluation's seeds
     validate_fn = return_scorer(suite, cfg.eval, cfg.rollout, cfg.eval.seed + 30_000)
+    validate_by_env = env_scorer(suite, cfg.eval, cfg.rollout, cfg.eval.seed + 30_000)  # routes merge.fallback=cluster
     search_fn = return_scorer(suite, cfg.eval, cfg.rollout, cfg.eval.seed + 20_000)
     # the last round's measurement, unless the run resumed after it (the weights have not changed since)
     measured, ctx.compat = ctx.compat, None
@@ -517,6 +522,7 @@ def breed(state: LoopState, ctx: Context) -> Offspring:
         probe=ctx.probe,
         measured=measured,
         env_scores=main_scores(state.last_scores),
+        env_score_fn=validate_by_env,
     )
 
 
@@ -545,6 +551,8 @@ def record_lineage(state: LoopState, ctx: Context, offspring: Offspring, child: 
     numbers = {f"merge/compat/{k}": v for k, v in (offspring.compat or {}).items() if isinstance(v, float)}
     numbers |= {f"merge/gate/{k}": v for k, v in gate.items() if isinstance(v, float)}
     numbers |= {f"merge/lora/{k}": v for k, v in lora.items() if isinstance(v, float)}
+    # merge.fallback=cluster: {cluster: merged | single | refused}, and where each env went
+    clusters = {c["name"]: c["outcome"] for c in offspring.clusters} if isinstance(offspring, Clustered) else {}
     ctx.log.write(
         "merge",
         state.env_steps,
@@ -552,6 +560,7 @@ def record_lineage(state: LoopState, ctx: Context, offspring: Offspring, child: 
         method=recipe["method"],
         outcome=recipe["outcome"],
         promoted=offspring.promoted,
+        **({"clusters": clusters, "routing": offspring.routing} if clusters else {}),
         recipe=recipe,
         **numbers,
         **{f"merge/gain/{env}": v for env, v in gain.items()},
@@ -578,7 +587,7 @@ def save_generation(state: LoopState, offspring: Offspring, ctx: Context) -> Non
         kept.save(tmp / p.name, home=final / p.name)
     child = offspring.partner
     if isinstance(offspring, Mixture):
-        save_mixture(state.partners, offspring.routing, tmp / child.name, home=final / child.name)
+        save_mixture(offspring.members, offspring.routing, tmp / child.name, home=final / child.name)
     else:
         child.save(tmp / child.name, home=final / child.name)
     shutil.rmtree(final, ignore_errors=True)
@@ -618,13 +627,12 @@ def promote(state: LoopState, ctx: Context, offspring: Offspring) -> None:
 
 
 def next_generation(state: LoopState, offspring: Offspring, ctx: Context) -> None:
-    """Makes the offspring the new ancestor and copies it into every partner (unless it is a copy of the best
-    partner, a fallback or merging off: then partners go on as they are), each acting where the curriculum
-    puts it next. `offspring.partner` is always one set of weights: for a mixture, the best partner's copy."""
-    child = offspring.partner
-    if isinstance(offspring, Merged) or len(state.partners) == 1:
-        state.partners = [child.clone(p.name, p.envs) for p in state.partners]
-    state.ancestor = child.clone("ancestor")
+    """Makes the offspring the new ancestor and starts the partners from what `Offspring.next_partners` says (a
+    merge's copies; after a copy of the best partner, a fallback or merging off, the partners as they are; after
+    merge.fallback=cluster, each merged cluster's partners from its merge), each acting where the curriculum
+    puts it next. `offspring.partner` is always one set of weights: for a mixture, its best member's copy."""
+    state.partners = offspring.next_partners(state.partners)
+    state.ancestor = offspring.partner.clone("ancestor")
     state.generation += 1
     state.round = 0
     for partner, spec in zip(state.partners, ctx.cfg.env.partners_at(state.generation)):

@@ -301,7 +301,7 @@ def test_merged_items_give_the_loss_and_gradient_of_their_steps(partner_factory)
     def loss_and_grads(batch):
         partner.model.zero_grad()
         partner.value_head.zero_grad()
-        loss, parts = batch_loss(partner, batch, cfg, teacher=None)
+        loss, parts = batch_loss(partner, batch, cfg)
         loss.backward()
         params = [*partner.model.parameters(), *partner.value_head.parameters()]
         return loss.item(), parts, [p.grad.clone() for p in params if p.grad is not None]

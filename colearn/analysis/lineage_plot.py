@@ -101,10 +101,19 @@ def score_lines(scores: dict[str, float], gains: dict[str, float] | None = None)
 
 
 def how_made(recipe: dict[str, Any]) -> str:
-    """Returns one line saying how an offspring was made: the merge method, or whose copy it is and why,
-    and a failed promotion gate."""
+    """Returns one line saying how an offspring was made: the merge method, whose copy it is, what a mixture
+    routes (merge.fallback=cluster: which clusters were merged and which partners routed alone), and why, and a
+    failed promotion gate."""
     method = recipe.get("method", "?")
     made = f"copy of {recipe['source']}" if method == "copy_best" and "source" in recipe else method
+    if recipe.get("fallback") == "mixture":
+        made = f"mixture of {', '.join(dict.fromkeys(recipe.get('mixture', {}).values()))}"
+    if "clusters" in recipe:
+        merged = [c["name"] for c in recipe["clusters"] if c["outcome"] == "merged"]
+        alone = [n for c in recipe["clusters"] if c["outcome"] != "merged" for n in c["members"]]
+        made = "clusters: " + "; ".join(
+            [f"{', '.join(merged)} merged"] * bool(merged) + [f"{', '.join(alone)} routed"] * bool(alone)
+        )
     if recipe.get("outcome") not in (None, "merged", "copy"):
         made += f" ({recipe['outcome']})"
     if recipe.get("gate", {}).get("passed") is False:

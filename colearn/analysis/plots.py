@@ -177,7 +177,7 @@ def merge_gains(events: list[Event]) -> list[MergeGain]:
         if "attempted" in recipe:
             attempted = recipe["attempted"]
             out.append(MergeGain(e["generation"], attempted.get("method", "?"), "rejected", validation=validation))
-        elif outcome == "merged":
+        elif outcome == "merged" or "clusters" in recipe:  # merge.fallback=cluster: the routed cluster merges
             status = "promoted" if checked else "ungated"
             out.append(MergeGain(e["generation"], str(e.get("method", "?")), status, by_env, validation))
         else:
@@ -283,9 +283,9 @@ def compat_figure(events: list[Event]) -> Figure | None:
     colors = colors_for([o for o in dict.fromkeys(e["partner"] for e in of(events, "eval")) if o not in FIXED])
     for ax, (prefix, title) in zip(axes.flat, panels):
         for key in sorted(k for k in series if k.startswith(prefix)):
-            label, color = compat_line(key.removeprefix(prefix), colors)
+            label, style = compat_line(key.removeprefix(prefix), colors)
             xs, ys = zip(*series[key])
-            ax.plot(xs, ys, marker="o", markersize=3.5, color=color, label=label)
+            ax.plot(xs, ys, **{"marker": "o", "markersize": 3.5, **style}, label=label)
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("environment steps")
         ax.legend(frameon=False, fontsize=8)
@@ -294,13 +294,18 @@ def compat_figure(events: list[Event]) -> Figure | None:
     return fig
 
 
-def compat_line(pair: str, colors: dict[str, str]) -> tuple[str, str]:
-    """Returns (label, color) of a compatibility series: a partner against its ancestor (`A~ancestor`, or
-    `A` for a distance from it) in the partner's color, a pair of partners in black."""
+def compat_line(pair: str, colors: dict[str, str]) -> tuple[str, dict[str, Any]]:
+    """Returns (label, line style) of a compatibility series: a partner against its ancestor (`A~ancestor`, or
+    `A` for a distance from it) solid in the partner's color; the pair of two partners in black; with more
+    partners, a pair A~B in A's color with B's line style and marker (`ENV_STYLES`, in partner order), so every
+    pair of a population has its own line."""
     a, _, b = pair.partition("~")
     if b in ("", "ancestor"):
-        return f"{a} ~ ancestor", colors.get(a, "0.5")
-    return f"{a} ~ {b}", "black"
+        return f"{a} ~ ancestor", {"color": colors.get(a, "0.5")}
+    if len(colors) <= 2:
+        return f"{a} ~ {b}", {"color": "black"}
+    line, marker = ENV_STYLES[list(colors).index(b) % len(ENV_STYLES)] if b in colors else ENV_STYLES[0]
+    return f"{a} ~ {b}", {"color": colors.get(a, "0.5"), "linestyle": line, "marker": marker}
 
 
 def modes_figure(events: list[Event]) -> Figure | None:

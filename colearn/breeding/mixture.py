@@ -1,8 +1,10 @@
 """A mixture on disk: partners kept side by side with the table that routes each env to its expert.
 
 When partners are too different to average (or their merge fails the promotion gate) and
-merge.fallback=mixture, the offspring is the pair routed per env (`integrate`'s "route" mode). One set
-of weights cannot hold that, so a mixture is a directory of Hugging Face directories plus a manifest:
+merge.fallback=mixture, the offspring is the partners routed per env (`integrate`'s "route" mode); with
+merge.fallback=cluster, its members are the merges of the compatible clusters (named like "A+B") and the
+partners left alone. One set of weights cannot hold that, so a mixture is a directory of Hugging Face
+directories plus a manifest:
 
     PATH/mixture.json          {"format": "colearn-mixture", "version": 1, "mode": "route",
                                 "members": [names], "env_map": {env: member name}, "unmapped_envs": ...}
@@ -14,6 +16,7 @@ max-probability over the legal actions); in free-text envs without legal actions
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -62,7 +65,8 @@ def save_mixture(
 ) -> None:
     """Writes the members routed by `env_map` ({env: member name}) as a mixture directory at `path`.
 
-    Members are saved without optimizer state: a mixture is an offspring to deploy, not a training state.
+    Members are saved without optimizer state: a mixture is an offspring to deploy, not a training state (their
+    value heads stay, so a run resumed from the generation directory starts from them exactly as it went on).
     Like `Partner.save`, this writes in place; callers that need atomicity write to a temporary dir and pass
     the final place as `home` (where LoRA members' adapter configs say their base models are)."""
     path = Path(path)
@@ -72,9 +76,7 @@ def save_mixture(
         raise ColearnError(f"mixture members must have distinct names, got {names}; rename the partners")
     route_params(names, env_map)  # every env routes to a member
     for m in members:
-        Partner(m.name, m.model, m.tokenizer, m.cfg, list(m.envs)).save(
-            member_dir(path, m.name), home=member_dir(home, m.name)
-        )
+        dataclasses.replace(m, optimizer=None).save(member_dir(path, m.name), home=member_dir(home, m.name))
     manifest = {
         "format": FORMAT,
         "version": VERSION,

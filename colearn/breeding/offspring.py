@@ -1,26 +1,27 @@
 """The offspring of a generation: the partners merged in weight space relative to their ancestor.
 
-Before merging, the pair's compatibility is measured (task-vector cosine, sign conflicts, CKA
-of their representations); partners that drifted apart (Pari et al., "Collective Model
-Intelligence Requires Compatible Specialization") are not averaged but fall back to the best
-partner or a mixture.  After merging, a gate promotes the offspring only if it is about as
-good as its best parent on validation episodes.  The result is a `Merged`, `Copy` or `Mixture`
-carrying its compatibility numbers and gate decision; its `recipe()` is the record the loop writes
-to lineage.json and metrics.jsonl.
+Before merging, the partners' compatibility is measured for every pair (task-vector cosine, sign conflicts,
+CKA of their representations); partners that drifted apart (Pari et al., "Collective Model Intelligence
+Requires Compatible Specialization") are not averaged but fall back to the best partner, a mixture of them,
+or (merge.fallback=cluster) a mixture of the merges of their compatible clusters (`colearn.breeding.clusters`).
+After merging, a gate promotes the offspring only if it is about as good as its best parent on validation
+episodes.  The result is a `Merged`, `Copy`, `Mixture` or `Clustered` carrying its compatibility numbers and
+gate decision; its `recipe()` is the record the loop writes to lineage.json and metrics.jsonl, its
+`next_partners` the partners the next generation starts from.
 """
 
 from __future__ import annotations
 
 import copy
-import dataclasses
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from peft import get_peft_model_state_dict, set_peft_model_state_dict
 
+from colearn.breeding.clusters import EnvScorer, cluster_config, cluster_name, clustered
 from colearn.breeding.compatibility import Compatibility, measure
+from colearn.breeding.kinds import Copy, Gate, Merged, Mixture, Offspring
 from colearn.config import MergeConfig
 from colearn.errors import ColearnError
 from colearn.merging.evolve import search, start_recipe
@@ -31,105 +32,6 @@ from colearn.models.partner import Partner
 from colearn.models.weights import dense_state, load_weights, untied
 
 Scorer = Callable[[Partner], float]  # policy -> mean normalized return on fixed validation episodes
-
-
-# --------------------------------------------------------------------------- the result
-
-
-@dataclass(frozen=True)
-class Gate:
-    """The promotion decision of merge.gate: passed when offspring >= best_parent - tolerance."""
-
-    offspring: float  # the offspring's mean normalized return on the validation episodes
-    best_parent: float  # the best parent's, re-scored on the same episodes
-    parents: dict[str, float]  # every parent's
-    tolerance: float  # merge.gate_tolerance
-    passed: bool
-    fallback: str | None  # merge.fallback taken instead of the offspring; None when it passed
-
-
-@dataclass(kw_only=True)
-class Offspring:
-    """A generation's offspring; `partner` is the one set of weights that seeds the next generation."""
-
-    partner: Partner
-    compat: dict[str, Any] | None = None  # `Compatibility.worst` of the partners with metric, threshold and compatible;
-    # None when no merge was considered (merging off, or one partner)
-    gate: Gate | None = None  # the promotion decision, when the gate ran
-    gate_skipped: str | None = None  # why the gate did not run, when a merge was considered
-
-    @property
-    def promoted(self) -> bool:
-        """Whether the offspring becomes the run's deployed model: all but those the gate refused."""
-        return self.gate is None or self.gate.passed
-
-    def recipe(self) -> dict[str, Any]:
-        """Returns how the offspring was made, as plain data: the record lineage.json and metrics.jsonl keep."""
-        raise NotImplementedError
-
-    def _gate_record(self) -> dict[str, Any]:
-        return dataclasses.asdict(self.gate) if self.gate is not None else {"skipped": self.gate_skipped}
-
-
-@dataclass(kw_only=True)
-class Merged(Offspring):
-    """The partners merged in weight space relative to their ancestor."""
-
-    merge: dict[str, Any]  # the merge's recipe (`Recipe.as_dict`; evolve's names its base_method and search)
-    lora: dict[str, Any] = field(default_factory=dict)  # how a LoRA offspring was made; {} for full weights
-
-    def recipe(self) -> dict[str, Any]:
-        lora = {"lora": self.lora} if self.lora else {}
-        return {**self.merge, "compat": self.compat, **lora, "gate": self._gate_record(), "outcome": "merged"}
-
-    def attempt(self) -> dict[str, Any]:
-        """Returns the merge's recipe with its LoRA record: what a fallback records as the merge it refused."""
-        return {**self.merge, **({"lora": self.lora} if self.lora else {})}
-
-
-@dataclass(kw_only=True)
-class Copy(Offspring):
-    """A copy of the best partner: merging is off or there is one partner, or the fallback of a merge not taken."""
-
-    source: str  # the copied partner's name
-    reason: str | None = None  # why a considered merge was not taken; None when none was considered
-    attempted: dict[str, Any] | None = None  # the merge the gate refused (`Merged.attempt`)
-
-    def recipe(self) -> dict[str, Any]:
-        if self.reason is None:
-            return {"method": "copy_best", "source": self.source, "outcome": "copy"}
-        attempted = {"attempted": self.attempted} if self.attempted is not None else {}
-        return {
-            "method": "copy_best",
-            "source": self.source,
-            "outcome": "fallback",
-            "fallback": self.fallback_name,
-            "reason": self.reason,
-            "compat": self.compat,
-            "gate": self._gate_record(),
-            **attempted,
-        }
-
-    @property
-    def fallback_name(self) -> str:
-        """The merge.fallback this offspring is."""
-        return "best"
-
-
-@dataclass(kw_only=True)
-class Mixture(Copy):
-    """The partners routed per env (merge.fallback=mixture), evaluated and saved as a mixture directory
-    (`colearn.breeding.mixture`); `partner` is the best partner's copy, as one set of weights cannot hold the
-    routing."""
-
-    routing: dict[str, str]  # env -> name of the partner that acts in it
-
-    def recipe(self) -> dict[str, Any]:
-        return {**super().recipe(), "mixture": self.routing}
-
-    @property
-    def fallback_name(self) -> str:
-        return "mixture"
 
 
 # --------------------------------------------------------------------------- weights
@@ -265,13 +167,17 @@ def gate_decision(offspring_score: float, parent_scores: Mapping[str, float], cf
 
 
 def mixture_map(partners: Sequence[Partner], env_scores: Mapping[str, Mapping[str, float]] | None) -> dict[str, str]:
-    """Returns {env: name of the partner best on it}: from per-env scores when given, else each partner's own envs.
+    """Returns {env: name of the partner best on it}: from per-env scores when given (ties: the first partner),
+    else each partner's own envs (an env several act in: the first of them).
 
     This is the routing of a mixture offspring (merge.fallback=mixture): the loop evaluates the partners
     routed by it and saves them with it as a mixture directory (`colearn.breeding.mixture`).
     """
     if not env_scores:
-        return {env: p.name for p in partners for env in p.envs}
+        own: dict[str, str] = {}
+        for p in partners:
+            own |= {env: p.name for env in p.envs if env not in own}
+        return own
     envs = dict.fromkeys(env for p in partners for env in env_scores.get(p.name, {}))
     return {
         env: max((p for p in partners if env in env_scores.get(p.name, {})), key=lambda p: env_scores[p.name][env]).name
@@ -297,9 +203,40 @@ def fallback(
             source=best.name,
             reason=reason,
             routing=mixture_map(partners, env_scores),
+            members=list(partners),
             **decision,
         )
     return Copy(partner=best.clone("offspring"), source=best.name, reason=reason, **decision)
+
+
+def merged_offspring(
+    ancestor: Partner,
+    partners: Sequence[Partner],
+    cfg: MergeConfig,
+    parent_scores: Mapping[str, float] | None,
+    search_fn: Scorer | None,
+    evaluate_fn: Scorer | None,
+    name: str = "offspring",
+) -> Merged:
+    """Returns the partners merged by merge.method (evolve: CMA-ES over merge.base_method's recipe, scored by
+    `search_fn`) and, given their validation `parent_scores`, the gate's decision on the merge scored by
+    `evaluate_fn` on the same episodes (or by the search's held-out score)."""
+    if cfg.method == "evolve":
+        weights, recipe = evolved_weights(ancestor, partners, cfg, search_fn, evaluate_fn)
+    else:
+        merge = merge_recipe(cfg, len(partners))
+        weights = merged_weights(ancestor, partners, merge)
+        recipe = merge.as_dict()
+    child, lora = offspring_from(ancestor, weights, cfg.lora_offspring, name)
+    merged = Merged(partner=child, merge=recipe, lora=lora)
+    if parent_scores is None or evaluate_fn is None:
+        merged.gate_skipped = "merge.gate is off" if not cfg.gate else "no evaluate_fn was given"
+        return merged
+    offspring_score = recipe.get("search", {}).get("heldout")
+    merged.gate = gate_decision(
+        offspring_score if offspring_score is not None else float(evaluate_fn(child)), parent_scores, cfg
+    )
+    return merged
 
 
 def make_offspring(
@@ -313,17 +250,18 @@ def make_offspring(
     probe: Sequence[str] | None = None,
     measured: Compatibility | None = None,
     env_scores: Mapping[str, Mapping[str, float]] | None = None,
+    env_score_fn: EnvScorer | None = None,
 ) -> Offspring:
-    """Returns the offspring of a generation: `Merged`, `Copy` or `Mixture`.
+    """Returns the offspring of a generation: `Merged`, `Copy`, `Mixture` or `Clustered`.
 
     A copy of the best-scoring partner when merging is off (method "none") or there is one partner. Otherwise: the
     partners' compatibility (`measured`, else measured here on the `probe` prompts: `compatibility.measure`)
-    decides: under merge.compat_threshold, the configured fallback is returned; else the partners are merged
-    (method=evolve: CMA-ES over merge.base_method's recipe, scored by `search_fn`) and, with merge.gate, the
-    offspring must score within merge.gate_tolerance of the best parent under `evaluate_fn` (held-out validation
-    episodes; parents are re-scored on the same episodes) or the fallback is returned. `scores` (the loop's last
-    evaluation) picks the best partner when `evaluate_fn` is absent; `env_scores` ({partner: {env: score}}) the
-    mixture map.
+    decides: when its worst pair is under merge.compat_threshold, the configured fallback is returned; else all
+    partners are merged (`merged_offspring`) and, with merge.gate, the offspring must score within
+    merge.gate_tolerance of the best parent under `evaluate_fn` (held-out validation episodes; parents are
+    re-scored on the same episodes) or the fallback is returned. `scores` (the loop's last evaluation) picks the
+    best partner when `evaluate_fn` is absent; `env_scores` ({partner: {env: score}}) the mixture map;
+    `env_score_fn` (per-env scores on the validation episodes) the routing of merge.fallback=cluster.
     """
     if len(partners) == 1 or cfg.method == "none":
         best = max(partners, key=lambda p: scores[p.name])
@@ -334,38 +272,30 @@ def make_offspring(
     compat = {**measured.worst(), "metric": cfg.compat_metric, "threshold": cfg.compat_threshold}
     reason = incompatibility(compat, cfg)
     compat["compatible"] = reason is None
+
+    def merge(indices: list[int]) -> Merged:
+        """The partners at `indices` merged (with their share of merge.weights) and gated."""
+        chosen = [partners[i] for i in indices]
+        name = "offspring" if len(chosen) == len(partners) else cluster_name([p.name for p in chosen])
+        gate_scores = {p.name: parent_scores[p.name] for p in chosen} if gated else None
+        return merged_offspring(
+            ancestor, chosen, cluster_config(cfg, indices), gate_scores, search_fn, evaluate_fn, name
+        )
+
+    def fall_back(why: str, **decision: Any) -> Copy:
+        if cfg.fallback == "cluster":
+            routes = mixture_map(partners, env_scores)
+            return clustered(partners, parent_scores, cfg, measured, merge, env_score_fn, routes, why, **decision)
+        return fallback(partners, parent_scores, cfg, why, env_scores, **decision)
+
     if reason is not None:
-        return fallback(
-            partners, parent_scores, cfg, reason, env_scores, compat=compat, gate_skipped="partners incompatible"
-        )
-    if cfg.method == "evolve":
-        weights, recipe = evolved_weights(ancestor, partners, cfg, search_fn, evaluate_fn)
-    else:
-        merge = merge_recipe(cfg, len(partners))
-        weights = merged_weights(ancestor, partners, merge)
-        recipe = merge.as_dict()
-    child, lora = offspring_from(ancestor, weights, cfg.lora_offspring)
-    merged = Merged(partner=child, merge=recipe, lora=lora, compat=compat)
-    if not gated:
-        merged.gate_skipped = "merge.gate is off" if not cfg.gate else "no evaluate_fn was given"
+        return fall_back(reason, compat=compat, gate_skipped="partners incompatible")
+    merged = merge(list(range(len(partners))))
+    merged.compat = compat
+    if merged.promoted:
         return merged
-    offspring_score = recipe.get("search", {}).get("heldout")
-    merged.gate = gate_decision(
-        offspring_score if offspring_score is not None else float(evaluate_fn(child)), parent_scores, cfg
+    reason = (
+        f"offspring {merged.gate.offspring:.4f} < best parent {merged.gate.best_parent:.4f} "
+        f"- merge.gate_tolerance {cfg.gate_tolerance}"
     )
-    if not merged.gate.passed:
-        reason = (
-            f"offspring {merged.gate.offspring:.4f} < best parent {merged.gate.best_parent:.4f} "
-            f"- merge.gate_tolerance {cfg.gate_tolerance}"
-        )
-        return fallback(
-            partners,
-            parent_scores,
-            cfg,
-            reason,
-            env_scores,
-            compat=compat,
-            gate=merged.gate,
-            attempted=merged.attempt(),
-        )
-    return merged
+    return fall_back(reason, compat=compat, gate=merged.gate, attempted=merged.attempt())

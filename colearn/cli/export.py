@@ -238,8 +238,9 @@ def mixture_card(
 ) -> str:
     """Returns the README.md of an exported mixture: what it is, its routing table (env -> member), how to
     load it, its scores, then lineage and recipe as for one model."""
-    reason = (node or {}).get("recipe", {}).get("reason")
-    why = f"merge.fallback=mixture: {reason}" if reason else "merge.fallback=mixture"
+    recipe = (node or {}).get("recipe", {})
+    fallback = f"merge.fallback={recipe.get('fallback', 'mixture')}"
+    why = f"{fallback}: {recipe['reason']}" if recipe.get("reason") else fallback
     lines = [
         "---",
         "library_name: transformers",
@@ -254,9 +255,28 @@ def mixture_card(
         "side and each env is routed to the member best on it. `mixture.json` holds the routing table; each "
         "member is a Hugging Face directory under `members/<name>/`.",
         "",
+        *cluster_lines(recipe.get("clusters", [])),
     ]
     lines += routing_lines(manifest) + loading_lines(manifest, out, run_dir) + scores_lines(scores)
     return "\n".join(lines + lineage_lines(node)) + "\n"
+
+
+def cluster_lines(clusters: list[dict[str, Any]]) -> list[str]:
+    """Returns the card's account of merge.fallback=cluster: which members are merges of which partners."""
+    merged = [c for c in clusters if c["outcome"] == "merged"]
+    if not clusters:
+        return []
+    lines = [
+        f"- `{c['name']}`: the merge ({c['merge'].get('method', '?')}) of {', '.join(c['members'])}" for c in merged
+    ]
+    alone = [n for c in clusters if c["outcome"] != "merged" for n in c["members"]]
+    lines += [f"- {', '.join(alone)}: partners kept as they were"] if alone else []
+    return [
+        "The partners were grouped by compatibility (every pair of a group compatible) and each group merged:",
+        "",
+        *lines,
+        "",
+    ]
 
 
 def routing_lines(manifest: dict[str, Any]) -> list[str]:

@@ -144,3 +144,12 @@ def return_scorer(
     """
     here = dataclasses.replace(cfg, seed=seed, episodes=episodes or cfg.episodes, greedy=True, sampled=False)
     return lambda partner: headline(evaluate(partner, list(suite), here, rollout))
+
+
+def env_scorer(
+    suite: Sequence[EnvSpec], cfg: EvalConfig, rollout: RolloutConfig, seed: int, episodes: int | None = None
+) -> Callable[[Partner], dict[str, float]]:
+    """Returns policy -> {env: normalized greedy return} on the episodes that `return_scorer` with the same seed
+    scores (its number is the mean of these)."""
+    here = dataclasses.replace(cfg, seed=seed, episodes=episodes or cfg.episodes, greedy=True, sampled=False)
+    return lambda partner: normalized_by_env(evaluate(partner, list(suite), here, rollout))

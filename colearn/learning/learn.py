@@ -4,7 +4,8 @@ One gradient step mixes three kinds of rows:
 - own: clipped policy gradient against the stored behaviour log-probability (PPO/GRPO style),
 - peer: the partner's steps, weighted by the truncated ratio pi_self / pi_partner (SEAC, Christianos et al. 2020),
 - distill: negative log-likelihood of the action tokens of selected successful steps (rejection-sampling
-  fine-tuning / STaR), optionally with a KL toward the partner's action distribution (deep mutual learning).
+  fine-tuning / STaR), optionally with a KL toward the partner's action distribution (deep mutual learning;
+  with several partners, the mean KL toward each of them).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import logging
 import math
 import random
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -316,7 +318,7 @@ def learn(
     distill: list[dict[str, Any]],
     cfg: LearnConfig,
     seed: int,
-    teacher: Partner | None = None,
+    teachers: Sequence[Partner] = (),
     temperature: float = 1.0,
     gamma: float = 1.0,
 ) -> dict[str, float]:
@@ -350,7 +352,7 @@ def learn(
             order.shuffle(items)
         batches = whole or (merged(items[i : i + cfg.batch_size]) for i in range(0, len(items), cfg.batch_size))
         for batch in batches:
-            loss, parts = batch_loss(partner, batch, cfg, teacher, temperature)
+            loss, parts = batch_loss(partner, batch, cfg, teachers, temperature)
             if cfg.target_kl and parts["learn/approx_kl"] > cfg.target_kl:
                 stats["learn/stopped_at_kl"] = parts["learn/approx_kl"]  # the policy moved far enough this round
                 break
@@ -378,7 +380,7 @@ def batch_loss(
     partner: Partner,
     batch: list[Item],
     cfg: LearnConfig,
-    teacher: Partner | None,
+    teachers: Sequence[Partner] = (),
     temperature: float = 1.0,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Returns the mixed loss of one minibatch and its parts (as floats); each term is a mean over its steps."""
@@ -401,7 +403,7 @@ def batch_loss(
     kl = (
         mutual_kl(
             partner,
-            teacher,
+            teachers,
             [r for r, m in zip(rows, distilled) if m],
             [it.count for it, m in zip(batch, distilled) if m],
         )
@@ -442,12 +444,18 @@ def approx_kl(logp: torch.Tensor, behaviour: torch.Tensor, weight: torch.Tensor)
 
 
 def mutual_kl(
-    partner: Partner, teacher: Partner | None, rows: list[dict[str, Any]], weights: list[int]
+    partner: Partner, teachers: Sequence[Partner], rows: list[dict[str, Any]], weights: list[int]
 ) -> torch.Tensor:
-    """Returns the weighted sum of KL(teacher || partner) over the legal actions of the constrained rows
-    (0 without a teacher); a row's weight is the number of steps it stands for."""
-    if teacher is None:
+    """Returns the weighted sum of KL(teacher || partner) over the legal actions of the constrained rows, averaged
+    over the teachers (deep mutual learning with several peers; 0 without one); a row's weight is the number of
+    steps it stands for."""
+    if not teachers:
         return torch.zeros((), device=partner.device)
+    return torch.stack([kl_to(partner, t, rows, weights) for t in teachers]).mean()
+
+
+def kl_to(partner: Partner, teacher: Partner, rows: list[dict[str, Any]], weights: list[int]) -> torch.Tensor:
+    """Returns the weighted sum of KL(teacher || partner) over the legal actions of the constrained rows."""
     total = torch.zeros((), device=partner.device)
     by_legal: dict[tuple[str, ...], list[tuple[dict[str, Any], int]]] = defaultdict(list)
     for r, w in zip(rows, weights):

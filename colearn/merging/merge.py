@@ -133,6 +133,10 @@ class Recipe:
         if n_partners < 1:
             raise MergeError("merge needs at least one partner")
         _check_weights(self.weights, n_partners, "merge.weights")
+        if self.method == "slerp" and n_partners != 2:  # an angle between two vectors: known before any tensor
+            raise MergeError(
+                f"merge.method='slerp' merges exactly 2 partners, got {n_partners}; use linear or model_stock"
+            )
         _check_fraction(self.density, "merge.density", low_open=True)
         _check_fraction(self.to_ancestor, "merge.to_ancestor", low_open=False)
         _check_params(self.method, self.params, "merge.params")

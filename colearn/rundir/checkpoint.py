@@ -188,32 +188,46 @@ def latest_generation(root: Path, cfg: Config) -> tuple[Path, Loaded, str] | Non
 
 def load_generation(path: Path, cfg: Config) -> Loaded:
     """Returns (state metadata, partners, ancestor) at the start of the generation after the one saved at
-    `path`, as the loop's `next_generation` made them: the offspring's copies, or with a copy_best recipe
-    and several partners the partners going on (with their optimizer state where the directory kept it)."""
+    `path`, as the loop's `next_generation` made them (`starts`); a partner going on has its optimizer state
+    where the directory kept it."""
     meta = json.loads((path / RESUME_FILE).read_text(encoding="utf-8"))
     recipe = meta["lineage"][-1]["recipe"]
     device = resolve_device(cfg.device)
     child = path / "offspring"
-    if is_mixture(child):  # the loop seeds the next generation with the best partner's copy
-        child = path / recipe["source"]
-    going_on = recipe["method"] == "copy_best" and len(meta["partners"]) > 1
+    if is_mixture(child):  # the loop seeds the next generation with the best member's copy
+        child = child / "members" / recipe["source"]
+    start = starts(recipe, [spec["name"] for spec in meta["partners"]])
     partners = [
-        load_partner(path / spec["name"] if going_on else child, spec, cfg, device, optimizer=going_on)
+        load_partner(path / start[spec["name"]], spec, cfg, device, optimizer=start[spec["name"]] == spec["name"])
         for spec in meta["partners"]
     ]
     ancestor = in_fresh_memory(Partner.load(child, "ancestor", cfg.model, device))
     return restored(meta), partners, ancestor
 
 
+def starts(recipe: dict[str, Any], names: list[str]) -> dict[str, str]:
+    """Returns {partner: the directory, relative to a generation directory, it starts the next generation from}, as
+    the offspring's `next_partners` chose by its recipe: its own (it goes on: after a copy of the best partner or a
+    fallback, with several partners), its cluster's merge in the mixture (merge.fallback=cluster), or the
+    offspring."""
+    if recipe.get("fallback") == "cluster":
+        merged = {
+            n: f"offspring/members/{c['name']}"
+            for c in recipe["clusters"]
+            if c["outcome"] == "merged"
+            for n in c["members"]
+        }
+        return {n: merged.get(n, n) for n in names}
+    going_on = recipe["method"] == "copy_best" and len(names) > 1
+    return {n: n if going_on else "offspring" for n in names}
+
+
 def generation_note(path: Path, meta: dict[str, Any]) -> str:
     """Says that no round checkpoint was intact, and when the partners go on without their optimizer state."""
-    recipe = meta["lineage"][-1]["recipe"]
+    names = [spec["name"] for spec in meta["partners"]]
     note = "; no round checkpoint was intact"
-    lost = (
-        recipe["method"] == "copy_best"
-        and len(meta["partners"]) > 1
-        and not all((path / spec["name"] / "optimizer.pt").exists() for spec in meta["partners"])
-    )
+    going_on = [n for n, start in starts(meta["lineage"][-1]["recipe"], names).items() if start == n]
+    lost = not all((path / n / "optimizer.pt").exists() for n in going_on)
     if lost:
         note += (
             "; the partners' optimizer state was not kept there (loop.keep_generations), so they go on "
