@@ -189,6 +189,12 @@ def test_a_whole_population_merge_the_gate_refused_is_not_tried_again(four):
     assert [(c["members"], c["outcome"]) for c in result.clusters] == [(["A", "B", "C", "D"], "refused")]
     assert result.clusters[0]["gate"] == result.recipe()["gate"]
     assert result.routing == {"Lake": "A", "MirrorLake": "C", "Taxi": "D"}  # each partner's own env
+    # merge.compat_threshold=0 makes every pair compatible: no metric needed (here no CKA was measured)
+    scored.clear()
+    unmeasured = make_offspring(
+        root, partners, SCORES, MergeConfig(fallback="cluster"), evaluate_fn=validate, measured=measured(alike)
+    )
+    assert [c["outcome"] for c in unmeasured.clusters] == ["refused"] and scored[-1] == "offspring"
 
 
 # --- deep mutual learning with several peers ---------------------------------------------------------------------

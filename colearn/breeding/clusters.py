@@ -53,12 +53,14 @@ def compatible_groups(names: Sequence[str], similarity: Similarity, threshold: f
     def linkage(x: list[str], y: list[str]) -> float:  # the least compatible pair across the two clusters
         return min(value(a, b) for a in x for b in y)
 
+    if threshold <= 0:
+        return [list(names)]
     clusters = [[n] for n in names]
     while len(clusters) > 1:
         joins = [(linkage(clusters[i], clusters[j]), i, j) for i, j in itertools.combinations(range(len(clusters)), 2)]
         best = max(joins, key=lambda t: t[0])  # max keeps the first of equals: the earliest pair of clusters
         score, i, j = best
-        if threshold > 0 and score < threshold:
+        if score < threshold:
             break
         clusters[i] = sorted(clusters[i] + clusters[j], key=list(names).index)
         del clusters[j]
@@ -109,7 +111,8 @@ def clustered(
     `env_score_fn`, an env goes to the member holding the partner `partner_routes` ({env: partner}) names.
     `decision` holds the compat, gate or gate_skipped, and attempted fields of the result."""
     names = [p.name for p in partners]
-    groups = compatible_groups(names, pair_similarity(measured, cfg.compat_metric), cfg.compat_threshold)
+    similarity = pair_similarity(measured, cfg.compat_metric) if cfg.compat_threshold > 0 else {}
+    groups = compatible_groups(names, similarity, cfg.compat_threshold)
     members: list[Partner] = []
     holder: dict[str, str] = {}  # partner -> the member of the mixture that holds it
     records = []
