@@ -189,7 +189,7 @@ class LearnConfig:
     value_coef: float = 0.5  # weight of the value head's squared error (advantage=gae)
     advantage_norm: str = "std"  # advantage=gae, per kind and round: std (divide by the std, keeping each sign) |
     # mean_std (also subtract the mean, as PPO implementations do) | none
-    distill_coef: float = 0.5  # weight of distillation (SFT on selected successes); 0 disables it
+    distill_coef: float = 0.1  # weight of distillation (SFT on selected successes); 0 disables it
     distill_from: str = "peer"  # peer | self | both: whose successes to imitate
     distill_select: str = "success"  # success (episodes that reached the goal) | top (top fraction by return)
     distill_top_fraction: float = 0.25  # with distill_select=top

@@ -327,7 +327,7 @@ def run_generation(state: LoopState, ctx: Context, bar: tqdm) -> None:
     record_lineage(state, ctx, offspring, child_scores)
     with ctx.timed("save_generation"):
         save_generation(state, offspring, ctx)
-    promote(state, ctx, offspring)
+    deploy(state, ctx)
     state.score_history.append(main_scores(state.last_scores))
     next_generation(state, offspring, ctx)
     log_times(state, ctx)
@@ -543,6 +543,7 @@ def record_lineage(state: LoopState, ctx: Context, offspring: Offspring, child: 
         "parent_scores": parent_scores,
         "merge_gain": gain,
         "env_steps": state.env_steps,
+        "deployed": deploys(child_scores, g, ctx.run_dir),
     }
     state.lineage.append(node)
     write_json_atomic(ctx.run_dir / "lineage.json", state.lineage)
@@ -560,6 +561,7 @@ def record_lineage(state: LoopState, ctx: Context, offspring: Offspring, child: 
         method=recipe["method"],
         outcome=recipe["outcome"],
         promoted=offspring.promoted,
+        deployed=node["deployed"],
         **({"clusters": clusters, "routing": offspring.routing} if clusters else {}),
         recipe=recipe,
         **numbers,
@@ -610,11 +612,28 @@ def prune_generations(run_dir: Path, keep: int) -> None:
             optimizer_state.unlink(missing_ok=True)
 
 
-def promote(state: LoopState, ctx: Context, offspring: Offspring) -> None:
-    """Moves the run's `deployed.json` pointer to this generation's offspring unless the gate refused it."""
-    if not offspring.promoted:
-        return
+def deploys(scores: dict[str, float], generation: int, run_dir: Path) -> bool:
+    """Returns whether generation `generation`'s offspring, with these normalized scores (env -> score, the
+    reported evaluation), replaces the run's deployed one: when none is deployed yet, or when its mean over envs
+    is at least the deployed one's. So a long run keeps the best offspring it has made (a merge the gate passed,
+    or the fallback it took instead) and never deploys a later, worse one. A pointer to this generation or a later
+    one was left by the run a resume replays: it is not compared against."""
+    path = run_dir / "deployed.json"
+    if not path.exists():
+        return True
+    deployed = json.loads(path.read_text(encoding="utf-8"))
+    return deployed["generation"] >= generation or mean_score(scores) >= mean_score(deployed["scores"])
+
+
+def mean_score(scores: dict[str, float]) -> float:
+    return sum(scores.values()) / max(len(scores), 1)
+
+
+def deploy(state: LoopState, ctx: Context) -> None:
+    """Moves the run's `deployed.json` pointer to this generation's offspring when its lineage node says so."""
     node = state.lineage[-1]
+    if not node["deployed"]:
+        return
     write_json_atomic(
         ctx.run_dir / "deployed.json",
         {

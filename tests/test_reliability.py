@@ -245,3 +245,13 @@ def test_a_second_signal_stops_at_once_with_one_line(capsys):
     assert err == [
         "colearn: stopped at once by a second SIGTERM; resume from the last checkpoint with: colearn resume RUN"
     ]
+
+
+def test_a_later_worse_offspring_is_not_deployed(tmp_path):
+    assert loop.deploys({"Lake": 0.0, "MirrorLake": 0.0}, 0, tmp_path)  # nothing deployed yet: the first offspring is
+    (tmp_path / "deployed.json").write_text(json.dumps({"generation": 1, "scores": {"Lake": 1.0, "MirrorLake": 0.5}}))
+    assert not loop.deploys({"Lake": 1.0, "MirrorLake": 0.0}, 2, tmp_path)  # mean 0.5 < 0.75
+    assert loop.deploys({"Lake": 0.5, "MirrorLake": 1.0}, 2, tmp_path)  # a tie deploys the newer one
+    assert loop.deploys(
+        {"Lake": 0.0, "MirrorLake": 0.0}, 1, tmp_path
+    )  # a resume replaying generation 1 ignores its pointer
