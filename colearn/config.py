@@ -301,8 +301,8 @@ class RayConfig:
     address: str = ""  # "": start a local Ray for the run (and stop it at the end); "auto": attach to the cluster
     # `ray start` runs on this machine; "host:port" (or "ray://host:port"): attach to that cluster's head
     num_cpus: float = 1.0  # CPUs each partner's actor reserves; a local Ray gets at least partners x this many
-    num_gpus: float = 0.0  # GPUs each partner's actor reserves; > 0 puts the partner on its GPU (needs device=cuda);
-    # fractions share a GPU (0.5: two partners on one)
+    num_gpus: float = 0.0  # GPUs each partner's actor reserves; > 0 puts the partner on its GPU (needs device=cuda
+    # or auto, where the loop keeps its copies, merges and evaluates the offspring); 0.5: two partners a GPU
     runtime_env: dict[str, Any] = field(default_factory=dict)  # Ray's runtime_env of the run's actors, e.g.
     # {py_modules: [/path/colearn, /path/envs]} where the cluster's nodes lack colearn (docs/scale.md)
 
@@ -343,5 +343,5 @@ class Config:
                 f"device={self.device} with backend=ray gives the actors no GPU; set ray.num_gpus "
                 "(1 per partner, or 0.5 to share one GPU between two)"
             )
-        if self.backend == "ray" and self.ray.num_gpus and not self.device.startswith("cuda"):
-            raise ColearnError(f"ray.num_gpus={self.ray.num_gpus} needs device=cuda (it is {self.device})")
+        if self.backend == "ray" and self.ray.num_gpus and not self.device.startswith(("cuda", "auto")):
+            raise ColearnError(f"ray.num_gpus={self.ray.num_gpus} needs device=cuda or auto (it is {self.device})")

@@ -314,10 +314,8 @@ def run_generation(state: LoopState, ctx: Context, bar: tqdm) -> None:
             log_learning(partner, taught, stats, state, ctx)
         with ctx.timed("eval"):
             scores = ctx.backend.evaluate(list(ctx.suite.values()))
-        with ctx.timed("sync"):
-            ctx.backend.pull(
-                state.partners
-            )  # the loop's copies as they learned: dynamics, checkpoint and merge read them
+        with ctx.timed("sync"):  # the loop's copies as they learned: dynamics, checkpoint and merge read them
+            ctx.backend.pull(state.partners)
         for partner, partner_scores in zip(state.partners, scores):
             log_scores(partner_scores, partner.envs, partner.name, state, ctx)
             state.last_scores[partner.name] = partner_scores

@@ -17,7 +17,9 @@ import torch
 from safetensors.torch import load_file
 
 from colearn import loop
+from colearn.backends.ray import RayBackend
 from colearn.config import Config, EnvConfig, EnvSpec, EvalConfig, LearnConfig, LoopConfig, PartnerSpec, RolloutConfig
+from colearn.errors import ColearnError
 from tests.conftest import LAKE_ID, tiny_model_config
 
 ray = pytest.importorskip("ray")
@@ -111,3 +113,11 @@ def test_a_stopped_ray_run_resumes_to_the_uninterrupted_result(ray_run, tmp_path
     assert events(run_dir) == events(ray_run)
     expected, got = tensors(ray_run), tensors(run_dir)
     assert got.keys() == expected.keys() and all(torch.equal(got[k], expected[k]) for k in expected)
+
+
+def test_more_actors_than_the_cluster_has_room_for_stop_with_one_line(ray_session):
+    cfg = tiny_config("ray")
+    cfg.env.partners.append(PartnerSpec("C", ["Lake"]))
+    with pytest.raises(ColearnError, match=r"ray.num_cpus=1.0 for 3 partners needs 3 CPUs; the Ray cluster has 2: "):
+        RayBackend(cfg)
+    assert ray.is_initialized()  # the session it found goes on

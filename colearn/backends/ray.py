@@ -88,10 +88,15 @@ class RayBackend:
     def __init__(self, cfg: Config, venvs: dict[tuple[str, int], Any] | None = None) -> None:
         self.ray = ray_module()
         self.cfg = cfg
-        self.connected = connect(self.ray, cfg.ray, len(cfg.env.partners))
-        self.actor_class = self.ray.remote(num_cpus=cfg.ray.num_cpus, num_gpus=cfg.ray.num_gpus)(PartnerActor)
         self.actors: list[Any] = []
         self.placed: list[Partner] = []  # the loop's partner each actor holds a copy of
+        self.connected = connect(self.ray, cfg.ray, len(cfg.env.partners))
+        try:
+            check_room(self.ray, cfg.ray, len(cfg.env.partners))
+        except ColearnError:
+            self.close()
+            raise
+        self.actor_class = self.ray.remote(num_cpus=cfg.ray.num_cpus, num_gpus=cfg.ray.num_gpus)(PartnerActor)
 
     def __enter__(self) -> RayBackend:
         return self
@@ -137,10 +142,12 @@ class RayBackend:
 
     def close(self) -> None:
         """Ends the actors, and the Ray session this backend began (a cluster it attached to goes on)."""
-        if self.actors:
-            self.ray.get([a.close.remote() for a in self.actors])
-            for actor in self.actors:
-                self.ray.kill(actor)
+        try:
+            self.ray.get([a.close.remote() for a in self.actors], timeout=60)
+        except self.ray.exceptions.RayError as e:  # an actor that died has nothing left to close
+            log.warning("closing the partners' actors: %s", e)
+        for actor in self.actors:
+            self.ray.kill(actor)
         self.actors, self.placed = [], []
         if self.connected:
             self.ray.shutdown()
@@ -197,3 +204,15 @@ def connect(ray: Any, cfg: RayConfig, partners: int) -> bool:
         cpus = max(os.cpu_count() or 1, math.ceil(partners * cfg.num_cpus))
         ray.init(address="local", num_cpus=cpus, include_dashboard=False, **options)
     return True
+
+
+def check_room(ray: Any, cfg: RayConfig, partners: int) -> None:
+    """Raises ColearnError when the cluster has fewer CPUs or GPUs than the partners' actors reserve (Ray would
+    leave them waiting for ever)."""
+    have = ray.cluster_resources()
+    for resource, each, field in (("CPU", cfg.num_cpus, "ray.num_cpus"), ("GPU", cfg.num_gpus, "ray.num_gpus")):
+        if partners * each > have.get(resource, 0):
+            raise ColearnError(
+                f"{field}={each} for {partners} partners needs {partners * each:g} {resource}s; the Ray cluster has "
+                f"{have.get(resource, 0):g}: lower {field} (fractions share one) or add nodes"
+            )
