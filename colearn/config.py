@@ -223,7 +223,8 @@ class MergeConfig:
     params: dict[str, Any] = field(default_factory=dict)  # extra method parameters (e.g. gamma, epsilon)
     groups: dict[str, Any] = field(default_factory=dict)  # per layer group overrides,
     # e.g. {"block*.mlp": {density: 0.5}}
-    seed: int = 0  # seed of random operators (DARE, DELLA) and of the CMA-ES search
+    seed: int = 0  # seed of random operators (DARE, DELLA), of the CMA-ES search and of a folded LoRA offspring's
+    # fresh adapter
     base_method: str = "ties"  # method=evolve: the operator (one of MERGE_OPERATORS) whose per-group weights
     # (and density) CMA-ES searches
     search_budget: int = 24  # method=evolve: candidates scored on the search episodes (the uniform one included)
