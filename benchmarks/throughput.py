@@ -13,6 +13,7 @@ round and generation end; this script sums them over the run:
   dynamics  co-evolution metrics (each round)        integrate        integration modes (generation end)
   breed     compatibility, merge, gate               save_generation  the generation's directory
   checkpoint round and generation checkpoints
+  start, sync  backend=ray's actors starting, and weights moving between them and the loop (benchmarks/backend.py)
 
 "loop" is the sum of the phases; "start-up" the rest of the wall time (imports, model and env set-up, the
 report). Steps/s is env steps (acting only; evaluation episodes are not counted) over the whole wall time.

@@ -8,6 +8,7 @@ The subpackages are the stages of the data flow, in this order; each imports onl
     experience/            rollouts in vector envs -> step records; the Arrow experience store; evaluation
     learning/              advantages and the objectives (distillation, clipped RL, importance-weighted RL, mutual KL)
     rundir/                what a run leaves on disk: checkpoints, metrics.jsonl and TensorBoard, the run lock
+    backends/              where partners act, learn and are evaluated: in this process, or one Ray actor each
     merging/               task vectors, merge operators, recipes, streaming safetensors merges, CMA-ES recipe search
     breeding/              compatibility, the offspring (merge | copy | mixture) and its gate; integration modes
     analysis/              dynamics (compat, drift, transfer, forgetting), the summary table, reports and plots

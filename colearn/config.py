@@ -42,6 +42,7 @@ FALLBACKS = ("best", "mixture", "cluster")
 LORA_OFFSPRING = ("fold", "adapter")
 INTEGRATE_MODES = ("route", "route_confidence", "ensemble", "check_and_control", "consultative")
 ENSEMBLE_AVERAGES = ("probs", "logprobs")
+BACKENDS = ("local", "ray")
 
 
 def check_one_of(name: str, value: Any, choices: Iterable[str]) -> None:
@@ -223,7 +224,8 @@ class MergeConfig:
     params: dict[str, Any] = field(default_factory=dict)  # extra method parameters (e.g. gamma, epsilon)
     groups: dict[str, Any] = field(default_factory=dict)  # per layer group overrides,
     # e.g. {"block*.mlp": {density: 0.5}}
-    seed: int = 0  # seed of random operators (DARE, DELLA) and of the CMA-ES search
+    seed: int = 0  # seed of random operators (DARE, DELLA), of the CMA-ES search and of a folded LoRA offspring's
+    # fresh adapter
     base_method: str = "ties"  # method=evolve: the operator (one of MERGE_OPERATORS) whose per-group weights
     # (and density) CMA-ES searches
     search_budget: int = 24  # method=evolve: candidates scored on the search episodes (the uniform one included)
@@ -299,12 +301,30 @@ class IntegrateConfig:
 
 
 @dataclass
+class RayConfig:
+    address: str = ""  # "": start a local Ray for the run (and stop it at the end); "auto": attach to the cluster
+    # `ray start` runs on this machine; "host:port" (or "ray://host:port"): attach to that cluster's head
+    num_cpus: float = 1.0  # CPUs each partner's actor reserves; a local Ray gets at least partners x this many
+    num_gpus: float = 0.0  # GPUs each partner's actor reserves; > 0 puts the partner on its GPU (needs device=cuda
+    # or auto, where the loop keeps its copies, merges and evaluates the offspring); 0.5: two partners a GPU
+    runtime_env: dict[str, Any] = field(default_factory=dict)  # Ray's runtime_env of the run's actors, e.g.
+    # {py_modules: [/path/colearn, /path/envs]} where the cluster's nodes lack colearn (docs/scale.md)
+
+    def __post_init__(self) -> None:
+        if not (self.num_cpus >= 0 and self.num_gpus >= 0):
+            raise ColearnError(f"ray.num_cpus={self.num_cpus} and ray.num_gpus={self.num_gpus} must be >= 0")
+
+
+@dataclass
 class Config:
     seed: int = 0  # master seed: model init, sampling, env resets
     device: str = "cpu"  # one of DEVICES: cpu | cuda | cuda:N | mps | auto (cuda, then mps, when available)
     threads: int = 1  # torch intra-op threads of this run (1: N runs share N cores without oversubscribing);
     # 0 keeps torch's default, one per core
     run_id: str = ""  # label of the run in step records; defaults to the run directory name
+    backend: str = "local"  # one of BACKENDS: where partners act, learn and are evaluated: local (in this process,
+    # one after another) | ray (one Ray actor per partner, in parallel; see `ray`, docs/scale.md)
+    ray: RayConfig = field(default_factory=RayConfig)  # backend=ray: the cluster and each actor's resources
     model: ModelConfig = field(default_factory=ModelConfig)
     env: EnvConfig = field(default_factory=EnvConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
@@ -321,3 +341,11 @@ class Config:
             raise ColearnError(f"device: {self.device!r} is not one of {', '.join(DEVICES)}")
         if self.threads < 0:
             raise ColearnError(f"threads={self.threads} must be >= 0 (0: torch's default, one per core)")
+        check_one_of("backend", self.backend, BACKENDS)
+        if self.backend == "ray" and self.device.startswith("cuda") and not self.ray.num_gpus:
+            raise ColearnError(
+                f"device={self.device} with backend=ray gives the actors no GPU; set ray.num_gpus "
+                "(1 per partner, or 0.5 to share one GPU between two)"
+            )
+        if self.backend == "ray" and self.ray.num_gpus and not self.device.startswith(("cuda", "auto")):
+            raise ColearnError(f"ray.num_gpus={self.ray.num_gpus} needs device=cuda or auto (it is {self.device})")

@@ -10,7 +10,7 @@ generation (a mixture has no single set of weights to copy into the partners). W
 members are the merges of the compatible clusters and the partners left alone; a partner of a merged cluster
 starts the next generation from its cluster's merge (`Offspring.next_partners`).
 
-May import: config, errors, models, experience, learning, rundir, merging, breeding, analysis.
+May import: config, errors, models, experience, learning, rundir, backends, merging, breeding, analysis.
 """
 
 from __future__ import annotations
@@ -36,6 +36,8 @@ import torch
 from tqdm.auto import tqdm
 
 from colearn.analysis.dynamics import forgetting, main_scores, pair_metrics, probe_set, transfer
+from colearn.backends.registry import Backend, make_backend
+from colearn.backends.work import Episodes, Lesson
 from colearn.breeding.compatibility import Compatibility, measure
 from colearn.breeding.integrate import ModeParams, evaluate_modes
 from colearn.breeding.kinds import Clustered, Merged, Mixture, Offspring
@@ -44,9 +46,9 @@ from colearn.breeding.offspring import make_offspring
 from colearn.config import Config, EnvSpec
 from colearn.errors import ColearnError
 from colearn.experience.evaluate import EnvScore, env_scorer, evaluate, headline, normalized_by_env, return_scorer
-from colearn.experience.rollout import EpisodeMeta, collect, env_info, group_seeds
+from colearn.experience.rollout import EpisodeMeta, env_info, group_seeds
 from colearn.experience.store import ExperienceStore
-from colearn.learning.learn import learn, select_for_distillation
+from colearn.learning.learn import select_for_distillation
 from colearn.models.build import build_ancestor, resolve_device
 from colearn.models.partner import Partner
 from colearn.rundir.checkpoint import latest_generation, latest_intact, load_checkpoint, mark_resumable, save_checkpoint
@@ -84,6 +86,7 @@ class Context:
     probe: list[str] = field(default_factory=list)  # fixed observations on which partners' hidden states are compared
     compat: Compatibility | None = None  # the partners' compatibility as the last round left them (`log_dynamics`)
     venvs: dict[tuple[str, int], Any] = field(default_factory=dict)  # vector envs made once per run and reused
+    backend: Backend | None = None  # where each partner acts, learns and is evaluated (config.backend)
     seconds: dict[str, float] = field(default_factory=dict)  # wall seconds per phase since the last "time" event
     bar: tqdm | None = None  # the run's progress bar: it names the phase the run is in
 
@@ -200,6 +203,7 @@ def run_held(cfg: Config, run_dir: Path, state: LoopState | None, restart: bool)
     )
     total = cfg.loop.generations * cfg.loop.rounds
     with (
+        make_backend(cfg, ctx.venvs) as backend,
         StopOnSignal(run_dir) as stop,
         tqdm(
             total=total,
@@ -209,7 +213,9 @@ def run_held(cfg: Config, run_dir: Path, state: LoopState | None, restart: bool)
             unit="round",
         ) as bar,
     ):
-        ctx.stop, ctx.bar = stop, bar
+        ctx.stop, ctx.bar, ctx.backend = stop, bar, backend
+        with ctx.timed("start"):
+            backend.push(state.partners)  # a Ray backend starts an actor per partner and loads it there
         ctx.probe = probe_set(cfg.env.suite, cfg.probe_size, cfg.seed)
         if (state.generation, state.round, state.env_steps) == (0, 0, 0):
             state.last_scores["ancestor"] = assess(state.ancestor, "ancestor", state, ctx)  # chance level
@@ -295,16 +301,27 @@ def run_generation(state: LoopState, ctx: Context, bar: tqdm) -> None:
     """Plays, learns and evaluates R rounds, then breeds the offspring that seeds the next generation."""
     cfg = ctx.cfg
     while state.round < cfg.loop.rounds:
-        for i, partner in enumerate(state.partners):
-            rows = play(partner, i, state, ctx)
+        with ctx.timed("sync"):
+            ctx.backend.push(state.partners)  # places new partners where they run (none but after a merge or resume)
+        with ctx.timed("act"):
+            played = ctx.backend.play([episodes(p, i, state, ctx) for i, p in enumerate(state.partners)])
+        for rows in played:
+            state.env_steps += len(rows)
             with ctx.timed("store"):
                 ctx.store.append(rows)
         teachers = snapshot_teachers(state.partners, cfg)
-        for i, partner in enumerate(state.partners):
-            others = [p for p in state.partners if p is not partner] if cfg.loop.exchange else []
-            train(partner, i, others, teachers.get(partner.name, []), state, ctx)
-        for partner in state.partners:
-            state.last_scores[partner.name] = assess(partner, partner.name, state, ctx)
+        lessons = [lesson(p, i, teachers.get(p.name, []), state, ctx) for i, p in enumerate(state.partners)]
+        with ctx.timed("learn"):
+            learned = ctx.backend.learn(lessons)
+        for partner, taught, stats in zip(state.partners, lessons, learned):
+            log_learning(partner, taught, stats, state, ctx)
+        with ctx.timed("eval"):
+            scores = ctx.backend.evaluate(list(ctx.suite.values()))
+        with ctx.timed("sync"):  # the loop's copies as they learned: dynamics, checkpoint and merge read them
+            ctx.backend.pull(state.partners)
+        for partner, partner_scores in zip(state.partners, scores):
+            log_scores(partner_scores, partner.envs, partner.name, state, ctx)
+            state.last_scores[partner.name] = partner_scores
         with ctx.timed("dynamics"):
             log_dynamics(state, ctx)
         state.round += 1
@@ -346,21 +363,18 @@ def log_times(state: LoopState, ctx: Context) -> None:
     ctx.seconds.clear()
 
 
-def play(partner: Partner, index: int, state: LoopState, ctx: Context) -> list[dict[str, Any]]:
-    """Returns the step records of the partner's episodes this round in each of its envs."""
+def episodes(partner: Partner, index: int, state: LoopState, ctx: Context) -> list[Episodes]:
+    """Returns the partner's episodes this round in each of its envs, seeded by their place in the loop."""
     cfg = ctx.cfg
-    rows = []
+    work = []
     for j, name in enumerate(partner.envs):
         path = (state.generation, state.round, index, j)
         seeds = group_seeds(
             np.random.default_rng(seed_for(cfg, 1, *path)), cfg.rollout.episodes, cfg.rollout.group_size
         )
-        generator = torch.Generator().manual_seed(seed_for(cfg, 2, *path))
         meta = EpisodeMeta(cfg.run_id or ctx.run_dir.name, state.generation, state.round, partner.name)
-        with ctx.timed("act"):
-            rows += collect(partner, ctx.suite[name], seeds, cfg.rollout, generator, meta, venvs=ctx.venvs)
-    state.env_steps += len(rows)
-    return rows
+        work.append(Episodes(ctx.suite[name], seeds, seed_for(cfg, 2, *path), meta))
+    return work
 
 
 def snapshot_teachers(partners: list[Partner], cfg: Config) -> dict[str, list[Partner]]:
@@ -373,39 +387,30 @@ def snapshot_teachers(partners: list[Partner], cfg: Config) -> dict[str, list[Pa
     return {p.name: [f for f in frozen if f.name != p.name] for p in partners}
 
 
-def train(
-    partner: Partner, index: int, others: list[Partner], teachers: list[Partner], state: LoopState, ctx: Context
-) -> dict[str, float]:
-    """One learning phase of one partner on this round's experience, logged."""
+def lesson(partner: Partner, index: int, teachers: list[Partner], state: LoopState, ctx: Context) -> Lesson:
+    """Returns the partner's learning phase this round: its own and its peers' steps as the store holds them, the
+    steps it imitates, and its seed (from its place in the loop)."""
     cfg = ctx.cfg
     here = {"generation": state.generation, "round": state.round}
+    others = [p.name for p in state.partners if p is not partner] if cfg.loop.exchange else []
     with ctx.timed("store"):
         own = ctx.store.select(partner=partner.name, **here)
-        peer = [r for o in others for r in ctx.store.select(partner=o.name, **here)]
+        peer = [r for o in others for r in ctx.store.select(partner=o, **here)]
     sources = {"peer": peer, "self": own, "both": own + peer}[cfg.learn.distill_from]
     distill = select_for_distillation(sources, cfg.learn.distill_select, cfg.learn.distill_top_fraction)
+    skipped = ""
     if cfg.learn.distill_coef and not distill:
-        ctx.log.write(
-            "distill_skipped",
-            state.env_steps,
-            partner=partner.name,
-            **here,
-            reason=f"no {cfg.learn.distill_select} episodes from {cfg.learn.distill_from} this round",
-        )
-    with ctx.timed("learn"):
-        stats = learn(
-            partner,
-            own,
-            peer,
-            distill,
-            cfg.learn,
-            seed_for(cfg, 3, state.generation, state.round, index),
-            teachers,
-            cfg.rollout.temperature,
-            cfg.rollout.gamma,
-        )
-    from_peer = [r for r in distill if r["partner"] != partner.name]
-    stats["distill/from_peer_share"] = len(from_peer) / len(distill) if distill else 0.0
+        skipped = f"no {cfg.learn.distill_select} episodes from {cfg.learn.distill_from} this round"
+    return Lesson(own, peer, distill, seed_for(cfg, 3, state.generation, state.round, index), teachers, skipped)
+
+
+def log_learning(partner: Partner, taught: Lesson, stats: dict[str, float], state: LoopState, ctx: Context) -> None:
+    """Logs one partner's learning phase: what it imitated from whom, its training statistics, any collapse."""
+    here = {"generation": state.generation, "round": state.round}
+    if taught.skipped:
+        ctx.log.write("distill_skipped", state.env_steps, partner=partner.name, **here, reason=taught.skipped)
+    from_peer = [r for r in taught.distill if r["partner"] != partner.name]
+    stats["distill/from_peer_share"] = len(from_peer) / len(taught.distill) if taught.distill else 0.0
     # how the imitated peer actions fared: the mean return of the episodes they came from
     stats["distill/peer_episode_return"] = (
         sum(r["episode_return"] for r in from_peer) / len(from_peer) if from_peer else 0.0
@@ -413,8 +418,7 @@ def train(
     ctx.log.write(
         "learn", state.env_steps, partner=partner.name, **here, **{f"{k}/{partner.name}": v for k, v in stats.items()}
     )
-    warn_on_collapse(partner, stats, cfg, ctx, state)
-    return stats
+    warn_on_collapse(partner, stats, ctx.cfg, ctx, state)
 
 
 def warn_on_collapse(partner: Partner, stats: dict[str, float], cfg: Config, ctx: Context, state: LoopState) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 from collections import Counter
 from pathlib import Path
 
@@ -74,6 +75,7 @@ CLOSED_SETS = [  # (override, field, the value as the error quotes it, the valid
     ("model.dtype=float64", "model.dtype", "'float64'", config.DTYPES),
     ("device=gpu", "device", "'gpu'", config.DEVICES),
     ("device=cuda:x", "device", "'cuda:x'", config.DEVICES),
+    ("backend=dask", "backend", "'dask'", config.BACKENDS),
 ]
 
 
@@ -86,9 +88,11 @@ def test_a_value_outside_a_closed_set_fails_at_composition_naming_the_valid_ones
 
 
 def test_closed_sets_name_what_the_registries_hold():
+    from colearn.backends.registry import BACKENDS
     from colearn.breeding.integrate import MODES
     from colearn.merging.operators import METHODS
 
+    assert set(config.BACKENDS) == set(BACKENDS)
     assert set(config.MERGE_OPERATORS) == set(METHODS)
     assert set(config.INTEGRATE_MODES) == set(MODES)
     assert set(config.MERGE_METHODS) - set(METHODS) == {"none", "evolve"}
@@ -98,6 +102,20 @@ def test_closed_sets_name_what_the_registries_hold():
 @pytest.mark.parametrize("device", ["cpu", "cuda", "cuda:1", "mps", "auto"])
 def test_every_documented_device_passes_composition(device):
     assert composed([f"device={device}"]).device == device
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (["backend=ray", "device=cuda"], "device=cuda with backend=ray gives the actors no GPU; set ray.num_gpus"),
+        (["backend=ray", "ray.num_gpus=0.5"], "ray.num_gpus=0.5 needs device=cuda or auto (it is cpu)"),
+        (["backend=ray", "ray.num_cpus=-1"], "ray.num_cpus=-1.0 and ray.num_gpus=0.0 must be >= 0"),
+    ],
+)
+def test_ray_resources_that_cannot_work_fail_at_composition(overrides, message):
+    with pytest.raises(ColearnError, match=re.escape(message)):
+        composed(overrides)
+    assert composed(["backend=ray", "device=cuda", "ray.num_gpus=0.5", "ray.address=auto"]).ray.num_gpus == 0.5
 
 
 @functools.cache

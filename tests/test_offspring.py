@@ -237,6 +237,20 @@ def test_lora_partners_merge_their_folded_weights(corpus, model_cfg):
         assert torch.allclose(merged[key], (sa[key] + sb[key]) / 2, atol=1e-6), key
 
 
+def test_a_folded_lora_offspring_draws_its_fresh_adapter_from_merge_seed(lora_root):
+    # peft draws a fresh adapter's A factors from torch's global RNG: whatever state it is in, the offspring is the same
+    a = perturbed_adapter(lora_root, "A", 0.05, seed=1)
+    b = perturbed_adapter(lora_root, "B", 0.05, seed=2)
+    children = []
+    for global_seed, merge_seed in ((1, 0), (2, 0), (1, 7)):
+        torch.manual_seed(global_seed)
+        cfg = MergeConfig(method="linear", gate=False, seed=merge_seed)
+        children.append(make_offspring(lora_root, [a, b], {"A": 0, "B": 0}, cfg).partner.model.state_dict())
+    same, other_seed = children[1], children[2]
+    assert all(torch.equal(children[0][k], same[k]) for k in same)
+    assert any(not torch.equal(children[0][k], other_seed[k]) for k in other_seed if "lora_A" in k)
+
+
 def perturbed_adapter(partner: Partner, name: str, scale: float, seed: int, only: str = "lora_") -> Partner:
     """A copy whose LoRA factors (the names containing `only`) moved, as training moves them; the base is frozen."""
     child = partner.clone(name)

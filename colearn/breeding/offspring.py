@@ -48,7 +48,11 @@ def merged_weights(ancestor: Partner, partners: Sequence[Partner], recipe: Recip
 
 
 def offspring_from(
-    ancestor: Partner, weights: Mapping[str, torch.Tensor], lora_offspring: str = "fold", name: str = "offspring"
+    ancestor: Partner,
+    weights: Mapping[str, torch.Tensor],
+    lora_offspring: str = "fold",
+    name: str = "offspring",
+    seed: int = 0,
 ) -> tuple[Partner, dict[str, Any]]:
     """Returns a new partner with the ancestor's architecture (and adapter layout) holding `weights`, and a
     record of how a LoRA offspring was made ({} for full-weight partners).
@@ -56,7 +60,8 @@ def offspring_from(
     LoRA ancestors (merge.lora_offspring): "fold" puts the merged change into the base and a fresh
     adapter on top, so the next generation again trains adapters from zero; "adapter" keeps the base
     frozen and re-factorizes the change into the adapter at its rank (truncated SVD, Eckart-Young),
-    recording the relative truncation error."""
+    recording the relative truncation error. `seed` draws the fresh adapter's initial factors (peft draws them from
+    torch's global RNG, which nothing else in a run seeds: unseeded, two runs of one config would differ)."""
     child = ancestor.clone(name)
     if not hasattr(child.model, "peft_config"):
         load_weights(child.model, weights)
@@ -65,7 +70,9 @@ def offspring_from(
         return child, {"lora_offspring": "adapter", **refactorized_adapter(child.model, weights)}
     base = copy.deepcopy(child.model).merge_and_unload()
     load_weights(base, weights)
-    child.model = with_lora(base, ancestor.cfg)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        child.model = with_lora(base, ancestor.cfg)
     return child, {"lora_offspring": "fold"}
 
 
@@ -227,7 +234,7 @@ def merged_offspring(
         merge = merge_recipe(cfg, len(partners))
         weights = merged_weights(ancestor, partners, merge)
         recipe = merge.as_dict()
-    child, lora = offspring_from(ancestor, weights, cfg.lora_offspring, name)
+    child, lora = offspring_from(ancestor, weights, cfg.lora_offspring, name, seed=cfg.seed)
     merged = Merged(partner=child, merge=recipe, lora=lora)
     if parent_scores is None or evaluate_fn is None:
         merged.gate_skipped = "merge.gate is off" if not cfg.gate else "no evaluate_fn was given"
