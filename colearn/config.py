@@ -17,6 +17,7 @@ from colearn.errors import ColearnError
 # The closed sets of names a field may take. Registries that live above config.py (colearn.merging.operators.METHODS,
 # colearn.breeding.integrate.MODES) hold the same names; tests/test_configs.py checks that they agree.
 DTYPES = ("float32", "bfloat16", "float16")
+AUTOCASTS = ("none", "bfloat16")
 DEVICES = ("cpu", "cuda", "cuda:N", "mps", "auto")
 ROLLOUT_MODES = ("auto", "constrained", "generate")
 VECTORIZATIONS = ("sync", "async")
@@ -67,7 +68,11 @@ class ModelConfig:
     lora_alpha: float = 16.0  # LoRA scaling numerator (scaling = alpha / rank)
     # module names LoRA adapts; []: peft's default for the model type (q_proj, v_proj on Llama; c_attn on GPT-2)
     lora_targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
-    dtype: str = "float32"  # torch dtype of the weights: one of DTYPES
+    dtype: str = "float32"  # torch dtype of the weights: one of DTYPES (a LoRA adapter stays float32: peft's default)
+    autocast: str = "none"  # none | bfloat16: run every forward pass (acting, scoring, learning) under torch.autocast
+    # to bfloat16 on the run's device while the weights, optimizer state and losses keep model.dtype (mixed precision)
+    gradient_checkpointing: bool = False  # recompute each decoder layer's activations in the backward pass instead of
+    # keeping them (transformers' activation checkpointing, non-reentrant): less memory, about a third more compute
 
     def __post_init__(self) -> None:
         if not self.source:  # a preset for a downloaded model leaves it empty: Hydra's ??? would keep "tiny"
@@ -79,6 +84,12 @@ class ModelConfig:
                 f"model.hidden_size={self.hidden_size} must be divisible by model.num_heads={self.num_heads}"
             )
         check_one_of("model.dtype", self.dtype, DTYPES)
+        check_one_of("model.autocast", self.autocast, AUTOCASTS)
+        if self.autocast != "none" and self.dtype == "float16":
+            raise ColearnError(
+                f"model.autocast={self.autocast} with model.dtype=float16 mixes two half types; use "
+                "model.dtype=float32 (mixed precision) or model.dtype=bfloat16"
+            )
 
 
 @dataclass
@@ -175,6 +186,10 @@ class LearnConfig:
     weight_decay: float = 0.0  # AdamW weight decay
     batch_size: int = 4096  # step records per gradient step (those sharing state, action and advantage sign
     # run once, so one batch of a whole round is cheap on envs that repeat states)
+    micro_batch_size: int = 0  # gradient accumulation: a gradient step's batch (once its repeated steps are merged)
+    # goes through the model this many records at a time, its gradients summed before the one optimizer step; every
+    # loss term keeps the whole batch's normalization, so the step is the unaccumulated one up to float error. Bounds
+    # activation memory on a GPU; 0 passes the whole batch at once
     epochs: int = 40  # passes over a round's data
     max_grad_norm: float = 1.0  # gradient clipping
     rl_coef: float = 1.0  # weight of the policy-gradient loss on own steps (0 disables RL)
@@ -203,6 +218,10 @@ class LearnConfig:
             raise ColearnError(f"learn.lr={self.lr} must be a positive finite number (try 1e-3)")
         if self.batch_size < 1 or self.epochs < 0:
             raise ColearnError(f"learn.batch_size={self.batch_size} must be >= 1 and learn.epochs >= 0")
+        if self.micro_batch_size < 0:
+            raise ColearnError(
+                f"learn.micro_batch_size={self.micro_batch_size} must be >= 0 (0: the whole batch in one pass)"
+            )
         check_one_of("learn.advantage", self.advantage, ADVANTAGES)
         check_one_of("learn.advantage_norm", self.advantage_norm, ADVANTAGE_NORMS)
         check_one_of("learn.distill_from", self.distill_from, DISTILL_SOURCES)

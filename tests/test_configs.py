@@ -73,6 +73,7 @@ CLOSED_SETS = [  # (override, field, the value as the error quotes it, the valid
     ("rollout.mode=free", "rollout.mode", "'free'", config.ROLLOUT_MODES),
     ("rollout.vectorization=threads", "rollout.vectorization", "'threads'", config.VECTORIZATIONS),
     ("model.dtype=float64", "model.dtype", "'float64'", config.DTYPES),
+    ("model.autocast=float16", "model.autocast", "'float16'", config.AUTOCASTS),
     ("device=gpu", "device", "'gpu'", config.DEVICES),
     ("device=cuda:x", "device", "'cuda:x'", config.DEVICES),
     ("backend=dask", "backend", "'dask'", config.BACKENDS),

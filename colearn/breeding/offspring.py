@@ -89,7 +89,7 @@ def refactorized_adapter(model: Any, weights: Mapping[str, torch.Tensor]) -> dic
     adapted = list(lora_factors(get_peft_model_state_dict(model)))
     scaling = lora_scaling(config.r, config.lora_alpha, config.use_rslora)
     state, error = adapter_for(base, weights, adapted, config.r, scaling, config.fan_in_fan_out)
-    set_peft_model_state_dict(model, {k: v.to(next(model.parameters()).dtype) for k, v in state.items()})
+    set_peft_model_state_dict(model, state)  # copied into the adapter's own dtype: float32 on a bfloat16 base too
     return {"rank": config.r, "truncation_error": error}
 
 

@@ -193,7 +193,8 @@ def row_outputs(
         action_ids = partner.action_ids(list(legal)) if legal else []
         if legal and all(len(a) == 1 for a in action_ids):
             distinct, inverse = _distinct([tuple(rows[i]["prompt_ids"]) for i in idx], device)
-            logits, hidden = last_outputs(partner.model, [list(p) for p in distinct], pad, hidden=values)
+            with partner.autocast():
+                logits, hidden = last_outputs(partner.model, [list(p) for p in distinct], pad, hidden=values)
             legal_index = torch.tensor([a[0] for a in action_ids], device=device)
             lp_full = F.log_softmax(logits, -1)[inverse]  # (rows, vocab)
             lp_legal = F.log_softmax(logits[:, legal_index] / temperature, -1)[inverse]  # (rows, K)
@@ -207,13 +208,15 @@ def row_outputs(
             distinct, inverse = _distinct(pairs, device)
             prompts, conts = [list(p) for p, _ in distinct], [list(c) for _, c in distinct]
             allowed = partner.answer_ids(charset)
-            lp, ent, hidden = continuation_outputs(partner.model, prompts, conts, pad, temperature, values, allowed)
+            with partner.autocast():
+                lp, ent, hidden = continuation_outputs(partner.model, prompts, conts, pad, temperature, values, allowed)
             policy_lp = policy_lp.index_put((index,), lp[inverse])
             entropy = entropy.index_put((index,), ent[inverse])
             if temperature != 1.0:
-                lp, _ = continuation_stats(partner.model, prompts, conts, pad, allowed=allowed)
+                with partner.autocast():
+                    lp, _ = continuation_stats(partner.model, prompts, conts, pad, allowed=allowed)
             token_lp = token_lp.index_put((index,), lp[inverse])
-        if values:
+        if values:  # outside autocast: the value head and its loss stay in float32
             value = value.index_put((index,), partner.value_head(hidden).squeeze(-1)[inverse])
     return policy_lp, entropy, token_lp, value if values else None
 
@@ -225,11 +228,14 @@ def _distinct(keys: list[Any], device: torch.device) -> tuple[list[Any], torch.T
     return list(position), torch.tensor(inverse, device=device)
 
 
-def state_values(partner: Partner, rows: list[dict[str, Any]]) -> torch.Tensor:
-    """Returns the value head's estimate of each row's state, (n,), without gradients."""
+def state_values(partner: Partner, rows: list[dict[str, Any]], chunk: int = 0) -> torch.Tensor:
+    """Returns the value head's estimate of each row's state, (n,), without gradients; `chunk` rows a forward pass
+    (0: all at once)."""
     value_head_for(partner)
+    size = chunk or len(rows)
     with torch.no_grad():
-        return row_outputs(partner, rows, values=True)[3].float().cpu()
+        chunks = [row_outputs(partner, rows[i : i + size], values=True)[3] for i in range(0, len(rows), size)]
+    return torch.cat(chunks).float().cpu()
 
 
 def value_head_for(partner: Partner) -> torch.nn.Linear:
@@ -301,7 +307,8 @@ def training_rows(
         if not rows or not coef:
             continue
         if cfg.advantage == "gae":
-            adv, targets = gae_advantages(rows, state_values(partner, rows), gamma, cfg.gae_lambda)
+            values = state_values(partner, rows, cfg.micro_batch_size)
+            adv, targets = gae_advantages(rows, values, gamma, cfg.gae_lambda)
             adv = normalized(adv, cfg.advantage_norm)
             items += [Item(kind, r, a, t) for r, a, t in zip(rows, adv.tolist(), targets.tolist())]
         else:  # critic-free: a step without advantage carries no gradient, so it is left out
@@ -352,7 +359,12 @@ def learn(
             order.shuffle(items)
         batches = whole or (merged(items[i : i + cfg.batch_size]) for i in range(0, len(items), cfg.batch_size))
         for batch in batches:
-            loss, parts = batch_loss(partner, batch, cfg, teachers, temperature)
+            optimizer.zero_grad(set_to_none=True)
+            accumulate = 0 < cfg.micro_batch_size < len(batch)
+            if accumulate:  # the gradients are in .grad already, the loss detached
+                loss, parts = accumulated_loss(partner, batch, cfg, teachers, temperature)
+            else:
+                loss, parts = batch_loss(partner, batch, cfg, teachers, temperature)
             if cfg.target_kl and parts["learn/approx_kl"] > cfg.target_kl:
                 stats["learn/stopped_at_kl"] = parts["learn/approx_kl"]  # the policy moved far enough this round
                 break
@@ -361,8 +373,8 @@ def learn(
                 log.warning("partner %s: non-finite loss %s, update skipped", partner.name, loss.item())
                 optimizer.zero_grad(set_to_none=True)
                 continue
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            if not accumulate:
+                loss.backward()
             torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
             optimizer.step()
             stats["learn/updates"] += 1
@@ -376,29 +388,98 @@ def learn(
     return stats
 
 
-def batch_loss(
+@dataclass
+class Totals:
+    """What a batch's loss terms are divided by. The micro-batches of a batch (learn.micro_batch_size) divide by
+    their whole batch's, so their losses, and so their gradients, add up to the batch's."""
+
+    steps: dict[str, torch.Tensor]  # own | peer | distill: the steps of that kind (at least 1)
+    acting: torch.Tensor  # own and peer steps (at least 1): the entropy bonus's
+    value: torch.Tensor  # own steps plus peer steps weighted by their truncated importance ratio: the value loss's
+
+
+def totals_of(n: torch.Tensor, mask: dict[str, torch.Tensor], peer_weight: torch.Tensor) -> Totals:
+    """Returns the Totals of items counting `n` steps each, of the kinds `mask` marks, the peer steps' importance
+    weights `peer_weight` (0 elsewhere), each (items,)."""
+    acting = (mask["own"] | mask["peer"]) * n
+    weight = mask["own"].float() + peer_weight
+    steps = {k: (n * m).sum().clamp(min=1) for k, m in mask.items()}
+    return Totals(steps, acting.sum().clamp(min=1), (weight * n).sum().clamp(min=1e-8))
+
+
+def counts_and_kinds(batch: list[Item], device: torch.device) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Returns the steps each item stands for, (items,), and a mask of the items of each kind, {kind: (items,)}."""
+    n = torch.tensor([it.count for it in batch], device=device, dtype=torch.float32)
+    return n, {k: torch.tensor([it.kind == k for it in batch], device=device) for k in ("own", "peer", "distill")}
+
+
+def batch_totals(partner: Partner, batch: list[Item], cfg: LearnConfig, temperature: float = 1.0) -> Totals:
+    """Returns the batch's Totals before any of it passes with gradients. The value loss's count weighs each peer step
+    by the policy's importance ratio, so with a critic the peer items first pass without gradients,
+    learn.micro_batch_size at a time."""
+    device = partner.device
+    n, mask = counts_and_kinds(batch, device)
+    peer_weight = torch.zeros(len(batch), device=device)
+    peers = [i for i, it in enumerate(batch) if it.kind == "peer"]
+    if cfg.advantage == "gae" and peers:
+        rows, size = [batch[i].row for i in peers], cfg.micro_batch_size or len(peers)
+        with torch.no_grad():
+            lp = torch.cat(
+                [row_outputs(partner, rows[i : i + size], temperature)[0] for i in range(0, len(rows), size)]
+            )
+        behaviour = torch.tensor([r["logprob"] for r in rows], device=device, dtype=torch.float32)
+        peer_weight[torch.tensor(peers, device=device)] = torch.exp(lp - behaviour).clamp(max=cfg.peer_ratio_cap)
+    return totals_of(n, mask, peer_weight)
+
+
+def accumulated_loss(
     partner: Partner,
     batch: list[Item],
     cfg: LearnConfig,
     teachers: Sequence[Partner] = (),
     temperature: float = 1.0,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """Returns the mixed loss of one minibatch and its parts (as floats); each term is a mean over its steps."""
+    """Passes the batch through the model learn.micro_batch_size items at a time, adding each micro-batch's
+    gradients into the parameters' .grad (gradient accumulation); returns the batch's loss (detached) and parts,
+    `batch_loss`'s up to float error, as the gradients are."""
+    totals = batch_totals(partner, batch, cfg, temperature)
+    loss, parts = torch.zeros((), device=partner.device), defaultdict(float)
+    for start in range(0, len(batch), cfg.micro_batch_size):
+        micro_loss, micro_parts = batch_loss(
+            partner, batch[start : start + cfg.micro_batch_size], cfg, teachers, temperature, totals
+        )
+        micro_loss.backward()
+        loss += micro_loss.detach()
+        for k, v in micro_parts.items():
+            parts[k] += v
+    return loss, dict(parts)
+
+
+def batch_loss(
+    partner: Partner,
+    batch: list[Item],
+    cfg: LearnConfig,
+    teachers: Sequence[Partner] = (),
+    temperature: float = 1.0,
+    totals: Totals | None = None,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Returns the mixed loss of one minibatch and its parts (as floats); each term is a mean over its steps, or,
+    given the `totals` of a larger batch it is part of, its share of that batch's mean."""
     rows = [it.row for it in batch]
     device = partner.device
     critic = cfg.advantage == "gae"
     policy_lp, entropy, token_lp, value = row_outputs(partner, rows, temperature, values=critic)
     adv = torch.tensor([it.adv for it in batch], device=device, dtype=torch.float32)
-    n = torch.tensor([it.count for it in batch], device=device, dtype=torch.float32)  # steps per item
+    n, mask = counts_and_kinds(batch, device)  # steps per item, the items of each kind
     behaviour = torch.tensor([r["logprob"] for r in rows], device=device, dtype=torch.float32)
-    mask = {k: torch.tensor([it.kind == k for it in batch], device=device) for k in ("own", "peer", "distill")}
-    steps = {k: (n * m).sum().clamp(min=1) for k, m in mask.items()}
-    rl = (clipped_pg_loss(policy_lp, behaviour, adv, cfg.clip_eps) * mask["own"]).sum() / steps["own"]
     peer_weight = torch.exp(policy_lp.detach() - behaviour).clamp(max=cfg.peer_ratio_cap) * mask["peer"]
+    whole = totals or totals_of(n, mask, peer_weight)  # what each term is divided by
+    steps = whole.steps
+    rl = (clipped_pg_loss(policy_lp, behaviour, adv, cfg.clip_eps) * mask["own"]).sum() / steps["own"]
     peer_rl = (peer_pg_loss(policy_lp, behaviour, adv, cfg.peer_ratio_cap) * mask["peer"]).sum() / steps["peer"]
     distill = -(token_lp * n * mask["distill"]).sum() / steps["distill"]
     acting = (mask["own"] | mask["peer"]) * n
-    ent = (entropy * acting).sum() / acting.sum().clamp(min=1)
+    ent = (entropy * acting).sum() / whole.acting
     distilled = mask["distill"].tolist()
     kl = (
         mutual_kl(
@@ -414,10 +495,10 @@ def batch_loss(
         targets = torch.tensor([it.target for it in batch], device=device, dtype=torch.float32)
         spread = torch.tensor([it.spread for it in batch], device=device, dtype=torch.float32)
         weight = mask["own"].float() + peer_weight  # per step
-        value_loss = (weight * (n * (value - targets) ** 2 + spread)).sum() / (weight * n).sum().clamp(min=1e-8) / 2
+        value_loss = (weight * (n * (value - targets) ** 2 + spread)).sum() / whole.value / 2
     loss = cfg.rl_coef * rl + cfg.peer_rl_coef * peer_rl + cfg.distill_coef * distill - cfg.entropy_coef * ent
     loss = loss + cfg.mutual_kl_coef * kl + cfg.value_coef * value_loss
-    own_kl = approx_kl(policy_lp.detach(), behaviour, mask["own"] * n)
+    own_kl = approx_kl(policy_lp.detach(), behaviour, mask["own"] * n, None if totals is None else steps["own"])
     parts = {
         k: v.item()
         for k, v in {
@@ -433,14 +514,17 @@ def batch_loss(
     return loss, parts
 
 
-def approx_kl(logp: torch.Tensor, behaviour: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+def approx_kl(
+    logp: torch.Tensor, behaviour: torch.Tensor, weight: torch.Tensor, total: torch.Tensor | None = None
+) -> torch.Tensor:
     """Returns the weighted mean estimate of KL(behaviour || policy) over the rows, (r - 1) - log r with
-    r = pi / pi_behaviour (Schulman's k3: unbiased, never negative); 0 when every weight is 0."""
+    r = pi / pi_behaviour (Schulman's k3: unbiased, never negative), divided by `total` (default: the weights' sum,
+    else that of a larger batch the rows are part of); 0 when every weight is 0."""
     log_ratio = logp - behaviour
-    total = weight.sum()
-    if not total:
+    here = weight.sum()
+    if not here:
         return torch.zeros((), device=logp.device)
-    return ((log_ratio.exp() - 1 - log_ratio) * weight).sum() / total
+    return ((log_ratio.exp() - 1 - log_ratio) * weight).sum() / (here if total is None else total)
 
 
 def mutual_kl(
@@ -464,10 +548,11 @@ def kl_to(partner: Partner, teacher: Partner, rows: list[dict[str, Any]], weight
     for legal, group in by_legal.items():
         prompts = [list(r["prompt_ids"]) for r, _ in group]
         weight = torch.tensor([w for _, w in group], device=partner.device, dtype=torch.float32)
-        mine = legal_action_logprobs(
-            partner.model, prompts, partner.action_ids(list(legal)), partner.tokenizer.pad_token_id
-        )
-        with torch.no_grad():
+        with partner.autocast():
+            mine = legal_action_logprobs(
+                partner.model, prompts, partner.action_ids(list(legal)), partner.tokenizer.pad_token_id
+            )
+        with torch.no_grad(), teacher.autocast():
             theirs = legal_action_logprobs(
                 teacher.model, prompts, teacher.action_ids(list(legal)), teacher.tokenizer.pad_token_id
             )

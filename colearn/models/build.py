@@ -81,7 +81,9 @@ def build_tiny_model(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, seed:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = LlamaForCausalLM(config)
-    return model.to(getattr(torch, cfg.dtype))
+    for param in model.parameters():  # not model.to(dtype): the rotary frequencies (buffers) stay float32, as
+        param.data = param.data.to(getattr(torch, cfg.dtype))  # from_pretrained keeps them: a reload computes the same
+    return model
 
 
 def load_pretrained(path: str, dtype: str = "float32") -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
@@ -109,6 +111,26 @@ def load_pretrained(path: str, dtype: str = "float32") -> tuple[PreTrainedModel,
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
+
+
+def with_checkpointing(model: PreTrainedModel, cfg: ModelConfig) -> PreTrainedModel:
+    """Returns the model (a peft model's base changed in place) with activation checkpointing on when
+    cfg.gradient_checkpointing: in training mode each decoder layer recomputes its activations in the backward pass.
+    Non-reentrant (torch's recommended checkpoint), so frozen inputs need no requires_grad for a LoRA adapter's
+    gradients to flow; transformers enables them anyway (`enable_input_require_grads`), which changes no number."""
+    if not cfg.gradient_checkpointing:
+        return model
+    base = model.get_base_model() if hasattr(model, "peft_config") else model
+    if not base.supports_gradient_checkpointing:
+        raise ColearnError(
+            f"model.gradient_checkpointing=true but {type(base).__name__} does not support it; set it to false"
+        )
+    kwargs = {"use_reentrant": False}
+    if hasattr(base, "activation_checkpointing_enable"):  # transformers >= 5.x: the old name is deprecated there
+        base.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    return model
 
 
 def with_lora(model: PreTrainedModel, cfg: ModelConfig) -> PreTrainedModel:
@@ -145,4 +167,4 @@ def build_ancestor(
         model, tokenizer = load_pretrained(cfg.source, cfg.dtype)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return with_lora(model, cfg), tokenizer
+        return with_lora(with_checkpointing(model, cfg), cfg), tokenizer

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 
 from colearn.config import ModelConfig
 from colearn.errors import ColearnError
+from colearn.models.build import with_checkpointing
 from colearn.models.directories import is_mixture, refuse_custom_code
 from colearn.models.policy import continuation_stats, legal_action_logprobs, right_padded
 
@@ -46,6 +48,14 @@ class Partner:
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
+
+    def autocast(self) -> AbstractContextManager:
+        """Returns the context the model's forward passes run in: torch.autocast to model.autocast's dtype on the
+        partner's device (mixed precision), or no context at all with model.autocast=none. Acting, scoring and
+        learning all run in it, so a behaviour log-probability is what the learner recomputes for the same weights."""
+        if self.cfg.autocast == "none":
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype=getattr(torch, self.cfg.autocast))
 
     def prompt_ids(self, observations: list[str]) -> list[list[int]]:
         """Returns the token ids of each observation's prompt (cached: envs repeat observations)."""
@@ -123,12 +133,13 @@ class Partner:
         if missing:
             prompts = self.prompt_ids(missing)
             action_ids, pad = self.action_ids(legal), self.tokenizer.pad_token_id
-            logps = torch.cat(
-                [
-                    legal_action_logprobs(self.model, prompts[i : i + chunk], action_ids, pad, temperature)
-                    for i in range(0, len(prompts), chunk)
-                ]
-            )
+            with self.autocast():
+                logps = torch.cat(
+                    [
+                        legal_action_logprobs(self.model, prompts[i : i + chunk], action_ids, pad, temperature)
+                        for i in range(0, len(prompts), chunk)
+                    ]
+                )
             cache.update(((o, key), row) for o, row in zip(missing, logps))
         return torch.stack([cache[(o, key)] for o in observations])
 
@@ -151,22 +162,25 @@ class Partner:
         ids = torch.tensor([[tok.pad_token_id] * (longest - len(p)) + p for p in prompts], device=self.device)
         mask = (torch.arange(longest)[None, :] >= torch.tensor([longest - len(f) for f in flipped])[:, None]).long()
         seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator))
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            out = self.model.generate(
-                input_ids=ids,
-                attention_mask=mask.to(self.device),
-                max_new_tokens=max_new_tokens,
-                do_sample=not greedy,
-                temperature=temperature if not greedy else None,
-                top_k=None,
-                top_p=None,
-                pad_token_id=tok.pad_token_id,
-                eos_token_id=tok.eos_token_id,
-                suppress_tokens=suppressed,
-            )
-        conts = [self._until_eos(row) for row in out[:, longest:].tolist()]
-        logps, _ = continuation_stats(self.model, prompts, conts, tok.pad_token_id, temperature, allowed)
+        cuda = [self.device] if self.device.type == "cuda" else []  # sampling on a GPU draws from its own RNG
+        with self.autocast():
+            with torch.random.fork_rng(devices=cuda):
+                torch.manual_seed(seed)
+                out = self.model.generate(
+                    input_ids=ids,
+                    attention_mask=mask.to(self.device),
+                    max_new_tokens=max_new_tokens,
+                    do_sample=not greedy,
+                    temperature=temperature if not greedy else None,
+                    top_k=None,
+                    top_p=None,
+                    pad_token_id=tok.pad_token_id,
+                    eos_token_id=tok.eos_token_id,
+                    suppress_tokens=suppressed,
+                    use_cache=True,  # each new token of every live episode attends to the cached keys and values
+                )
+            conts = [self._until_eos(row) for row in out[:, longest:].tolist()]
+            logps, _ = continuation_stats(self.model, prompts, conts, tok.pad_token_id, temperature, allowed)
         texts = [tok.decode(c, skip_special_tokens=True).strip().split("\n")[0] for c in conts]
         return Actions(texts, conts, logps.tolist())
 
@@ -225,9 +239,10 @@ class Partner:
             base = AutoModelForCausalLM.from_pretrained(
                 path / BASE_DIR, dtype=getattr(torch, cfg.dtype), trust_remote_code=False
             )
-            model = PeftModel.from_pretrained(base, path, is_trainable=True)
+            model = PeftModel.from_pretrained(with_checkpointing(base, cfg), path, is_trainable=True)
         else:
             model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, cfg.dtype), trust_remote_code=False)
+            model = with_checkpointing(model, cfg)
         partner = cls(name, model.to(device), tokenizer, cfg)
         if (path / VALUE_HEAD_FILE).exists():
             weights = load_file(path / VALUE_HEAD_FILE, device=str(device))
@@ -248,7 +263,8 @@ def hidden_states(partner: Partner, probe: list[str], batch_size: int = 64) -> T
     rows = []
     for start in range(0, len(prompts), batch_size):
         ids, mask = right_padded(prompts[start : start + batch_size], partner.tokenizer.pad_token_id, partner.device)
-        out = partner.model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+        with partner.autocast():
+            out = partner.model(input_ids=ids, attention_mask=mask, output_hidden_states=True, use_cache=False)
         rows.append(out.hidden_states[-1][mask.bool()].float().cpu())  # (real tokens in chunk, hidden)
     return torch.cat(rows)
 

@@ -83,7 +83,7 @@ def continuation_outputs(
     (the tokens a generating policy was held to)."""
     device = next(model.parameters()).device
     ids, mask = right_padded([p + c for p, c in zip(prompts, conts)], pad_id, device)
-    out = model(input_ids=ids, attention_mask=mask, output_hidden_states=hidden)
+    out = model(input_ids=ids, attention_mask=mask, output_hidden_states=hidden, use_cache=False)  # nothing follows
     logits = held_to(out.logits[:, :-1].float(), allowed) / temperature  # (batch, len-1, vocab)
     targets = ids[:, 1:]
     cont_mask = torch.zeros_like(targets, dtype=torch.bool)

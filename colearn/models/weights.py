@@ -16,10 +16,12 @@ if TYPE_CHECKING:  # typing only: loading weights needs no transformers, and `co
 
 def dense_state(partner: Partner) -> dict[str, torch.Tensor]:
     """Returns the partner's full weights, each tied tensor once (under its first name); a LoRA partner's
-    adapter is folded in (B·A·scaling), so merges combine true weight changes rather than A and B factors."""
+    adapter is folded in (B·A·scaling), so merges combine true weight changes rather than A and B factors. A LoRA
+    partner's are float32 whatever the base's dtype: a small adapter change lies below the resolution of a bfloat16
+    weight and would round away if folded into one."""
     model = partner.model
     if hasattr(model, "peft_config"):
-        model = copy.deepcopy(model).merge_and_unload()
+        model = copy.deepcopy(model).float().merge_and_unload()
     return untied({k: v.detach() for k, v in model.state_dict().items()})
 
 
