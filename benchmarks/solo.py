@@ -60,6 +60,7 @@ VARIANTS: dict[str, list[str]] = {
     "minibatch_128": ["learn.batch_size=128"],
     "self_imitation": ["learn.distill_from=self"],  # also imitate its own successes
     "norm_none_entropy_0.02": ["learn.advantage_norm=none", "learn.entropy_coef=0.02"],
+    "target_kl_0.05": ["learn.target_kl=0.05"],  # PPO's early stop of a round's updates
     "no_position_line": [],  # the env's observation without its last line (ENV_KWARGS)
     "old_learner": [
         "learn.advantage=return_to_go",
