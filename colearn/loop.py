@@ -45,7 +45,15 @@ from colearn.breeding.mixture import route_params, save_mixture
 from colearn.breeding.offspring import make_offspring
 from colearn.config import Config, EnvSpec
 from colearn.errors import ColearnError
-from colearn.experience.evaluate import EnvScore, env_scorer, evaluate, headline, normalized_by_env, return_scorer
+from colearn.experience.evaluate import (
+    EnvScore,
+    env_scorer,
+    evaluate,
+    headline,
+    mean_over_envs,
+    normalized_by_env,
+    return_scorer,
+)
 from colearn.experience.rollout import EpisodeMeta, env_info, group_seeds
 from colearn.experience.store import ExperienceStore
 from colearn.learning.learn import select_for_distillation
@@ -570,7 +578,7 @@ def record_lineage(state: LoopState, ctx: Context, offspring: Offspring, child: 
         recipe=recipe,
         **numbers,
         **{f"merge/gain/{env}": v for env, v in gain.items()},
-        **{"merge/gain": sum(gain.values()) / max(len(gain), 1)},
+        **{"merge/gain": mean_over_envs(gain)},
     )
 
 
@@ -626,11 +634,7 @@ def deploys(scores: dict[str, float], generation: int, run_dir: Path) -> bool:
     if not path.exists():
         return True
     deployed = json.loads(path.read_text(encoding="utf-8"))
-    return deployed["generation"] >= generation or mean_score(scores) >= mean_score(deployed["scores"])
-
-
-def mean_score(scores: dict[str, float]) -> float:
-    return sum(scores.values()) / max(len(scores), 1)
+    return deployed["generation"] >= generation or mean_over_envs(scores) >= mean_over_envs(deployed["scores"])
 
 
 def deploy(state: LoopState, ctx: Context) -> None:

@@ -24,6 +24,7 @@ from colearn.breeding.compatibility import Compatibility
 from colearn.breeding.kinds import Clustered, Merged
 from colearn.config import MergeConfig
 from colearn.errors import ColearnError
+from colearn.experience.evaluate import mean_over_envs
 from colearn.models.partner import Partner
 
 Similarity = Mapping[tuple[str, str], float]  # (a, b) -> compat metric of the pair, either order
@@ -135,7 +136,7 @@ def clustered(
     member_scores = {m.name: env_score_fn(m) for m in members} if env_score_fn is not None else {}
     if member_scores:
         routing = best_routes(member_scores)
-        best = max(members, key=lambda m: sum(member_scores[m.name].values()) / max(len(member_scores[m.name]), 1))
+        best = max(members, key=lambda m: mean_over_envs(member_scores[m.name]))
     else:
         routing = {env: holder[owner] for env, owner in partner_routes.items()}
         best_partner = max(partners, key=lambda p: parent_scores[p.name]).name

@@ -130,8 +130,12 @@ def normalized_by_env(scores: list[EnvScore]) -> dict[str, float]:
 
 def headline(scores: list[EnvScore]) -> float:
     """Returns the mean normalized return over envs, using the greedy policy when it was evaluated."""
-    chosen = list(normalized_by_env(scores).values())
-    return sum(chosen) / max(len(chosen), 1)
+    return mean_over_envs(normalized_by_env(scores))
+
+
+def mean_over_envs(by_env: dict[str, float]) -> float:
+    """Returns the mean of {env: value} over its envs (0 for none)."""
+    return sum(by_env.values()) / max(len(by_env), 1)
 
 
 def return_scorer(
