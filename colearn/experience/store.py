@@ -10,6 +10,7 @@ from typing import Any
 import datasets
 import pyarrow as pa
 import pyarrow.compute as pc
+from datasets.table import InMemoryTable
 
 from colearn.errors import ColearnError
 
@@ -40,6 +41,7 @@ FEATURES = datasets.Features(
         "episode_return": datasets.Value("float32"),
     }
 )
+SCHEMA = FEATURES.arrow_schema
 
 
 class ExperienceStore:
@@ -61,7 +63,9 @@ class ExperienceStore:
         """Adds rows as one new shard; on disk it appears whole (written aside, then renamed) or not at all."""
         if not rows:
             return
-        shard = datasets.Dataset.from_list([{k: r[k] for k in FEATURES} for r in rows], features=FEATURES)
+        # straight to Arrow: Dataset.from_list infers and re-encodes every value in Python, ~20x slower
+        table = pa.Table.from_pylist([{k: r[k] for k in FEATURES} for r in rows], schema=SCHEMA)
+        shard = datasets.Dataset(InMemoryTable(table), info=datasets.DatasetInfo(features=FEATURES))
         if self.root is not None:
             final = self.root / f"shard_{len(self.shards):06d}"
             tmp = final.with_name(final.name + ".tmp")
