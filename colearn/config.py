@@ -196,7 +196,7 @@ class LearnConfig:
     peer_rl_coef: float = 0.5  # weight of the importance-weighted policy-gradient loss on the partner's steps
     peer_ratio_cap: float = 1.0  # truncation of the importance ratio pi_self / pi_partner on partner steps (SEAC)
     clip_eps: float = 0.2  # PPO clip of the ratio against the behaviour log-probability
-    target_kl: float = 0.0  # end the round's updates once the estimated KL(behaviour || policy) on own steps
+    target_kl: float = 0.05  # end the round's updates once the estimated KL(behaviour || policy) on own steps
     # exceeds this (checked before each step, as in Stable-Baselines3's PPO); 0 never stops early
     entropy_coef: float = 0.005  # entropy bonus
     advantage: str = "gae"  # gae (value head + GAE) | return_to_go (per-observation Monte-Carlo baseline) |
