@@ -296,8 +296,9 @@ class EvalConfig:
     greedy: bool = True  # evaluate the greedy (argmax) policy
     sampled: bool = False  # also evaluate the sampled policy (at rollout.temperature)
     seed: int = 10_000  # evaluation seeds start here (disjoint from training seeds)
-    exact: bool = True  # where the env has a transition table (FrozenLake, Taxi), score a partner's policy by its
-    # exact expected return (dynamic programming over the table, no sampling noise) instead of eval.episodes episodes
+    exact: bool = True  # where the env has a transition table (FrozenLake, Taxi), score a policy (a partner, an
+    # integration mode, a mixture) by its exact expected return (dynamic programming over the table, no sampling
+    # noise) instead of eval.episodes episodes
 
     def __post_init__(self) -> None:
         if self.episodes < 1:

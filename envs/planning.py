@@ -122,6 +122,17 @@ def policy_values(
     return values
 
 
+def expected_visits(continue_probs: np.ndarray, policy: np.ndarray, initial: np.ndarray, horizon: int) -> np.ndarray:
+    """Expected number of steps taken from each state in an episode of ``policy`` within ``horizon`` steps,
+    ``(n_states,)``: the start distribution pushed through the chain the policy induces, summed over time."""
+    chain = np.einsum("sa,sat->st", policy, continue_probs)
+    occupancy, visits = initial.astype(float), np.zeros(len(initial))
+    for _ in range(horizon):
+        visits += occupancy
+        occupancy = occupancy @ chain
+    return visits
+
+
 def random_return(
     P: TransitionTable,
     n_states: int,

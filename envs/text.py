@@ -12,7 +12,7 @@ import numpy as np
 from gymnasium import spaces
 
 from envs.errors import EnvConfigError
-from envs.planning import dense_model, policy_values
+from envs.planning import dense_model, expected_visits, policy_values
 from envs.planning import optimal_return as plan_optimal_return
 from envs.planning import random_return as plan_random_return
 from envs.render import TEXT_CHARSET, Renderer, renderer_for
@@ -285,6 +285,10 @@ class TabularModel:
         returns = policy_values(self.continue_probs, self.expected_reward, policy, self.horizon)
         successes = policy_values(self.continue_probs, self.success, policy, self.horizon)
         return float(self.initial @ returns), float(self.initial @ successes)
+
+    def visits(self, policy: np.ndarray) -> np.ndarray:
+        """Return the expected steps taken from each state in an episode of ``policy``, ``(states,)``."""
+        return expected_visits(self.continue_probs, policy, self.initial, self.horizon)
 
 
 def _goal_reward(table: Any) -> float | None:

@@ -503,6 +503,14 @@ def test_success_reward_threshold():
     assert reward == 1.0 and terminated and info["success"] is False
 
 
+def test_expected_visits_count_the_steps_from_each_state():
+    model = envs.text_env_model("colearn/FrozenLake-v0", desc=["SFG"])  # S F G in a row
+    right = np.eye(4)[[2, 2, 2]]  # always "right": S, then F, then the goal
+    assert model.visits(right).tolist() == pytest.approx([1.0, 1.0, 0.0])
+    left = np.eye(4)[[0, 0, 0]]  # bumps into the wall at S until the time limit
+    assert model.visits(left).tolist() == pytest.approx([model.horizon, 0.0, 0.0])
+
+
 def test_tabular_model_scores_policies_exactly():
     model = envs.text_env_model("colearn/FrozenLakeSlippery-v0")
     n_states, n_actions = model.expected_reward.shape

@@ -138,6 +138,22 @@ def test_route_by_confidence_picks_the_surer_member(base):
         assert policy.decisions[decider] == 2
 
 
+@pytest.mark.parametrize("mode", sorted(MODES))
+def test_policy_probs_are_what_the_mode_acts_by(base, mode):
+    """Exact evaluation runs `policy_probs` through the env's table: one-hot on the greedy action `act` takes, and
+    the composite distribution whose probability `act` reports for every sampled action."""
+    members = [expert(base, "P", [0.6, 0.05, 0.3, 0.05]), expert(base, "C", [0.04, 0.12, 0.7, 0.14])]
+    policy = Integrated(mode, members, ModeParams(threshold=0.1)).in_env("Line")
+    greedy = policy.act(LINE_OBS, ACTIONS, True, gen())
+    onehot = policy.policy_probs(LINE_OBS, ACTIONS, greedy=True)
+    assert onehot.sum(-1).tolist() == [1.0, 1.0] and [ACTIONS[i] for i in onehot.argmax(-1)] == greedy.texts
+    probs = policy.policy_probs(LINE_OBS, ACTIONS)
+    assert probs.sum(-1).tolist() == pytest.approx([1.0, 1.0], abs=1e-6)
+    sampled = policy.act(LINE_OBS * 50, ACTIONS, False, gen(1))
+    for i, (text, logp) in enumerate(zip(sampled.texts, sampled.logprobs)):
+        assert math.exp(logp) == pytest.approx(probs[i % 2, ACTIONS.index(text)].item(), abs=1e-5)
+
+
 def test_confidence_router_scores_both_envs_of_two_specialists(base):
     """Each expert is sure on its own line and uncertain on the other's: without being told the env, the
     confidence router follows the right expert on both lines and solves both."""

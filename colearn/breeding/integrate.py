@@ -30,7 +30,7 @@ and cannot be combined token-free, so the env's expert (route, with `env_map`) o
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -136,11 +136,17 @@ def routed(logps: list[Tensor], by: Tensor, greedy: bool, gen: torch.Generator) 
     return Decision(choice, at(composite, choice), by)
 
 
+def expert_route(logps: list[Tensor], p: ModeParams, env: str | None) -> Tensor:
+    """Returns, per observation, the index of the member that decides under `route`: the env's expert, or in an env
+    without one the surer member, (batch,)."""
+    if env is not None and env in p.env_map:
+        return torch.full((logps[0].shape[0],), p.env_map[env], dtype=torch.long)
+    return confidence_route(logps)
+
+
 def route(logps: list[Tensor], p: ModeParams, env: str | None, greedy: bool, gen: torch.Generator) -> Decision:
     """Distributed responsibility: the env's expert decides; in an env without one, the surer member."""
-    if env is not None and env in p.env_map:
-        return routed(logps, torch.full((logps[0].shape[0],), p.env_map[env], dtype=torch.long), greedy, gen)
-    return routed(logps, confidence_route(logps), greedy, gen)
+    return routed(logps, expert_route(logps, p, env), greedy, gen)
 
 
 def route_by_confidence(
@@ -191,6 +197,16 @@ MODES: dict[str, ModeFn] = {
     "check_and_control": check_and_control,
     "consultative": consultative,
 }
+# (member log-probs (batch, K) each, params, env or None) -> the mode's sampling distribution, (batch, K) log-probs
+CompositeFn = Callable[[list[Tensor], ModeParams, str | None], Tensor]
+
+COMPOSITES: dict[str, CompositeFn] = {
+    "route": lambda logps, p, env: routed_logprobs(logps, expert_route(logps, p, env)),
+    "route_confidence": lambda logps, p, env: routed_logprobs(logps, confidence_route(logps)),
+    "ensemble": lambda logps, p, env: ensemble_logprobs(logps, p.average),
+    "check_and_control": lambda logps, p, env: check_and_control_logprobs(*logps, p.threshold),
+    "consultative": lambda logps, p, env: consultative_logprobs(*logps, p.top_k),
+}
 PAIR_ONLY = ("check_and_control", "consultative")  # modes with a proposer (member 0) and a checker (member 1)
 
 
@@ -213,7 +229,8 @@ class Integrated:
     params: ModeParams = field(default_factory=ModeParams)
     name: str = ""  # label in step records and metrics; defaults to the mode
     env: str | None = None  # env being acted in, when the caller knows it (route reads env_map with it)
-    decisions: list[int] = field(default_factory=list)  # actions decided so far by each member
+    decisions: list[float] = field(default_factory=list)  # actions decided so far by each member (expected, when
+    # scored exactly)
 
     def __post_init__(self) -> None:
         self._decide = get_mode(self.mode)
@@ -273,6 +290,33 @@ class Integrated:
         ids = [self.members[m].action_ids(legal)[c] for c, m in zip(picks, by)]
         return Actions([legal[c] for c in picks], ids, d.logprob.tolist())
 
+    @torch.no_grad()
+    def policy_probs(
+        self, observations: list[str], legal: list[str], temperature: float = 1.0, greedy: bool = False
+    ) -> Tensor:
+        """Returns the probability `act` gives each legal action per observation, (observations, K): the mode's
+        sampling distribution, or one-hot on its greedy decision (what exact evaluation runs through an env's
+        table)."""
+        logps = self._member_logprobs(observations, legal, temperature)
+        if greedy:
+            return torch.nn.functional.one_hot(self._greedy(logps).choice, len(legal)).float()
+        return COMPOSITES[self.mode](logps, self.params, self.env).exp()
+
+    def count_decisions(
+        self, observations: list[str], legal: list[str], temperature: float, weights: Sequence[float]
+    ) -> None:
+        """Adds each observation's weight (its expected visits, from exact evaluation) to the decisions of the member
+        deciding there greedily."""
+        deciders = self._greedy(self._member_logprobs(observations, legal, temperature)).decider.tolist()
+        for m, w in zip(deciders, weights):
+            self.decisions[m] += float(w)
+
+    def _member_logprobs(self, observations: list[str], legal: list[str], temperature: float) -> list[Tensor]:
+        return [m.action_logprobs(observations, legal, temperature).cpu() for m in self.members]
+
+    def _greedy(self, logps: list[Tensor]) -> Decision:
+        return self._decide(logps, self.params, self.env, True, torch.Generator())  # greedy: draws nothing
+
     def _act_alone(self, observations, greedy, generator, temperature, max_new_tokens, charset) -> Actions:
         """Generate mode: the env's expert (route) or member 0 acts alone."""
         index = self.params.env_map.get(self.env, 0) if self.mode == "route" and self.env else 0
@@ -315,7 +359,7 @@ def evaluate_modes(
     for mode in [m for m in modes if len(members) == 2 or m not in PAIR_ONLY]:
         policy = Integrated(mode, members, params)
         scores = [s for spec in suite for s in evaluate(policy.in_env(spec.name), [spec], eval_cfg, rollout_cfg)]
-        total = max(sum(policy.decisions), 1)
+        total = sum(policy.decisions) or 1
         shares = {f"integrate/share/{mode}/{m.name}": n / total for m, n in zip(members, policy.decisions)}
         for i, s in enumerate(scores):  # the shares are the mode's, not an env's: on its first record only
             records.append(

@@ -8,7 +8,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
-import numpy as np
 import torch
 
 from colearn.config import EnvSpec, EvalConfig, RolloutConfig
@@ -74,13 +73,13 @@ def evaluate(
     partner: Partner, suite: list[EnvSpec], cfg: EvalConfig, rollout: RolloutConfig, venvs: dict | None = None
 ) -> list[EnvScore]:
     """Returns one score per env and per evaluated policy (greedy and/or sampled): exact expected values where
-    eval.exact and the env has a transition table and the policy exposes its action distribution, else the mean
+    eval.exact and the env has a transition table (the policy's `policy_probs` in every state), else the mean
     over episodes on fixed seeds (the same for every partner and generation, so scores are comparable)."""
     policies = [p for p, on in (("greedy", cfg.greedy), ("sampled", cfg.sampled)) if on]
     seeds = [cfg.seed + i for i in range(cfg.episodes)]
     scores = []
     for env in suite:
-        model = tabular_model(env, rollout.mode) if cfg.exact and isinstance(partner, Partner) else None
+        model = tabular_model(env, rollout.mode) if cfg.exact else None
         for policy in policies:
             if model is not None:
                 scores.append(exact_score(partner, env, model, policy, rollout.temperature))
@@ -112,13 +111,11 @@ def exact_score(partner: Partner, env: EnvSpec, model: TabularModel, policy: str
     """Returns the partner's exact score in the env: its action distribution in every state (the argmax for
     the greedy policy) run through the transition table for the time limit."""
     legal = env_info(env)["action_names"]
-    logps = partner.action_logprobs(model.observations, legal, temperature).cpu().numpy()  # (states, K)
-    if policy == "greedy":
-        probs = np.eye(len(legal))[logps.argmax(1)]
-    else:
-        probs = np.exp(logps)
-        probs /= probs.sum(1, keepdims=True)
+    probs = partner.policy_probs(model.observations, legal, temperature, policy == "greedy").double().cpu().numpy()
+    probs /= probs.sum(1, keepdims=True)  # (states, K)
     mean_return, success = model.score(probs)
+    if hasattr(partner, "count_decisions") and policy == "greedy":  # an integration mode: who decided, per visit
+        partner.count_decisions(model.observations, legal, temperature, model.visits(probs))
     return env_score(env, policy, mean_return, success, 0, exact=True)
 
 

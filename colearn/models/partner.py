@@ -143,6 +143,14 @@ class Partner:
             cache.update(((o, key), row) for o, row in zip(missing, logps))
         return torch.stack([cache[(o, key)] for o in observations])
 
+    def policy_probs(
+        self, observations: list[str], legal: list[str], temperature: float = 1.0, greedy: bool = False
+    ) -> torch.Tensor:
+        """Returns the probability `act` gives each legal action per observation, (observations, K): one-hot on the
+        argmax when greedy."""
+        logps = self.action_logprobs(observations, legal, temperature)
+        return torch.nn.functional.one_hot(logps.argmax(-1), len(legal)).float() if greedy else logps.exp()
+
     def _act_constrained(self, observations, legal, greedy, generator, temperature, cache) -> Actions:
         action_ids = self.action_ids(legal)
         logps = self.action_logprobs(observations, legal, temperature, cache)
