@@ -33,9 +33,11 @@ import json
 import math
 import os
 import shlex
+import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -105,10 +107,14 @@ def worker(run_dir: Path, preset: str, seed: int, overrides: list[str]) -> None:
     (run_dir / "bench.json").write_text(json.dumps(info, indent=2))
 
 
-def launch(jobs: list[tuple[str, int, Path, list[str]]], parallel: int) -> float:
-    """Runs the jobs as subprocesses, `parallel` at a time; returns the wall time in seconds."""
+def launch(
+    jobs: list[tuple[str, int, Path, list[str]]], parallel: int, stop_when: Callable[[Path], bool] | None = None
+) -> float:
+    """Runs the jobs as subprocesses, `parallel` at a time; returns the wall time in seconds. A run for which
+    `stop_when(run_dir)` holds is sent SIGTERM: the loop stops at its next safe point and the worker still writes
+    bench.json."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    pending, running = list(jobs), []
+    pending, running, stopped = list(jobs), [], set()
     start = time.time()
     while pending or running:
         while pending and len(running) < parallel:
@@ -139,6 +145,9 @@ def launch(jobs: list[tuple[str, int, Path, list[str]]], parallel: int) -> float
         time.sleep(1)
         for item in list(running):
             proc, run_dir, out, t0 = item
+            if stop_when is not None and proc.poll() is None and run_dir not in stopped and stop_when(run_dir):
+                proc.send_signal(signal.SIGTERM)
+                stopped.add(run_dir)
             if proc.poll() is not None:
                 out.close()
                 running.remove(item)

@@ -4,6 +4,7 @@
     python benchmarks/solo.py --envs SlipperyLake --variants default old_learner --seeds 3   # an ablation
     python benchmarks/solo.py --envs SlipperyLake --variants pair_independent pair_sharing_only pair_full  # Q1
     python benchmarks/solo.py --aggregate-only                  # re-aggregate the finished runs
+    python benchmarks/solo.py ... --stop-at-target              # stop each run at 90% (steps to 90% only)
 
 A learner variant runs one partner alone on a one-env suite (`merge=none`, no exchange, no integration modes); a
 `pair_<preset>` variant runs two partners, A and B, both acting on the env, as `experiment=<preset>` (Q1: does
@@ -137,6 +138,20 @@ def measure(run_dir: Path) -> dict[str, Any]:
     }
 
 
+def reached_target(run_dir: Path) -> bool:
+    """Returns whether a greedy policy of the run (a partner's or the offspring's) has scored >= THRESHOLD."""
+    metrics = run_dir / "metrics.jsonl"
+    if not metrics.is_file():
+        return False
+    for line in metrics.read_text().splitlines():
+        if '"eval"' in line and '"greedy"' in line:
+            e = json.loads(line)
+            if e.get("event") == "eval" and e["policy"] == "greedy" and e["partner"] != "ancestor":
+                if e["normalized"] >= THRESHOLD:
+                    return True
+    return False
+
+
 def table(runs: list[dict[str, Any]]) -> str:
     """Returns one Markdown row per (env, variant): median steps to 90% (never counted as infinite)."""
     lines = [
@@ -172,6 +187,11 @@ def main() -> None:
     ap.add_argument("--runs-dir", type=Path, default=Path("/tmp/bench_solo"))
     ap.add_argument("--out", type=Path, default=RESULTS / "solo.json")
     ap.add_argument("--aggregate-only", action="store_true")
+    ap.add_argument(
+        "--stop-at-target",
+        action="store_true",
+        help="stop each run once a greedy policy scores >= 0.9 (steps to 90%% only; final scores are at the stop)",
+    )
     args = ap.parse_args()
     command = "python benchmarks/solo.py " + shlex.join(sys.argv[1:])
     jobs = [
@@ -184,7 +204,7 @@ def main() -> None:
     if not args.aggregate_only:
         todo = [j for j in jobs if not (j[2] / "bench.json").is_file()]
         print(f"{len(jobs)} runs ({len(jobs) - len(todo)} already finished), {args.jobs} at a time")
-        wall = round(launch(todo, args.jobs), 1)
+        wall = round(launch(todo, args.jobs, reached_target if args.stop_at_target else None), 1)
     runs = [measure(d) for _, _, d, _ in jobs if (d / "bench.json").is_file()]
     text = table(runs)
     print(text)
@@ -195,6 +215,7 @@ def main() -> None:
                 "command": command,
                 "wall_s_total": wall,
                 "threshold": THRESHOLD,
+                "stopped_at_target": args.stop_at_target,
                 "budgets": {e: ENVS[e] for e in args.envs},
                 "variants": VARIANTS,
                 "table": text,
