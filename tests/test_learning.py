@@ -313,6 +313,26 @@ def test_merged_items_give_the_loss_and_gradient_of_their_steps(partner_factory)
     assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(grads, grads_merged))
 
 
+def test_target_kl_ends_the_round_once_the_policy_has_moved_that_far(partner_factory):
+    """learn.target_kl is checked before each step: the first step starts at the behaviour policy (KL 0) and always
+    runs; the round ends at the first check above the target, and without a target every epoch runs."""
+    rows = collect(
+        partner_factory(seed=3),
+        SMALL_LAKE,
+        list(range(16)),
+        RolloutConfig(episodes=16, group_size=1, num_envs=16),
+        torch.Generator().manual_seed(0),
+        EpisodeMeta(partner="A"),
+    )
+    for r in rows:  # a signal to follow: the first half of the episodes succeed
+        r["return_to_go"] = r["reward"] = float(r["episode_id"] < rows[len(rows) // 2]["episode_id"])
+    cfg = dict(epochs=6, lr=1e-2, advantage="return_to_go")
+    free = learn(partner_factory(seed=3), rows, [], [], LearnConfig(target_kl=0.0, **cfg), seed=0)
+    assert free["learn/updates"] == 6 and "learn/stopped_at_kl" not in free
+    tight = learn(partner_factory(seed=3), rows, [], [], LearnConfig(target_kl=1e-9, **cfg), seed=0)
+    assert tight["learn/updates"] == 1 and tight["learn/stopped_at_kl"] > 1e-9
+
+
 def test_non_finite_loss_skips_the_update_and_keeps_weights(partner_factory):
     partner = partner_factory(seed=3)
     rows = collect(
