@@ -5,6 +5,7 @@
     python benchmarks/solo.py --envs SlipperyLake --variants pair_independent pair_sharing_only pair_full  # Q1
     python benchmarks/solo.py --aggregate-only                  # re-aggregate the finished runs
     python benchmarks/solo.py ... --stop-at-target              # stop each run at 90% (steps to 90% only)
+    python benchmarks/solo.py ... -- learn.target_kl=0          # overrides for every run (give a new --runs-dir)
 
 A learner variant runs one partner alone on a one-env suite (`merge=none`, no exchange, no integration modes); a
 `pair_<preset>` variant runs two partners, A and B, both acting on the env, as `experiment=<preset>` (Q1: does
@@ -187,6 +188,7 @@ def main() -> None:
     ap.add_argument("--runs-dir", type=Path, default=Path("/tmp/bench_solo"))
     ap.add_argument("--out", type=Path, default=RESULTS / "solo.json")
     ap.add_argument("--aggregate-only", action="store_true")
+    ap.add_argument("overrides", nargs="*", help="config overrides for every run, after `--`")
     ap.add_argument(
         "--stop-at-target",
         action="store_true",
@@ -195,7 +197,7 @@ def main() -> None:
     args = ap.parse_args()
     command = "python benchmarks/solo.py " + shlex.join(sys.argv[1:])
     jobs = [
-        (f"{e}/{v}", s, args.runs_dir / f"{e}_{v}_s{s}", overrides_for(e, v, s))
+        (f"{e}/{v}", s, args.runs_dir / f"{e}_{v}_s{s}", [*overrides_for(e, v, s), *args.overrides])
         for e in args.envs
         for v in args.variants
         for s in range(args.seeds)
@@ -216,6 +218,7 @@ def main() -> None:
                 "wall_s_total": wall,
                 "threshold": THRESHOLD,
                 "stopped_at_target": args.stop_at_target,
+                "overrides": args.overrides,
                 "budgets": {e: ENVS[e] for e in args.envs},
                 "variants": VARIANTS,
                 "table": text,
