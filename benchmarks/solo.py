@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import shlex
 import statistics
 import sys
@@ -154,11 +155,14 @@ def reached_target(run_dir: Path) -> bool:
 
 
 def table(runs: list[dict[str, Any]]) -> str:
-    """Returns one Markdown row per (env, variant): median steps to 90% (never counted as infinite)."""
+    """Returns one Markdown row per (env, variant): median steps to 90% (never counted as infinite), and the mean
+    with its 95% Student-t interval over the seeds that reached it."""
+    from colearn.analysis.report import t_interval
+
     lines = [
-        "| env | variant | target (k steps) | reached | median steps per partner to 90% (k) | per seed (k) | "
-        "best greedy (median) | final greedy / sampled (median) |",
-        "|---|---|---:|---:|---:|---|---:|---:|",
+        "| env | variant | target (k steps) | reached | median steps per partner to 90% (k) | mean ± 95% t (k), "
+        "seeds that reached | per seed (k) | best greedy (median) | final greedy / sampled (median) |",
+        "|---|---|---:|---:|---:|---:|---|---:|---:|",
     ]
     for env in ENVS:
         for variant in VARIANTS:
@@ -169,14 +173,44 @@ def table(runs: list[dict[str, Any]]) -> str:
             median = statistics.median(s if s is not None else float("inf") for s in steps)
             med = "never" if median == float("inf") else f"{median / 1000:.1f}"
             seeds = ", ".join("never" if s is None else f"{s / 1000:.1f}" for s in steps)
+            reached = [s / 1000 for s in steps if s is not None]
+            mean, half = t_interval(reached) if reached else (math.nan, math.nan)
+            interval = "-" if not reached else f"{mean:.1f} ± {half:.1f}" if len(reached) > 1 else f"{mean:.1f}"
             fg = statistics.median(r["final_greedy"] for r in rs)
             fs = statistics.median(r["final_sampled"] for r in rs)
             lines.append(
                 f"| {env} | {variant} | {ENVS[env][1] / 1000:.0f} | {sum(s is not None for s in steps)}/"
-                f"{len(rs)} | {med} | {seeds} | {statistics.median(r['best_greedy'] for r in rs):.2f} | "
+                f"{len(rs)} | {med} | {interval} | {seeds} | {statistics.median(r['best_greedy'] for r in rs):.2f} | "
                 f"{fg:.2f} / {fs:.2f} |"
             )
     return "\n".join(lines)
+
+
+def ratios(runs: list[dict[str, Any]], resamples: int = 10_000) -> list[str]:
+    """Returns, per env with `pair_independent` runs, one line per other pair variant: its mean steps per partner to
+    90% over `pair_independent`'s, with a 95% percentile bootstrap interval (seeds resampled within each variant,
+    a run that never reached 90% counted at its budget's steps). Q1's target is <= 0.6."""
+    import numpy as np
+
+    def steps(env: str, variant: str) -> np.ndarray:
+        rs = [r for r in runs if r["env"] == env and r["variant"] == variant]
+        return np.array([r["steps_to_90"] or r["env_steps"] / r["partners"] for r in rs], dtype=float)
+
+    rng, lines = np.random.default_rng(0), []
+    for env in ENVS:
+        base = steps(env, "pair_independent")
+        for variant in ("pair_sharing_only", "pair_full"):
+            other = steps(env, variant)
+            if len(base) < 2 or len(other) < 2:
+                continue
+            boot = [rng.choice(other, len(other)).mean() / rng.choice(base, len(base)).mean() for _ in range(resamples)]
+            low, high = np.percentile(boot, [2.5, 97.5])
+            lines.append(
+                f"{env}: {variant} / pair_independent, mean steps per partner to 90%: "
+                f"{other.mean() / base.mean():.2f} (95% bootstrap {low:.2f}-{high:.2f}; "
+                f"{len(other)} and {len(base)} seeds)"
+            )
+    return lines
 
 
 def main() -> None:
@@ -208,7 +242,7 @@ def main() -> None:
         print(f"{len(jobs)} runs ({len(jobs) - len(todo)} already finished), {args.jobs} at a time")
         wall = round(launch(todo, args.jobs, reached_target if args.stop_at_target else None), 1)
     runs = [measure(d) for _, _, d, _ in jobs if (d / "bench.json").is_file()]
-    text = table(runs)
+    text = "\n".join([table(runs), "", *ratios(runs)])
     print(text)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(
