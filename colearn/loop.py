@@ -17,13 +17,9 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 import logging
 import os
 import shutil
-import signal
-import sys
-import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -60,8 +56,10 @@ from colearn.learning.learn import select_for_distillation
 from colearn.models.build import build_ancestor, resolve_device
 from colearn.models.partner import Partner
 from colearn.rundir.checkpoint import latest_generation, latest_intact, load_checkpoint, mark_resumable, save_checkpoint
+from colearn.rundir.deployment import deploys, prune_generations, write_json_atomic
 from colearn.rundir.logger import Logger, truncate_metrics
 from colearn.rundir.runlock import RunLock
+from colearn.rundir.signals import StopOnSignal
 
 log = logging.getLogger(__name__)
 
@@ -112,40 +110,6 @@ class Context:
             yield
         finally:
             self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - start
-
-
-class StopOnSignal:
-    """Within its block, SIGINT and SIGTERM ask the loop to stop at the next round boundary (after its
-    checkpoint) instead of killing it mid-write; a second signal stops at once, saying how to resume."""
-
-    def __init__(self, run_dir: Path | None = None) -> None:
-        self.run_dir = run_dir
-        self.requested: str | None = None
-        self._previous: dict[int, Any] = {}
-
-    def __enter__(self) -> StopOnSignal:
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        if self.requested:
-            where = f" with: colearn resume {self.run_dir}" if self.run_dir else ""
-            print(
-                f"colearn: stopped at once by a second {signal.Signals(signum).name}; resume from the last "
-                f"checkpoint{where}",
-                file=sys.stderr,
-                flush=True,
-            )
-            # SystemExit, not KeyboardInterrupt: no traceback, and `with` blocks (the run lock) still unwind
-            raise SystemExit(128 + signum)
-        self.requested = signal.Signals(signum).name
-        log.warning("%s received: stopping after the current round's checkpoint", self.requested)
-
-    def __exit__(self, *exc: Any) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
 
 
 def seed_for(cfg: Config, *path: int) -> int:
@@ -582,13 +546,6 @@ def record_lineage(state: LoopState, ctx: Context, offspring: Offspring, child: 
     )
 
 
-def write_json_atomic(path: Path, data: Any) -> None:
-    """Writes JSON so that a crash leaves either the old file or the new one, never a torn one."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str), encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def save_generation(state: LoopState, offspring: Offspring, ctx: Context) -> None:
     """Writes checkpoints/gen_NNNN/{partners, ancestor, offspring} as Hugging Face directories, atomically;
     a `Mixture` offspring as a mixture directory of the partners routed per env (`colearn.breeding.mixture`). The
@@ -607,34 +564,6 @@ def save_generation(state: LoopState, offspring: Offspring, ctx: Context) -> Non
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     prune_generations(ctx.run_dir, ctx.cfg.loop.keep_generations)
-
-
-def prune_generations(run_dir: Path, keep: int) -> None:
-    """Deletes generation checkpoints beyond the newest `keep` (never the deployed one, though its optimizer
-    state goes), so a long run's directory grows only by its experience and logs."""
-    if keep <= 0:
-        return
-    deployed = run_dir / "deployed.json"
-    protected = json.loads(deployed.read_text(encoding="utf-8"))["path"].split("/")[1] if deployed.exists() else None
-    generations = sorted(d for d in (run_dir / "checkpoints").glob("gen_*") if not d.name.endswith(".tmp"))
-    for d in generations[:-keep]:
-        if d.name != protected:
-            shutil.rmtree(d, ignore_errors=True)
-        for optimizer_state in d.glob("*/optimizer.pt"):
-            optimizer_state.unlink(missing_ok=True)
-
-
-def deploys(scores: dict[str, float], generation: int, run_dir: Path) -> bool:
-    """Returns whether generation `generation`'s offspring, with these normalized scores (env -> score, the
-    reported evaluation), replaces the run's deployed one: when none is deployed yet, or when its mean over envs
-    is at least the deployed one's. So a long run keeps the best offspring it has made (a merge the gate passed,
-    or the fallback it took instead) and never deploys a later, worse one. A pointer to this generation or a later
-    one was left by the run a resume replays: it is not compared against."""
-    path = run_dir / "deployed.json"
-    if not path.exists():
-        return True
-    deployed = json.loads(path.read_text(encoding="utf-8"))
-    return deployed["generation"] >= generation or mean_over_envs(scores) >= mean_over_envs(deployed["scores"])
 
 
 def deploy(state: LoopState, ctx: Context) -> None:

@@ -23,7 +23,9 @@ from colearn import loop
 from colearn.config import Config, MergeConfig
 from colearn.errors import ColearnError
 from colearn.experience.store import ExperienceStore
+from colearn.rundir.deployment import deploys
 from colearn.rundir.runlock import RunLock, holder
+from colearn.rundir.signals import StopOnSignal
 from tests.test_resume import tiny_config
 
 
@@ -235,7 +237,7 @@ def test_resume_from_inside_the_run_dir_keeps_its_name_as_run_id(tmp_path, monke
 
 
 def test_a_second_signal_stops_at_once_with_one_line(capsys):
-    with loop.StopOnSignal(Path("RUN")) as stop:
+    with StopOnSignal(Path("RUN")) as stop:
         os.kill(os.getpid(), signal.SIGTERM)
         assert stop.requested == "SIGTERM"
         with pytest.raises(SystemExit) as stopped:
@@ -248,10 +250,8 @@ def test_a_second_signal_stops_at_once_with_one_line(capsys):
 
 
 def test_a_later_worse_offspring_is_not_deployed(tmp_path):
-    assert loop.deploys({"Lake": 0.0, "MirrorLake": 0.0}, 0, tmp_path)  # nothing deployed yet: the first offspring is
+    assert deploys({"Lake": 0.0, "MirrorLake": 0.0}, 0, tmp_path)  # nothing deployed yet: the first offspring is
     (tmp_path / "deployed.json").write_text(json.dumps({"generation": 1, "scores": {"Lake": 1.0, "MirrorLake": 0.5}}))
-    assert not loop.deploys({"Lake": 1.0, "MirrorLake": 0.0}, 2, tmp_path)  # mean 0.5 < 0.75
-    assert loop.deploys({"Lake": 0.5, "MirrorLake": 1.0}, 2, tmp_path)  # a tie deploys the newer one
-    assert loop.deploys(
-        {"Lake": 0.0, "MirrorLake": 0.0}, 1, tmp_path
-    )  # a resume replaying generation 1 ignores its pointer
+    assert not deploys({"Lake": 1.0, "MirrorLake": 0.0}, 2, tmp_path)  # mean 0.5 < 0.75
+    assert deploys({"Lake": 0.5, "MirrorLake": 1.0}, 2, tmp_path)  # a tie deploys the newer one
+    assert deploys({"Lake": 0.0, "MirrorLake": 0.0}, 1, tmp_path)  # a resume replaying generation 1 ignores its pointer
