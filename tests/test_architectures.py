@@ -162,3 +162,24 @@ def test_a_real_model_preset_acts_with_a_local_directory(preset, tmp_path):
     actions = ["left", "down", "right", "up"]
     acted = partner.act(["SFG\nP at row 0 col 0"] * 3, actions, greedy=False, generator=torch.Generator())
     assert all(t in actions for t in acted.texts) and all(lp < 0 for lp in acted.logprobs)
+
+
+@pytest.mark.parametrize("model_type", sorted(ARCHITECTURES))
+def test_the_learner_scores_multi_token_actions_as_acting_did(model_type, tmp_path):
+    """Every action name is several tokens here: the learner's log-probability of a stored step, with the weights
+    that acted, is the behaviour log-probability acting stored (renormalized over the legal actions), so PPO's ratio
+    starts at 1 and the KL stop (learn.target_kl) measures how far learning moved the policy."""
+    from colearn.config import EnvSpec, RolloutConfig
+    from colearn.experience.rollout import EpisodeMeta, collect
+    from colearn.learning.learn import row_logprobs
+
+    cfg = composed(["model=local", f"model.source={tiny_model_dir(model_type, tmp_path)}"])
+    partner = Partner.load(cfg.model.source, "A", cfg.model)
+    assert max(len(a) for a in partner.action_ids(["left", "down", "right", "up"])) > 1
+    rollout = RolloutConfig(episodes=8, group_size=4, num_envs=8, temperature=1.5)
+    rows = collect(
+        partner, EnvSpec(LAKE_ID), list(range(8)), rollout, torch.Generator().manual_seed(0), EpisodeMeta("A")
+    )
+    logp, entropy, token_lp = row_logprobs(partner, rows, temperature=1.5)
+    assert logp.tolist() == pytest.approx([r["logprob"] for r in rows], abs=1e-4)
+    assert (token_lp < logp).all() and (entropy > 0).all()  # a sequence's likelihood over the whole vocabulary
