@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from colearn.config import LearnConfig
 from colearn.models.partner import Partner, new_value_head
@@ -27,8 +26,8 @@ from colearn.models.policy import (
     continuation_outputs,
     continuation_stats,
     entropy_of,
-    last_outputs,
     legal_action_logprobs,
+    legal_action_outputs,
 )
 
 log = logging.getLogger(__name__)
@@ -192,9 +191,11 @@ def row_outputs(
         index = torch.tensor(idx, device=device)
         if legal:  # constrained: the policy is over the K legal actions, as `Partner.act` draws from it
             distinct, inverse = _distinct([tuple(rows[i]["prompt_ids"]) for i in idx], device)
-            lp_legal, lp_tokens, hidden = legal_outputs(
-                partner, [list(p) for p in distinct], list(legal), temperature, values
-            )
+            action_ids = partner.action_ids(list(legal))
+            with partner.autocast():
+                lp_legal, lp_tokens, hidden = legal_action_outputs(
+                    partner.model, [list(p) for p in distinct], action_ids, pad, temperature, values, likelihoods=True
+                )
             chosen = torch.tensor([list(legal).index(rows[i]["action"]) for i in idx], device=device)
             lp_legal, lp_tokens = lp_legal[inverse], lp_tokens[inverse]  # (rows, K)
             policy_lp = policy_lp.index_put((index,), lp_legal.gather(1, chosen[:, None]).squeeze(1))
@@ -216,28 +217,6 @@ def row_outputs(
         if values:  # outside autocast: the value head and its loss stay in float32
             value = value.index_put((index,), partner.value_head(hidden).squeeze(-1)[inverse])
     return policy_lp, entropy, token_lp, value if values else None
-
-
-def legal_outputs(
-    partner: Partner, prompts: list[list[int]], legal: list[str], temperature: float, values: bool
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Returns, per prompt, the policy's log-probabilities over the K legal actions at `temperature` (what acting
-    draws from, `policy.legal_action_logprobs`), each action's token log-likelihood at temperature 1 (the
-    distillation target), each (prompts, K), and with `values` the final hidden state at the prompt's end,
-    (prompts, hidden). Single-token actions take one forward pass; multi-token ones one continuation each."""
-    action_ids, pad = partner.action_ids(legal), partner.tokenizer.pad_token_id
-    if all(len(a) == 1 for a in action_ids):
-        with partner.autocast():
-            logits, hidden = last_outputs(partner.model, prompts, pad, hidden=values)
-        ids = torch.tensor([a[0] for a in action_ids], device=logits.device)
-        return F.log_softmax(logits[:, ids] / temperature, -1), F.log_softmax(logits, -1)[:, ids], hidden
-    k = len(action_ids)
-    rep_prompts, rep_conts = [p for p in prompts for _ in range(k)], [list(a) for _ in prompts for a in action_ids]
-    with partner.autocast():
-        seq, _, hidden = continuation_outputs(partner.model, rep_prompts, rep_conts, pad, temperature, values)
-        plain = seq if temperature == 1.0 else continuation_stats(partner.model, rep_prompts, rep_conts, pad)[0]
-    hidden = hidden.view(len(prompts), k, -1)[:, 0] if values else None  # causal: the same for every action
-    return F.log_softmax(seq.view(len(prompts), k), -1), plain.view(len(prompts), k), hidden
 
 
 def _distinct(keys: list[Any], device: torch.device) -> tuple[list[Any], torch.Tensor]:

@@ -109,6 +109,40 @@ def held_to(logits: torch.Tensor, allowed: list[int] | None) -> torch.Tensor:
     return logits.masked_fill(~keep, torch.finfo(logits.dtype).min)
 
 
+def legal_action_outputs(
+    model: torch.nn.Module,
+    prompts: list[list[int]],
+    action_ids: list[list[int]],
+    pad_id: int,
+    temperature: float = 1.0,
+    hidden: bool = False,
+    likelihoods: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Returns log pi(a | prompt) renormalized over the K legal actions at `temperature`, (batch, K); with
+    `likelihoods`, each action's token log-likelihood over the whole vocabulary at temperature 1 (what distillation
+    maximizes), (batch, K); with `hidden`, the final hidden state at each prompt's last token, (batch, hidden).
+
+    Single-token actions (colearn's own tokenizers) need one forward pass; multi-token actions
+    (any other tokenizer) are scored as batch*K continuations.
+    """
+    if all(len(a) == 1 for a in action_ids):
+        logits, states = last_outputs(model, prompts, pad_id, hidden=hidden)  # (batch, vocab)
+        index = torch.tensor([a[0] for a in action_ids], device=logits.device)
+        plain = F.log_softmax(logits, dim=-1)[:, index] if likelihoods else None
+        return F.log_softmax(logits[:, index] / temperature, dim=-1), plain, states
+    k = len(action_ids)
+    rep_prompts = [p for p in prompts for _ in range(k)]
+    rep_conts = [a for _ in prompts for a in action_ids]
+    seq_logps, _, states = continuation_outputs(model, rep_prompts, rep_conts, pad_id, temperature, hidden)
+    plain = None
+    if likelihoods:
+        plain = seq_logps if temperature == 1.0 else continuation_stats(model, rep_prompts, rep_conts, pad_id)[0]
+        plain = plain.view(len(prompts), k)
+    if hidden:  # causal: the prompt's last state has not seen the action, so it is the same for all K
+        states = states.view(len(prompts), k, -1)[:, 0]
+    return F.log_softmax(seq_logps.view(len(prompts), k), dim=-1), plain, states
+
+
 def legal_action_logprobs(
     model: torch.nn.Module,
     prompts: list[list[int]],
@@ -116,20 +150,8 @@ def legal_action_logprobs(
     pad_id: int,
     temperature: float = 1.0,
 ) -> torch.Tensor:
-    """Returns log pi(a | prompt) renormalized over the K legal actions, (batch, K).
-
-    Single-token actions (colearn's own tokenizers) need one forward pass; multi-token actions
-    (any other tokenizer) are scored as batch*K continuations.
-    """
-    if all(len(a) == 1 for a in action_ids):
-        logits = last_logits(model, prompts, pad_id) / temperature  # (batch, vocab)
-        index = torch.tensor([a[0] for a in action_ids], device=logits.device)
-        return F.log_softmax(logits[:, index], dim=-1)
-    k = len(action_ids)
-    rep_prompts = [p for p in prompts for _ in range(k)]
-    rep_conts = [a for _ in prompts for a in action_ids]
-    seq_logps, _ = continuation_stats(model, rep_prompts, rep_conts, pad_id, temperature)
-    return F.log_softmax(seq_logps.view(len(prompts), k), dim=-1)
+    """Returns log pi(a | prompt) renormalized over the K legal actions, (batch, K) (`legal_action_outputs`)."""
+    return legal_action_outputs(model, prompts, action_ids, pad_id, temperature)[0]
 
 
 def entropy_of(logps: torch.Tensor) -> torch.Tensor:
