@@ -142,16 +142,17 @@ def measure(run_dir: Path) -> dict[str, Any]:
 
 def reached_target(run_dir: Path) -> bool:
     """Returns whether a greedy policy of the run (a partner's or the offspring's) has scored >= THRESHOLD."""
-    metrics = run_dir / "metrics.jsonl"
-    if not metrics.is_file():
+    from colearn.rundir.logger import read_metrics  # skips the torn last line of a run still writing
+
+    if not (run_dir / "metrics.jsonl").is_file():
         return False
-    for line in metrics.read_text().splitlines():
-        if '"eval"' in line and '"greedy"' in line:
-            e = json.loads(line)
-            if e.get("event") == "eval" and e["policy"] == "greedy" and e["partner"] != "ancestor":
-                if e["normalized"] >= THRESHOLD:
-                    return True
-    return False
+    return any(
+        e.get("event") == "eval"
+        and e["policy"] == "greedy"
+        and e["partner"] != "ancestor"
+        and e["normalized"] >= THRESHOLD
+        for e in read_metrics(run_dir)
+    )
 
 
 def table(runs: list[dict[str, Any]]) -> str:

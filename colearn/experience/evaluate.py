@@ -143,14 +143,14 @@ def return_scorer(
     Give the search and the held-out validation different seeds (e.g. eval.seed + 20000 and
     eval.seed + 30000) so neither reuses the episodes the loop reports.
     """
-    here = dataclasses.replace(cfg, seed=seed, episodes=episodes or cfg.episodes, greedy=True, sampled=False)
-    return lambda partner: headline(evaluate(partner, list(suite), here, rollout))
+    by_env = env_scorer(suite, cfg, rollout, seed, episodes)
+    return lambda partner: mean_over_envs(by_env(partner))
 
 
 def env_scorer(
     suite: Sequence[EnvSpec], cfg: EvalConfig, rollout: RolloutConfig, seed: int, episodes: int | None = None
 ) -> Callable[[Partner], dict[str, float]]:
-    """Returns policy -> {env: normalized greedy return} on the episodes that `return_scorer` with the same seed
-    scores (its number is the mean of these)."""
+    """Returns policy -> {env: normalized greedy return} on episodes seeded seed, seed+1, ... (`return_scorer` is the
+    mean of these)."""
     here = dataclasses.replace(cfg, seed=seed, episodes=episodes or cfg.episodes, greedy=True, sampled=False)
     return lambda partner: normalized_by_env(evaluate(partner, list(suite), here, rollout))
