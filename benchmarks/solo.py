@@ -64,6 +64,10 @@ VARIANTS: dict[str, list[str]] = {
     "self_imitation": ["learn.distill_from=self"],  # also imitate its own successes
     "norm_none_entropy_0.02": ["learn.advantage_norm=none", "learn.entropy_coef=0.02"],
     "target_kl_0.05": ["learn.target_kl=0.05"],  # PPO's early stop of a round's updates
+    "episodes_512": ["rollout.episodes=512", "loop.rounds=20"],  # 4x the data a round, at about the same budget
+    "epochs_10": ["learn.epochs=10"],
+    "entropy_0.02": ["learn.entropy_coef=0.02"],
+    "lr_2e-4": ["learn.lr=2e-4"],
     "no_position_line": [],  # the env's observation without its last line (ENV_KWARGS)
     "old_learner": [
         "learn.advantage=return_to_go",
