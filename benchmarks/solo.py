@@ -68,6 +68,9 @@ VARIANTS: dict[str, list[str]] = {
     "epochs_10": ["learn.epochs=10"],
     "entropy_0.02": ["learn.entropy_coef=0.02"],
     "lr_2e-4": ["learn.lr=2e-4"],
+    "lambda_0.8": ["learn.gae_lambda=0.8"],  # advantages lean more on the value head: less variance
+    "lambda_0.5": ["learn.gae_lambda=0.5"],
+    "lambda_0.8_entropy_0.02": ["learn.gae_lambda=0.8", "learn.entropy_coef=0.02"],
     "no_position_line": [],  # the env's observation without its last line (ENV_KWARGS)
     "old_learner": [
         "learn.advantage=return_to_go",
