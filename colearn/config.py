@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from colearn.errors import ColearnError
@@ -308,6 +308,26 @@ class EvalConfig:
 
 
 @dataclass
+class PretrainConfig:
+    suite: list[EnvSpec] = field(default_factory=list)  # envs the ancestor learns alone before generation 0, in a run
+    # of its own (RUN_DIR/pretrain, resumable like any run): the partners then start as fine-tunes of one trained base,
+    # which is where weight averaging is known to work. Their text joins the tiny tokenizer's even with rounds 0
+    rounds: int = 0  # rounds of that pretraining (rollout.episodes episodes per env each, the run's learner); 0: none
+
+    def __post_init__(self) -> None:
+        if self.rounds < 0:
+            raise ColearnError(f"pretrain.rounds={self.rounds} must be >= 0 (0: no pretraining)")
+        if self.rounds and not self.suite:
+            raise ColearnError(
+                f"pretrain.rounds={self.rounds} needs pretrain.suite (the envs to pretrain on), e.g. "
+                "pretrain=four_lakes"
+            )
+        names = [e.name for e in self.suite]
+        if len(set(names)) != len(names):
+            raise ColearnError(f"pretrain.suite has duplicate names {names}; give each env a distinct name")
+
+
+@dataclass
 class IntegrateConfig:
     modes: list[str] = field(default_factory=list)  # integration modes (INTEGRATE_MODES) evaluated each generation
     average: str = "probs"  # ensemble: average "probs" or "logprobs" (renormalized product of experts)
@@ -353,6 +373,7 @@ class Config:
     loop: LoopConfig = field(default_factory=LoopConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     integrate: IntegrateConfig = field(default_factory=IntegrateConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)  # an ancestor trained before generation 0
     probe_size: int = 16  # observations per env in the fixed probe set for CKA between partners
     progress: bool = True  # show a progress bar
 
@@ -369,3 +390,19 @@ class Config:
             )
         if self.backend == "ray" and self.ray.num_gpus and not self.device.startswith(("cuda", "auto")):
             raise ColearnError(f"ray.num_gpus={self.ray.num_gpus} needs device=cuda or auto (it is {self.device})")
+
+
+def pretraining_config(cfg: Config) -> Config:
+    """Returns the config of `cfg`'s pretraining run: one partner acting alone on every env of pretrain.suite for
+    pretrain.rounds rounds (one generation, no merge, no integration modes), with the run's model, learner, rollout,
+    evaluation and seed. Its own pretrain field holds env.suite at 0 rounds, so its tokenizer covers both suites."""
+    names = [e.name for e in cfg.pretrain.suite]
+    return replace(
+        cfg,
+        backend="local",
+        env=EnvConfig(suite=list(cfg.pretrain.suite), partners=[PartnerSpec("A", names)]),
+        merge=replace(cfg.merge, method="none"),
+        loop=replace(cfg.loop, generations=1, rounds=cfg.pretrain.rounds, exchange=False),
+        integrate=replace(cfg.integrate, modes=[]),
+        pretrain=PretrainConfig(suite=list(cfg.env.suite), rounds=0),
+    )

@@ -39,7 +39,7 @@ from colearn.breeding.integrate import ModeParams, evaluate_modes
 from colearn.breeding.kinds import Clustered, Merged, Mixture, Offspring
 from colearn.breeding.mixture import route_params, save_mixture
 from colearn.breeding.offspring import make_offspring
-from colearn.config import Config, EnvSpec
+from colearn.config import Config, EnvSpec, pretraining_config
 from colearn.errors import ColearnError
 from colearn.experience.evaluate import (
     EnvScore,
@@ -140,15 +140,29 @@ def env_corpus(suite: list[EnvSpec], episodes: int = 4) -> tuple[list[str], list
     return texts, names
 
 
-def initial_state(cfg: Config) -> LoopState:
-    """Returns generation 0: one ancestor built from config, copied into every partner."""
-    texts, names = env_corpus(cfg.env.suite)
-    model, tokenizer = build_ancestor(cfg.model, texts, names, seed=cfg.seed)
-    model = model.to(resolve_device(cfg.device))
-    model.eval()
-    ancestor = Partner("ancestor", model, tokenizer, cfg.model)
+def initial_state(cfg: Config, run_dir: Path) -> LoopState:
+    """Returns generation 0: one ancestor, built from config or pretrained (`pretrained_ancestor`), copied into
+    every partner. A signal that stopped pretraining stops the run too (`stopped_by`, no partners)."""
+    if cfg.pretrain.rounds:
+        ancestor, stopped_by = pretrained_ancestor(cfg, run_dir)
+        if stopped_by:
+            return LoopState(generation=0, round=0, ancestor=ancestor, partners=[], stopped_by=stopped_by)
+    else:
+        texts, names = env_corpus([*cfg.env.suite, *cfg.pretrain.suite])
+        model, tokenizer = build_ancestor(cfg.model, texts, names, seed=cfg.seed)
+        model = model.to(resolve_device(cfg.device))
+        model.eval()
+        ancestor = Partner("ancestor", model, tokenizer, cfg.model)
     partners = [ancestor.clone(p.name, p.envs) for p in cfg.env.partners_at(0)]
     return LoopState(generation=0, round=0, ancestor=ancestor, partners=partners)
+
+
+def pretrained_ancestor(cfg: Config, run_dir: Path) -> tuple[Partner, str | None]:
+    """Returns the ancestor that pretraining (`pretraining_config`, a run of its own in RUN_DIR/pretrain) ends with,
+    and the signal that stopped it, if any. A finished pretraining run is read back, not run again; a stopped one
+    continues where it stopped."""
+    pre = run(pretraining_config(cfg), run_dir / "pretrain")
+    return pre.ancestor, pre.stopped_by
 
 
 def run(cfg: Config, run_dir: Path, state: LoopState | None = None, restart: bool = False) -> LoopState:
@@ -165,7 +179,9 @@ def run_held(cfg: Config, run_dir: Path, state: LoopState | None, restart: bool)
     """`run`, once the run directory is held."""
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    state = state or resume_state(cfg, run_dir, restart) or initial_state(cfg)
+    state = state or resume_state(cfg, run_dir, restart) or initial_state(cfg, run_dir)
+    if state.stopped_by:  # a signal stopped pretraining: the run itself has not started
+        return state
     ctx = Context(
         cfg,
         run_dir,

@@ -19,7 +19,7 @@ from colearn.errors import ColearnError
 from colearn.experience.store import ExperienceStore
 
 CONF = Path(CONF_DIR)
-GROUPS = {g: sorted(p.stem for p in (CONF / g).glob("*.yaml")) for g in ("model", "env", "learn", "merge")}
+GROUPS = {g: sorted(p.stem for p in (CONF / g).glob("*.yaml")) for g in ("model", "env", "learn", "merge", "pretrain")}
 NEEDS_SOURCE = {o for o in GROUPS["model"] if OmegaConf.load(CONF / "model" / f"{o}.yaml").source == ""}
 PRESETS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
 TINY = [
@@ -117,6 +117,12 @@ def test_ray_resources_that_cannot_work_fail_at_composition(overrides, message):
     with pytest.raises(ColearnError, match=re.escape(message)):
         composed(overrides)
     assert composed(["backend=ray", "device=cuda", "ray.num_gpus=0.5", "ray.address=auto"]).ray.num_gpus == 0.5
+
+
+def test_pretraining_rounds_without_envs_fail_at_composition_naming_the_fix():
+    with pytest.raises(ColearnError, match=re.escape("pretrain.rounds=3 needs pretrain.suite")):
+        composed(["pretrain.rounds=3"])
+    assert [e.name for e in composed(["pretrain=four_lakes"]).pretrain.suite] == ["P1", "P1m", "P2", "P2m"]
 
 
 @functools.cache

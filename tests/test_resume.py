@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import random
@@ -9,6 +10,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -18,7 +20,17 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from colearn import loop
-from colearn.config import Config, EnvConfig, EnvSpec, EvalConfig, LoopConfig, PartnerSpec, RolloutConfig, Stage
+from colearn.config import (
+    Config,
+    EnvConfig,
+    EnvSpec,
+    EvalConfig,
+    LoopConfig,
+    PartnerSpec,
+    PretrainConfig,
+    RolloutConfig,
+    Stage,
+)
 from colearn.experience.store import ExperienceStore
 from colearn.rundir.checkpoint import latest_intact
 from tests.conftest import LAKE_ID, tiny_model_config
@@ -183,3 +195,51 @@ def test_export_writes_a_model_that_loads_and_generates(uninterrupted, tmp_path)
     assert generated.shape[1] == ids.shape[1] + 2
     deployed = json.loads((uninterrupted / "deployed.json").read_text())
     assert f"generation {deployed['generation']}" in card
+
+
+def pretrained_config() -> Config:
+    other = EnvSpec(LAKE_ID, "Other", {"desc": ["SFF", "FHF", "FFG"]})
+    return dataclasses.replace(tiny_config(rounds=1), pretrain=PretrainConfig(suite=[other], rounds=2))
+
+
+def weights(model_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(model_dir / "model.safetensors")
+
+
+def test_partners_start_from_the_pretrained_ancestor(tmp_path):
+    loop.run(pretrained_config(), tmp_path)
+    pre = tmp_path / "pretrain"
+    acted = {r["env"] for r in ExperienceStore(pre / "experience").table().select(["env"]).to_pylist()}
+    assert acted == {"Other"}
+    acted = {r["env"] for r in ExperienceStore(tmp_path / "experience").table().select(["env"]).to_pylist()}
+    assert acted == {"Lake", "Line"}
+    pretrained = weights(pre / "checkpoints" / "gen_0000" / "offspring")
+    untrained = weights(pre / "checkpoints" / "gen_0000" / "ancestor")
+    ancestor = weights(tmp_path / "checkpoints" / "gen_0000" / "ancestor")
+    assert all(torch.equal(ancestor[k], pretrained[k]) for k in pretrained)
+    assert not all(torch.equal(untrained[k], pretrained[k]) for k in pretrained)  # pretraining moved it
+
+
+def test_a_run_stopped_in_pretraining_resumes_exactly(tmp_path):
+    uninterrupted = tmp_path / "a" / "run"
+    loop.run(pretrained_config(), uninterrupted)
+    run_dir = tmp_path / "b" / "run"
+
+    def stop_after_first_pretraining_round() -> None:
+        start = time.time()
+        while not (run_dir / "pretrain" / "checkpoints" / "round_g0000_r001").exists() and time.time() - start < 240:
+            time.sleep(0.01)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    stopper = threading.Thread(target=stop_after_first_pretraining_round)
+    stopper.start()
+    stopped = loop.run(pretrained_config(), run_dir)
+    stopper.join()
+    assert stopped.stopped_by == "SIGTERM" and stopped.partners == []
+    assert not (run_dir / "checkpoints").exists()  # the run itself had not started
+    loop.run(pretrained_config(), run_dir)
+    for sub in ("pretrain", "."):
+        assert events(run_dir / sub) == events(uninterrupted / sub)
+    final = weights(run_dir / "checkpoints" / "gen_0000" / "offspring")
+    expected = weights(uninterrupted / "checkpoints" / "gen_0000" / "offspring")
+    assert all(torch.equal(final[k], expected[k]) for k in expected)

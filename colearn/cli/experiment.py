@@ -42,11 +42,11 @@ def to_config(dcfg) -> Config:
 
 
 def validate(cfg) -> None:
-    """Raises ColearnError for any input the run would otherwise trip over later: env ids, model dir, and the
-    merge recipe for this many partners (merge.weights, merge.params and merge.groups, which the first merge
-    would check only after a generation)."""
+    """Raises ColearnError for any input the run would otherwise trip over later: env ids (pretraining's too),
+    model dir, and the merge recipe for this many partners (merge.weights, merge.params and merge.groups, which the
+    first merge would check only after a generation)."""
     resolve_device(cfg.device)
-    for spec in cfg.env.suite:
+    for spec in [*cfg.env.suite, *cfg.pretrain.suite]:
         acting_mode(spec, cfg.rollout.mode)
     n_partners = len(cfg.env.partners)
     if cfg.merge.method != "none" and n_partners > 1:
