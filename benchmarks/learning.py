@@ -208,6 +208,14 @@ def merges_of(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+def pretraining_steps(run_dir: Path) -> int:
+    """Returns the env steps of the run's pretraining (`pretrain.rounds`, in RUN_DIR/pretrain), 0 without one."""
+    from colearn.rundir.logger import read_metrics
+
+    pre = run_dir / "pretrain"
+    return max((e["step"] for e in read_metrics(pre)), default=0) if (pre / "metrics.jsonl").is_file() else 0
+
+
 def measure(run_dir: Path) -> dict[str, Any]:
     from colearn.rundir.logger import read_metrics
 
@@ -225,6 +233,7 @@ def measure(run_dir: Path) -> dict[str, Any]:
     }
     return {
         **{k: info[k] for k in ("preset", "seed", "wall_s", "env_steps")},
+        "pretrain_env_steps": pretraining_steps(run_dir),  # not in env_steps nor in any steps-to column
         "run_dir": str(run_dir),
         "steps_to_90": steps_to,
         "one_model_steps": one_model_steps(events),
@@ -448,6 +457,9 @@ def report(runs_dir: Path, out: Path, command: str, wall_s: float | None, budget
         sys.exit(f"no finished runs (bench.json) under {runs_dir}")
     agg = aggregate(runs)
     text = table(agg, runs)
+    pretraining = sorted({r["pretrain_env_steps"] for r in runs})
+    if pretraining != [0]:
+        text += f"\n\nPretraining (pretrain.rounds), before each run and in none of its steps: {pretraining} env steps."
     goal = goal_check(agg)
     print(text)
     print("\nGoal check:", json.dumps(goal, indent=1))
