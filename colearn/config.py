@@ -209,6 +209,8 @@ class LearnConfig:
     distill_from: str = "peer"  # peer | self | both: whose successes to imitate
     distill_select: str = "success"  # success (episodes that reached the goal) | top (top fraction by return)
     distill_top_fraction: float = 0.25  # with distill_select=top
+    distill_random_envs: bool = False  # also imitate episodes of envs whose transitions are random (slippery maps):
+    # a success there is partly luck, and imitating it teaches the luck (docs/learning.md)
     mutual_kl_coef: float = 0.0  # KL(peer || self) on the peers' states, averaged over the peers (deep mutual
     # learning); 0 disables
     collapse_entropy: float = 0.05  # warn when mean policy entropy falls below this (nats)

@@ -48,6 +48,7 @@ from colearn.experience.evaluate import (
     headline,
     mean_over_envs,
     normalized_by_env,
+    random_transition_envs,
     return_scorer,
 )
 from colearn.experience.rollout import EpisodeMeta, env_info, group_seeds
@@ -95,6 +96,7 @@ class Context:
     backend: Backend | None = None  # where each partner acts, learns and is evaluated (config.backend)
     seconds: dict[str, float] = field(default_factory=dict)  # wall seconds per phase since the last "time" event
     bar: tqdm | None = None  # the run's progress bar: it names the phase the run is in
+    random_envs: set[str] = field(default_factory=set)  # envs whose successes are partly luck: not imitated
 
     def show(self, phase: str) -> None:
         """Names the phase the run is in on its progress bar (which moves only once a round)."""
@@ -205,6 +207,7 @@ def run_held(cfg: Config, run_dir: Path, state: LoopState | None, restart: bool)
         with ctx.timed("start"):
             backend.push(state.partners)  # a Ray backend starts an actor per partner and loads it there
         ctx.probe = probe_set(cfg.env.suite, cfg.probe_size, cfg.seed)
+        ctx.random_envs = random_transition_envs(cfg.env.suite, cfg.rollout.mode)
         if (state.generation, state.round, state.env_steps) == (0, 0, 0):
             state.last_scores["ancestor"] = assess(state.ancestor, "ancestor", state, ctx)  # chance level
         while state.generation < cfg.loop.generations and not stop.requested:
@@ -385,10 +388,14 @@ def lesson(partner: Partner, index: int, teachers: list[Partner], state: LoopSta
         own = ctx.store.select(partner=partner.name, **here)
         peer = [r for o in others for r in ctx.store.select(partner=o, **here)]
     sources = {"peer": peer, "self": own, "both": own + peer}[cfg.learn.distill_from]
+    lucky = set() if cfg.learn.distill_random_envs else {r["env"] for r in sources} & ctx.random_envs
+    sources = [r for r in sources if r["env"] not in lucky]
     distill = select_for_distillation(sources, cfg.learn.distill_select, cfg.learn.distill_top_fraction)
     skipped = ""
     if cfg.learn.distill_coef and not distill:
         skipped = f"no {cfg.learn.distill_select} episodes from {cfg.learn.distill_from} this round"
+        if lucky:
+            skipped += f" outside {sorted(lucky)}, whose successes are partly luck (learn.distill_random_envs)"
     return Lesson(own, peer, distill, seed_for(cfg, 3, state.generation, state.round, index), teachers, skipped)
 
 

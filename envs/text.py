@@ -286,6 +286,13 @@ class TabularModel:
         successes = policy_values(self.continue_probs, self.success, policy, self.horizon)
         return float(self.initial @ returns), float(self.initial @ successes)
 
+    @property
+    def random_transitions(self) -> bool:
+        """Whether some step's outcome is left to chance (a slippery map): then an episode's success is partly luck."""
+        continuing = self.continue_probs.sum(axis=2)
+        split = (continuing > 1e-9) & (self.continue_probs.max(axis=2) < 1 - 1e-9)
+        return bool(split.any() or ((self.success > 1e-9) & (self.success < 1 - 1e-9)).any())
+
     def visits(self, policy: np.ndarray) -> np.ndarray:
         """Return the expected steps taken from each state in an episode of ``policy``, ``(states,)``."""
         return expected_visits(self.continue_probs, policy, self.initial, self.horizon)

@@ -579,3 +579,16 @@ def test_random_return_is_the_uniform_policys_exact_return():
         )()
         is None
     )
+
+
+@pytest.mark.parametrize(
+    "env_id,kwargs,random",
+    [
+        ("colearn/FrozenLake-v0", {}, False),
+        ("colearn/FrozenLakeSlippery-v0", {}, True),
+        ("colearn/FrozenLake-v0", {"desc": ["SG"], "is_slippery": True}, True),
+        ("colearn/Taxi-v0", {}, False),
+    ],
+)
+def test_a_table_says_whether_outcomes_are_left_to_chance(env_id, kwargs, random):
+    assert envs.text_env_model(env_id, **kwargs).random_transitions is random

@@ -402,3 +402,21 @@ def test_two_specialists_sharing_and_merging_give_one_generalist(tmp_path):
     apart = final_scores(False, "none", tmp_path / "independent")
     assert min(together.values()) >= 0.9, together
     assert min(apart.values()) < 0.9, apart
+
+
+@pytest.mark.parametrize("imitate_luck", [False, True])
+def test_successes_on_a_slippery_map_are_imitated_only_when_asked(tmp_path, imitate_luck):
+    # a slippery two-cell line: a random policy reaches the goal in most episodes, partly by luck
+    slippery = EnvSpec(LAKE_ID, "Slip", {"desc": ["SG"], "is_slippery": True})
+    cfg = small_config(seed=0, generations=1, rounds=1)
+    cfg.env = EnvConfig(suite=[slippery], partners=[PartnerSpec("A", ["Slip"]), PartnerSpec("B", ["Slip"])])
+    cfg.rollout = RolloutConfig(episodes=8, group_size=8, num_envs=8)
+    cfg.eval = EvalConfig(episodes=1)
+    cfg.learn.distill_random_envs = imitate_luck
+    loop.run(cfg, tmp_path)
+    events = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    rows = [e[f"learn/distill_rows/{e['partner']}"] for e in events if e["event"] == "learn"]
+    assert len(rows) == 2 and (all(n > 0 for n in rows) if imitate_luck else rows == [0, 0])
+    if not imitate_luck:
+        skipped = [e["reason"] for e in events if e["event"] == "distill_skipped"]
+        assert skipped and all("partly luck" in reason for reason in skipped)

@@ -107,6 +107,12 @@ def tabular_model(env: EnvSpec, mode: str) -> TabularModel | None:
     return text_env_model(env.id, **env.kwargs)
 
 
+def random_transition_envs(suite: list[EnvSpec], mode: str) -> set[str]:
+    """Returns the names of the suite's envs whose transition table leaves outcomes to chance (envs without a table
+    count as deterministic)."""
+    return {env.name for env in suite if (model := tabular_model(env, mode)) is not None and model.random_transitions}
+
+
 def exact_score(partner: Partner, env: EnvSpec, model: TabularModel, policy: str, temperature: float) -> EnvScore:
     """Returns the partner's exact score in the env: its action distribution in every state (the argmax for
     the greedy policy) run through the transition table for the time limit."""
