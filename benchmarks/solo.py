@@ -69,6 +69,7 @@ VARIANTS: dict[str, list[str]] = {
     "entropy_0.02": ["learn.entropy_coef=0.02"],
     "lr_2e-4": ["learn.lr=2e-4"],
     "lambda_0.8": ["learn.gae_lambda=0.8"],  # advantages lean more on the value head: less variance
+    "entropy_0.005": ["learn.entropy_coef=0.005"],  # the entropy bonus before it became 0.02
     "entropy_0.05": ["learn.entropy_coef=0.05"],
     "entropy_0.02_lr_1e-3": ["learn.entropy_coef=0.02", "learn.lr=1e-3"],
     "entropy_0.02_episodes_64": ["learn.entropy_coef=0.02", "rollout.episodes=64", "loop.rounds=120"],

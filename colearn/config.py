@@ -198,7 +198,7 @@ class LearnConfig:
     clip_eps: float = 0.2  # PPO clip of the ratio against the behaviour log-probability
     target_kl: float = 0.05  # end the round's updates once the estimated KL(behaviour || policy) on own steps
     # exceeds this (checked before each step, as in Stable-Baselines3's PPO); 0 never stops early
-    entropy_coef: float = 0.005  # entropy bonus
+    entropy_coef: float = 0.02  # entropy bonus
     advantage: str = "gae"  # gae (value head + GAE) | return_to_go (per-observation Monte-Carlo baseline) |
     # episode (group-normalized episode return: GRPO)
     gae_lambda: float = 0.95  # GAE's lambda: 0 bootstraps from the next state's value, 1 is the Monte-Carlo return
