@@ -163,6 +163,8 @@ def pretrained_ancestor(cfg: Config, run_dir: Path) -> tuple[Partner, str | None
     """Returns the ancestor that pretraining (`pretraining_config`, a run of its own in RUN_DIR/pretrain) ends with,
     and the signal that stopped it, if any. A finished pretraining run is read back, not run again; a stopped one
     continues where it stopped."""
+    names = ", ".join(e.name for e in cfg.pretrain.suite)
+    print(f"colearn: pretraining the ancestor, {cfg.pretrain.rounds} rounds on {names}, in {run_dir / 'pretrain'}")
     pre = run(pretraining_config(cfg), run_dir / "pretrain")
     return pre.ancestor, pre.stopped_by
 
