@@ -420,3 +420,24 @@ def test_successes_on_a_slippery_map_are_imitated_only_when_asked(tmp_path, imit
     if not imitate_luck:
         skipped = [e["reason"] for e in events if e["event"] == "distill_skipped"]
         assert skipped and all("partly luck" in reason for reason in skipped)
+
+
+def test_the_entropy_bonus_is_the_mean_entropy_of_the_legal_action_distribution(partner_factory):
+    partner = partner_factory(seed=3)
+    rows = collect(
+        partner,
+        SMALL_LAKE,
+        list(range(4)),
+        RolloutConfig(episodes=4, group_size=1, num_envs=4),
+        torch.Generator().manual_seed(0),
+        EpisodeMeta(partner="A"),
+    )
+    items = [Item("own", r, 1.0) for r in rows]
+    with torch.no_grad():
+        without, parts = batch_loss(partner, items, LearnConfig(advantage="return_to_go", entropy_coef=0.0))
+        with_bonus, _ = batch_loss(partner, items, LearnConfig(advantage="return_to_go", entropy_coef=0.5))
+    probs = partner.policy_probs([r["observation"] for r in rows], ["left", "down", "right", "up"])
+    by_hand = float(-(probs * probs.log()).sum(1).mean())
+    assert 0 < by_hand <= math.log(4)
+    assert float(parts["entropy"]) == pytest.approx(by_hand, abs=1e-5)
+    assert float(with_bonus - without) == pytest.approx(-0.5 * by_hand, abs=1e-5)
