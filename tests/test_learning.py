@@ -46,6 +46,13 @@ from tests.conftest import LAKE_ID, tiny_model_config
 SMALL_LAKE = EnvSpec(LAKE_ID, name="Small", kwargs={"desc": ["SFF", "FHF", "HFG"]})
 
 
+def small_lake_episodes(partner: Partner, episodes: int) -> list[dict]:
+    """Returns the step records of `episodes` episodes the partner plays on SMALL_LAKE (seeds 0..episodes-1)."""
+    config = RolloutConfig(episodes=episodes, group_size=1, num_envs=episodes)
+    meta = EpisodeMeta(partner="A")
+    return collect(partner, SMALL_LAKE, list(range(episodes)), config, torch.Generator().manual_seed(0), meta)
+
+
 @pytest.fixture
 def partner_factory():
     """Builds a fresh tiny partner (weights seeded) whose tokenizer knows the lake's text."""
@@ -316,14 +323,7 @@ def test_merged_items_give_the_loss_and_gradient_of_their_steps(partner_factory)
 def test_target_kl_ends_the_round_once_the_policy_has_moved_that_far(partner_factory):
     """learn.target_kl is checked before each step: the first step starts at the behaviour policy (KL 0) and always
     runs; the round ends at the first check above the target, and without a target every epoch runs."""
-    rows = collect(
-        partner_factory(seed=3),
-        SMALL_LAKE,
-        list(range(16)),
-        RolloutConfig(episodes=16, group_size=1, num_envs=16),
-        torch.Generator().manual_seed(0),
-        EpisodeMeta(partner="A"),
-    )
+    rows = small_lake_episodes(partner_factory(seed=3), 16)
     for r in rows:  # a signal to follow: the first half of the episodes succeed
         r["return_to_go"] = r["reward"] = float(r["episode_id"] < rows[len(rows) // 2]["episode_id"])
     cfg = dict(epochs=6, lr=1e-2, advantage="return_to_go")
@@ -335,14 +335,7 @@ def test_target_kl_ends_the_round_once_the_policy_has_moved_that_far(partner_fac
 
 def test_non_finite_loss_skips_the_update_and_keeps_weights(partner_factory):
     partner = partner_factory(seed=3)
-    rows = collect(
-        partner,
-        SMALL_LAKE,
-        list(range(8)),
-        RolloutConfig(episodes=8, group_size=1, num_envs=8),
-        torch.Generator().manual_seed(0),
-        EpisodeMeta(partner="A"),
-    )
+    rows = small_lake_episodes(partner, 8)
     for r in rows:
         r["success"] = True
     with torch.no_grad():
@@ -424,14 +417,7 @@ def test_successes_on_a_slippery_map_are_imitated_only_when_asked(tmp_path, imit
 
 def test_the_entropy_bonus_is_the_mean_entropy_of_the_legal_action_distribution(partner_factory):
     partner = partner_factory(seed=3)
-    rows = collect(
-        partner,
-        SMALL_LAKE,
-        list(range(4)),
-        RolloutConfig(episodes=4, group_size=1, num_envs=4),
-        torch.Generator().manual_seed(0),
-        EpisodeMeta(partner="A"),
-    )
+    rows = small_lake_episodes(partner, 4)
     items = [Item("own", r, 1.0) for r in rows]
     with torch.no_grad():
         without, parts = batch_loss(partner, items, LearnConfig(advantage="return_to_go", entropy_coef=0.0))
