@@ -92,6 +92,14 @@ class ModelConfig:
             )
 
 
+def distinct_env_names(field_name: str, suite: list[EnvSpec]) -> list[str]:
+    """Returns the suite's env names; raises ColearnError naming the field when two are the same."""
+    names = [e.name for e in suite]
+    if len(set(names)) != len(names):
+        raise ColearnError(f"{field_name} has duplicate names {names}; give each env a distinct name")
+    return names
+
+
 @dataclass
 class EnvSpec:
     id: str = "colearn/FrozenLake-v0"  # a registered gymnasium id (see envs.ENV_IDS)
@@ -122,9 +130,7 @@ class EnvConfig:
     schedule: list[Stage] = field(default_factory=list)  # a curriculum: later stages change where partners act
 
     def __post_init__(self) -> None:
-        names = [e.name for e in self.suite]
-        if len(set(names)) != len(names):
-            raise ColearnError(f"env.suite has duplicate names {names}; give each env a distinct name")
+        names = distinct_env_names("env.suite", self.suite)
         check_partners(self.partners, names, "env.partners")
         for i, stage in enumerate(self.schedule):
             check_partners(stage.partners, names, f"env.schedule[{i}].partners")
@@ -324,9 +330,7 @@ class PretrainConfig:
                 f"pretrain.rounds={self.rounds} needs pretrain.suite (the envs to pretrain on), e.g. "
                 "pretrain=four_lakes"
             )
-        names = [e.name for e in self.suite]
-        if len(set(names)) != len(names):
-            raise ColearnError(f"pretrain.suite has duplicate names {names}; give each env a distinct name")
+        distinct_env_names("pretrain.suite", self.suite)
 
 
 @dataclass
