@@ -137,6 +137,9 @@ def test_gae_restarts_at_each_episode_and_normalizes():
     divided = normalized(adv, "std")  # std of (1, 1, 0, 0, 0) is sqrt(0.3): signs and zeros kept
     assert divided.tolist() == pytest.approx([1 / math.sqrt(0.3)] * 2 + [0.0] * 3)
     assert normalized(adv, "none") is adv
+    noise = adv / 100  # std sqrt(0.3) / 100 < 0.1: divided by the floor, not scaled up to the size of real advantages
+    assert normalized(noise, "std", floor=0.1).tolist() == pytest.approx((noise / 0.1).tolist())
+    assert normalized(adv, "std", floor=0.1).tolist() == pytest.approx(divided.tolist())  # std above the floor
     assert normalized(torch.zeros(3)).tolist() == [0.0, 0.0, 0.0]  # nothing to scale: left as it is
 
 

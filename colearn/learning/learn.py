@@ -113,14 +113,16 @@ def gae_advantages(
     return adv, targets
 
 
-def normalized(adv: torch.Tensor, how: str = "mean_std") -> torch.Tensor:
-    """Returns the advantages divided by their std ("std"), also shifted to mean 0 first ("mean_std"), or as they
-    are ("none"); unchanged when they do not vary. Dividing keeps each advantage's sign, so a round where most
-    steps succeed still reinforces them; centering turns the rare failures of such a round into large negative
-    advantages (docs/learning.md)."""
+def normalized(adv: torch.Tensor, how: str = "mean_std", floor: float = 0.0) -> torch.Tensor:
+    """Returns the advantages divided by their std, or by `floor` where the std is smaller ("std"), also shifted
+    to mean 0 first ("mean_std"), or as they are ("none"); unchanged when they do not vary. Dividing keeps each
+    advantage's sign, so a round where most steps succeed still reinforces them; centering turns the rare failures
+    of such a round into large negative advantages; the floor keeps a round whose advantages are only the value
+    head's noise from being scaled up to the size of real ones (docs/learning.md)."""
     if how == "none" or len(adv) < 2 or adv.std() < 1e-8:
         return adv
-    return (adv - adv.mean()) / adv.std() if how == "mean_std" else adv / adv.std()
+    scale = adv.std().clamp(min=floor)
+    return (adv - adv.mean()) / scale if how == "mean_std" else adv / scale
 
 
 def clipped_pg_loss(logp: torch.Tensor, behaviour: torch.Tensor, adv: torch.Tensor, clip_eps: float) -> torch.Tensor:
@@ -307,7 +309,7 @@ def training_rows(
         if cfg.advantage == "gae":
             values = state_values(partner, rows, cfg.micro_batch_size)
             adv, targets = gae_advantages(rows, values, gamma, cfg.gae_lambda)
-            adv = normalized(adv, cfg.advantage_norm)
+            adv = normalized(adv, cfg.advantage_norm, cfg.advantage_floor)
             items += [Item(kind, r, a, t) for r, a, t in zip(rows, adv.tolist(), targets.tolist())]
         else:  # critic-free: a step without advantage carries no gradient, so it is left out
             items += [Item(kind, r, a) for r, a in zip(rows, step_advantages(rows, cfg.advantage)) if a != 0.0]
