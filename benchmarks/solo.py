@@ -63,8 +63,8 @@ VARIANTS: dict[str, list[str]] = {
     "minibatch_128": ["learn.batch_size=128"],
     "self_imitation": ["learn.distill_from=self"],  # also imitate its own successes
     "norm_none_entropy_0.02": ["learn.advantage_norm=none", "learn.entropy_coef=0.02"],
-    "target_kl_0.05": ["learn.target_kl=0.05"],  # PPO's early stop of a round's updates (the default before 0)
-    "floor_0": ["learn.advantage_floor=0"],  # divide advantages by their std however small
+    "target_kl_0.05": ["learn.target_kl=0.05"],  # PPO's early stop of a round's updates
+    "deterministic": ["learn=deterministic"],  # no KL stop, a floor of 0.1 under the advantages' std
     "episodes_512": ["rollout.episodes=512", "loop.rounds=20"],  # 4x the data a round, at about the same budget
     "epochs_10": ["learn.epochs=10"],
     "entropy_0.02": ["learn.entropy_coef=0.02"],

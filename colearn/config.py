@@ -202,7 +202,7 @@ class LearnConfig:
     peer_rl_coef: float = 0.5  # weight of the importance-weighted policy-gradient loss on the partner's steps
     peer_ratio_cap: float = 1.0  # truncation of the importance ratio pi_self / pi_partner on partner steps (SEAC)
     clip_eps: float = 0.2  # PPO clip of the ratio against the behaviour log-probability
-    target_kl: float = 0.0  # end the round's updates once the estimated KL(behaviour || policy) on own steps
+    target_kl: float = 0.05  # end the round's updates once the estimated KL(behaviour || policy) on own steps
     # exceeds this (checked before each step, as in Stable-Baselines3's PPO); 0 never stops early
     entropy_coef: float = 0.02  # entropy bonus
     advantage: str = "gae"  # gae (value head + GAE) | return_to_go (per-observation Monte-Carlo baseline) |
@@ -211,7 +211,7 @@ class LearnConfig:
     value_coef: float = 0.5  # weight of the value head's squared error (advantage=gae)
     advantage_norm: str = "std"  # advantage=gae, per kind and round: std (divide by the std, keeping each sign) |
     # mean_std (also subtract the mean, as PPO implementations do) | none
-    advantage_floor: float = 0.1  # advantage_norm divides by the advantages' std or this, whichever is larger: a
+    advantage_floor: float = 0.0  # advantage_norm divides by the advantages' std or this, whichever is larger: a
     # round whose advantages are only the value head's noise (no step's return differs) stays small
     distill_coef: float = 0.1  # weight of distillation (SFT on selected successes); 0 disables it
     distill_from: str = "peer"  # peer | self | both: whose successes to imitate

@@ -125,6 +125,14 @@ def test_pretraining_rounds_without_envs_fail_at_composition_naming_the_fix():
     assert [e.name for e in composed(["pretrain=four_lakes"]).pretrain.suite] == ["P1", "P1m", "P2", "P2m"]
 
 
+def test_the_deterministic_learner_drops_the_kl_stop_for_a_floor_and_a_negative_floor_fails():
+    learn = composed(["learn=deterministic"]).learn
+    assert (learn.target_kl, learn.advantage_floor) == (0.0, 0.1)
+    assert (composed([]).learn.target_kl, composed([]).learn.advantage_floor) == (0.05, 0.0)
+    with pytest.raises(ColearnError, match=re.escape("learn.advantage_floor=-0.1 must be >= 0")):
+        composed(["learn.advantage_floor=-0.1"])
+
+
 @functools.cache
 def merge_option(option: str) -> MergeConfig:
     return composed([f"merge={option}"]).merge
