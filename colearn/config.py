@@ -211,8 +211,8 @@ class LearnConfig:
     value_coef: float = 0.5  # weight of the value head's squared error (advantage=gae)
     advantage_norm: str = "std"  # advantage=gae, per kind and round: std (divide by the std, keeping each sign) |
     # mean_std (also subtract the mean, as PPO implementations do) | none
-    advantage_floor: float = 0.0  # advantage_norm divides by the advantages' std or this, whichever is larger: a
-    # round whose advantages are only the value head's noise (no step's return differs) stays small
+    advantage_floor: float = 0.0  # advantage=gae: advantage_norm divides by the advantages' std or this, whichever
+    # is larger: a round whose advantages are only the value head's noise (no step's return differs) stays small
     distill_coef: float = 0.1  # weight of distillation (SFT on selected successes); 0 disables it
     distill_from: str = "peer"  # peer | self | both: whose successes to imitate
     distill_select: str = "success"  # success (episodes that reached the goal) | top (top fraction by return)
